@@ -1,0 +1,270 @@
+//! Golden tests over `host-config/`: every real-world containerd layout and
+//! every foreign hosts.toml, compared as exact text with the checked-in
+//! expected output. `SLIPWAY_BLESS=1 cargo test --test golden` rewrites the
+//! expected files; review every change to one before committing it.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use slipway::apply::{self, Outcome};
+use slipway::config::{AgentConfig, Overrides};
+use slipway::containerd;
+use slipway::hostconfig::{Alias, HostEntry};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("host-config")
+}
+
+fn bless() -> bool {
+    std::env::var_os("SLIPWAY_BLESS").is_some()
+}
+
+fn check_golden(path: &Path, actual: &str) {
+    if bless() {
+        fs::write(path, actual).unwrap();
+        return;
+    }
+    let expected = fs::read_to_string(path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (run with SLIPWAY_BLESS=1 to create)",
+            path.display()
+        )
+    });
+    assert_eq!(actual, expected, "golden mismatch: {}", path.display());
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let dst = to.join(e.file_name());
+        if e.file_type().unwrap().is_dir() {
+            copy_tree(&e.path(), &dst);
+        } else {
+            fs::copy(e.path(), &dst).unwrap();
+        }
+    }
+}
+
+/// Every file under `dir` with its bytes and mode.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (Vec<u8>, u32)> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut out = BTreeMap::new();
+    fn walk(base: &Path, d: &Path, out: &mut BTreeMap<PathBuf, (Vec<u8>, u32)>) {
+        for e in fs::read_dir(d).unwrap() {
+            let e = e.unwrap();
+            let p = e.path();
+            let mode = e.metadata().unwrap().permissions().mode();
+            if e.file_type().unwrap().is_dir() {
+                out.insert(p.strip_prefix(base).unwrap().to_path_buf(), (vec![], mode));
+                walk(base, &p, out);
+            } else {
+                out.insert(
+                    p.strip_prefix(base).unwrap().to_path_buf(),
+                    (fs::read(&p).unwrap(), mode),
+                );
+            }
+        }
+    }
+    walk(dir, dir, &mut out);
+    out
+}
+
+fn layout_names() -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(root().join("layouts"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn every_layout_is_inspected_as_expected() {
+    let names = layout_names();
+    assert!(names.len() >= 10, "layouts missing: {names:?}");
+    for name in names {
+        let src = root().join("layouts").join(&name);
+        // The layout's files appear to slipway at /LAYOUT on the "host",
+        // which is how the fixtures write their `imports`.
+        let host = tempfile::tempdir().unwrap();
+        copy_tree(&src, &host.path().join("LAYOUT"));
+        let text = format!(
+            "[registry]\naliases = [\"registry.shared-services:5000\"]\nupstream = \"https://registry.shared-services.svc.cluster.local:5000\"\nca_file = \"/ca.crt\"\n[containerd]\nhost_root = {:?}\nconfig_file = \"/LAYOUT/config.toml\"\n",
+            host.path()
+        );
+        let cfg =
+            AgentConfig::from_str(Path::new("/agent.toml"), &text, &Overrides::default()).unwrap();
+        let (insp, fix_text) =
+            slipway::agent::inspect_containerd(&cfg).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let mut out = String::new();
+        out.push_str(&format!("version: {}\n", insp.version));
+        out.push_str(&format!("section: [{}]\n", insp.section));
+        match &insp.config_path {
+            Some((cp, f)) => {
+                out.push_str(&format!("config_path: {cp:?} (set in {})\n", f.display()))
+            }
+            None => out.push_str("config_path: none\n"),
+        }
+        out.push_str(&format!("mirrors: {:?}\n", insp.mirrors));
+        out.push_str(&format!("generated_by: {:?}\n", insp.generated_by));
+        out.push_str(&format!(
+            "covers /etc/containerd/certs.d: {}\n",
+            if insp.covered { "yes" } else { "no" }
+        ));
+        out.push_str(&format!(
+            "advice: {}\n",
+            insp.advice().unwrap_or_else(|| "-".into())
+        ));
+        let fixed_path = src.join("expected-fixed.toml");
+        match containerd::plan_fix(&insp, &fix_text) {
+            Ok(None) => out.push_str("fix: not needed\n"),
+            Ok(Some(fixed)) => {
+                out.push_str(&format!("fix: edits {}\n", insp.file_to_fix().display()));
+                // The patched file must parse and now cover the directory.
+                let fixed_doc = containerd::parse(Path::new("fixed"), &fixed).unwrap();
+                drop(fixed_doc);
+                let again = containerd::inspect(
+                    (insp.file_to_fix(), &fixed),
+                    &[],
+                    Path::new("/etc/containerd/certs.d"),
+                );
+                if insp.file_to_fix() == insp.main_file {
+                    assert!(again.unwrap().covered, "{name}: fix did not cover");
+                }
+                check_golden(&fixed_path, &fixed);
+            }
+            Err(e) => out.push_str(&format!("fix: refused: {e}\n")),
+        }
+        check_golden(&src.join("expected.txt"), &out);
+    }
+}
+
+fn foreign_cases() -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(root().join("foreign"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    v.sort();
+    v
+}
+
+const UPSTREAM: &str = "https://10.96.0.20:5000";
+
+fn ca_content() -> String {
+    format!(
+        "{}\n-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        slipway::ca::CA_MARKER
+    )
+}
+
+/// Apply to a copy of each foreign tree, compare with the expected file,
+/// then clean up and require the tree to be byte-identical to the input.
+#[test]
+fn foreign_hosts_files_merge_as_expected_and_cleanup_restores_them() {
+    let cases = foreign_cases();
+    assert!(cases.len() >= 7, "{cases:?}");
+    let alias = Alias::parse("registry.shared-services:5000").unwrap();
+    for case in cases {
+        let src = root().join("foreign").join(&case);
+        let tmp = tempfile::tempdir().unwrap();
+        let certs = tmp.path().join("certs.d");
+        // Copy only the input (not the expected-* files).
+        fs::create_dir_all(&certs).unwrap();
+        for e in fs::read_dir(&src).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_dir() {
+                copy_tree(&e.path(), &certs.join(e.file_name()));
+            }
+        }
+        let before = snapshot(&certs);
+        let hosts = [HostEntry::upstream(UPSTREAM)];
+        let report =
+            apply::apply_all(&certs, std::slice::from_ref(&alias), &hosts, &ca_content()).unwrap();
+        assert_eq!(report.aliases.len(), 1, "{case}");
+        let a = &report.aliases[0];
+        let dir_name = a.dir.file_name().unwrap().to_string_lossy().to_string();
+        match &a.outcome {
+            Outcome::Failed(e) => {
+                let shown = e.replace(&certs.display().to_string(), "CERTS");
+                check_golden(&src.join("expected-error.txt"), &format!("{shown}\n"));
+                // Nothing written on error.
+                assert_eq!(snapshot(&certs), before, "{case}: files changed on error");
+                continue;
+            }
+            Outcome::Changed(_) => {}
+            Outcome::Unchanged => panic!("{case}: nothing applied"),
+        }
+        let written = fs::read_to_string(a.dir.join("hosts.toml")).unwrap();
+        check_golden(
+            &src.join(format!("expected.{dir_name}.hosts.toml")),
+            &written,
+        );
+        // containerd must be able to parse what we leave.
+        let doc: toml_edit::DocumentMut = written.parse().unwrap();
+        let first = doc["host"].as_table().unwrap().iter().next();
+        let _ = first;
+        assert!(
+            written.find(UPSTREAM).unwrap()
+                < written
+                    .find("[host.")
+                    .map(|i| i + 200)
+                    .unwrap_or(usize::MAX)
+        );
+        // Idempotent: a second apply changes nothing.
+        let again =
+            apply::apply_all(&certs, std::slice::from_ref(&alias), &hosts, &ca_content()).unwrap();
+        assert_eq!(again.aliases[0].outcome, Outcome::Unchanged, "{case}");
+        // Cleanup restores every foreign byte and mode and leaves nothing of ours.
+        let clean = apply::cleanup_all(&certs, std::slice::from_ref(&alias)).unwrap();
+        assert_eq!(clean.failed(), 0, "{case}: {:?}", clean.aliases);
+        assert_eq!(
+            snapshot(&certs),
+            before,
+            "{case}: cleanup did not restore the tree"
+        );
+    }
+}
+
+/// The first `[host]` table containerd sees in a merged file is ours.
+#[test]
+fn merged_files_list_our_host_first() {
+    for case in [
+        "commented",
+        "several-hosts",
+        "relative-ca",
+        "underscore-dir",
+    ] {
+        let dir = root().join("foreign").join(case);
+        let expected = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().ends_with(".hosts.toml"))
+            .unwrap_or_else(|| panic!("{case}: no expected hosts.toml"));
+        let text = fs::read_to_string(&expected).unwrap();
+        let doc: toml_edit::DocumentMut = text.parse().unwrap();
+        // Render order is what containerd reads; find the first header.
+        let first_header = text
+            .lines()
+            .find(|l| l.trim_start().starts_with("[host."))
+            .unwrap();
+        assert_eq!(
+            first_header.trim(),
+            format!("[host.{UPSTREAM:?}]"),
+            "{case}"
+        );
+        assert!(
+            doc["host"][UPSTREAM]["ca"].as_str() == Some("slipway-ca.crt"),
+            "{case}"
+        );
+    }
+}
+
+/// A fresh directory gets slipway's own file, whose text is golden too.
+#[test]
+fn owned_hosts_toml_is_golden() {
+    let alias = Alias::parse("registry.shared-services:5000").unwrap();
+    let text = slipway::hostconfig::render_owned(&alias, &[HostEntry::upstream(UPSTREAM)]);
+    check_golden(&root().join("expected-owned.hosts.toml"), &text);
+}

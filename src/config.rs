@@ -1,0 +1,520 @@
+//! Agent configuration: one TOML file, every key overridable by a flag or a
+//! `SLIPWAY_*` environment variable (flag > env > file > default).
+//!
+//! Owns parsing and validation only; it reads the config file and nothing
+//! else. Errors name the file and the key (`registry.aliases[1]`), and map to
+//! exit code 64.
+//!
+//! ```toml
+//! [registry]
+//! aliases  = ["registry.shared-services:5000", "203.0.113.7:5000"]
+//! upstream = "https://registry.shared-services.svc.cluster.local:5000"
+//! dial     = "10.96.0.20:5000"          # optional: connect here, verify TLS as `upstream`
+//! ca_file  = "/etc/slipway/ca/ca.crt"
+//!
+//! [containerd]
+//! host_root   = "/host"                 # where the host's / is mounted (default "/")
+//! certs_dir   = "/etc/containerd/certs.d"
+//! config_file = "/etc/containerd/config.toml"
+//! ```
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::hostconfig::{Alias, AliasError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{key} is not set: set it in the config file, with --{flag}, or with {env}")]
+    Missing {
+        key: &'static str,
+        flag: &'static str,
+        env: &'static str,
+    },
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("registry.aliases[{index}]: {source}")]
+    Alias { index: usize, source: AliasError },
+}
+
+/// Raw file form; every field optional so flags/env can fill gaps.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    #[serde(default)]
+    registry: FileRegistry,
+    #[serde(default)]
+    containerd: FileContainerd,
+    #[serde(default)]
+    proxy: FileProxy,
+    #[serde(default)]
+    admin: FileAdmin,
+    #[serde(default)]
+    cache: FileCache,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileRegistry {
+    aliases: Option<Vec<String>>,
+    upstream: Option<String>,
+    dial: Option<String>,
+    ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileContainerd {
+    host_root: Option<PathBuf>,
+    certs_dir: Option<PathBuf>,
+    config_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileProxy {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAdmin {
+    listen: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileCache {
+    dir: Option<PathBuf>,
+    max_bytes: Option<u64>,
+}
+
+/// Flag and environment overrides; each maps to one config key.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct Overrides {
+    /// registry.aliases: comma-separated host[:port] names workloads use
+    #[arg(long, env = "SLIPWAY_REGISTRY_ALIASES", value_delimiter = ',')]
+    pub registry_aliases: Option<Vec<String>>,
+    /// registry.upstream: https URL the agent reaches the registry at
+    #[arg(long, env = "SLIPWAY_REGISTRY_UPSTREAM")]
+    pub registry_upstream: Option<String>,
+    /// registry.dial: optional ip:port to connect to instead of the upstream host
+    #[arg(long, env = "SLIPWAY_REGISTRY_DIAL")]
+    pub registry_dial: Option<String>,
+    /// registry.ca_file: PEM CA bundle that signs the registry's certificate
+    #[arg(long, env = "SLIPWAY_REGISTRY_CA_FILE")]
+    pub registry_ca_file: Option<PathBuf>,
+    /// containerd.host_root: where the host's root is mounted (default /)
+    #[arg(long, env = "SLIPWAY_CONTAINERD_HOST_ROOT")]
+    pub containerd_host_root: Option<PathBuf>,
+    /// containerd.certs_dir: host path of the registry host config directory
+    #[arg(long, env = "SLIPWAY_CONTAINERD_CERTS_DIR")]
+    pub containerd_certs_dir: Option<PathBuf>,
+    /// containerd.config_file: host path of containerd's config.toml
+    #[arg(long, env = "SLIPWAY_CONTAINERD_CONFIG_FILE")]
+    pub containerd_config_file: Option<PathBuf>,
+    /// proxy.listen: loopback address of the node-local pull proxy
+    #[arg(long, env = "SLIPWAY_PROXY_LISTEN")]
+    pub proxy_listen: Option<String>,
+    /// admin.listen: address of the metrics and health server
+    #[arg(long, env = "SLIPWAY_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// cache.dir: host path of the node blob cache (unset: no cache)
+    #[arg(long, env = "SLIPWAY_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// cache.max_bytes: size cap of the node blob cache
+    #[arg(long, env = "SLIPWAY_CACHE_MAX_BYTES")]
+    pub cache_max_bytes: Option<u64>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub source: Option<PathBuf>,
+    pub aliases: Vec<Alias>,
+    pub upstream: Upstream,
+    pub ca_file: PathBuf,
+    pub containerd: ContainerdPaths,
+    pub proxy_listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub cache_dir: Option<PathBuf>,
+    pub cache_max_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Normalised `https://host[:port]` with no path.
+    pub url: String,
+    /// `host[:port]` as in the URL; TLS is verified against `host`.
+    pub authority: String,
+    pub host: String,
+    pub port: u16,
+    /// Where to connect instead of resolving `host`.
+    pub dial: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContainerdPaths {
+    pub host_root: PathBuf,
+    /// As the host (and so containerd) names it.
+    pub certs_dir: PathBuf,
+    pub config_file: PathBuf,
+}
+
+impl ContainerdPaths {
+    /// Where a host path is reachable from this process.
+    pub fn local(&self, host_path: &Path) -> PathBuf {
+        join_under(&self.host_root, host_path)
+    }
+    pub fn local_certs_dir(&self) -> PathBuf {
+        self.local(&self.certs_dir)
+    }
+    pub fn local_config_file(&self) -> PathBuf {
+        self.local(&self.config_file)
+    }
+}
+
+/// `root` + absolute `p`, without letting `..` climb out of `root`.
+pub fn join_under(root: &Path, p: &Path) -> PathBuf {
+    let rel: PathBuf = p
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    root.join(rel)
+}
+
+pub const DEFAULT_CERTS_DIR: &str = "/etc/containerd/certs.d";
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/containerd/config.toml";
+pub const DEFAULT_PROXY_LISTEN: &str = "127.0.0.1:5050";
+pub const DEFAULT_ADMIN_LISTEN: &str = "127.0.0.1:9464";
+pub const DEFAULT_CACHE_MAX_BYTES: u64 = 10 << 30;
+
+impl AgentConfig {
+    /// Load `path` (if any) and apply overrides.
+    pub fn load(path: Option<&Path>, ov: &Overrides) -> Result<Self, ConfigError> {
+        let file = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.to_path_buf(),
+                    source,
+                })?;
+                parse_file(p, &text)?
+            }
+            None => FileConfig::default(),
+        };
+        build(path, file, ov)
+    }
+
+    /// Parse config text (for tests and `--config -`).
+    pub fn from_str(path: &Path, text: &str, ov: &Overrides) -> Result<Self, ConfigError> {
+        build(Some(path), parse_file(path, text)?, ov)
+    }
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.to_path_buf(),
+        message: e.to_string().trim_end().replace('\n', " | "),
+    })
+}
+
+fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConfig, ConfigError> {
+    let raw_aliases =
+        ov.registry_aliases
+            .clone()
+            .or(f.registry.aliases)
+            .ok_or(ConfigError::Missing {
+                key: "registry.aliases",
+                flag: "registry-aliases",
+                env: "SLIPWAY_REGISTRY_ALIASES",
+            })?;
+    if raw_aliases.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: "registry.aliases".into(),
+            message: "is empty: list every host[:port] workloads use".into(),
+        });
+    }
+    let mut aliases: Vec<Alias> = Vec::new();
+    for (index, a) in raw_aliases.iter().enumerate() {
+        let alias = Alias::parse(a).map_err(|source| ConfigError::Alias { index, source })?;
+        if aliases.iter().any(|x| x.dir_name() == alias.dir_name()) {
+            return Err(ConfigError::Invalid {
+                key: format!("registry.aliases[{index}]"),
+                message: format!("{a:?} is listed twice"),
+            });
+        }
+        aliases.push(alias);
+    }
+
+    let upstream_raw =
+        ov.registry_upstream
+            .clone()
+            .or(f.registry.upstream)
+            .ok_or(ConfigError::Missing {
+                key: "registry.upstream",
+                flag: "registry-upstream",
+                env: "SLIPWAY_REGISTRY_UPSTREAM",
+            })?;
+    let dial_raw = ov.registry_dial.clone().or(f.registry.dial);
+    let upstream = parse_upstream(&upstream_raw, dial_raw.as_deref())?;
+
+    let ca_file =
+        ov.registry_ca_file
+            .clone()
+            .or(f.registry.ca_file)
+            .ok_or(ConfigError::Missing {
+                key: "registry.ca_file",
+                flag: "registry-ca-file",
+                env: "SLIPWAY_REGISTRY_CA_FILE",
+            })?;
+    // A relative ca_file is relative to the config file, like containerd's `ca`.
+    let ca_file = match (path.and_then(|p| p.parent()), ca_file.is_relative()) {
+        (Some(dir), true) => dir.join(ca_file),
+        _ => ca_file,
+    };
+
+    let host_root = ov
+        .containerd_host_root
+        .clone()
+        .or(f.containerd.host_root)
+        .unwrap_or_else(|| PathBuf::from("/"));
+    let certs_dir = ov
+        .containerd_certs_dir
+        .clone()
+        .or(f.containerd.certs_dir)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CERTS_DIR));
+    let config_file = ov
+        .containerd_config_file
+        .clone()
+        .or(f.containerd.config_file)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_FILE));
+    for (key, p) in [
+        ("containerd.host_root", &host_root),
+        ("containerd.certs_dir", &certs_dir),
+        ("containerd.config_file", &config_file),
+    ] {
+        if !p.is_absolute() {
+            return Err(ConfigError::Invalid {
+                key: key.into(),
+                message: format!("{} must be an absolute path", p.display()),
+            });
+        }
+        if p.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(ConfigError::Invalid {
+                key: key.into(),
+                message: format!("{} must not contain '..'", p.display()),
+            });
+        }
+    }
+
+    let proxy_listen = parse_addr(
+        "proxy.listen",
+        ov.proxy_listen.clone().or(f.proxy.listen).as_deref(),
+        DEFAULT_PROXY_LISTEN,
+    )?;
+    let admin_listen = parse_addr(
+        "admin.listen",
+        ov.admin_listen.clone().or(f.admin.listen).as_deref(),
+        DEFAULT_ADMIN_LISTEN,
+    )?;
+    let cache_dir = ov.cache_dir.clone().or(f.cache.dir);
+    let cache_max_bytes = ov
+        .cache_max_bytes
+        .or(f.cache.max_bytes)
+        .unwrap_or(DEFAULT_CACHE_MAX_BYTES);
+
+    Ok(AgentConfig {
+        source: path.map(Path::to_path_buf),
+        aliases,
+        upstream,
+        ca_file,
+        containerd: ContainerdPaths {
+            host_root,
+            certs_dir,
+            config_file,
+        },
+        proxy_listen,
+        admin_listen,
+        cache_dir,
+        cache_max_bytes,
+    })
+}
+
+fn parse_addr(key: &str, v: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {
+    let s = v.unwrap_or(default);
+    s.parse().map_err(|_| ConfigError::Invalid {
+        key: key.into(),
+        message: format!("{s:?} is not an ip:port address"),
+    })
+}
+
+fn parse_upstream(raw: &str, dial: Option<&str>) -> Result<Upstream, ConfigError> {
+    let bad = |message: String| ConfigError::Invalid {
+        key: "registry.upstream".into(),
+        message,
+    };
+    let url = url::Url::parse(raw).map_err(|e| bad(format!("{raw:?} is not a URL: {e}")))?;
+    if url.scheme() != "https" {
+        // containerd and Kaniko must verify the registry with the cluster CA;
+        // plain http is the seed's "server gave HTTP response to HTTPS client".
+        return Err(bad(format!("{raw:?} must use https")));
+    }
+    if !(url.path() == "/" || url.path().is_empty())
+        || url.query().is_some()
+        || url.fragment().is_some()
+    {
+        return Err(bad(format!(
+            "{raw:?} must be a bare https://host[:port] with no path"
+        )));
+    }
+    if !url.username().is_empty() || url.password().is_some() {
+        return Err(bad(format!("{raw:?} must not carry credentials")));
+    }
+    let host = match url.host() {
+        Some(url::Host::Domain(d)) => d.to_string(),
+        Some(url::Host::Ipv4(ip)) => ip.to_string(),
+        Some(url::Host::Ipv6(ip)) => format!("[{ip}]"),
+        None => return Err(bad(format!("{raw:?} has no host"))),
+    };
+    let port = url.port_or_known_default().unwrap_or(443);
+    let authority = match url.port() {
+        Some(p) => format!("{host}:{p}"),
+        None => host.clone(),
+    };
+    let dial = match dial {
+        None => None,
+        Some(d) => Some(d.parse::<SocketAddr>().map_err(|_| ConfigError::Invalid {
+            key: "registry.dial".into(),
+            message: format!("{d:?} is not an ip:port address"),
+        })?),
+    };
+    Ok(Upstream {
+        url: format!("https://{authority}"),
+        authority,
+        host: host.trim_matches(['[', ']']).to_string(),
+        port,
+        dial,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[registry]
+aliases = ["registry.shared-services:5000", "203.0.113.7:5000"]
+upstream = "https://registry.shared-services.svc.cluster.local:5000"
+dial = "10.96.0.20:5000"
+ca_file = "ca.crt"
+"#;
+
+    fn p() -> &'static Path {
+        Path::new("/etc/slipway/agent.toml")
+    }
+
+    #[test]
+    fn parses_file_and_resolves_relative_ca() {
+        let c = AgentConfig::from_str(p(), GOOD, &Overrides::default()).unwrap();
+        assert_eq!(c.aliases.len(), 2);
+        assert_eq!(
+            c.upstream.url,
+            "https://registry.shared-services.svc.cluster.local:5000"
+        );
+        assert_eq!(
+            c.upstream.host,
+            "registry.shared-services.svc.cluster.local"
+        );
+        assert_eq!(c.upstream.dial, Some("10.96.0.20:5000".parse().unwrap()));
+        assert_eq!(c.ca_file, PathBuf::from("/etc/slipway/ca.crt"));
+        assert_eq!(c.containerd.certs_dir, PathBuf::from(DEFAULT_CERTS_DIR));
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let ov = Overrides {
+            registry_aliases: Some(vec!["a:1".into()]),
+            containerd_certs_dir: Some("/x/certs.d".into()),
+            ..Default::default()
+        };
+        let c = AgentConfig::from_str(p(), GOOD, &ov).unwrap();
+        assert_eq!(c.aliases[0].dir_name(), "a:1");
+        assert_eq!(c.containerd.certs_dir, PathBuf::from("/x/certs.d"));
+    }
+
+    #[test]
+    fn malformed_toml_names_file_and_line() {
+        let e = AgentConfig::from_str(p(), "[registry\naliases = 1", &Overrides::default())
+            .unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with("config file /etc/slipway/agent.toml:"), "{s}");
+        assert!(s.contains("line 1"), "{s}");
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = AgentConfig::from_str(
+            p(),
+            &format!("{GOOD}\n[containerd]\ncerts_dri = \"/x\"\n"),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("certs_dri"), "{e}");
+    }
+
+    #[test]
+    fn bad_alias_is_named_by_index() {
+        for (alias, why) in [
+            ("registry/evil:5000", "'/'"),
+            ("..:5000", "'..'"),
+            ("reg istry:5000", "space"),
+            (":5000", "empty host"),
+        ] {
+            let text = GOOD.replace("203.0.113.7:5000", alias);
+            let e = AgentConfig::from_str(p(), &text, &Overrides::default()).unwrap_err();
+            let s = e.to_string();
+            assert!(s.starts_with("registry.aliases[1]:"), "{s}");
+            assert!(s.contains(why), "{alias}: {s}");
+        }
+    }
+
+    #[test]
+    fn upstream_must_be_https_without_path() {
+        for (u, why) in [
+            ("http://r:5000", "must use https"),
+            ("https://r:5000/v2", "no path"),
+            ("not a url", "not a URL"),
+        ] {
+            let text = GOOD.replace("https://registry.shared-services.svc.cluster.local:5000", u);
+            let e = AgentConfig::from_str(p(), &text, &Overrides::default()).unwrap_err();
+            assert!(e.to_string().contains(why), "{u}: {e}");
+            assert!(e.to_string().starts_with("registry.upstream"), "{e}");
+        }
+    }
+
+    #[test]
+    fn missing_key_says_how_to_set_it() {
+        let e = AgentConfig::from_str(p(), "", &Overrides::default()).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "registry.aliases is not set: set it in the config file, with --registry-aliases, or with SLIPWAY_REGISTRY_ALIASES"
+        );
+    }
+
+    #[test]
+    fn join_under_cannot_escape() {
+        assert_eq!(
+            join_under(Path::new("/host"), Path::new("/etc/../../x")),
+            PathBuf::from("/host/etc/x")
+        );
+    }
+}
