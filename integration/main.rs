@@ -1,1 +1,427 @@
+//! Integration tests against real components: containerd's CRI plugin (the
+//! kubelet path), the distribution registry with TLS from `slipway pki
+//! init`, skopeo and umoci. Run as root by `.ci/run`.
 
+mod harness;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use harness::*;
+
+const ALIAS: &str = "registry.shared-services:5000";
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).to_string()
+}
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// A TLS registry inside a network namespace, reachable at a non-loopback
+/// IP (like a LoadBalancer address), with a certificate from `slipway pki
+/// init` for the cluster names and that IP, and the test image pushed.
+struct TlsSetup {
+    _tmp: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    ns: NetNs,
+    pki: Pki,
+    registry: Registry,
+    digest: String,
+}
+
+fn tls_setup() -> TlsSetup {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let ns = NetNs::new();
+    let pki = Pki::new(
+        &dir.join("pki"),
+        &[
+            "registry.shared-services",
+            "registry.shared-services.svc.cluster.local",
+        ],
+        &[&ns.ns_ip],
+    );
+    let registry = Registry::start(&dir, &format!("{}:5443", ns.ns_ip), Some(&pki), Some(&ns));
+    let digest = push(&registry.addr, "app:v1", Some(&pki));
+    TlsSetup {
+        _tmp: tmp,
+        dir,
+        ns,
+        pki,
+        registry,
+        digest,
+    }
+}
+
+/// (a) The seed's first failure: with no slipway config, containerd cannot
+/// resolve the cluster name.
+#[test]
+fn a_without_slipway_cluster_name_fails_with_no_such_host() {
+    if !prerequisites() {
+        return;
+    }
+    let s = tls_setup();
+    let ctd = Containerd::start(&s.dir);
+    let image = format!("{ALIAS}/app@{}", s.digest);
+    let err = ctd
+        .pull(&image)
+        .expect_err("pull must fail without slipway");
+    eprintln!("seed failure reproduced: {err}");
+    assert!(err.contains("no such host"), "{err}");
+    assert!(err.contains("lookup registry.shared-services"), "{err}");
+}
+
+/// (b) The seed's second failure over an IP over plain HTTP, then with
+/// `slipway agent --once` both the cluster name and the IP alias pull by
+/// digest over HTTPS with the CA.
+#[test]
+fn b_agent_once_makes_cluster_name_and_ip_alias_pullable() {
+    if !prerequisites() {
+        return;
+    }
+    let s = tls_setup();
+    let ctd = Containerd::start(&s.dir);
+
+    // The seed exposed a plain-HTTP registry on a LoadBalancer IP.
+    let plain = Registry::start(&s.dir, &format!("{}:5000", s.ns.ns_ip), None, Some(&s.ns));
+    let plain_digest = push(&plain.addr, "app:v1", None);
+    let err = ctd
+        .pull(&format!("{}/app@{plain_digest}", plain.addr))
+        .expect_err("https to an http registry must fail");
+    eprintln!("seed failure reproduced: {err}");
+    assert!(
+        err.contains("server gave HTTP response to HTTPS client"),
+        "{err}"
+    );
+
+    // The TLS registry at its IP is not trusted yet either.
+    let ip_alias = s.registry.addr.clone();
+    let ip_image = format!("{ip_alias}/app@{}", s.digest);
+    let err = ctd.pull(&ip_image).expect_err("unknown CA must fail");
+    assert!(err.contains("x509") || err.contains("certificate"), "{err}");
+
+    let cfg = agent_config(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS, &ip_alias],
+        &format!("https://{}", s.registry.addr),
+        &s.pki.ca(),
+    );
+    let out = slipway(&["agent", "--config", cfg.to_str().unwrap(), "--once"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("{ALIAS}: changed (owned)")),
+        "{}",
+        stdout(&out)
+    );
+    assert!(
+        stderr(&out).contains("containerd reads"),
+        "{}",
+        stderr(&out)
+    );
+
+    let image = format!("{ALIAS}/app@{}", s.digest);
+    let r = ctd
+        .pull(&image)
+        .unwrap_or_else(|e| panic!("pull {image}: {e}"));
+    assert!(r.starts_with("sha256:"), "{r}");
+    ctd.pull(&ip_image)
+        .unwrap_or_else(|e| panic!("pull {ip_image}: {e}"));
+    // By tag too (needs the `resolve` capability).
+    ctd.pull(&format!("{ALIAS}/app:v1")).unwrap();
+
+    // Idempotent: a second run changes nothing.
+    let out = slipway(&["agent", "--config", cfg.to_str().unwrap(), "--once"]);
+    assert!(out.status.success());
+    assert!(
+        stdout(&out).contains(&format!("{ALIAS}: unchanged")),
+        "{}",
+        stdout(&out)
+    );
+}
+
+/// (c) Foreign files in certs_dir survive install and are byte-identical
+/// after cleanup; the merged file works for containerd in between.
+#[test]
+fn c_foreign_files_are_identical_after_cleanup() {
+    if !prerequisites() {
+        return;
+    }
+    let s = tls_setup();
+    let ctd = Containerd::start(&s.dir);
+    // An administrator's own hosts.toml for our alias, another registry's
+    // directory with client certificates, and a loose file at the top.
+    let admin = ctd.certs_dir.join(ALIAS);
+    fs::create_dir_all(&admin).unwrap();
+    fs::write(
+        admin.join("hosts.toml"),
+        "# ours, hands off\nserver = \"https://registry.shared-services:5000\"\n\n# a mirror that does not exist\n[host.\"https://127.0.0.1:1\"]\n  capabilities = [\"pull\"]\n",
+    )
+    .unwrap();
+    fs::write(admin.join("client.cert"), "not really a cert\n").unwrap();
+    let other = ctd.certs_dir.join("docker.io");
+    fs::create_dir_all(&other).unwrap();
+    fs::write(
+        other.join("hosts.toml"),
+        "server = \"https://registry-1.docker.io\"\n",
+    )
+    .unwrap();
+    fs::write(ctd.certs_dir.join("README"), "admin notes\n").unwrap();
+    let before = snapshot(&ctd.certs_dir);
+
+    let cfg = agent_config(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        &format!("https://{}", s.registry.addr),
+        &s.pki.ca(),
+    );
+    let out = slipway(&["agent", "--config", cfg.to_str().unwrap(), "--once"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("(merged)"), "{}", stdout(&out));
+    let merged = fs::read_to_string(admin.join("hosts.toml")).unwrap();
+    assert!(
+        merged.contains("# a mirror that does not exist"),
+        "{merged}"
+    );
+    ctd.pull(&format!("{ALIAS}/app@{}", s.digest))
+        .unwrap_or_else(|e| panic!("pull through merged file: {e}\n{merged}"));
+    assert_eq!(
+        fs::read(other.join("hosts.toml")).unwrap(),
+        b"server = \"https://registry-1.docker.io\"\n"
+    );
+
+    let out = slipway(&["cleanup", "--config", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        snapshot(&ctd.certs_dir),
+        before,
+        "cleanup did not restore certs.d byte for byte"
+    );
+}
+
+/// (d) SIGKILL at random points during a loop of rewrites never leaves a
+/// partial or unparsable hosts.toml, and containerd still pulls afterwards.
+#[test]
+fn d_sigkill_during_rewrites_never_leaves_a_partial_file() {
+    if !prerequisites() {
+        return;
+    }
+    let s = tls_setup();
+    let ctd = Containerd::start(&s.dir);
+    let good = format!("https://{}", s.registry.addr);
+    // Two configs whose output differs, so every run rewrites the files.
+    let aliases = [
+        ALIAS,
+        "registry.shared-services.svc.cluster.local:5000",
+        "203.0.113.7:5000",
+    ];
+    let cfgs = [
+        agent_config(
+            &s.dir,
+            &ctd.certs_dir,
+            &ctd.config_file,
+            &aliases,
+            &good,
+            &s.pki.ca(),
+        ),
+        agent_config(
+            &s.dir,
+            &ctd.certs_dir,
+            &ctd.config_file,
+            &aliases,
+            "https://registry.shared-services.svc.cluster.local:5443",
+            &s.pki.ca(),
+        ),
+    ];
+    // Time a full run so kill points spread over all of it.
+    let t = std::time::Instant::now();
+    for c in &cfgs {
+        assert!(
+            slipway(&["agent", "--once", "--config", c.to_str().unwrap()])
+                .status
+                .success()
+        );
+    }
+    let full = (t.elapsed() / 2).as_micros() as u64;
+    let mut seed: u64 = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("kill-loop seed {seed}, full run {full}us");
+    let mut killed = 0;
+    let mut seen = std::collections::BTreeMap::<String, usize>::new();
+    for i in 0..150 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let delay = Duration::from_micros(seed % (full + full / 5));
+        let mut child = Command::new(SLIPWAY)
+            .args(["agent", "--once", "--config"])
+            .arg(&cfgs[i % 2])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(delay);
+        if child.try_wait().unwrap().is_none() {
+            killed += 1;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        for a in aliases {
+            let p = ctd.certs_dir.join(a).join("hosts.toml");
+            if let Ok(text) = fs::read_to_string(&p) {
+                assert!(
+                    text.starts_with("# slipway: managed file"),
+                    "iteration {i}: {p:?}: {text:?}"
+                );
+                let doc: toml_edit::DocumentMut = text
+                    .parse()
+                    .unwrap_or_else(|e| panic!("iteration {i}: {p:?} unparsable: {e}\n{text}"));
+                let first = doc["host"]
+                    .as_table()
+                    .and_then(|t| t.iter().next().map(|(k, _)| k.to_string()));
+                *seen
+                    .entry(first.unwrap_or_else(|| panic!("iteration {i}: {p:?} has no host")))
+                    .or_default() += 1;
+            }
+        }
+    }
+    eprintln!("upstreams seen in hosts.toml across the loop: {seen:?}");
+    assert_eq!(seen.len(), 2, "the loop never switched content: {seen:?}");
+    eprintln!("{killed} of 150 runs were killed mid-flight");
+    assert!(killed > 10, "the loop never interrupted a run ({killed})");
+    // A clean run repairs everything and removes stray temp files.
+    let out = slipway(&["agent", "--once", "--config", cfgs[0].to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    for a in aliases {
+        for e in fs::read_dir(ctd.certs_dir.join(a)).unwrap() {
+            let n = e.unwrap().file_name().to_string_lossy().to_string();
+            assert!(
+                !n.starts_with(".slipway-tmp-"),
+                "stray temp file {n} in {a}"
+            );
+        }
+    }
+    ctd.pull(&format!("{ALIAS}/app@{}", s.digest)).unwrap();
+}
+
+/// A certs_dir on a read-only filesystem: every alias fails with an error
+/// naming the path, the exit code is non-zero, nothing is written.
+#[test]
+fn read_only_certs_dir_fails_cleanly() {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"), &["registry.shared-services"], &[]);
+    let ro = tmp.path().join("ro");
+    fs::create_dir_all(&ro).unwrap();
+    run_ok(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+            .arg(&ro),
+    );
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _guard = Unmount(&ro);
+    let cfg = agent_config(
+        tmp.path(),
+        &ro,
+        &tmp.path().join("none.toml"),
+        &[ALIAS, "203.0.113.7:5000"],
+        "https://registry.shared-services:5000",
+        &pki.ca(),
+    );
+    let out = slipway(&["agent", "--once", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let o = stdout(&out);
+    assert!(
+        o.contains(&format!(
+            "{ALIAS}: error: {}/{ALIAS}: cannot create directory: Read-only file system",
+            ro.display()
+        )),
+        "{o}"
+    );
+    assert!(o.contains("203.0.113.7:5000: error:"), "{o}");
+    assert!(
+        stderr(&out).contains("2 of 2 registry aliases failed to apply"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fs::read_dir(&ro).unwrap().count(), 0);
+}
+
+/// An alias directory the agent cannot read fails alone; the other alias
+/// still applies and the failure is reported.
+#[test]
+fn unreadable_alias_dir_fails_alone() {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"), &["registry.shared-services"], &[]);
+    let certs = tmp.path().join("certs.d");
+    let locked = certs.join(ALIAS);
+    fs::create_dir_all(&locked).unwrap();
+    fs::write(locked.join("hosts.toml"), "server = \"https://x:1\"\n").unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
+    let cfg = agent_config(
+        tmp.path(),
+        &certs,
+        &tmp.path().join("none.toml"),
+        &[ALIAS, "203.0.113.7:5000"],
+        "https://registry.shared-services:5000",
+        &pki.ca(),
+    );
+    // Root would read a 0000 directory anyway; drop the capabilities that
+    // let it (a non-root agent, or an LSM denial, looks the same).
+    let out = run(Command::new("setpriv")
+        .args([
+            "--inh-caps=-all",
+            "--bounding-set=-dac_override,-dac_read_search",
+            "--",
+        ])
+        .arg(SLIPWAY)
+        .args(["agent", "--once", "--config", cfg.to_str().unwrap()]));
+    fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    let o = stdout(&out);
+    assert!(
+        o.contains(&format!(
+            "{ALIAS}: error: {}: cannot read directory: Permission denied",
+            locked.display()
+        )),
+        "{o}"
+    );
+    assert!(o.contains("203.0.113.7:5000: changed (owned)"), "{o}");
+    assert_eq!(
+        fs::read_to_string(locked.join("hosts.toml")).unwrap(),
+        "server = \"https://x:1\"\n"
+    );
+    assert!(certs.join("203.0.113.7:5000/hosts.toml").exists());
+}

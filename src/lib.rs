@@ -20,6 +20,7 @@ pub mod config;
 pub mod containerd;
 pub mod fsutil;
 pub mod hostconfig;
+pub mod pki;
 
 /// Exit code for bad configuration (sysexits.h `EX_CONFIG` is 78, but the
 /// project contract is `EX_USAGE`-style 64 for "the operator must fix input").

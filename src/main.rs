@@ -45,12 +45,35 @@ enum Cmd {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Make the registry CA and TLS certificate
+    Pki {
+        #[command(subcommand)]
+        cmd: PkiCmd,
+    },
     /// Remove everything slipway wrote on this node and restore merged files
     Cleanup {
         #[arg(long, env = "SLIPWAY_CONFIG")]
         config: Option<PathBuf>,
         #[command(flatten)]
         overrides: Overrides,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Write ca.crt, ca.key, tls.crt and tls.key into a directory
+    Init {
+        #[arg(long)]
+        out_dir: PathBuf,
+        /// DNS SAN for the registry certificate (repeatable)
+        #[arg(long = "dns", required_unless_present = "ips")]
+        dns: Vec<String>,
+        /// IP SAN for the registry certificate (repeatable)
+        #[arg(long = "ip")]
+        ips: Vec<std::net::IpAddr>,
+        /// Overwrite existing files
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -109,6 +132,21 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
                 println!("{a}");
             }
             agent::check(&report)?;
+            Ok(())
+        }
+        Cmd::Pki {
+            cmd:
+                PkiCmd::Init {
+                    out_dir,
+                    dns,
+                    ips,
+                    force,
+                },
+        } => {
+            let sans = slipway::pki::Sans::new(&dns, &ips)?;
+            for p in slipway::pki::write_files(&out_dir, &sans, force)? {
+                println!("{}", p.display());
+            }
             Ok(())
         }
         Cmd::Cleanup { config, overrides } => {
