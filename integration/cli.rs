@@ -22,7 +22,14 @@ fn err(o: &Output) -> String {
 
 /// A valid CA from `slipway pki init`.
 fn ca(dir: &Path) -> std::path::PathBuf {
-    let out = run(&["pki", "init", "--out-dir", dir.join("pki").to_str().unwrap(), "--dns", "registry"]);
+    let out = run(&[
+        "pki",
+        "init",
+        "--out-dir",
+        dir.join("pki").to_str().unwrap(),
+        "--dns",
+        "registry",
+    ]);
     assert!(out.status.success(), "{}", err(&out));
     dir.join("pki/ca.crt")
 }
@@ -45,7 +52,11 @@ fn good_body(dir: &Path, ca: &Path) -> String {
 fn assert_bad_config(dir: &Path, cfg: &Path, expect: &str) {
     let out = run(&["agent", "--once", "--config", cfg.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(64), "{}", err(&out));
-    assert!(err(&out).contains(expect), "wanted {expect:?} in: {}", err(&out));
+    assert!(
+        err(&out).contains(expect),
+        "wanted {expect:?} in: {}",
+        err(&out)
+    );
     assert!(!dir.join("certs.d").exists(), "something was written");
 }
 
@@ -56,15 +67,26 @@ fn good_config_applies_and_exits_0() {
     let out = run(&["agent", "--once", "--config", cfg.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(0), "{}", err(&out));
     // containerd's config is missing here: said once, not fatal.
-    assert!(err(&out).contains("cannot tell whether containerd reads"), "{}", err(&out));
-    assert!(d.path().join("certs.d/registry.shared-services:5000/hosts.toml").exists());
+    assert!(
+        err(&out).contains("cannot tell whether containerd reads"),
+        "{}",
+        err(&out)
+    );
+    assert!(d
+        .path()
+        .join("certs.d/registry.shared-services:5000/hosts.toml")
+        .exists());
 }
 
 #[test]
 fn malformed_config_exits_64_naming_file_and_line() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path(), "[registry\naliases = []\n");
-    assert_bad_config(d.path(), &cfg, &format!("config file {}: TOML parse error at line 1", cfg.display()));
+    assert_bad_config(
+        d.path(),
+        &cfg,
+        &format!("config file {}: TOML parse error at line 1", cfg.display()),
+    );
 }
 
 #[test]
@@ -72,13 +94,25 @@ fn bad_alias_exits_64_naming_the_field() {
     let d = tempfile::tempdir().unwrap();
     let body = good_body(d.path(), &ca(d.path()));
     for (alias, expect) in [
-        ("registry/x:5000", "registry.aliases[0]: \"registry/x:5000\" contains '/'"),
-        ("../etc:5000", "registry.aliases[0]: \"../etc:5000\" contains '/'"),
+        (
+            "registry/x:5000",
+            "registry.aliases[0]: \"registry/x:5000\" contains '/'",
+        ),
+        (
+            "../etc:5000",
+            "registry.aliases[0]: \"../etc:5000\" contains '/'",
+        ),
         ("..:5000", "registry.aliases[0]: \"..:5000\" contains '..'"),
-        ("reg istry:5000", "registry.aliases[0]: \"reg istry:5000\" contains a space"),
+        (
+            "reg istry:5000",
+            "registry.aliases[0]: \"reg istry:5000\" contains a space",
+        ),
         (":5000", "registry.aliases[0]: \":5000\" has an empty host"),
     ] {
-        let cfg = config(d.path(), &body.replace("registry.shared-services:5000\"]", &format!("{alias}\"]")));
+        let cfg = config(
+            d.path(),
+            &body.replace("registry.shared-services:5000\"]", &format!("{alias}\"]")),
+        );
         assert_bad_config(d.path(), &cfg, expect);
     }
 }
@@ -89,7 +123,14 @@ fn ca_not_pem_exits_64_naming_the_file() {
     let bad = d.path().join("ca.crt");
     fs::write(&bad, "this is not a certificate\n").unwrap();
     let cfg = config(d.path(), &good_body(d.path(), &bad));
-    assert_bad_config(d.path(), &cfg, &format!("registry.ca_file {}: not a PEM certificate bundle", bad.display()));
+    assert_bad_config(
+        d.path(),
+        &cfg,
+        &format!(
+            "registry.ca_file {}: not a PEM certificate bundle",
+            bad.display()
+        ),
+    );
 }
 
 #[test]
@@ -104,7 +145,11 @@ fn expired_ca_exits_64_naming_the_file() {
     let expired = d.path().join("expired.crt");
     fs::write(&expired, p.self_signed(&k).unwrap().pem()).unwrap();
     let cfg = config(d.path(), &good_body(d.path(), &expired));
-    assert_bad_config(d.path(), &cfg, &format!("registry.ca_file {}: certificate 0", expired.display()));
+    assert_bad_config(
+        d.path(),
+        &cfg,
+        &format!("registry.ca_file {}: certificate 0", expired.display()),
+    );
     let out = run(&["agent", "--once", "--config", cfg.to_str().unwrap()]);
     assert!(err(&out).contains("expired at"), "{}", err(&out));
 }
@@ -114,7 +159,13 @@ fn missing_key_and_unknown_key_exit_64() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path(), "[registry]\naliases = [\"r:5000\"]\n");
     assert_bad_config(d.path(), &cfg, "registry.upstream is not set");
-    let cfg = config(d.path(), &format!("{}\n[proxy]\nlisten_addr = \"x\"\n", good_body(d.path(), &ca(d.path()))));
+    let cfg = config(
+        d.path(),
+        &format!(
+            "{}\n[proxy]\nlisten_addr = \"x\"\n",
+            good_body(d.path(), &ca(d.path()))
+        ),
+    );
     assert_bad_config(d.path(), &cfg, "unknown field `listen_addr`");
 }
 
@@ -123,15 +174,28 @@ fn env_and_flags_override_the_file() {
     let d = tempfile::tempdir().unwrap();
     let cfg = config(d.path(), &good_body(d.path(), &ca(d.path())));
     let out = Command::new(SLIPWAY)
-        .args(["agent", "--once", "--config", cfg.to_str().unwrap(), "--registry-upstream", "https://10.96.0.20:5000"])
-        .env("SLIPWAY_REGISTRY_ALIASES", "a.example:5000,203.0.113.7:5000")
+        .args([
+            "agent",
+            "--once",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--registry-upstream",
+            "https://10.96.0.20:5000",
+        ])
+        .env(
+            "SLIPWAY_REGISTRY_ALIASES",
+            "a.example:5000,203.0.113.7:5000",
+        )
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", err(&out));
     let t = fs::read_to_string(d.path().join("certs.d/203.0.113.7:5000/hosts.toml")).unwrap();
     assert!(t.contains("[host.\"https://10.96.0.20:5000\"]"), "{t}");
     assert!(d.path().join("certs.d/a.example:5000/hosts.toml").exists());
-    assert!(!d.path().join("certs.d/registry.shared-services:5000").exists());
+    assert!(!d
+        .path()
+        .join("certs.d/registry.shared-services:5000")
+        .exists());
 }
 
 #[test]
@@ -148,8 +212,33 @@ fn foreign_malformed_hosts_toml_fails_that_alias_only() {
     let out = run(&["agent", "--once", "--config", cfg.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1), "{}", err(&out));
     let so = String::from_utf8_lossy(&out.stdout);
-    assert!(so.contains(&format!("registry.shared-services:5000: error: {}/hosts.toml: not valid TOML", bad_dir.display())), "{so}");
+    assert!(
+        so.contains(&format!(
+            "registry.shared-services:5000: error: {}/hosts.toml: not valid TOML",
+            bad_dir.display()
+        )),
+        "{so}"
+    );
     assert!(so.contains("other:5000: changed (owned)"), "{so}");
-    assert_eq!(fs::read_dir(&bad_dir).unwrap().count(), 1, "wrote into the broken alias dir");
-    assert_eq!(fs::read_to_string(bad_dir.join("hosts.toml")).unwrap(), "server = \"https://x\n");
+    assert_eq!(
+        fs::read_dir(&bad_dir).unwrap().count(),
+        1,
+        "wrote into the broken alias dir"
+    );
+    assert_eq!(
+        fs::read_to_string(bad_dir.join("hosts.toml")).unwrap(),
+        "server = \"https://x\n"
+    );
+}
+
+/// The DaemonSet's config (daemonset/config/agent.toml) is valid for this
+/// binary, so manifests and code cannot drift apart.
+#[test]
+fn daemonset_agent_config_is_valid() {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("daemonset/config/agent.toml");
+    let cfg = slipway::config::AgentConfig::load(Some(&p), &Default::default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(cfg.containerd.host_root, Path::new("/host"));
+    assert_eq!(cfg.ca_file, Path::new("/etc/slipway/ca/ca.crt"));
+    assert_eq!(cfg.aliases[0].dir_name(), "registry.shared-services:5000");
 }

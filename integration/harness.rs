@@ -19,7 +19,14 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-pub const SLIPWAY: &str = env!("CARGO_BIN_EXE_slipway");
+/// The slipway binary under test: cargo's for tests, `SLIPWAY_BIN` for the
+/// demo example (cargo does not tell examples where binaries are).
+pub fn slipway_bin() -> String {
+    std::env::var("SLIPWAY_BIN")
+        .ok()
+        .or(option_env!("CARGO_BIN_EXE_slipway").map(String::from))
+        .expect("set SLIPWAY_BIN to the slipway binary")
+}
 
 /// Integration tests need root and the Debian packages. Under `.ci/run`
 /// (SLIPWAY_REQUIRE_INTEGRATION=1) a missing prerequisite fails the test;
@@ -165,7 +172,7 @@ pub struct Pki {
 
 impl Pki {
     pub fn new(dir: &Path, dns: &[&str], ips: &[&str]) -> Pki {
-        let mut cmd = Command::new(SLIPWAY);
+        let mut cmd = Command::new(slipway_bin());
         cmd.args(["pki", "init", "--out-dir"]).arg(dir);
         for d in dns {
             cmd.args(["--dns", d]);
@@ -461,6 +468,12 @@ pub struct Containerd {
 
 impl Containerd {
     pub fn start(dir: &Path) -> Containerd {
+        Self::start_opts(dir, true)
+    }
+
+    /// `with_config_path: false` leaves `config_path` out, as on GKE/DOKS
+    /// images.
+    pub fn start_opts(dir: &Path, with_config_path: bool) -> Containerd {
         let dir = dir.join(format!("ctd{}", unique()));
         fs::create_dir_all(&dir).unwrap();
         let certs_dir = dir.join("certs.d");
@@ -485,14 +498,19 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{dir}/cni-bin"
     conf_dir = "{dir}/cni-conf"
-  [plugins."io.containerd.grpc.v1.cri".registry]
-    config_path = "{certs}"
-"#,
+{registry}"#,
                 root = dir.join("root").display(),
                 state = dir.join("state").display(),
                 sock = sock.display(),
                 dir = dir.display(),
-                certs = certs_dir.display(),
+                registry = if with_config_path {
+                    format!(
+                        "  [plugins.\"io.containerd.grpc.v1.cri\".registry]\n    config_path = \"{}\"\n",
+                        certs_dir.display()
+                    )
+                } else {
+                    String::new()
+                },
             ),
         )
         .unwrap();
@@ -503,16 +521,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             format!("nameserver {}\noptions timeout:1 attempts:1\n", dns.ip),
         )
         .unwrap();
-        let script = format!(
-            "mount --bind {d}/nsswitch.conf /etc/nsswitch.conf && mount --bind {d}/resolv.conf /etc/resolv.conf && exec containerd --config {c}",
-            d = dir.display(),
-            c = config_file.display()
-        );
-        let mut cmd = Command::new("unshare");
-        cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
-        let proc = Proc::spawn("containerd", cmd, dir.join("containerd.log"));
-        let s = sock.clone();
-        wait_for("containerd socket", Duration::from_secs(20), || s.exists());
+        let proc = Self::spawn(&dir, &config_file, &sock);
         let c = Containerd {
             proc,
             dns,
@@ -525,6 +534,35 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             rt().block_on(c.cri_version()).is_ok()
         });
         c
+    }
+
+    fn spawn(dir: &Path, config_file: &Path, sock: &Path) -> Proc {
+        let _ = fs::remove_file(sock);
+        let script = format!(
+            "mount --bind {d}/nsswitch.conf /etc/nsswitch.conf && mount --bind {d}/resolv.conf /etc/resolv.conf && exec containerd --config {c}",
+            d = dir.display(),
+            c = config_file.display()
+        );
+        let mut cmd = Command::new("unshare");
+        cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
+        let proc = Proc::spawn(
+            "containerd",
+            cmd,
+            dir.join(format!("containerd-{}.log", unique())),
+        );
+        let s = sock.to_path_buf();
+        wait_for("containerd socket", Duration::from_secs(20), || s.exists());
+        proc
+    }
+
+    /// Stop and start containerd again with the same config, as an operator
+    /// does after changing `config_path`.
+    pub fn restart(&mut self) {
+        self.proc.stop();
+        self.proc = Self::spawn(&self.dir, &self.config_file, &self.sock);
+        wait_for("containerd CRI", Duration::from_secs(20), || {
+            rt().block_on(self.cri_version()).is_ok()
+        });
     }
 
     async fn channel(&self) -> Result<tonic::transport::Channel, tonic::transport::Error> {
@@ -632,7 +670,7 @@ pub fn agent_config(
 }
 
 pub fn slipway(args: &[&str]) -> Output {
-    run(Command::new(SLIPWAY)
+    run(Command::new(slipway_bin())
         .args(args)
         .env("SLIPWAY_LOG_FORMAT", "text"))
 }

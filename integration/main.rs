@@ -262,7 +262,7 @@ fn d_sigkill_during_rewrites_never_leaves_a_partial_file() {
         seed ^= seed >> 7;
         seed ^= seed << 17;
         let delay = Duration::from_micros(seed % (full + full / 5));
-        let mut child = Command::new(SLIPWAY)
+        let mut child = Command::new(slipway_bin())
             .args(["agent", "--once", "--config"])
             .arg(&cfgs[i % 2])
             .stdout(std::process::Stdio::null())
@@ -400,7 +400,7 @@ fn unreadable_alias_dir_fails_alone() {
             "--bounding-set=-dac_override,-dac_read_search",
             "--",
         ])
-        .arg(SLIPWAY)
+        .arg(slipway_bin())
         .args(["agent", "--once", "--config", cfg.to_str().unwrap()]));
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
     assert_eq!(
@@ -424,4 +424,96 @@ fn unreadable_alias_dir_fails_alone() {
         "server = \"https://x:1\"\n"
     );
     assert!(certs.join("203.0.113.7:5000/hosts.toml").exists());
+}
+
+/// A node whose containerd has no `config_path`: the agent says exactly what
+/// to change; `--fix-containerd-config` adds it with a backup and never
+/// restarts containerd; after the operator restarts it, the pull works.
+#[test]
+fn fix_containerd_config_adds_config_path_with_backup() {
+    if !prerequisites() {
+        return;
+    }
+    let s = tls_setup();
+    let mut ctd = Containerd::start_opts(&s.dir, false);
+    let original = fs::read(&ctd.config_file).unwrap();
+    let cfg = agent_config(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        &format!("https://{}", s.registry.addr),
+        &s.pki.ca(),
+    );
+    let out = slipway(&["agent", "--once", "--config", cfg.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let advice = format!(
+        "containerd does not read {certs}: {file} has no config_path; set config_path = \"{certs}\" under [plugins.\"io.containerd.grpc.v1.cri\".registry] in {file}, then restart containerd",
+        certs = ctd.certs_dir.display(),
+        file = ctd.config_file.display()
+    );
+    assert!(
+        stderr(&out).contains(&advice),
+        "wanted {advice}\nin {}",
+        stderr(&out)
+    );
+    let image = format!("{ALIAS}/app@{}", s.digest);
+    assert!(ctd.pull(&image).unwrap_err().contains("no such host"));
+    assert_eq!(
+        fs::read(&ctd.config_file).unwrap(),
+        original,
+        "changed without opt-in"
+    );
+
+    let pid = ctd.proc.child.id();
+    let out = slipway(&[
+        "agent",
+        "--once",
+        "--fix-containerd-config",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("containerd must be restarted"),
+        "{}",
+        stderr(&out)
+    );
+    // Still the same containerd process: slipway never restarts it.
+    assert!(ctd.proc.child.try_wait().unwrap().is_none());
+    assert_eq!(ctd.proc.child.id(), pid);
+    let backups: Vec<_> = fs::read_dir(&ctd.dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().contains("config.toml.slipway-backup."))
+        .collect();
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    assert_eq!(fs::read(&backups[0]).unwrap(), original);
+    let patched = fs::read_to_string(&ctd.config_file).unwrap();
+    assert!(
+        patched.starts_with(std::str::from_utf8(&original).unwrap().trim_end()),
+        "{patched}"
+    );
+    assert!(
+        patched.contains(&format!("config_path = \"{}\"", ctd.certs_dir.display())),
+        "{patched}"
+    );
+
+    ctd.restart();
+    ctd.pull(&image)
+        .unwrap_or_else(|e| panic!("after restart: {e}\n{patched}"));
+    // Now covered: a further run reports it and does not touch the file.
+    let out = slipway(&[
+        "agent",
+        "--once",
+        "--fix-containerd-config",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    assert!(
+        stderr(&out).contains("containerd reads"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(fs::read_to_string(&ctd.config_file).unwrap(), patched);
 }

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what the demo and the test suite need on a fresh Debian machine
+# (as root): containerd + runc (CRI), the distribution registry, skopeo and
+# umoci (images), protoc (the k8s-cri crate's build), iproute2 (netns),
+# util-linux (unshare, setpriv), openssl and nginx (benchmarks).
+set -euo pipefail
+if [ "$(id -u)" != 0 ]; then
+  echo "install-deps.sh: run as root" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get update -qq
+apt-get install -y -qq --no-install-recommends \
+  containerd runc docker-registry skopeo umoci protobuf-compiler \
+  iproute2 util-linux openssl ca-certificates python3-venv >/dev/null
+# The Debian packages try to start their services; the tests start their own
+# instances with private sockets and ports, so stop any that did start.
+if command -v systemctl >/dev/null && systemctl is-system-running >/dev/null 2>&1; then
+  systemctl disable --now docker-registry containerd >/dev/null 2>&1 || true
+fi
+command -v cargo >/dev/null || { echo "install-deps.sh: cargo (rustup) is required" >&2; exit 1; }
