@@ -268,3 +268,31 @@ fn owned_hosts_toml_is_golden() {
     let text = slipway::hostconfig::render_owned(&alias, &[HostEntry::upstream(UPSTREAM)]);
     check_golden(&root().join("expected-owned.hosts.toml"), &text);
 }
+
+/// CRI-O drop-ins: what CRI-O would do for each alias (slipway does not
+/// write CRI-O configuration; it reports).
+#[test]
+fn crio_registries_conf_is_reported_as_expected() {
+    let dir = root().join("crio/registries.conf.d");
+    let aliases: Vec<Alias> = [
+        "registry.shared-services:5000",
+        "registry.shared-services.svc.cluster.local:5000",
+        "docker.io",
+    ]
+    .iter()
+    .map(|a| Alias::parse(a).unwrap())
+    .collect();
+    let mut names: Vec<_> = fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "conf"))
+        .collect();
+    names.sort();
+    assert!(!names.is_empty());
+    for p in names {
+        let text = fs::read_to_string(&p).unwrap();
+        let regs = slipway::crio::parse(&p.display().to_string(), &text).unwrap();
+        let out = slipway::crio::report(&regs, &aliases);
+        check_golden(&p.with_extension("expected.txt"), &out);
+    }
+}

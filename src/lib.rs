@@ -18,6 +18,7 @@ pub mod apply;
 pub mod ca;
 pub mod config;
 pub mod containerd;
+pub mod crio;
 pub mod fsutil;
 pub mod hostconfig;
 pub mod pki;
