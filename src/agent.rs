@@ -32,6 +32,10 @@ pub enum AgentError {
         op: &'static str,
         source: std::io::Error,
     },
+    #[error("proxy: {0}")]
+    Proxy(String),
+    #[error("agent runtime: {0}")]
+    Runtime(String),
     #[error("{failed} of {total} registry aliases failed to apply")]
     Partial { failed: usize, total: usize },
 }
@@ -111,7 +115,7 @@ pub fn inspect_containerd(cfg: &AgentConfig) -> Result<(Inspection, String), Age
 }
 
 /// Apply `--fix-containerd-config`: backup, then patch. Returns the backup.
-fn fix_containerd(
+pub fn fix_containerd(
     cfg: &AgentConfig,
     insp: &Inspection,
     text: &str,
@@ -143,6 +147,12 @@ fn fix_containerd(
     ));
     fsutil::create_new_atomic(&backup, text.as_bytes(), mode).map_err(io("cannot write backup"))?;
     fsutil::write_atomic(&local, new_text.as_bytes(), mode).map_err(io("cannot write"))?;
+    warn!(
+        file = %host_path.display(),
+        backup = %backup.display(),
+        config_path = %insp.wanted_config_path(),
+        "containerd config patched; containerd must be restarted to read config_path (slipway never restarts it)"
+    );
     Ok(Some(backup))
 }
 
@@ -153,14 +163,7 @@ pub fn run_once(cfg: &AgentConfig, opts: OnceOptions) -> Result<Report, AgentErr
         Ok((insp, text)) => {
             if let Some(advice) = insp.advice() {
                 if opts.fix_containerd_config {
-                    if let Some(backup) = fix_containerd(cfg, &insp, &text)? {
-                        warn!(
-                            file = %insp.file_to_fix().display(),
-                            backup = %backup.display(),
-                            config_path = %insp.wanted_config_path(),
-                            "containerd config patched; containerd must be restarted to read config_path (slipway never restarts it)"
-                        );
-                    }
+                    fix_containerd(cfg, &insp, &text)?;
                 } else {
                     warn!("{advice}");
                 }

@@ -20,6 +20,7 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -60,6 +61,8 @@ struct FileConfig {
     admin: FileAdmin,
     #[serde(default)]
     cache: FileCache,
+    #[serde(default)]
+    agent: FileAgent,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -83,6 +86,18 @@ struct FileContainerd {
 #[serde(deny_unknown_fields)]
 struct FileProxy {
     listen: Option<String>,
+    allow_non_loopback: Option<bool>,
+    connect_timeout_secs: Option<f64>,
+    response_timeout_secs: Option<f64>,
+    body_idle_timeout_secs: Option<f64>,
+    client_header_timeout_secs: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAgent {
+    reconcile_interval_secs: Option<f64>,
+    grace_period_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -134,6 +149,32 @@ pub struct Overrides {
     /// cache.max_bytes: size cap of the node blob cache
     #[arg(long, env = "SLIPWAY_CACHE_MAX_BYTES")]
     pub cache_max_bytes: Option<u64>,
+    /// proxy.allow_non_loopback: let the proxy listen on a non-loopback address
+    #[arg(
+        long = "allow-non-loopback-proxy",
+        env = "SLIPWAY_PROXY_ALLOW_NON_LOOPBACK",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub proxy_allow_non_loopback: Option<bool>,
+    /// proxy.connect_timeout_secs: upstream TCP+TLS connect timeout
+    #[arg(long, env = "SLIPWAY_PROXY_CONNECT_TIMEOUT_SECS")]
+    pub proxy_connect_timeout_secs: Option<f64>,
+    /// proxy.response_timeout_secs: upstream response-header timeout
+    #[arg(long, env = "SLIPWAY_PROXY_RESPONSE_TIMEOUT_SECS")]
+    pub proxy_response_timeout_secs: Option<f64>,
+    /// proxy.body_idle_timeout_secs: abort when an upstream body stalls this long
+    #[arg(long, env = "SLIPWAY_PROXY_BODY_IDLE_TIMEOUT_SECS")]
+    pub proxy_body_idle_timeout_secs: Option<f64>,
+    /// proxy.client_header_timeout_secs: cut off clients that trickle a request head
+    #[arg(long, env = "SLIPWAY_PROXY_CLIENT_HEADER_TIMEOUT_SECS")]
+    pub proxy_client_header_timeout_secs: Option<f64>,
+    /// agent.reconcile_interval_secs: periodic re-check besides inotify
+    #[arg(long, env = "SLIPWAY_AGENT_RECONCILE_INTERVAL_SECS")]
+    pub agent_reconcile_interval_secs: Option<f64>,
+    /// agent.grace_period_secs: how long SIGTERM waits for in-flight transfers
+    #[arg(long, env = "SLIPWAY_AGENT_GRACE_PERIOD_SECS")]
+    pub agent_grace_period_secs: Option<f64>,
 }
 
 /// Validated configuration.
@@ -148,6 +189,10 @@ pub struct AgentConfig {
     pub admin_listen: SocketAddr,
     pub cache_dir: Option<PathBuf>,
     pub cache_max_bytes: u64,
+    pub proxy_allow_non_loopback: bool,
+    pub timeouts: crate::proxy::Timeouts,
+    pub reconcile_interval: Duration,
+    pub grace_period: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,6 +377,54 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
         .or(f.cache.max_bytes)
         .unwrap_or(DEFAULT_CACHE_MAX_BYTES);
 
+    let secs = |key: &str, v: Option<f64>, default: f64| -> Result<Duration, ConfigError> {
+        let v = v.unwrap_or(default);
+        if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
+            return Err(ConfigError::Invalid {
+                key: key.into(),
+                message: format!("{v} is not a number of seconds between 0 and 86400"),
+            });
+        }
+        Ok(Duration::from_secs_f64(v))
+    };
+    let timeouts = crate::proxy::Timeouts {
+        connect: secs(
+            "proxy.connect_timeout_secs",
+            ov.proxy_connect_timeout_secs
+                .or(f.proxy.connect_timeout_secs),
+            3.0,
+        )?,
+        response: secs(
+            "proxy.response_timeout_secs",
+            ov.proxy_response_timeout_secs
+                .or(f.proxy.response_timeout_secs),
+            15.0,
+        )?,
+        body_idle: secs(
+            "proxy.body_idle_timeout_secs",
+            ov.proxy_body_idle_timeout_secs
+                .or(f.proxy.body_idle_timeout_secs),
+            30.0,
+        )?,
+        client_header: secs(
+            "proxy.client_header_timeout_secs",
+            ov.proxy_client_header_timeout_secs
+                .or(f.proxy.client_header_timeout_secs),
+            10.0,
+        )?,
+    };
+    let reconcile_interval = secs(
+        "agent.reconcile_interval_secs",
+        ov.agent_reconcile_interval_secs
+            .or(f.agent.reconcile_interval_secs),
+        30.0,
+    )?;
+    let grace_period = secs(
+        "agent.grace_period_secs",
+        ov.agent_grace_period_secs.or(f.agent.grace_period_secs),
+        25.0,
+    )?;
+
     Ok(AgentConfig {
         source: path.map(Path::to_path_buf),
         aliases,
@@ -346,6 +439,13 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
         admin_listen,
         cache_dir,
         cache_max_bytes,
+        proxy_allow_non_loopback: ov
+            .proxy_allow_non_loopback
+            .or(f.proxy.allow_non_loopback)
+            .unwrap_or(false),
+        timeouts,
+        reconcile_interval,
+        grace_period,
     })
 }
 

@@ -13,15 +13,20 @@
 //! Data flows one way: config → plan → apply → report.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod agent;
 pub mod apply;
 pub mod ca;
+pub mod cache;
 pub mod config;
 pub mod containerd;
 pub mod crio;
+pub mod daemon;
 pub mod fsutil;
 pub mod hostconfig;
+pub mod metrics;
 pub mod pki;
+pub mod proxy;
 
 /// Exit code for bad configuration (sysexits.h `EX_CONFIG` is 78, but the
 /// project contract is `EX_USAGE`-style 64 for "the operator must fix input").

@@ -31,7 +31,8 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Write containerd host configuration for the registry aliases
+    /// Run the node agent: host configuration kept true, the pull-through
+    /// proxy and the admin server (with --once: apply once and exit)
     Agent {
         /// Agent config file (TOML)
         #[arg(long, env = "SLIPWAY_CONFIG")]
@@ -118,10 +119,18 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             fix_containerd_config,
             overrides,
         } => {
-            let cfg = AgentConfig::load(config.as_deref(), &overrides).map_err(AgentError::from)?;
             if !once {
-                anyhow::bail!("the long-running agent is not built yet: run with --once");
+                let code = slipway::daemon::run(slipway::daemon::DaemonOptions {
+                    config,
+                    overrides,
+                    fix_containerd_config,
+                })?;
+                if code != 0 {
+                    std::process::exit(code);
+                }
+                return Ok(());
             }
+            let cfg = AgentConfig::load(config.as_deref(), &overrides).map_err(AgentError::from)?;
             let report = agent::run_once(
                 &cfg,
                 OnceOptions {

@@ -1,0 +1,239 @@
+//! The agent's Prometheus/OpenMetrics metrics (prometheus-client).
+//!
+//! Owns every metric the admin server exposes on `/metrics`; the proxy,
+//! cache and reconcile loop update them through [`Metrics`].
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub method: String,
+    pub route: String,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AliasLabels {
+    pub alias: String,
+    pub state: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub version: &'static str,
+}
+
+pub type FGauge = Gauge<f64, AtomicU64>;
+
+/// Host configuration states reported per alias.
+pub const ALIAS_STATES: [&str; 3] = ["applied", "drifted", "error"];
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub bytes: Family<SourceLabels, Counter>,
+    pub upstream_latency: Histogram,
+    pub in_flight: Gauge,
+    pub cache_hits: Counter,
+    pub cache_misses: Counter,
+    pub cache_size: Gauge,
+    pub cache_evictions: Counter,
+    pub last_pull: FGauge,
+    pub hostconfig: Family<AliasLabels, Gauge>,
+    pub config_path_covered: Gauge,
+    pub ca_expiry: FGauge,
+    pub build_info: Family<BuildLabels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("slipway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        r.register(
+            "proxy_requests",
+            "Proxy requests by method, route class and status",
+            requests.clone(),
+        );
+        let bytes = Family::<SourceLabels, Counter>::default();
+        r.register(
+            "proxy_bytes",
+            "Response body bytes served, by source (upstream or cache)",
+            bytes.clone(),
+        );
+        let upstream_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        r.register(
+            "upstream_response_seconds",
+            "Time from sending a request upstream to its response headers",
+            upstream_latency.clone(),
+        );
+        let in_flight = Gauge::default();
+        r.register(
+            "proxy_in_flight_requests",
+            "Proxy requests whose response is not finished",
+            in_flight.clone(),
+        );
+        let cache_hits = Counter::default();
+        r.register(
+            "cache_hits",
+            "Requests served from the node blob cache",
+            cache_hits.clone(),
+        );
+        let cache_misses = Counter::default();
+        r.register(
+            "cache_misses",
+            "Cacheable requests not found in the node blob cache",
+            cache_misses.clone(),
+        );
+        let cache_size = Gauge::default();
+        r.register(
+            "cache_size_bytes",
+            "Bytes held in the node blob cache",
+            cache_size.clone(),
+        );
+        let cache_evictions = Counter::default();
+        r.register(
+            "cache_evictions",
+            "Blobs evicted from the node blob cache (least recently used)",
+            cache_evictions.clone(),
+        );
+        let last_pull = FGauge::default();
+        r.register(
+            "last_successful_pull_timestamp_seconds",
+            "Unix time of the last manifest or blob served completely",
+            last_pull.clone(),
+        );
+        let hostconfig = Family::<AliasLabels, Gauge>::default();
+        r.register(
+            "hostconfig_state",
+            "Host configuration state per alias: 1 for the current state (applied, drifted, error)",
+            hostconfig.clone(),
+        );
+        let config_path_covered = Gauge::default();
+        r.register(
+            "containerd_config_path_covered",
+            "1 if containerd's config_path includes the directory slipway writes, else 0",
+            config_path_covered.clone(),
+        );
+        let ca_expiry = FGauge::default();
+        r.register(
+            "ca_expiry_timestamp_seconds",
+            "Unix time the registry CA bundle expires (earliest)",
+            ca_expiry.clone(),
+        );
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        r.register(
+            "build_info",
+            "slipway build information",
+            build_info.clone(),
+        );
+        // Families print their HELP only once they have a series; create
+        // the known ones so a fresh agent's /metrics lists every metric.
+        for source in ["upstream", "cache"] {
+            let _ = bytes.get_or_create(&SourceLabels { source });
+        }
+        let _ = requests.get_or_create(&RequestLabels {
+            method: "GET".into(),
+            route: "base".into(),
+            status: 200,
+        });
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        Metrics {
+            registry: r,
+            requests,
+            bytes,
+            upstream_latency,
+            in_flight,
+            cache_hits,
+            cache_misses,
+            cache_size,
+            cache_evictions,
+            last_pull,
+            hostconfig,
+            config_path_covered,
+            ca_expiry,
+            build_info,
+        }
+    }
+
+    /// Set the state of one alias (1 for `state`, 0 for the others).
+    pub fn set_alias_state(&self, alias: &str, state: &'static str) {
+        for s in ALIAS_STATES {
+            self.hostconfig
+                .get_or_create(&AliasLabels {
+                    alias: alias.to_string(),
+                    state: s,
+                })
+                .set(i64::from(s == state));
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &self.registry)
+            .expect("writing to a String");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_metric_has_help_and_the_output_is_openmetrics() {
+        let m = Metrics::new();
+        m.set_alias_state("registry.shared-services:5000", "applied");
+        m.requests
+            .get_or_create(&RequestLabels {
+                method: "GET".into(),
+                route: "blob".into(),
+                status: 200,
+            })
+            .inc();
+        let t = m.encode();
+        for name in [
+            "slipway_proxy_requests",
+            "slipway_proxy_bytes",
+            "slipway_upstream_response_seconds",
+            "slipway_proxy_in_flight_requests",
+            "slipway_cache_hits",
+            "slipway_cache_misses",
+            "slipway_cache_size_bytes",
+            "slipway_cache_evictions",
+            "slipway_last_successful_pull_timestamp_seconds",
+            "slipway_hostconfig_state",
+            "slipway_containerd_config_path_covered",
+            "slipway_ca_expiry_timestamp_seconds",
+            "slipway_build_info",
+        ] {
+            assert!(
+                t.contains(&format!("# HELP {name} ")),
+                "{name} has no HELP:\n{t}"
+            );
+        }
+        assert!(t.contains("slipway_hostconfig_state{alias=\"registry.shared-services:5000\",state=\"applied\"} 1"), "{t}");
+        assert!(t.ends_with("# EOF\n"));
+    }
+}
