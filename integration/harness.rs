@@ -696,3 +696,263 @@ pub fn snapshot(dir: &Path) -> std::collections::BTreeMap<PathBuf, (Vec<u8>, u32
     walk(dir, dir, &mut out);
     out
 }
+
+// ------------------------------------------------------------------ agent daemon
+
+/// `slipway agent` running as the DaemonSet runs it, killed on drop.
+pub struct Agent {
+    pub proc: Proc,
+    pub config: PathBuf,
+    pub proxy: String,
+    pub admin: String,
+}
+
+impl Agent {
+    #[allow(clippy::too_many_arguments)]
+    /// Start the agent with `extra` TOML appended to a base config, and wait
+    /// until its host configuration is written and /healthz answers.
+    pub fn start(
+        dir: &Path,
+        certs_dir: &Path,
+        config_file: &Path,
+        aliases: &[&str],
+        upstream: &str,
+        dial: Option<&str>,
+        ca: &Path,
+        extra: &str,
+    ) -> Agent {
+        let proxy = format!("127.0.0.1:{}", free_port());
+        let admin = format!("127.0.0.1:{}", free_port());
+        let config = agent_config(dir, certs_dir, config_file, aliases, upstream, ca);
+        let mut text = fs::read_to_string(&config).unwrap();
+        if let Some(d) = dial {
+            text = text.replacen("[registry]\n", &format!("[registry]\ndial = {d:?}\n"), 1);
+        }
+        text.push_str(&format!("\n[proxy]\nlisten = {proxy:?}\nclient_header_timeout_secs = 1\nbody_idle_timeout_secs = 3\n\n[admin]\nlisten = {admin:?}\n{extra}"));
+        fs::write(&config, text).unwrap();
+        let mut cmd = Command::new(slipway_bin());
+        cmd.args(["agent", "--config"])
+            .arg(&config)
+            .env("SLIPWAY_LOG", "info,slipway=debug")
+            .env("SLIPWAY_LOG_FORMAT", "text");
+        let proc = Proc::spawn(
+            "slipway-agent",
+            cmd,
+            dir.join(format!("agent-{}.log", unique())),
+        );
+        let a = Agent {
+            proc,
+            config,
+            proxy,
+            admin,
+        };
+        let first = certs_dir.join(aliases[0]).join("hosts.toml");
+        wait_for("agent host configuration", Duration::from_secs(10), || {
+            first.exists()
+        });
+        wait_for("agent /healthz", Duration::from_secs(10), || {
+            http(&a.admin, "GET", "/healthz", &[])
+                .map(|r| r.status == 200)
+                .unwrap_or(false)
+        });
+        a
+    }
+
+    pub fn metrics(&self) -> String {
+        http(&self.admin, "GET", "/metrics", &[])
+            .map(|r| String::from_utf8_lossy(&r.body).to_string())
+            .unwrap_or_default()
+    }
+
+    /// The value of one metric series (exact name with labels), or 0.
+    pub fn metric(&self, series: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.proc.child.id() as i32), sig)
+            .unwrap();
+    }
+
+    /// Wait for the process to exit; its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let start = Instant::now();
+        while start.elapsed() < limit {
+            if let Ok(Some(st)) = self.proc.child.try_wait() {
+                return st.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+/// A minimal HTTP/1.1 response.
+#[derive(Debug)]
+pub struct HttpResponse {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl HttpResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One request over a fresh connection (`Connection: close`), reading the
+/// whole response. A plain client keeps the test independent of the code
+/// under test.
+pub fn http(
+    addr: &str,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpResponse> {
+    let mut raw = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        raw.push_str(&format!("{k}: {v}\r\n"));
+    }
+    raw.push_str("\r\n");
+    http_raw(addr, raw.as_bytes())
+}
+
+pub fn http_raw(addr: &str, request: &[u8]) -> std::io::Result<HttpResponse> {
+    use std::io::{Read, Write};
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    s.write_all(request)?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf)?;
+    parse_response(&buf)
+}
+
+pub fn parse_response(buf: &[u8]) -> std::io::Result<HttpResponse> {
+    let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed HTTP response");
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(bad)?;
+    let head = String::from_utf8_lossy(&buf[..end]).to_string();
+    let mut lines = head.split("\r\n");
+    let status = lines
+        .next()
+        .and_then(|l| l.split(' ').nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(bad)?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+        .collect();
+    Ok(HttpResponse {
+        status,
+        headers,
+        body: buf[end + 4..].to_vec(),
+    })
+}
+
+/// Lines in the registry's access log: every request it served.
+pub fn registry_requests(r: &Registry) -> usize {
+    r.proc
+        .log_text()
+        .lines()
+        .filter(|l| {
+            l.contains("\"GET ")
+                || l.contains("\"HEAD ")
+                || l.contains("\"PUT ")
+                || l.contains("\"POST ")
+                || l.contains("\"DELETE ")
+                || l.contains("\"PATCH ")
+        })
+        .count()
+}
+
+/// An OCI layout with one large incompressible layer (`mib` MiB).
+pub fn big_layout(mib: usize) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("slipway-it-big-{}-{mib}", std::process::id()));
+    if dir.join("oci/index.json").exists() {
+        return dir.join("oci");
+    }
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap();
+    let layout = dir.join("oci");
+    let img = format!("{}:app", layout.display());
+    run_ok(
+        Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout),
+    );
+    run_ok(Command::new("umoci").args(["new", "--image", &img]));
+    let bundle = dir.join("bundle");
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--image", &img])
+            .arg(&bundle),
+    );
+    let mut x: u64 = 0x9E3779B97F4A7C15 ^ u64::from(std::process::id());
+    let mut data = Vec::with_capacity(mib << 20);
+    while data.len() < mib << 20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    fs::write(bundle.join("rootfs/big.bin"), data).unwrap();
+    run_ok(
+        Command::new("umoci")
+            .args(["repack", "--image", &img])
+            .arg(&bundle),
+    );
+    fs::remove_dir_all(&bundle).unwrap();
+    layout
+}
+
+/// Push an OCI layout; returns the manifest digest.
+pub fn push_layout(layout: &Path, registry: &str, repo_tag: &str, pki: &Pki) -> String {
+    let dg = std::env::temp_dir().join(format!(
+        "slipway-it-digest-{}-{}",
+        std::process::id(),
+        unique()
+    ));
+    run_ok(
+        Command::new("skopeo")
+            .args(["copy", "--quiet", "--digestfile"])
+            .arg(&dg)
+            .arg("--dest-cert-dir")
+            .arg(pki.trust_dir())
+            .arg(format!("oci:{}:app", layout.display()))
+            .arg(format!("docker://{registry}/{repo_tag}")),
+    );
+    let d = fs::read_to_string(&dg).unwrap().trim().to_string();
+    let _ = fs::remove_file(&dg);
+    d
+}
+
+/// The layer digests and sizes of a manifest, read from the registry.
+pub fn layers(registry: &str, repo: &str, digest: &str, pki: &Pki) -> Vec<(String, u64)> {
+    let raw = run_ok(
+        Command::new("skopeo")
+            .args(["inspect", "--raw", "--cert-dir"])
+            .arg(pki.trust_dir())
+            .arg(format!("docker://{registry}/{repo}@{digest}")),
+    );
+    let m: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    m["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_string(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect()
+}

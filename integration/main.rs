@@ -2,6 +2,7 @@
 //! kubelet path), the distribution registry with TLS from `slipway pki
 //! init`, skopeo and umoci. Run as root by `.ci/run`.
 
+mod daemon;
 mod harness;
 
 use std::fs;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use harness::*;
 
-const ALIAS: &str = "registry.shared-services:5000";
+pub(crate) const ALIAS: &str = "registry.shared-services:5000";
 
 fn stdout(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
@@ -23,16 +24,16 @@ fn stderr(o: &std::process::Output) -> String {
 /// A TLS registry inside a network namespace, reachable at a non-loopback
 /// IP (like a LoadBalancer address), with a certificate from `slipway pki
 /// init` for the cluster names and that IP, and the test image pushed.
-struct TlsSetup {
-    _tmp: tempfile::TempDir,
-    dir: std::path::PathBuf,
-    ns: NetNs,
-    pki: Pki,
-    registry: Registry,
-    digest: String,
+pub(crate) struct TlsSetup {
+    pub(crate) _tmp: tempfile::TempDir,
+    pub(crate) dir: std::path::PathBuf,
+    pub(crate) ns: NetNs,
+    pub(crate) pki: Pki,
+    pub(crate) registry: Registry,
+    pub(crate) digest: String,
 }
 
-fn tls_setup() -> TlsSetup {
+pub(crate) fn tls_setup() -> TlsSetup {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let ns = NetNs::new();

@@ -387,14 +387,21 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<i32, AgentEr
 
     loop {
         let Some(ev) = rx.recv().await else { break };
+        tracing::trace!(?ev, "event");
         match ev {
             Event::Changed => {
                 // Let a burst of events (ours included) settle, then look once.
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                let mut reload = false;
                 while let Ok(e) = rx.try_recv() {
-                    if e == Event::Terminate {
-                        return drain(stop_tx, server, &mut rx, grace).await;
+                    match e {
+                        Event::Terminate => return drain(stop_tx, server, &mut rx, grace).await,
+                        Event::Reload => reload = true,
+                        Event::Changed | Event::Tick => {}
                     }
+                }
+                if reload {
+                    agent.reload();
                 }
                 agent.reconcile(watcher.as_ref());
             }

@@ -88,6 +88,7 @@ fn init_tracing(fmt: Option<LogFormat>) {
     };
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     if json {
         b.json().init();

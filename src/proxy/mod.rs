@@ -265,6 +265,10 @@ impl Drop for InFlight {
     }
 }
 
+/// containerd's requests carry well under 4 KiB of headers; anything much
+/// larger is hostile or broken and is refused before any upstream call.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+
 /// Handle one client request.
 pub async fn handle(
     state: Arc<ProxyState>,
@@ -273,7 +277,23 @@ pub async fn handle(
     let started = Instant::now();
     let method = req.method().clone();
     let path = req.uri().path().to_string();
-    let (resp, class) = match classify(&state, &req) {
+    let head_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    let verdict = if head_bytes > MAX_HEADER_BYTES {
+        Err(Refusal {
+            status: 431,
+            code: "UNSUPPORTED",
+            message: format!(
+                "request headers are {head_bytes} bytes; at most {MAX_HEADER_BYTES} are accepted"
+            ),
+        })
+    } else {
+        classify(&state, &req)
+    };
+    let (resp, class) = match verdict {
         Err(r) => (refusal_response(&r), "refused"),
         Ok(route) => {
             let class = route.class();
@@ -552,6 +572,18 @@ struct Streamed {
     _in_flight: InFlight,
 }
 
+impl Streamed {
+    /// The whole body arrived: commit the cache entry and record the pull.
+    fn finish(&mut self) {
+        if let Some(w) = self.cache.take() {
+            w.finish();
+        }
+        if std::mem::take(&mut self.success) {
+            mark_pull(&self.metrics);
+        }
+    }
+}
+
 impl Body for Streamed {
     type Data = Bytes;
     type Error = BoxError;
@@ -569,6 +601,11 @@ impl Body for Streamed {
                     }
                     this.bytes.inc_by(d.len() as u64);
                 }
+                // hyper stops polling once the body reports its end (all of
+                // Content-Length delivered), so finish here, not on `None`.
+                if this.inner.is_end_stream() {
+                    this.finish();
+                }
                 let deadline = tokio::time::Instant::now() + this.idle;
                 this.sleep.as_mut().reset(deadline);
                 Poll::Ready(Some(Ok(frame)))
@@ -581,12 +618,7 @@ impl Body for Streamed {
                 Poll::Ready(Some(Err(Box::new(e))))
             }
             Poll::Ready(None) => {
-                if let Some(w) = this.cache.take() {
-                    w.finish();
-                }
-                if this.success {
-                    mark_pull(&this.metrics);
-                }
+                this.finish();
                 Poll::Ready(None)
             }
             Poll::Pending => {
