@@ -657,3 +657,175 @@ fn non_loopback_proxy_address_is_refused() {
         .contains("proxy.listen: 0.0.0.0:0: not a loopback address"));
     assert!(!d.path().join("certs.d").exists());
 }
+
+/// Range, the headers containerd relies on, and auth pass through the
+/// proxy unchanged; compared with the same requests sent to the registry.
+#[test]
+fn range_headers_and_auth_pass_through() {
+    if !prerequisites() {
+        return;
+    }
+    let s = tls_setup();
+    let ctd = Containerd::start(&s.dir);
+    let agent = agent_for(&s, &ctd, &cache_extra(&s));
+    let (layer, size) = layers(&s.registry.addr, "app", &s.digest, &s.pki)[0].clone();
+    let blob = format!("/v2/app/blobs/{layer}");
+    // Range on the upstream path (not cached yet) and again from the cache.
+    for pass in ["upstream", "cache"] {
+        let r = http(&agent.proxy, "GET", &blob, &[("Range", "bytes=10-109")]).unwrap();
+        assert_eq!(r.status, 206, "{pass}");
+        assert_eq!(r.body.len(), 100, "{pass}");
+        assert_eq!(
+            r.header("content-range"),
+            Some(format!("bytes 10-109/{size}").as_str()),
+            "{pass}"
+        );
+        if pass == "upstream" {
+            // Fill the cache with a full GET.
+            let full = http(&agent.proxy, "GET", &blob, &[]).unwrap();
+            assert_eq!(full.body.len() as u64, size);
+            assert_eq!(&full.body[10..110], &r.body[..]);
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    assert!(agent.metric("slipway_cache_hits_total") >= 1.0);
+    // HEAD and GET of a manifest keep Content-Length, Content-Type and
+    // Docker-Content-Digest exactly as the registry sends them.
+    let accept = "application/vnd.oci.image.manifest.v1+json";
+    let m = format!("/v2/app/manifests/{}", s.digest);
+    for method in ["HEAD", "GET"] {
+        let via = http(&agent.proxy, method, &m, &[("Accept", accept)]).unwrap();
+        let direct = run_ok(
+            Command::new("curl")
+                .args([
+                    "-sS",
+                    "-D",
+                    "-",
+                    "-o",
+                    "/dev/null",
+                    "-H",
+                    &format!("Accept: {accept}"),
+                    "--cacert",
+                ])
+                .arg(s.pki.ca())
+                .args(if method == "HEAD" { vec!["-I"] } else { vec![] })
+                .arg(format!("https://{}{m}", s.registry.addr)),
+        );
+        let direct = parse_response(format!("{direct}\r\n\r\n").as_bytes()).unwrap();
+        assert_eq!(via.status, 200, "{method}");
+        for h in ["content-length", "content-type", "docker-content-digest"] {
+            assert_eq!(via.header(h), direct.header(h), "{method} {h}");
+        }
+    }
+
+    // A registry that demands auth: the challenge comes back through the
+    // proxy, and the client's Authorization goes through to the registry.
+    let ns = &s.ns;
+    let authed = Registry::start_with(&s.dir, &format!("{}:5444", ns.ns_ip), Some(&s.pki), Some(ns),
+        "auth:\n  silly:\n    realm: https://auth.example/token\n    service: registry.shared-services\n");
+    let ctd2 = Containerd::start(&s.dir);
+    let a2 = Agent::start(
+        &s.dir,
+        &ctd2.certs_dir,
+        &ctd2.config_file,
+        &[ALIAS],
+        "https://registry.shared-services:5444",
+        Some(&authed.addr),
+        &s.pki.ca(),
+        "",
+    );
+    let r = http(&a2.proxy, "GET", "/v2/", &[]).unwrap();
+    assert_eq!(r.status, 401);
+    let challenge = r
+        .header("www-authenticate")
+        .expect("WWW-Authenticate dropped");
+    assert!(
+        challenge.contains("realm=\"https://auth.example/token\""),
+        "{challenge}"
+    );
+    let r = http(&a2.proxy, "HEAD", "/v2/", &[]).unwrap();
+    assert_eq!(r.status, 401);
+    assert!(
+        r.header("www-authenticate").is_some(),
+        "WWW-Authenticate dropped on HEAD"
+    );
+    let r = http(
+        &a2.proxy,
+        "GET",
+        "/v2/",
+        &[("Authorization", "Bearer anything")],
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "Authorization not passed through");
+}
+
+/// Object-storage backends answer blob GETs with a redirect; the proxy
+/// follows it. Here nginx (serving TLS with a cluster-CA certificate)
+/// stands in front of the registry and redirects every blob to it.
+#[test]
+fn upstream_redirects_are_followed() {
+    if !prerequisites() || which("nginx").is_none() {
+        return;
+    }
+    let s = tls_setup();
+    let ctd = Containerd::start(&s.dir);
+    let front = format!("127.0.0.1:{}", free_port());
+    let d = s.dir.join("nginx");
+    fs::create_dir_all(&d).unwrap();
+    let conf = d.join("nginx.conf");
+    fs::write(&conf, format!(r#"
+worker_processes 1;
+daemon off;
+pid {d}/nginx.pid;
+error_log stderr warn;
+events {{ worker_connections 64; }}
+http {{
+  access_log {d}/access.log;
+  client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;
+  server {{
+    listen {front} ssl;
+    ssl_certificate {crt};
+    ssl_certificate_key {key};
+    location ~ ^/v2/.*/blobs/ {{ return 307 https://{reg}$request_uri; }}
+    location /v2/ {{
+      proxy_pass https://{reg};
+      proxy_ssl_trusted_certificate {ca};
+      proxy_ssl_verify on;
+      proxy_ssl_name registry.shared-services;
+    }}
+  }}
+}}
+"#, d = d.display(), crt = s.pki.dir.join("tls.crt").display(), key = s.pki.dir.join("tls.key").display(), ca = s.pki.ca().display(), reg = s.registry.addr)).unwrap();
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c").arg(&conf).arg("-p").arg(&d);
+    let _nginx = Proc::spawn("nginx", cmd, d.join("nginx.log"));
+    let f = front.clone();
+    wait_for("nginx", Duration::from_secs(10), || {
+        TcpStream::connect(&f).is_ok()
+    });
+    let agent = Agent::start(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        "https://registry.shared-services:1",
+        Some(&front),
+        &s.pki.ca(),
+        "",
+    );
+    // The TLS name check still applies: the dial address is nginx.
+    ctd.pull(&format!("{ALIAS}/app@{}", s.digest))
+        .unwrap_or_else(|e| panic!("{e}\n{}", agent.proc.log_text()));
+    let redirects = fs::read_to_string(d.join("access.log"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(" 307 "))
+        .count();
+    assert!(redirects >= 3, "blob GETs were not redirected: {redirects}");
+    assert!(
+        agent.metric("slipway_proxy_requests_total{method=\"GET\",route=\"blob\",status=\"200\"}")
+            >= 3.0,
+        "{}",
+        agent.metrics()
+    );
+}

@@ -267,6 +267,31 @@ fn owned_hosts_toml_is_golden() {
     let alias = Alias::parse("registry.shared-services:5000").unwrap();
     let text = slipway::hostconfig::render_owned(&alias, &[HostEntry::upstream(UPSTREAM)]);
     check_golden(&root().join("expected-owned.hosts.toml"), &text);
+    // The long-running agent lists its proxy first.
+    let text = slipway::hostconfig::render_owned(
+        &alias,
+        &[
+            HostEntry::proxy("http://127.0.0.1:5050"),
+            HostEntry::upstream(UPSTREAM),
+        ],
+    );
+    check_golden(&root().join("expected-owned-with-proxy.hosts.toml"), &text);
+    let merged = slipway::hostconfig::merge(
+        "x/hosts.toml",
+        &fs::read_to_string(
+            root().join("foreign/commented/registry.shared-services:5000/hosts.toml"),
+        )
+        .unwrap(),
+        &[
+            HostEntry::proxy("http://127.0.0.1:5050"),
+            HostEntry::upstream(UPSTREAM),
+        ],
+    )
+    .unwrap();
+    check_golden(
+        &root().join("foreign/commented/expected-with-proxy.hosts.toml"),
+        &merged,
+    );
 }
 
 /// CRI-O drop-ins: what CRI-O would do for each alias (slipway does not

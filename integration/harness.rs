@@ -268,6 +268,17 @@ pub struct Registry {
 
 impl Registry {
     pub fn start(dir: &Path, addr: &str, tls: Option<&Pki>, netns: Option<&NetNs>) -> Registry {
+        Self::start_with(dir, addr, tls, netns, "")
+    }
+
+    /// `extra` is appended to the registry's YAML config (e.g. `auth:`).
+    pub fn start_with(
+        dir: &Path,
+        addr: &str,
+        tls: Option<&Pki>,
+        netns: Option<&NetNs>,
+        extra: &str,
+    ) -> Registry {
         let id = unique();
         let data = dir.join(format!("registry-{id}"));
         fs::create_dir_all(&data).unwrap();
@@ -283,7 +294,7 @@ impl Registry {
         fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{tls_yaml}",
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{tls_yaml}{extra}",
                 data.join("storage").display()
             ),
         )

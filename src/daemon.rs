@@ -114,11 +114,7 @@ struct Agent {
 
 impl Agent {
     fn hosts(&self) -> Vec<HostEntry> {
-        let mut v = vec![HostEntry {
-            url: self.proxy_url.clone(),
-            capabilities: vec!["pull", "resolve"],
-            with_ca: false,
-        }];
+        let mut v = vec![HostEntry::proxy(&self.proxy_url)];
         v.extend(agent::host_entries(&self.cfg));
         v
     }

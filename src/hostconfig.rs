@@ -172,6 +172,18 @@ impl HostEntry {
     }
 }
 
+impl HostEntry {
+    /// The node-local proxy: plain HTTP on loopback, so no CA. containerd
+    /// uses plain HTTP for an `http://` host URL.
+    pub fn proxy(url: &str) -> Self {
+        HostEntry {
+            url: url.to_string(),
+            capabilities: vec!["pull", "resolve"],
+            with_ca: false,
+        }
+    }
+}
+
 /// Render the table of one host entry as TOML text (header included).
 fn render_host(e: &HostEntry) -> String {
     let caps: Vec<String> = e.capabilities.iter().map(|c| format!("{c:?}")).collect();

@@ -156,8 +156,11 @@ fn https_client(tls: rustls::ClientConfig, dial: Option<SocketAddr>, t: &Timeout
         .enable_http1()
         .wrap_connector(http);
     Client::builder(TokioExecutor::new())
+        // Bodies stream through; a read buffer larger than a few TLS
+        // records only costs memory per connection (64 pulls at once).
+        .http1_max_buf_size(64 * 1024)
         .pool_idle_timeout(Duration::from_secs(60))
-        .pool_max_idle_per_host(64)
+        .pool_max_idle_per_host(16)
         .pool_timer(TokioTimer::new())
         .build(https)
 }
