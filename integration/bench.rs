@@ -11,7 +11,6 @@
 //! (d) CRI PullImage of a 10-layer ~200 MB image through slipway vs a
 //!     direct hosts.toml entry with the CA, each on a fresh containerd.
 
-#[allow(dead_code)]
 #[path = "harness.rs"]
 mod harness;
 
