@@ -9,6 +9,7 @@
 //! | [`hostconfig`]         | [`apply`] writes `certs.d/<host>/`  |
 //! | [`containerd`]         | [`agent`] reads containerd's config |
 //! | [`ca`]                 |                                     |
+//! | [`pki`], [`pki::plan`] | [`pki_cluster`] reads and writes the PKI Secrets |
 //!
 //! Data flows one way: config → plan → apply → report.
 #![forbid(unsafe_code)]
@@ -22,6 +23,7 @@ pub mod crio;
 pub mod fsutil;
 pub mod hostconfig;
 pub mod pki;
+pub mod pki_cluster;
 
 /// Exit code for bad configuration (sysexits.h `EX_CONFIG` is 78, but the
 /// project contract is `EX_USAGE`-style 64 for "the operator must fix input").
