@@ -66,7 +66,7 @@ impl Seen {
 type Objects = BTreeMap<(String, String), Value>;
 /// Hook called after a GET with the object's name, the store and the
 /// resourceVersion counter.
-type AfterGet = Box<dyn FnMut(&str, &mut Objects, &mut u64)>;
+type AfterGet = Box<dyn FnMut(&str, &mut Objects, &mut u64) + Send>;
 
 /// An in-memory API server for the `secrets` and `configmaps` of one
 /// namespace.
@@ -222,6 +222,27 @@ impl ApiServer {
         }
     }
 
+    /// Answer and record one request.
+    fn request(
+        &mut self,
+        method: &Method,
+        path: &str,
+        query: Option<&str>,
+        body: &[u8],
+    ) -> (u16, Value) {
+        let body: Option<Value> =
+            (!body.is_empty()).then(|| serde_json::from_slice(body).expect("JSON body"));
+        let (code, reply) = self.handle(method, path, body.as_ref());
+        self.seen.push(Seen {
+            method: method.clone(),
+            path: path.to_string(),
+            query: query.map(str::to_string),
+            body,
+            status: code,
+        });
+        (code, reply)
+    }
+
     /// Answer one request on `h`; false once the client is gone.
     async fn serve_one(&mut self, h: &mut MockHandle) -> bool {
         let Some((req, send)) = h.next_request().await else {
@@ -229,16 +250,8 @@ impl ApiServer {
         };
         let (parts, body) = req.into_parts();
         let bytes = body.collect_bytes().await.expect("request body");
-        let body: Option<Value> =
-            (!bytes.is_empty()).then(|| serde_json::from_slice(&bytes).expect("JSON body"));
-        let (code, reply) = self.handle(&parts.method, parts.uri.path(), body.as_ref());
-        self.seen.push(Seen {
-            method: parts.method.clone(),
-            path: parts.uri.path().to_string(),
-            query: parts.uri.query().map(str::to_string),
-            body,
-            status: code,
-        });
+        let (code, reply) =
+            self.request(&parts.method, parts.uri.path(), parts.uri.query(), &bytes);
         send.send_response(
             Response::builder()
                 .status(StatusCode::from_u16(code).unwrap())
@@ -934,4 +947,274 @@ async fn logs_name_objects_and_fingerprints_never_keys() {
     ] {
         assert!(!logs.contains(bad), "logs contain {bad:?}");
     }
+}
+
+/// The same API server over HTTPS on 127.0.0.1, one request per connection.
+/// Returns the port and the Authorization headers seen.
+fn serve_https(
+    api: std::sync::Arc<std::sync::Mutex<ApiServer>>,
+    cert: &pki::Pair,
+) -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    use std::sync::{Arc, Mutex};
+
+    let certs = rustls_pemfile::certs(&mut cert.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .unwrap();
+    let key = rustls_pemfile::private_key(&mut cert.key_pem.as_bytes())
+        .unwrap()
+        .unwrap();
+    let config = Arc::new(
+        rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let auth = Arc::new(Mutex::new(Vec::new()));
+    let auth_seen = auth.clone();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming() {
+            let Ok(tcp) = tcp else { break };
+            let conn = rustls::ServerConnection::new(config.clone()).unwrap();
+            let mut tls = BufReader::new(rustls::StreamOwned::new(conn, tcp));
+            let mut line = String::new();
+            if tls.read_line(&mut line).unwrap_or(0) == 0 {
+                continue;
+            }
+            let mut words = line.split_whitespace();
+            let method: Method = words.next().unwrap().parse().unwrap();
+            let uri: http::Uri = words.next().unwrap().parse().unwrap();
+            let mut len = 0;
+            loop {
+                let mut h = String::new();
+                tls.read_line(&mut h).unwrap();
+                let h = h.trim_end();
+                if h.is_empty() {
+                    break;
+                }
+                let (name, value) = h.split_once(':').unwrap();
+                match name.to_ascii_lowercase().as_str() {
+                    "content-length" => len = value.trim().parse().unwrap(),
+                    "authorization" => auth_seen.lock().unwrap().push(value.trim().to_string()),
+                    _ => {}
+                }
+            }
+            let mut body = vec![0; len];
+            tls.read_exact(&mut body).unwrap();
+            let (code, reply) =
+                api.lock()
+                    .unwrap()
+                    .request(&method, uri.path(), uri.query(), &body);
+            let reply = serde_json::to_vec(&reply).unwrap();
+            let mut out = tls.into_inner();
+            write!(
+                out,
+                "HTTP/1.1 {code} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                StatusCode::from_u16(code).unwrap().canonical_reason().unwrap_or(""),
+                reply.len()
+            )
+            .unwrap();
+            out.write_all(&reply).unwrap();
+            out.conn.send_close_notify();
+            out.flush().unwrap();
+        }
+    });
+    (port, auth)
+}
+
+/// The real binary: kubeconfig, its HTTPS client (rustls with ring, the CA
+/// from the kubeconfig), its exit codes and its stdout report, against the
+/// API server on 127.0.0.1 with a certificate from `slipway pki`.
+#[test]
+fn binary_ensures_over_https_with_a_kubeconfig() {
+    use std::process::Command;
+    use std::sync::{Arc, Mutex};
+
+    let now = OffsetDateTime::now_utc();
+    let server_ca = pki::issue_ca(now).unwrap();
+    let server_sans = pki::Sans::new(&[], &["127.0.0.1".parse().unwrap()]).unwrap();
+    let server_cert = pki::issue_server(&server_ca, &server_sans, now).unwrap();
+    let api = Arc::new(Mutex::new(ApiServer::default()));
+    let (port, auth) = serve_https(api.clone(), &server_cert);
+
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&server_ca.cert_pem);
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+  - name: loopback
+    cluster:
+      server: https://127.0.0.1:{port}
+      certificate-authority-data: {b64}
+users:
+  - name: pki-job
+    user:
+      token: test-token
+contexts:
+  - name: loopback
+    context: {{cluster: loopback, user: pki-job, namespace: default}}
+current-context: loopback
+"
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_slipway"));
+        c.args(["pki", "ensure", "--namespace", NS])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("SLIPWAY_LOG_FORMAT", "json")
+            .env("SLIPWAY_LOG", "debug")
+            .env("NO_PROXY", "127.0.0.1")
+            .env_remove("SLIPWAY_PKI_DNS")
+            .env_remove("SLIPWAY_PKI_IPS");
+        for v in [
+            "KUBERNETES_SERVICE_HOST",
+            "KUBERNETES_SERVICE_PORT",
+            "HTTPS_PROXY",
+            "https_proxy",
+            "HTTP_PROXY",
+            "http_proxy",
+            "ALL_PROXY",
+            "all_proxy",
+        ] {
+            c.env_remove(v);
+        }
+        for (k, v) in extra {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        let stdout = String::from_utf8(out.stdout).unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        for bad in ["PRIVATE KEY", "LS0tLS1CRUdJTi"] {
+            assert!(
+                !stderr.contains(bad) && !stdout.contains(bad),
+                "{bad} in output"
+            );
+        }
+        (out.status.code(), stdout, stderr)
+    };
+
+    let (code, stdout, stderr) = run(&[]);
+    assert_eq!(code, Some(0), "{stdout}\n{stderr}");
+    let out: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        out[..3],
+        [
+            "secret shared-services/registry-ca: created (absent)",
+            "secret shared-services/registry-tls: created (absent)",
+            "configmap shared-services/registry-ca: created (absent)",
+        ]
+    );
+    let ca_pem = assert_consistent(&api.lock().unwrap(), &wanted().sans);
+    assert!(
+        out[3].starts_with(&format!("ca {} ", fingerprint(&ca_pem))),
+        "{stdout}"
+    );
+    assert!(out[4].starts_with("tls sha256:"), "{stdout}");
+    assert!(
+        out[4].ends_with(
+            "for registry, registry.shared-services, registry.shared-services.svc, \
+         registry.shared-services.svc.cluster.local"
+        ),
+        "{stdout}"
+    );
+    assert_eq!(api.lock().unwrap().seen.len(), 6);
+
+    // Again: only reads.
+    let (code, stdout, _) = run(&[]);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        stdout.lines().take(3).collect::<Vec<_>>(),
+        [
+            "secret shared-services/registry-ca: unchanged",
+            "secret shared-services/registry-tls: unchanged",
+            "configmap shared-services/registry-ca: unchanged",
+        ]
+    );
+    let seen = api.lock().unwrap().seen.clone();
+    assert_eq!(lines(&seen[6..]), concat(&[&GETS_200]));
+
+    // A LoadBalancer IP through the environment.
+    let (code, stdout, _) = run(&[("SLIPWAY_PKI_IPS", "203.0.113.7")]);
+    assert_eq!(code, Some(0));
+    assert_eq!(
+        stdout.lines().nth(1),
+        Some("secret shared-services/registry-tls: replaced (its SAN list differs from the wanted one)")
+    );
+    assert!(
+        stdout.contains(", 203.0.113.7\n") || stdout.ends_with(", 203.0.113.7\n"),
+        "{stdout}"
+    );
+
+    // The service account token went with every request.
+    let auth = auth.lock().unwrap();
+    assert_eq!(auth.len(), api.lock().unwrap().seen.len());
+    assert!(auth.iter().all(|a| a == "Bearer test-token"), "{auth:?}");
+}
+
+/// Bad flags and environment exit 64 before any request; no cluster
+/// configuration exits 1 and says so.
+#[test]
+fn binary_bad_input_exits_64_and_missing_cluster_exits_1() {
+    use std::process::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_slipway"));
+        c.args(["pki", "ensure"])
+            .args(args)
+            .env("KUBECONFIG", dir.path().join("absent"))
+            .env("HOME", dir.path())
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBERNETES_SERVICE_PORT")
+            .env_remove("SLIPWAY_PKI_DNS")
+            .env_remove("SLIPWAY_PKI_IPS");
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let out = c.output().unwrap();
+        (out.status.code(), String::from_utf8(out.stderr).unwrap())
+    };
+    for (args, env, expect) in [
+        (
+            &["--namespace", "Shared_Services"][..],
+            &[][..],
+            "invalid namespace \"Shared_Services\"",
+        ),
+        (
+            &["--ip", "203.0.113.300"],
+            &[],
+            "invalid SAN \"203.0.113.300\": not an IP address",
+        ),
+        (
+            &[],
+            &[("SLIPWAY_PKI_IPS", "203.0.113.7,nope")],
+            "invalid SAN \"nope\"",
+        ),
+        (
+            &["--dns", "bad name"],
+            &[],
+            "invalid SAN \"bad name\": not a DNS name",
+        ),
+        (
+            &["--tls-secret", "registry-ca"],
+            &[],
+            "need different names",
+        ),
+    ] {
+        let (code, stderr) = run(args, env);
+        assert_eq!(code, Some(64), "{args:?} {env:?}: {stderr}");
+        assert!(stderr.contains(expect), "{args:?}: {stderr}");
+    }
+    let (code, stderr) = run(&[], &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot configure a Kubernetes client"),
+        "{stderr}"
+    );
 }

@@ -174,11 +174,19 @@ pub async fn ensure(
         for action in &plan.actions {
             match write(&secrets, &configmaps, &pp, action).await {
                 Ok(()) => {
+                    // The certificate the object now holds: the server's in
+                    // the TLS Secret, the CA's in the other two.
+                    let cert = if action.kind() == "secret" && action.name() == names.tls_secret {
+                        &plan.tls
+                    } else {
+                        &plan.ca
+                    };
                     info!(
                         namespace = %names.namespace,
                         kind = action.kind(),
                         name = action.name(),
                         keys = ?action.keys(),
+                        cert = %cert.fingerprint(),
                         reason = %action.why(),
                         "{}d",
                         action.verb()
