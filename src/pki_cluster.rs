@@ -42,6 +42,9 @@ pub const MAX_ATTEMPTS: usize = 5;
 /// shows slipway as the writer.
 pub const FIELD_MANAGER: &str = "slipway";
 
+// The kube errors are in the messages, not exposed as `source`: kube's own
+// Display already repeats its inner errors, and main prints the whole chain
+// (`{:#}`), which would print each of them three times.
 #[derive(Debug, thiserror::Error)]
 pub enum EnsureError {
     #[error(transparent)]
@@ -49,15 +52,14 @@ pub enum EnsureError {
     #[error(
         "cannot configure a Kubernetes client (in-cluster service account or kubeconfig): {0}"
     )]
-    Client(#[source] kube::Error),
-    #[error("{verb} {kind} {namespace}/{name}: {source}")]
+    Client(kube::Error),
+    #[error("{verb} {kind} {namespace}/{name}: {error}")]
     Api {
         verb: &'static str,
         kind: &'static str,
         namespace: String,
         name: String,
-        #[source]
-        source: kube::Error,
+        error: kube::Error,
     },
     #[error(
         "{kind} {namespace}/{name} kept changing while slipway wrote it: gave up after \
@@ -218,13 +220,13 @@ pub async fn ensure(
                     raced = Some((action.kind(), action.name().to_string()));
                     break;
                 }
-                Err(Write::Failed(source)) => {
+                Err(Write::Failed(error)) => {
                     return Err(EnsureError::Api {
                         verb: action.verb(),
                         kind: action.kind(),
                         namespace: names.namespace.clone(),
                         name: action.name().into(),
-                        source,
+                        error,
                     })
                 }
             }
@@ -273,12 +275,12 @@ async fn read(
 ) -> Result<Observed, EnsureError> {
     let get_err = |kind: &'static str, name: &str| {
         let (namespace, name) = (names.namespace.clone(), name.to_string());
-        move |source| EnsureError::Api {
+        move |error| EnsureError::Api {
             verb: "get",
             kind,
             namespace,
             name,
-            source,
+            error,
         }
     };
     Ok(Observed {

@@ -205,10 +205,14 @@ pub struct Wanted {
 
 impl Wanted {
     /// `dns` and `ips` are added to the registry Service's own names
-    /// ([`super::default_dns`] of the namespace).
+    /// ([`super::default_dns`] of the namespace). Empty entries are ignored:
+    /// `SLIPWAY_PKI_IPS=""` in a manifest, or a trailing comma, means none.
     pub fn new(names: Names, dns: &[String], ips: &[String]) -> Result<Self, PlanError> {
-        let ips = Sans::parse_ips(ips)?;
-        let sans = Sans::for_namespace(&names.namespace, dns, &ips)?;
+        let given = |v: &[String]| -> Vec<String> {
+            v.iter().filter(|s| !s.trim().is_empty()).cloned().collect()
+        };
+        let ips = Sans::parse_ips(&given(ips))?;
+        let sans = Sans::for_namespace(&names.namespace, &given(dns), &ips)?;
         Ok(Wanted { names, sans })
     }
 }
@@ -850,6 +854,14 @@ mod tests {
         assert!(Names::new("ns", "ca", "ca", "ca").is_err());
         assert!(Names::new("ns", "my.ca", "tls", "x").is_ok());
         assert!(Names::new("ns", "my..ca", "tls", "x").is_err());
+        let w = Wanted::new(
+            Names::in_namespace("ns").unwrap(),
+            &["".into(), "extra.example".into()],
+            &[" ".into()],
+        )
+        .unwrap();
+        assert_eq!(w.sans.dns.len(), 5);
+        assert!(w.sans.ips.is_empty());
         let e = Wanted::new(Names::in_namespace("ns").unwrap(), &[], &["nope".into()]).unwrap_err();
         assert_eq!(e.exit_code(), crate::EXIT_BAD_CONFIG);
     }
