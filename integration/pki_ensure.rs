@@ -687,6 +687,69 @@ async fn two_racing_ensures_end_with_one_ca() {
     assert!(rb.outcomes.iter().all(|o| o.change == Change::Unchanged));
 }
 
+/// Our CA create succeeds, then another ensure that read our CA creates
+/// registry-tls first: our create of it answers 409, we read again, keep the
+/// other's certificate (signed by our CA), create the ConfigMap, and the
+/// report still says we created the CA.
+#[tokio::test]
+async fn conflict_after_a_successful_write_keeps_its_outcome() {
+    let mut api = ApiServer::default();
+    let w = wanted();
+    let t = OffsetDateTime::now_utc();
+    let (task, mut h) = spawn_ensure(&w, t);
+    for _ in 0..4 {
+        assert!(api.serve_one(&mut h).await);
+    }
+    let ca_secret = api.get("secrets", "registry-ca").clone();
+    let ca = pki::Pair {
+        cert_pem: secret_value(&ca_secret, "ca.crt"),
+        key_pem: secret_value(&ca_secret, "ca.key"),
+    };
+    let theirs = pki::issue_server(&ca, &w.sans, t).unwrap();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    api.objects.insert(
+        ("secrets".into(), "registry-tls".into()),
+        json!({
+            "kind": "Secret",
+            "apiVersion": "v1",
+            "metadata": {"name": "registry-tls", "namespace": NS, "resourceVersion": "50"},
+            "type": "kubernetes.io/tls",
+            "data": {
+                "tls.crt": b64(&theirs.cert_pem),
+                "tls.key": b64(&theirs.key_pem),
+                "ca.crt": b64(&ca.cert_pem),
+            },
+        }),
+    );
+    api.serve(&mut h).await;
+    let r = task.await.unwrap().unwrap();
+    assert_eq!(
+        lines(&api.seen),
+        concat(&[
+            &GETS_404,
+            &[
+                "POST /api/v1/namespaces/shared-services/secrets?fieldManager=slipway 201",
+                "POST /api/v1/namespaces/shared-services/secrets?fieldManager=slipway 409",
+                "GET /api/v1/namespaces/shared-services/secrets/registry-ca 200",
+                "GET /api/v1/namespaces/shared-services/secrets/registry-tls 200",
+                "GET /api/v1/namespaces/shared-services/configmaps/registry-ca 404",
+                "POST /api/v1/namespaces/shared-services/configmaps?fieldManager=slipway 201",
+            ],
+        ])
+    );
+    assert_consistent(&api, &w.sans);
+    assert_eq!(r.tls.fingerprint(), fingerprint(&theirs.cert_pem));
+    assert_eq!(
+        changes(&r),
+        [
+            ("secret registry-ca".into(), Change::Created(Why::Absent)),
+            ("secret registry-tls".into(), Change::Unchanged),
+            ("configmap registry-ca".into(), Change::Created(Why::Absent)),
+        ]
+    );
+    assert_eq!(r.attempts, 2);
+}
+
 /// Two ensures with a new SAN: the other one replaces registry-tls between
 /// our read and our replace, so ours answers 409 Conflict (stale
 /// resourceVersion); we read again and find the certificate already right.

@@ -164,14 +164,15 @@ pub async fn ensure(
         ..PostParams::default()
     };
     let mut last_race = None;
+    // Across rounds: a write that succeeded before a race still happened.
+    let mut outcomes = vec![
+        (names.ca_secret.as_str(), "secret", Change::Unchanged),
+        (names.tls_secret.as_str(), "secret", Change::Unchanged),
+        (names.configmap.as_str(), "configmap", Change::Unchanged),
+    ];
     for attempt in 1..=MAX_ATTEMPTS {
         let observed = read(&secrets, &configmaps, names).await?;
         let plan = plan::plan(&observed, wanted, now)?;
-        let mut outcomes = vec![
-            (names.ca_secret.as_str(), "secret", Change::Unchanged),
-            (names.tls_secret.as_str(), "secret", Change::Unchanged),
-            (names.configmap.as_str(), "configmap", Change::Unchanged),
-        ];
         let mut raced = None;
         for action in &plan.actions {
             match write(&secrets, &configmaps, &pp, action).await {
