@@ -9,7 +9,7 @@
 //! | [`hostconfig`]         | [`apply`] writes `certs.d/<host>/`  |
 //! | [`containerd`]         | [`agent`] reads containerd's config |
 //! | [`ca`]                 |                                     |
-//! | [`pki`], [`pki::plan`] | [`pki_cluster`] reads and writes the PKI Secrets |
+//! | [`pki`], [`pki::plan`] | [`pki_cluster`] writes its Secrets  |
 //!
 //! Data flows one way: config → plan → apply → report.
 #![forbid(unsafe_code)]
