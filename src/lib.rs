@@ -9,6 +9,7 @@
 //! | [`hostconfig`]         | [`apply`] writes `certs.d/<host>/`  |
 //! | [`containerd`]         | [`agent`] reads containerd's config |
 //! | [`ca`]                 |                                     |
+//! | [`pki`], [`pki::plan`] | [`pki_cluster`] writes its Secrets  |
 //!
 //! Data flows one way: config → plan → apply → report.
 #![forbid(unsafe_code)]
@@ -26,6 +27,7 @@ pub mod fsutil;
 pub mod hostconfig;
 pub mod metrics;
 pub mod pki;
+pub mod pki_cluster;
 pub mod proxy;
 
 /// Exit code for bad configuration (sysexits.h `EX_CONFIG` is 78, but the

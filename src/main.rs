@@ -8,6 +8,9 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use slipway::agent::{self, AgentError, OnceOptions};
 use slipway::config::{AgentConfig, Overrides};
+use slipway::pki::plan::{Names, Wanted};
+use slipway::pki::PkiError;
+use slipway::pki_cluster::{self, EnsureError};
 
 #[derive(Parser)]
 #[command(
@@ -76,6 +79,28 @@ enum PkiCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Create or renew the CA and TLS Secrets and the public CA ConfigMap
+    /// in a namespace (run by the pki Job); idempotent
+    Ensure {
+        /// Namespace of the registry; its Service names are always SANs
+        #[arg(long, env = "SLIPWAY_PKI_NAMESPACE", default_value = "shared-services")]
+        namespace: String,
+        /// Extra DNS SAN, e.g. a LoadBalancer hostname (repeatable, or comma-separated)
+        #[arg(long = "dns", env = "SLIPWAY_PKI_DNS", value_delimiter = ',')]
+        dns: Vec<String>,
+        /// Extra IP SAN, e.g. a LoadBalancer IP (repeatable, or comma-separated)
+        #[arg(long = "ip", env = "SLIPWAY_PKI_IPS", value_delimiter = ',')]
+        ips: Vec<String>,
+        /// Secret with the CA key pair (ca.crt, ca.key)
+        #[arg(long, default_value = "registry-ca")]
+        ca_secret: String,
+        /// kubernetes.io/tls Secret with the registry's certificate
+        #[arg(long, default_value = "registry-tls")]
+        tls_secret: String,
+        /// ConfigMap with the public CA certificate (ca.crt)
+        #[arg(long, default_value = "registry-ca")]
+        configmap: String,
+    },
 }
 
 fn init_tracing(fmt: Option<LogFormat>) {
@@ -106,6 +131,8 @@ fn main() -> ExitCode {
             eprintln!("slipway: {:#}", e);
             e.downcast_ref::<AgentError>()
                 .map(AgentError::exit_code)
+                .or_else(|| e.downcast_ref::<EnsureError>().map(EnsureError::exit_code))
+                .or_else(|| e.downcast_ref::<PkiError>().map(PkiError::exit_code))
                 .unwrap_or(slipway::EXIT_APPLY_FAILED)
         }
     };
@@ -157,6 +184,27 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             for p in slipway::pki::write_files(&out_dir, &sans, force)? {
                 println!("{}", p.display());
             }
+            Ok(())
+        }
+        Cmd::Pki {
+            cmd:
+                PkiCmd::Ensure {
+                    namespace,
+                    dns,
+                    ips,
+                    ca_secret,
+                    tls_secret,
+                    configmap,
+                },
+        } => {
+            let wanted = Names::new(&namespace, &ca_secret, &tls_secret, &configmap)
+                .and_then(|names| Wanted::new(names, &dns, &ips))
+                .map_err(EnsureError::from)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let report = rt.block_on(pki_cluster::ensure_default(&wanted))?;
+            println!("{report}");
             Ok(())
         }
         Cmd::Cleanup { config, overrides } => {

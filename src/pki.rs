@@ -7,9 +7,11 @@
 //!   IP SANs, EKU serverAuth, signed by that CA.
 //!
 //! It also decides when a server certificate must be reissued (less than a
-//! third of its lifetime left, or a changed SAN list). The shells are
-//! [`write_files`] (`slipway pki init`) and `crate::pki_cluster`
-//! (`slipway pki ensure`).
+//! third of its lifetime left, a changed SAN list, or signed by another CA),
+//! and [`plan`] turns what a cluster holds into the writes `slipway pki
+//! ensure` makes. The shells are [`write_files`] (`slipway pki init`, writes
+//! `ca.crt`, `ca.key`, `tls.crt`, `tls.key`) and [`crate::pki_cluster`]
+//! (`slipway pki ensure`, writes two Secrets and a ConfigMap).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -20,15 +22,31 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
+use sha2::{Digest, Sha256};
 use x509_parser::prelude::*;
 
-/// SANs the registry's certificate carries unless configured otherwise.
+pub mod plan;
+
+/// SANs the registry's certificate carries unless configured otherwise: the
+/// names of the Service `registry` in `shared-services` (see [`default_dns`]).
 pub const DEFAULT_DNS: &[&str] = &[
     "registry",
     "registry.shared-services",
     "registry.shared-services.svc",
     "registry.shared-services.svc.cluster.local",
 ];
+
+/// The names of the Service `registry` in `namespace`, as pods (search path)
+/// and the node agent (fully qualified) address it. [`DEFAULT_DNS`] is this
+/// for `shared-services`.
+pub fn default_dns(namespace: &str) -> Vec<String> {
+    vec![
+        "registry".to_string(),
+        format!("registry.{namespace}"),
+        format!("registry.{namespace}.svc"),
+        format!("registry.{namespace}.svc.cluster.local"),
+    ]
+}
 
 pub const CA_LIFETIME: Duration = Duration::days(3650);
 pub const SERVER_LIFETIME: Duration = Duration::days(365);
@@ -53,6 +71,16 @@ pub enum PkiError {
     },
     #[error("invalid SAN {value:?}: {reason}")]
     San { value: String, reason: &'static str },
+}
+
+impl PkiError {
+    /// 64 for a SAN the operator must fix (a bad `--dns` or `--ip`), 1 otherwise.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            PkiError::San { .. } => crate::EXIT_BAD_CONFIG,
+            _ => crate::EXIT_APPLY_FAILED,
+        }
+    }
 }
 
 /// A certificate and its private key, both PEM.
@@ -104,9 +132,31 @@ impl Sans {
     }
 
     pub fn defaults_with(extra_dns: &[String], ips: &[IpAddr]) -> Result<Self, PkiError> {
-        let mut dns: Vec<String> = DEFAULT_DNS.iter().map(|s| s.to_string()).collect();
+        Sans::for_namespace("shared-services", extra_dns, ips)
+    }
+
+    /// The registry Service's names in `namespace` ([`default_dns`]) plus
+    /// `extra_dns` and `ips`.
+    pub fn for_namespace(
+        namespace: &str,
+        extra_dns: &[String],
+        ips: &[IpAddr],
+    ) -> Result<Self, PkiError> {
+        let mut dns = default_dns(namespace);
         dns.extend(extra_dns.iter().cloned());
         Sans::new(&dns, ips)
+    }
+
+    /// Parse IP SANs given as text (flags, environment), naming the bad one.
+    pub fn parse_ips(ips: &[String]) -> Result<Vec<IpAddr>, PkiError> {
+        ips.iter()
+            .map(|s| {
+                s.trim().parse().map_err(|_| PkiError::San {
+                    value: s.clone(),
+                    reason: "not an IP address",
+                })
+            })
+            .collect()
     }
 }
 
@@ -174,7 +224,7 @@ pub fn issue_server(ca: &Pair, sans: &Sans, now: OffsetDateTime) -> Result<Pair,
 }
 
 /// What slipway needs to know about an issued certificate.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct CertInfo {
     pub sans: Sans,
     pub not_before: i64,
@@ -185,6 +235,55 @@ pub struct CertInfo {
     pub ecdsa_p256: bool,
     pub issuer: String,
     pub subject: String,
+    /// The certificate, DER.
+    pub der: Vec<u8>,
+}
+
+impl CertInfo {
+    /// `sha256:<hex>` of the certificate's DER: what logs and reports name a
+    /// certificate by (never by its key).
+    pub fn fingerprint(&self) -> String {
+        format!("sha256:{}", hex::encode(Sha256::digest(&self.der)))
+    }
+
+    /// Whether `key_pem` is the private key of this certificate's public key.
+    pub fn matches_key(&self, key_pem: &str) -> bool {
+        let Ok(key) = KeyPair::from_pem(key_pem) else {
+            return false;
+        };
+        X509Certificate::from_der(&self.der)
+            .is_ok_and(|(_, c)| c.public_key().subject_public_key.data == key.public_key_raw())
+    }
+
+    /// Whether `ca`'s key signed this certificate. Two CAs made by slipway
+    /// have the same subject name, so comparing names is not enough.
+    pub fn signed_by(&self, ca: &CertInfo) -> bool {
+        let (Ok((_, c)), Ok((_, issuer))) = (
+            X509Certificate::from_der(&self.der),
+            X509Certificate::from_der(&ca.der),
+        ) else {
+            return false;
+        };
+        c.verify_signature(Some(issuer.public_key())).is_ok()
+    }
+}
+
+impl std::fmt::Debug for CertInfo {
+    // The DER as a fingerprint: hundreds of numbers help nobody.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CertInfo")
+            .field("subject", &self.subject)
+            .field("issuer", &self.issuer)
+            .field("sans", &self.sans)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .field("is_ca", &self.is_ca)
+            .field("path_len", &self.path_len)
+            .field("server_auth", &self.server_auth)
+            .field("ecdsa_p256", &self.ecdsa_p256)
+            .field("fingerprint", &self.fingerprint())
+            .finish()
+    }
 }
 
 /// Parse the first certificate of a PEM string.
@@ -240,6 +339,7 @@ pub fn inspect(what: &str, pem: &str) -> Result<CertInfo, PkiError> {
         ecdsa_p256,
         issuer: c.issuer().to_string(),
         subject: c.subject().to_string(),
+        der: der.as_ref().to_vec(),
     })
 }
 
@@ -254,7 +354,7 @@ pub enum Reissue {
 /// Reissue when less than a third of the lifetime is left, when the SANs
 /// differ from the wanted list, or when another CA signed it.
 pub fn needs_reissue(server: &CertInfo, ca: &CertInfo, wanted: &Sans, now: i64) -> Option<Reissue> {
-    if server.issuer != ca.subject {
+    if server.issuer != ca.subject || !server.signed_by(ca) {
         return Some(Reissue::WrongIssuer);
     }
     if &server.sans != wanted {
@@ -374,8 +474,64 @@ mod tests {
             needs_reissue(&s, &cai, &more, t),
             Some(Reissue::SansChanged)
         );
-        let other = inspect("ca2", &issue_ca(now()).unwrap().cert_pem).unwrap();
-        let _ = other;
+        // Another slipway CA has the very same subject name: only the
+        // signature tells them apart.
+        let other = issue_ca(now()).unwrap();
+        let otheri = inspect("ca2", &other.cert_pem).unwrap();
+        assert_eq!(otheri.subject, cai.subject);
+        assert!(s.signed_by(&cai));
+        assert!(!s.signed_by(&otheri));
+        assert_eq!(
+            needs_reissue(&s, &otheri, &sans, t),
+            Some(Reissue::WrongIssuer)
+        );
+    }
+
+    #[test]
+    fn default_names_follow_the_namespace() {
+        assert_eq!(default_dns("shared-services"), DEFAULT_DNS);
+        assert_eq!(
+            default_dns("builds"),
+            [
+                "registry",
+                "registry.builds",
+                "registry.builds.svc",
+                "registry.builds.svc.cluster.local"
+            ]
+        );
+        let s = Sans::for_namespace("builds", &["Registry.Example".into()], &[]).unwrap();
+        assert!(s.dns.contains("registry.example"));
+        assert_eq!(s.dns.len(), 5);
+    }
+
+    #[test]
+    fn ip_sans_parse_and_name_the_bad_one() {
+        let ips = Sans::parse_ips(&["203.0.113.7".into(), " 2001:db8::1".into()]).unwrap();
+        assert_eq!(ips.len(), 2);
+        let e = Sans::parse_ips(&["203.0.113.300".into()]).unwrap_err();
+        assert_eq!(e.exit_code(), crate::EXIT_BAD_CONFIG);
+        assert!(e.to_string().contains("203.0.113.300"), "{e}");
+        let e = Sans::new(&["a b".into()], &[]).unwrap_err();
+        assert_eq!(e.exit_code(), crate::EXIT_BAD_CONFIG);
+    }
+
+    #[test]
+    fn key_matching_and_fingerprints() {
+        let ca = issue_ca(now()).unwrap();
+        let sans = Sans::new(&["registry".into()], &[]).unwrap();
+        let s = issue_server(&ca, &sans, now()).unwrap();
+        let i = inspect("tls", &s.cert_pem).unwrap();
+        assert!(i.matches_key(&s.key_pem));
+        assert!(!i.matches_key(&ca.key_pem));
+        assert!(!i.matches_key("not a key"));
+        let fp = i.fingerprint();
+        assert_eq!(fp.len(), "sha256:".len() + 64);
+        let der = rustls_pemfile::certs(&mut s.cert_pem.as_bytes())
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(fp, format!("sha256:{}", hex::encode(Sha256::digest(&der))));
+        assert!(format!("{i:?}").contains(&fp));
     }
 
     #[test]

@@ -1,0 +1,531 @@
+//! The install tree (daemonset/) as the cluster would receive it: every
+//! kustomization rendered with `kubectl kustomize`, parsed, and checked for
+//! the properties the node agent, the PKI and the uninstall depend on.
+//! Schema and policy checks are .ci/validate-manifests.sh's job; this test
+//! asserts what those tools cannot know (which host paths, which Secret,
+//! which probe paths, which RBAC verbs).
+//!
+//! Needs `kubectl` (or KUBECTL=path). Without it the tests print why they
+//! skip, unless SLIPWAY_REQUIRE_INTEGRATION is set (as in .ci/run): then they
+//! fail.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+const NS: &str = "shared-services";
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn kubectl() -> Option<String> {
+    let bin = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    let ok = Command::new(&bin)
+        .args(["version", "--client"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if ok {
+        return Some(bin);
+    }
+    let msg = format!("manifest tests need kubectl ({bin} not found or not working)");
+    if std::env::var_os("SLIPWAY_REQUIRE_INTEGRATION").is_some() {
+        panic!("{msg}");
+    }
+    eprintln!("SKIPPED: {msg}");
+    None
+}
+
+/// `kubectl kustomize DIR` (relative to the repository), one JSON value per
+/// object.
+fn render(kubectl: &str, dir: &str) -> Vec<Value> {
+    let out = Command::new(kubectl)
+        .arg("kustomize")
+        .arg(repo().join(dir))
+        .output()
+        .expect("run kubectl");
+    assert!(
+        out.status.success(),
+        "kubectl kustomize {dir}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| {
+            let v = serde_yaml::Value::deserialize(doc).expect("YAML");
+            serde_json::to_value(v).expect("JSON-compatible YAML")
+        })
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// Every directory under daemonset/ with a kustomization.yaml.
+fn kustomizations() -> Vec<String> {
+    fn walk(dir: &Path, out: &mut Vec<String>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.file_name().unwrap() == "kustomization.yaml" {
+                let rel = p.parent().unwrap().strip_prefix(repo()).unwrap();
+                out.push(rel.to_str().unwrap().to_string());
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(&repo().join("daemonset"), &mut out);
+    out
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the render"))
+}
+
+fn strs(v: &Value) -> Vec<&str> {
+    v.as_array()
+        .unwrap_or_else(|| panic!("not a list: {v}"))
+        .iter()
+        .map(|s| s.as_str().unwrap())
+        .collect()
+}
+
+/// (host path, read-only) of every hostPath volume mounted by a container.
+fn host_paths(pod: &Value) -> BTreeSet<(String, bool)> {
+    let mut out = BTreeSet::new();
+    let volumes = pod["volumes"].as_array().unwrap();
+    let containers = pod["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(pod["initContainers"].as_array().into_iter().flatten());
+    for c in containers {
+        for m in c["volumeMounts"].as_array().into_iter().flatten() {
+            let v = volumes
+                .iter()
+                .find(|v| v["name"] == m["name"])
+                .unwrap_or_else(|| panic!("mount of undeclared volume {}", m["name"]));
+            if let Some(p) = v["hostPath"]["path"].as_str() {
+                out.insert((p.to_string(), m["readOnly"] == true));
+            }
+        }
+    }
+    out
+}
+
+/// Names of Secrets a pod mounts, directly or through a projected volume.
+fn secret_volumes(pod: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for v in pod["volumes"].as_array().into_iter().flatten() {
+        if let Some(n) = v["secret"]["secretName"].as_str() {
+            out.push(n.to_string());
+        }
+        for s in v["projected"]["sources"].as_array().into_iter().flatten() {
+            if let Some(n) = s["secret"]["name"].as_str() {
+                out.push(n.to_string());
+            }
+        }
+    }
+    out
+}
+
+/// The pod spec of a workload (Deployment, DaemonSet, Job, ...), if it is
+/// one.
+fn pod_spec(o: &Value) -> Option<&Value> {
+    let p = &o["spec"]["template"]["spec"];
+    p.is_object().then_some(p)
+}
+
+fn set(items: &[(&str, bool)]) -> BTreeSet<(String, bool)> {
+    items.iter().map(|(p, ro)| (p.to_string(), *ro)).collect()
+}
+
+#[test]
+fn every_kustomization_renders_into_the_namespace() {
+    let Some(k) = kubectl() else { return };
+    let dirs = kustomizations();
+    for expected in [
+        "daemonset",
+        "daemonset/base",
+        "daemonset/cleanup",
+        "daemonset/config",
+        "daemonset/overlays/fix-containerd-config",
+        "daemonset/overlays/loadbalancer",
+        "daemonset/overlays/prometheus",
+    ] {
+        assert!(
+            dirs.iter().any(|d| d == expected),
+            "{expected} missing: {dirs:?}"
+        );
+    }
+    for d in &dirs {
+        let objects = render(&k, d);
+        assert!(!objects.is_empty(), "{d} renders nothing");
+        for o in &objects {
+            let name = o["metadata"]["name"].as_str().unwrap_or_default();
+            assert!(!name.is_empty(), "{d}: object without a name: {o}");
+            if o["kind"] != "Namespace" {
+                assert_eq!(o["metadata"]["namespace"], NS, "{d}: {} {name}", o["kind"]);
+            }
+        }
+    }
+}
+
+/// The properties the node agent depends on (see daemonset/base/agent.yaml
+/// for why each one is there).
+#[test]
+fn agent_daemonset_has_the_node_properties() {
+    let Some(k) = kubectl() else { return };
+    let objects = render(&k, "daemonset");
+    let ds = find(&objects, "DaemonSet", "slipway-agent");
+    let pod = pod_spec(ds).unwrap();
+
+    // containerd on the host reaches the proxy on the node's 127.0.0.1, and
+    // the agent still resolves the registry Service.
+    assert_eq!(pod["hostNetwork"], true);
+    assert_eq!(pod["dnsPolicy"], "ClusterFirstWithHostNet");
+    // On every node, first, whatever its taints.
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
+    // No API access.
+    assert_eq!(pod["automountServiceAccountToken"], false);
+    assert_eq!(
+        find(&objects, "ServiceAccount", "slipway-agent")["automountServiceAccountToken"],
+        false
+    );
+
+    // Host access: exactly certs.d (rw), config.toml (ro), the cache (rw).
+    assert_eq!(
+        host_paths(pod),
+        set(&[
+            ("/etc/containerd/certs.d", false),
+            ("/etc/containerd/config.toml", true),
+            ("/var/lib/slipway/cache", false),
+        ])
+    );
+    // No other kind of volume than those, the config projection and /tmp.
+    for v in pod["volumes"].as_array().unwrap() {
+        let kinds: Vec<&str> = v
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .filter(|k| *k != "name")
+            .collect();
+        assert!(
+            matches!(kinds[..], ["hostPath"] | ["projected"] | ["emptyDir"]),
+            "unexpected volume {v}"
+        );
+    }
+
+    let containers = pod["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    assert_eq!(
+        strs(&c["args"])[..3],
+        ["agent", "--config", "/etc/slipway/agent.toml"]
+    );
+    let sc = &c["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_ne!(sc["privileged"], true);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert!(sc["capabilities"].get("add").is_none());
+    assert!(sc["seccompProfile"]["type"] == "RuntimeDefault");
+
+    // Probes on the admin endpoints, on the port agent.toml's admin.listen
+    // uses.
+    let port_of = |name: &Value| -> u64 {
+        c["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| &p["name"] == name)
+            .unwrap_or_else(|| panic!("no container port {name}"))["containerPort"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    let live_port = port_of(&c["livenessProbe"]["httpGet"]["port"]);
+    assert_eq!(port_of(&c["readinessProbe"]["httpGet"]["port"]), live_port);
+
+    // Requests, and a memory limit (page cache counts against it).
+    let r = &c["resources"];
+    assert!(r["requests"]["cpu"].is_string() && r["requests"]["memory"].is_string());
+    assert!(r["limits"]["memory"].is_string(), "no memory limit");
+
+    // Rolling update, bounded.
+    assert_eq!(ds["spec"]["updateStrategy"]["type"], "RollingUpdate");
+    assert!(!ds["spec"]["updateStrategy"]["rollingUpdate"]["maxUnavailable"].is_null());
+
+    // Its configuration and the public CA come from ConfigMaps, at the paths
+    // agent.toml names; the CA from the ConfigMap registry-ca, never a Secret.
+    assert!(secret_volumes(pod).is_empty(), "{:?}", secret_volumes(pod));
+    let config = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "config")
+        .unwrap();
+    let sources = config["projected"]["sources"].as_array().unwrap();
+    let mount = c["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "config")
+        .unwrap();
+    assert_eq!(mount["mountPath"], "/etc/slipway");
+    assert_eq!(mount["readOnly"], true);
+    let cm_name = sources[0]["configMap"]["name"].as_str().unwrap();
+    assert!(cm_name.starts_with("slipway-agent-config-"), "{cm_name}");
+    let toml_text = find(&objects, "ConfigMap", cm_name)["data"]["agent.toml"]
+        .as_str()
+        .unwrap();
+    let agent_toml: toml::Value = toml::from_str(toml_text).unwrap();
+    assert_eq!(
+        sources[1]["configMap"],
+        json!({"name": "registry-ca", "items": [{"key": "ca.crt", "path": "ca/ca.crt"}]})
+    );
+    assert_eq!(
+        agent_toml["registry"]["ca_file"].as_str(),
+        Some("/etc/slipway/ca/ca.crt")
+    );
+    let admin = agent_toml["admin"]["listen"].as_str().unwrap();
+    assert_eq!(admin.rsplit(':').next().unwrap(), live_port.to_string());
+    assert_eq!(
+        agent_toml["containerd"]["host_root"].as_str(),
+        Some("/host")
+    );
+    for m in c["volumeMounts"].as_array().unwrap() {
+        if m["mountPath"].as_str().unwrap().starts_with("/host/") {
+            let v = pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["name"] == m["name"])
+                .unwrap();
+            assert_eq!(
+                m["mountPath"].as_str().unwrap(),
+                format!("/host{}", v["hostPath"]["path"].as_str().unwrap()),
+                "host paths are mounted at host_root + their path"
+            );
+        }
+    }
+}
+
+/// The CA's private key never leaves the namespace's Secret: no pod of any
+/// render mounts the Secret registry-ca, and no DaemonSet (a pod on every
+/// node) mounts any Secret. The only Secret mounted at all is the registry's
+/// own serving certificate.
+#[test]
+fn ca_private_key_is_mounted_nowhere() {
+    let Some(k) = kubectl() else { return };
+    for d in kustomizations() {
+        for o in render(&k, &d) {
+            let Some(pod) = pod_spec(&o) else { continue };
+            let secrets = secret_volumes(pod);
+            let what = format!(
+                "{d}: {} {}",
+                o["kind"].as_str().unwrap_or_default(),
+                o["metadata"]["name"].as_str().unwrap_or_default()
+            );
+            assert!(!secrets.iter().any(|s| s == "registry-ca"), "{what}");
+            if o["kind"] == "DaemonSet" {
+                assert!(secrets.is_empty(), "{what} mounts {secrets:?}");
+            }
+            if !secrets.is_empty() {
+                assert_eq!(
+                    (o["kind"].as_str(), o["metadata"]["name"].as_str()),
+                    (Some("Deployment"), Some("registry")),
+                    "{what}"
+                );
+                assert_eq!(secrets, ["registry-tls"], "{what}");
+            }
+        }
+    }
+}
+
+/// The pki Job runs `slipway pki ensure` for this namespace, with a Role
+/// that reaches exactly its three objects.
+#[test]
+fn pki_job_and_its_role() {
+    let Some(k) = kubectl() else { return };
+    let objects = render(&k, "daemonset");
+    let job = find(&objects, "Job", "slipway-pki");
+    let pod = pod_spec(job).unwrap();
+    assert_eq!(pod["serviceAccountName"], "slipway-pki");
+    assert_eq!(pod["restartPolicy"], "Never");
+    let c = &pod["containers"][0];
+    assert_eq!(strs(&c["args"])[..4], ["pki", "ensure", "--namespace", NS]);
+    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(c["securityContext"]["runAsNonRoot"], true);
+    assert!(secret_volumes(pod).is_empty());
+
+    let role = find(&objects, "Role", "slipway-pki");
+    let mut named = Vec::new();
+    for rule in role["rules"].as_array().unwrap() {
+        assert_eq!(rule["apiGroups"], json!([""]));
+        let verbs = strs(&rule["verbs"]);
+        match rule.get("resourceNames") {
+            Some(names) => {
+                assert_eq!(verbs, ["get", "update"], "{rule}");
+                for r in strs(&rule["resources"]) {
+                    for n in strs(names) {
+                        named.push(format!("{r}/{n}"));
+                    }
+                }
+            }
+            // RBAC cannot limit create by name.
+            None => assert_eq!(verbs, ["create"], "{rule}"),
+        }
+    }
+    named.sort();
+    assert_eq!(
+        named,
+        [
+            "configmaps/registry-ca",
+            "secrets/registry-ca",
+            "secrets/registry-tls"
+        ]
+    );
+    let binding = find(&objects, "RoleBinding", "slipway-pki");
+    assert_eq!(binding["roleRef"]["name"], "slipway-pki");
+    assert_eq!(
+        binding["subjects"],
+        json!([{"kind": "ServiceAccount", "name": "slipway-pki", "namespace": NS}])
+    );
+}
+
+#[test]
+fn namespace_registry_and_build_access() {
+    let Some(k) = kubectl() else { return };
+    let objects = render(&k, "daemonset");
+
+    let labels = &find(&objects, "Namespace", NS)["metadata"]["labels"];
+    for mode in ["enforce", "warn", "audit"] {
+        assert!(
+            labels[format!("pod-security.kubernetes.io/{mode}")].is_string(),
+            "no Pod Security {mode} label"
+        );
+    }
+
+    // registry:2, pinned, TLS from registry-tls, on a PVC, Service port 5000.
+    let dep = find(&objects, "Deployment", "registry");
+    let pod = pod_spec(dep).unwrap();
+    let c = &pod["containers"][0];
+    let image = c["image"].as_str().unwrap();
+    let tag = image
+        .strip_prefix("docker.io/library/registry:")
+        .unwrap_or(image);
+    assert!(
+        tag.starts_with("2.") && tag.matches('.').count() == 2,
+        "registry image not pinned to a 2.x.y tag: {image}"
+    );
+    assert!(c["readinessProbe"]["httpGet"].is_object());
+    assert!(c["livenessProbe"]["httpGet"].is_object());
+    assert!(c["resources"]["limits"]["memory"].is_string());
+    let env: Vec<(&str, &str)> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["name"].as_str().unwrap(),
+                e["value"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert!(env.contains(&("REGISTRY_HTTP_TLS_CERTIFICATE", "/certs/tls.crt")));
+    assert!(env.contains(&("REGISTRY_HTTP_TLS_KEY", "/certs/tls.key")));
+    assert_eq!(secret_volumes(pod), ["registry-tls"]);
+    let claim = pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|v| v["persistentVolumeClaim"]["claimName"].as_str())
+        .unwrap();
+    find(&objects, "PersistentVolumeClaim", claim);
+    let svc = find(&objects, "Service", "registry");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 5000);
+
+    // Build pods: a ServiceAccount with no token and no binding.
+    let sa = find(&objects, "ServiceAccount", "slipway-build");
+    assert_eq!(sa["automountServiceAccountToken"], false);
+    for b in objects
+        .iter()
+        .filter(|o| o["kind"] == "RoleBinding" || o["kind"] == "ClusterRoleBinding")
+    {
+        for s in b["subjects"].as_array().into_iter().flatten() {
+            assert_ne!(s["name"], "slipway-build", "{b}");
+        }
+    }
+    // The public CA is readable for copying into build namespaces, and that
+    // Role reaches nothing else.
+    let reader = find(&objects, "Role", "registry-ca-reader");
+    assert_eq!(
+        reader["rules"],
+        json!([{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["registry-ca"], "verbs": ["get"]}])
+    );
+}
+
+#[test]
+fn overlays_and_cleanup() {
+    let Some(k) = kubectl() else { return };
+
+    let lb = render(&k, "daemonset/overlays/loadbalancer");
+    let svc = find(&lb, "Service", "registry-lb");
+    assert_eq!(svc["spec"]["type"], "LoadBalancer");
+    assert_eq!(svc["spec"]["ports"][0]["port"], 5000);
+
+    let prom = render(&k, "daemonset/overlays/prometheus");
+    let pm = find(&prom, "PodMonitor", "slipway-agent");
+    assert_eq!(
+        pm["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "slipway-agent"
+    );
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["port"], "metrics");
+    assert_eq!(pm["spec"]["podMetricsEndpoints"][0]["path"], "/metrics");
+
+    // The opt-in fix: the flag, and /etc/containerd read-write instead of the
+    // one file read-only (a rename onto a single-file mount fails).
+    let fix = render(&k, "daemonset/overlays/fix-containerd-config");
+    let pod = pod_spec(find(&fix, "DaemonSet", "slipway-agent")).unwrap();
+    assert!(strs(&pod["containers"][0]["args"]).contains(&"--fix-containerd-config"));
+    assert_eq!(
+        host_paths(pod),
+        set(&[
+            ("/etc/containerd", false),
+            ("/etc/containerd/certs.d", false),
+            ("/var/lib/slipway/cache", false),
+        ])
+    );
+
+    // Uninstall: `slipway cleanup` on every node, with the agent's host
+    // paths, and without the Namespace (deleting it must not delete the
+    // install's namespace).
+    let cleanup = render(&k, "daemonset/cleanup");
+    assert!(!cleanup.iter().any(|o| o["kind"] == "Namespace"));
+    let ds = find(&cleanup, "DaemonSet", "slipway-cleanup");
+    let pod = pod_spec(ds).unwrap();
+    assert_eq!(pod["tolerations"], json!([{"operator": "Exists"}]));
+    assert_eq!(pod["priorityClassName"], "system-node-critical");
+    assert_eq!(strs(&pod["initContainers"][0]["args"])[0], "cleanup");
+    assert_eq!(
+        host_paths(pod),
+        set(&[
+            ("/etc/containerd/certs.d", false),
+            ("/etc/containerd/config.toml", true),
+            ("/var/lib/slipway/cache", false),
+        ])
+    );
+}
