@@ -8,5 +8,5 @@ cd "$(dirname "$0")/.."
 bash integration/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-SLIPWAY_REQUIRE_INTEGRATION=1 cargo test --all-targets --locked -- --test-threads=2
+SLIPWAY_REQUIRE_INTEGRATION=1 cargo test --lib --bins --tests --examples --locked -- --test-threads=2
 bash .ci/validate-manifests.sh
