@@ -9,7 +9,8 @@
 //! (b) 64 concurrent blob GETs through slipway: errors, peak agent RSS.
 //! (c) idle agent RSS 60 s after start.
 //! (d) CRI PullImage of a 10-layer ~200 MB image through slipway vs a
-//!     direct hosts.toml entry with the CA, each on a fresh containerd.
+//!     direct hosts.toml entry with the CA, each on a fresh containerd,
+//!     alternating, median of 5.
 
 #[path = "harness.rs"]
 mod harness;
