@@ -175,37 +175,6 @@ http {{
     p
 }
 
-/// A 10-layer image of about 200 MB (incompressible), built with umoci.
-fn ten_layer_layout(dir: &Path) -> std::path::PathBuf {
-    let layout = dir.join("ten");
-    let img = format!("{}:app", layout.display());
-    run_ok(
-        Command::new("umoci")
-            .args(["init", "--layout"])
-            .arg(&layout),
-    );
-    run_ok(Command::new("umoci").args(["new", "--image", &img]));
-    for i in 0..10 {
-        let b = dir.join(format!("b{i}"));
-        run_ok(
-            Command::new("umoci")
-                .args(["unpack", "--image", &img])
-                .arg(&b),
-        );
-        run_ok(Command::new("sh").arg("-c").arg(format!(
-            "head -c 20000000 /dev/urandom > {}/rootfs/l{i}.bin",
-            b.display()
-        )));
-        run_ok(
-            Command::new("umoci")
-                .args(["repack", "--image", &img])
-                .arg(&b),
-        );
-        fs::remove_dir_all(&b).unwrap();
-    }
-    layout
-}
-
 fn main() {
     // `cargo bench` passes --bench; nothing else is accepted.
     if !prerequisites() || which("nginx").is_none() || which("curl").is_none() {
@@ -342,8 +311,8 @@ fn main() {
     }
 
     if part("d") {
-        let layout = ten_layer_layout(dir);
-        let ten = push_layout(&layout, &reg_addr, "ten:v1", &pki);
+        let layout = umoci_layout(&dir.join("ten"), &[20_000_000; 10]);
+        let ten = push_layout(&layout, &reg_addr, "ten:v1", Some(&pki));
         let image = format!("{ALIAS}/ten@{ten}");
         let (mut via, mut direct) = (vec![], vec![]);
         for round in 0..5 {

@@ -116,7 +116,7 @@ fn registry_killed_mid_blob_aborts_the_client_and_caches_nothing() {
     }
     let mut s = tls_setup();
     let big = big_layout(64);
-    let digest = push_layout(&big, &s.registry.addr, "big:v1", &s.pki);
+    let digest = push_layout(&big, &s.registry.addr, "big:v1", Some(&s.pki));
     let (layer, size) = layers(&s.registry.addr, "big", &digest, &s.pki)[0].clone();
     assert!(size > 60 << 20);
     let ctd = Containerd::start(&s.dir);
@@ -213,7 +213,7 @@ fn sigterm_drains_eight_in_flight_pulls_then_exits_0() {
     }
     let s = tls_setup();
     let big = big_layout(16);
-    let digest = push_layout(&big, &s.registry.addr, "big:v1", &s.pki);
+    let digest = push_layout(&big, &s.registry.addr, "big:v1", Some(&s.pki));
     let (layer, size) = layers(&s.registry.addr, "big", &digest, &s.pki)[0].clone();
     let ctd = Containerd::start(&s.dir);
     let mut agent = agent_for(&s, &ctd, "\n[agent]\ngrace_period_secs = 20\n");
@@ -280,7 +280,7 @@ fn second_signal_exits_at_once() {
     }
     let s = tls_setup();
     let big = big_layout(16);
-    let digest = push_layout(&big, &s.registry.addr, "big:v1", &s.pki);
+    let digest = push_layout(&big, &s.registry.addr, "big:v1", Some(&s.pki));
     let (layer, _) = layers(&s.registry.addr, "big", &digest, &s.pki)[0].clone();
     let ctd = Containerd::start(&s.dir);
     let mut agent = agent_for(&s, &ctd, "\n[agent]\ngrace_period_secs = 60\n");

@@ -51,6 +51,7 @@ pub fn prerequisites() -> bool {
         }
     }
     if missing.is_empty() {
+        remove_stale_images();
         return true;
     }
     let msg = format!(
@@ -62,6 +63,25 @@ pub fn prerequisites() -> bool {
     }
     eprintln!("SKIPPED: {msg}");
     false
+}
+
+/// Image layouts are shared by the tests of one process and cannot be
+/// removed when it ends; remove those of processes that are gone.
+fn remove_stale_images() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let Ok(rd) = fs::read_dir(std::env::temp_dir()) else { return };
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().to_string();
+            let Some(rest) = name.strip_prefix("slipway-it-") else { continue };
+            let pid = rest.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
+            if let Some(pid) = pid {
+                if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+                    let _ = fs::remove_dir_all(e.path());
+                }
+            }
+        }
+    });
 }
 
 pub fn which(bin: &str) -> Option<PathBuf> {
@@ -321,81 +341,63 @@ impl Registry {
 
 // ------------------------------------------------------------------ images
 
-/// An OCI image layout with a few random layers, built once per test
-/// process with umoci.
+/// Build an OCI image layout at `dir/oci` (image `app`) with umoci, one
+/// layer per entry of `layer_bytes`, each a file of incompressible
+/// pseudo-random bytes (so gzip cannot shrink it).
+pub fn umoci_layout(dir: &Path, layer_bytes: &[usize]) -> PathBuf {
+    let _ = fs::remove_dir_all(dir);
+    fs::create_dir_all(dir).unwrap();
+    let layout = dir.join("oci");
+    let img = format!("{}:app", layout.display());
+    run_ok(
+        Command::new("umoci")
+            .args(["init", "--layout"])
+            .arg(&layout),
+    );
+    run_ok(Command::new("umoci").args(["new", "--image", &img]));
+    let mut x: u64 =
+        0x9E37_79B9_7F4A_7C15 ^ u64::from(std::process::id()) ^ u64::from(unique()) << 32;
+    for (i, size) in layer_bytes.iter().enumerate() {
+        let bundle = dir.join(format!("bundle{i}"));
+        run_ok(
+            Command::new("umoci")
+                .args(["unpack", "--image", &img])
+                .arg(&bundle),
+        );
+        let mut data = Vec::with_capacity(size + 8);
+        while data.len() < *size {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            data.extend_from_slice(&x.to_le_bytes());
+        }
+        data.truncate(*size);
+        fs::write(bundle.join("rootfs").join(format!("layer{i}.bin")), data).unwrap();
+        run_ok(
+            Command::new("umoci")
+                .args(["repack", "--image", &img])
+                .arg(&bundle),
+        );
+        fs::remove_dir_all(&bundle).unwrap();
+    }
+    layout
+}
+
+/// A small three-layer image, built once per test process.
 pub fn oci_layout() -> &'static Path {
     static LAYOUT: OnceLock<PathBuf> = OnceLock::new();
     LAYOUT.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("slipway-it-image-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).unwrap();
-        let layout = dir.join("oci");
-        let img = format!("{}:app", layout.display());
-        run_ok(
-            Command::new("umoci")
-                .args(["init", "--layout"])
-                .arg(&layout),
-        );
-        run_ok(Command::new("umoci").args(["new", "--image", &img]));
-        for (i, size) in [300_000usize, 200_000, 100_000].iter().enumerate() {
-            let bundle = dir.join(format!("bundle{i}"));
-            run_ok(
-                Command::new("umoci")
-                    .args(["unpack", "--image", &img])
-                    .arg(&bundle),
-            );
-            let data: Vec<u8> = (0..*size)
-                .map(|j| ((j * 31 + i * 7) % 251) as u8 ^ rand_byte())
-                .collect();
-            fs::write(bundle.join("rootfs").join(format!("layer{i}.bin")), data).unwrap();
-            run_ok(
-                Command::new("umoci")
-                    .args(["repack", "--image", &img])
-                    .arg(&bundle),
-            );
-            fs::remove_dir_all(&bundle).unwrap();
-        }
-        layout
+        umoci_layout(
+            &std::env::temp_dir().join(format!("slipway-it-image-{}", std::process::id())),
+            &[300_000, 200_000, 100_000],
+        )
     })
-}
-
-fn rand_byte() -> u8 {
-    use std::time::SystemTime;
-    let n = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    (n ^ (n >> 8)) as u8
 }
 
 /// Push the test image to `registry/repo:tag`; returns the manifest digest
 /// as skopeo computed it.
 pub fn push(registry: &str, repo_tag: &str, tls: Option<&Pki>) -> String {
-    let dg = std::env::temp_dir().join(format!(
-        "slipway-it-digest-{}-{}",
-        std::process::id(),
-        unique()
-    ));
-    let mut cmd = Command::new("skopeo");
-    cmd.args(["copy", "--quiet", "--digestfile"]).arg(&dg);
-    match tls {
-        Some(p) => {
-            cmd.arg("--dest-cert-dir").arg(p.trust_dir());
-        }
-        None => {
-            cmd.arg("--dest-tls-verify=false");
-        }
-    }
-    cmd.arg(format!("oci:{}:app", oci_layout().display()))
-        .arg(format!("docker://{registry}/{repo_tag}"));
-    run_ok(&mut cmd);
-    let d = fs::read_to_string(&dg).unwrap().trim().to_string();
-    let _ = fs::remove_file(&dg);
-    assert!(
-        d.starts_with("sha256:") && d.len() == 71,
-        "bad digest {d:?}"
-    );
-    d
+    push_layout(oci_layout(), registry, repo_tag, tls)
 }
 
 // ------------------------------------------------------------------ containerd
@@ -885,64 +887,44 @@ pub fn registry_requests(r: &Registry) -> usize {
         .count()
 }
 
-/// An OCI layout with one large incompressible layer (`mib` MiB).
+/// An OCI layout with one large incompressible layer (`mib` MiB), built
+/// once per test process and size.
 pub fn big_layout(mib: usize) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("slipway-it-big-{}-{mib}", std::process::id()));
-    if dir.join("oci/index.json").exists() {
-        return dir.join("oci");
+    static BUILT: std::sync::Mutex<Vec<(usize, PathBuf)>> = std::sync::Mutex::new(Vec::new());
+    let mut built = BUILT.lock().unwrap();
+    if let Some((_, p)) = built.iter().find(|(m, _)| *m == mib) {
+        return p.clone();
     }
-    let _ = fs::remove_dir_all(&dir);
-    fs::create_dir_all(&dir).unwrap();
-    let layout = dir.join("oci");
-    let img = format!("{}:app", layout.display());
-    run_ok(
-        Command::new("umoci")
-            .args(["init", "--layout"])
-            .arg(&layout),
+    let p = umoci_layout(
+        &std::env::temp_dir().join(format!("slipway-it-big-{}-{mib}", std::process::id())),
+        &[mib << 20],
     );
-    run_ok(Command::new("umoci").args(["new", "--image", &img]));
-    let bundle = dir.join("bundle");
-    run_ok(
-        Command::new("umoci")
-            .args(["unpack", "--image", &img])
-            .arg(&bundle),
-    );
-    let mut x: u64 = 0x9E3779B97F4A7C15 ^ u64::from(std::process::id());
-    let mut data = Vec::with_capacity(mib << 20);
-    while data.len() < mib << 20 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        data.extend_from_slice(&x.to_le_bytes());
-    }
-    fs::write(bundle.join("rootfs/big.bin"), data).unwrap();
-    run_ok(
-        Command::new("umoci")
-            .args(["repack", "--image", &img])
-            .arg(&bundle),
-    );
-    fs::remove_dir_all(&bundle).unwrap();
-    layout
+    built.push((mib, p.clone()));
+    p
 }
 
 /// Push an OCI layout; returns the manifest digest.
-pub fn push_layout(layout: &Path, registry: &str, repo_tag: &str, pki: &Pki) -> String {
+pub fn push_layout(layout: &Path, registry: &str, repo_tag: &str, tls: Option<&Pki>) -> String {
     let dg = std::env::temp_dir().join(format!(
         "slipway-it-digest-{}-{}",
         std::process::id(),
         unique()
     ));
-    run_ok(
-        Command::new("skopeo")
-            .args(["copy", "--quiet", "--digestfile"])
-            .arg(&dg)
-            .arg("--dest-cert-dir")
-            .arg(pki.trust_dir())
-            .arg(format!("oci:{}:app", layout.display()))
-            .arg(format!("docker://{registry}/{repo_tag}")),
-    );
+    let mut cmd = Command::new("skopeo");
+    cmd.args(["copy", "--quiet", "--digestfile"]).arg(&dg);
+    match tls {
+        Some(p) => cmd.arg("--dest-cert-dir").arg(p.trust_dir()),
+        None => cmd.arg("--dest-tls-verify=false"),
+    };
+    cmd.arg(format!("oci:{}:app", layout.display()))
+        .arg(format!("docker://{registry}/{repo_tag}"));
+    run_ok(&mut cmd);
     let d = fs::read_to_string(&dg).unwrap().trim().to_string();
     let _ = fs::remove_file(&dg);
+    assert!(
+        d.starts_with("sha256:") && d.len() == 71,
+        "bad digest {d:?}"
+    );
     d
 }
 
