@@ -9,12 +9,14 @@
 //! | [`hostconfig`]         | [`apply`] writes `certs.d/<host>/`  |
 //! | [`containerd`]         | [`agent`] reads containerd's config |
 //! | [`ca`]                 |                                     |
+//! | [`build::job`], [`build::log`], [`build::status`] | [`build::run`] creates, follows and cancels Kaniko Jobs |
 //!
 //! Data flows one way: config → plan → apply → report.
 #![forbid(unsafe_code)]
 
 pub mod agent;
 pub mod apply;
+pub mod build;
 pub mod ca;
 pub mod config;
 pub mod containerd;
