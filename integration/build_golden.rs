@@ -25,10 +25,15 @@ fn dir() -> PathBuf {
 fn cases() -> Vec<(&'static str, &'static str, Vec<String>)> {
     let ca = dir().join("inputs/registry-ca.crt");
     let app = |rest: &[&str]| -> Vec<String> {
-        let mut v: Vec<String> = ["--git", "https://github.com/example/app.git", "--repo", "app"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
+        let mut v: Vec<String> = [
+            "--git",
+            "https://github.com/example/app.git",
+            "--repo",
+            "app",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
         v.extend(rest.iter().map(|s| s.to_string()));
         v
     };
@@ -131,8 +136,15 @@ fn cases() -> Vec<(&'static str, &'static str, Vec<String>)> {
 
 fn render(id: &str, args: &[String]) -> String {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_slipway"));
-    cmd.args(["build", "--render", "--build-id", id, "--config", "/dev/null"])
-        .args(args);
+    cmd.args([
+        "build",
+        "--render",
+        "--build-id",
+        id,
+        "--config",
+        "/dev/null",
+    ])
+    .args(args);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("SLIPWAY_") {
             cmd.env_remove(k);
@@ -186,7 +198,10 @@ fn renders_match_the_golden_files() {
             continue;
         }
         let expected = fs::read_to_string(&path).unwrap_or_else(|e| {
-            panic!("{}: {e} (run with SLIPWAY_BLESS=1 to create)", path.display())
+            panic!(
+                "{}: {e} (run with SLIPWAY_BLESS=1 to create)",
+                path.display()
+            )
         });
         assert_eq!(actual, expected, "golden mismatch: {}", path.display());
     }
@@ -199,7 +214,10 @@ fn renders_match_the_golden_files() {
         .collect();
     on_disk.sort();
     names.sort();
-    assert_eq!(on_disk, names, "golden files without a case (or the reverse)");
+    assert_eq!(
+        on_disk, names,
+        "golden files without a case (or the reverse)"
+    );
 }
 
 #[test]
@@ -218,7 +236,10 @@ fn every_render_has_the_job_hygiene() {
         assert!(labels["slipway.dev/revision"].is_string(), "{name}");
         assert_eq!(get(job, "spec.template.metadata.labels"), labels, "{name}");
         let name_of_job = get(job, "metadata.name").as_str().unwrap();
-        assert!(name_of_job.ends_with(id) && name_of_job.len() <= 52, "{name}");
+        assert!(
+            name_of_job.ends_with(id) && name_of_job.len() <= 52,
+            "{name}"
+        );
         let pod = get(job, "spec.template.spec");
         assert_eq!(pod["automountServiceAccountToken"], false, "{name}");
         assert_eq!(pod["enableServiceLinks"], false, "{name}");
@@ -239,7 +260,10 @@ fn every_render_has_the_job_hygiene() {
             "--compressed-caching=false",
             "--push-retry=3",
         ] {
-            assert!(a.contains(&must.to_string()), "{name}: {must} missing from {a:?}");
+            assert!(
+                a.contains(&must.to_string()),
+                "{name}: {must} missing from {a:?}"
+            );
         }
     }
 }
@@ -282,7 +306,12 @@ fn the_options_reach_the_job() {
         "a full sha is the commit label already"
     );
     assert!(get(&all["branch"], "metadata.labels")["slipway.dev/commit"].is_null());
-    assert!(has_env("short-sha", "git", "SLIPWAY_REVISION_KIND", "short-commit"));
+    assert!(has_env(
+        "short-sha",
+        "git",
+        "SLIPWAY_REVISION_KIND",
+        "short-commit"
+    ));
     assert!(has_env("short-sha", "git", "SLIPWAY_REVISION", &SHA[..7]));
 
     // Default tag: the short commit, added by the wrapper.
@@ -292,7 +321,9 @@ fn the_options_reach_the_job() {
         "SLIPWAY_IMAGE_BY_COMMIT",
         "registry.shared-services:5000/app"
     ));
-    assert!(!args("branch").iter().any(|a| a.starts_with("--destination")));
+    assert!(!args("branch")
+        .iter()
+        .any(|a| a.starts_with("--destination")));
     assert!(args("push-secret")
         .contains(&"--destination=registry.shared-services:5000/app:1.4.0".to_string()));
     assert!(!env("push-secret", "kaniko")
@@ -306,9 +337,21 @@ fn the_options_reach_the_job() {
 
     let sd = args("subdir");
     assert!(sd.contains(&"--context-sub-path=services/api".to_string()));
-    assert!(sd.contains(&"--dockerfile=/slipway/context/services/api/deploy/Dockerfile".to_string()));
-    assert!(has_env("subdir", "git", "SLIPWAY_DOCKERFILE", "services/api/deploy/Dockerfile"));
-    assert!(has_env("subdir", "git", "SLIPWAY_CONTEXT_DIR", "services/api"));
+    assert!(
+        sd.contains(&"--dockerfile=/slipway/context/services/api/deploy/Dockerfile".to_string())
+    );
+    assert!(has_env(
+        "subdir",
+        "git",
+        "SLIPWAY_DOCKERFILE",
+        "services/api/deploy/Dockerfile"
+    ));
+    assert!(has_env(
+        "subdir",
+        "git",
+        "SLIPWAY_CONTEXT_DIR",
+        "services/api"
+    ));
     assert_eq!(
         get(&all["subdir"], "metadata.labels")["slipway.dev/revision"].as_str(),
         Some("release-2.x")
@@ -318,7 +361,9 @@ fn the_options_reach_the_job() {
     assert!(args("branch")
         .contains(&"--cache-repo=registry.shared-services:5000/cache/app".to_string()));
     assert!(args("no-cache").contains(&"--cache=false".to_string()));
-    assert!(!args("no-cache").iter().any(|a| a.starts_with("--cache-repo")));
+    assert!(!args("no-cache")
+        .iter()
+        .any(|a| a.starts_with("--cache-repo")));
 
     // Private git: the Secret is a read-only volume of the git container.
     for n in ["private-git", "private-git-token"] {
@@ -326,7 +371,9 @@ fn the_options_reach_the_job() {
         let vols = pod["volumes"].as_sequence().unwrap();
         let secret = vols.iter().find(|v| v["name"] == "git-secret").unwrap();
         assert!(secret["secret"]["secretName"].is_string());
-        let mounts = get(pod, "initContainers.0.volumeMounts").as_sequence().unwrap();
+        let mounts = get(pod, "initContainers.0.volumeMounts")
+            .as_sequence()
+            .unwrap();
         let m = mounts.iter().find(|m| m["name"] == "git-secret").unwrap();
         assert_eq!(m["mountPath"], "/slipway/git-secret");
         assert_eq!(m["readOnly"], true);
@@ -343,7 +390,10 @@ fn the_options_reach_the_job() {
     assert!(km
         .iter()
         .any(|m| m["name"] == "docker-config" && m["mountPath"] == "/kaniko/.docker"));
-    assert_eq!(get(&all["push-secret"], "spec.activeDeadlineSeconds").as_i64(), Some(1200));
+    assert_eq!(
+        get(&all["push-secret"], "spec.activeDeadlineSeconds").as_i64(),
+        Some(1200)
+    );
     assert_eq!(get(pod, "containers.0.resources.requests.cpu"), "2");
     assert_eq!(get(pod, "containers.0.resources.limits.memory"), "4Gi");
 }
@@ -360,9 +410,14 @@ fn a_ca_file_renders_the_configmap_first() {
     assert_eq!(get(&ds[0], "data.ca.crt").as_str(), None, "key has a dot");
     assert_eq!(ds[0]["data"]["ca.crt"].as_str(), Some(pem.as_str()));
     // In another namespace without a file, the render says how to copy it.
-    let (_, id, args) = cases().into_iter().find(|c| c.0 == "other-namespace").unwrap();
+    let (_, id, args) = cases()
+        .into_iter()
+        .find(|c| c.0 == "other-namespace")
+        .unwrap();
     let text = render(id, &args);
-    assert!(text.contains("# Copy the CA first: kubectl -n shared-services get configmap registry-ca"));
+    assert!(
+        text.contains("# Copy the CA first: kubectl -n shared-services get configmap registry-ca")
+    );
     assert_eq!(docs(&text).len(), 1);
 }
 
@@ -371,17 +426,33 @@ fn render_makes_no_api_call() {
     // An unreachable kubeconfig: --render must not need it.
     let tmp = tempfile::tempdir().unwrap();
     let kc = tmp.path().join("kubeconfig");
-    fs::write(&kc, "apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n").unwrap();
+    fs::write(
+        &kc,
+        "apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n",
+    )
+    .unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_slipway"))
         .args([
-            "build", "--render", "--config", "/dev/null", "--git",
-            "https://github.com/example/app.git", "--rev", "main", "--repo", "app",
+            "build",
+            "--render",
+            "--config",
+            "/dev/null",
+            "--git",
+            "https://github.com/example/app.git",
+            "--rev",
+            "main",
+            "--repo",
+            "app",
         ])
         .env("KUBECONFIG", &kc)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("kind: Job"));
 }
 
@@ -389,8 +460,16 @@ fn render_makes_no_api_call() {
 fn bad_options_exit_64_before_anything() {
     let out = Command::new(env!("CARGO_BIN_EXE_slipway"))
         .args([
-            "build", "--render", "--config", "/dev/null", "--git",
-            "https://github.com/example/app.git", "--rev", "a..b", "--repo", "app",
+            "build",
+            "--render",
+            "--config",
+            "/dev/null",
+            "--git",
+            "https://github.com/example/app.git",
+            "--rev",
+            "a..b",
+            "--repo",
+            "app",
         ])
         .output()
         .unwrap();
@@ -405,13 +484,23 @@ fn works_as_a_kubectl_plugin() {
     let tmp = tempfile::tempdir().unwrap();
     let link = tmp.path().join("kubectl-slipway");
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_slipway"), &link).unwrap();
-    let out = Command::new(&link).args(["build", "--help"]).output().unwrap();
+    let out = Command::new(&link)
+        .args(["build", "--help"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("Usage: kubectl slipway build"), "{help}");
     let (_, id, args) = cases().into_iter().next().unwrap();
     let out = Command::new(&link)
-        .args(["build", "--render", "--build-id", id, "--config", "/dev/null"])
+        .args([
+            "build",
+            "--render",
+            "--build-id",
+            id,
+            "--config",
+            "/dev/null",
+        ])
         .args(&args)
         .output()
         .unwrap();

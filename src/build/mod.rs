@@ -546,9 +546,9 @@ fn check_git_url(url: &str, has_secret: bool) -> Result<(), BuildError> {
         }
         if let Some((userinfo, _)) = authority.rsplit_once('@') {
             if userinfo.contains(':') {
-                return Err(bad(format!(
-                    "--git: the URL contains a password, which would be stored in the Job; put it in a Secret and pass --git-secret"
-                )));
+                return Err(bad(
+                    "--git: the URL contains a password, which would be stored in the Job; put it in a Secret and pass --git-secret",
+                ));
             }
         }
         return Ok(());
@@ -881,7 +881,8 @@ mod tests {
 
     #[test]
     fn bad_input_is_exit_64() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut BuildArgs)>)> = vec![
+        type Edit = Box<dyn Fn(&mut BuildArgs)>;
+        let cases: Vec<(&str, Edit)> = vec![
             ("revision", Box::new(|a| a.rev = "a..b".into())),
             ("repo", Box::new(|a| a.repo = "Team/App".into())),
             ("cache repo", Box::new(|a| a.repo = "cache/app".into())),

@@ -321,11 +321,10 @@ pub fn kaniko_failure(
     let detail = text
         .lines()
         .map(|l| super::log::parse_line(l).message)
-        .filter(|l| {
+        .rfind(|l| {
             let l = l.to_ascii_lowercase();
             l.contains("error") || l.contains("failed") || l.contains("denied")
         })
-        .last()
         .or_else(|| {
             text.lines()
                 .rev()
