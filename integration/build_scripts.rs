@@ -140,6 +140,7 @@ fn run_git(bed: &Bed, i: &GitInput) -> GitRun {
         .env_clear()
         .env("PATH", bed.path("bin"))
         .env("HOME", bed.path("slipway/home"))
+        .env("TMPDIR", bed.path("slipway/home"))
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("SLIPWAY_GIT_URL", &i.url)
         .env("SLIPWAY_REVISION", i.revision)

@@ -591,6 +591,9 @@ pub fn job(spec: &BuildSpec) -> Job {
     let labels = spec.labels();
     let mut git_env = vec![
         env("HOME", HOME_DIR),
+        // The root filesystem is read-only: temporary files go to $HOME too.
+        env("TMPDIR", HOME_DIR),
+        // Never wait for a password on a terminal that is not there.
         env("GIT_TERMINAL_PROMPT", "0"),
         env("SLIPWAY_GIT_URL", &spec.git_url),
         env("SLIPWAY_REVISION", spec.revision.as_str()),
