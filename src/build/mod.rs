@@ -110,12 +110,26 @@ pub enum BuildError {
     Failed { job: String, detail: String },
     #[error("interrupted: {detail}")]
     Interrupted { detail: String },
-    #[error("{action}: {source}")]
-    Kube {
-        action: String,
-        #[source]
-        source: kube::Error,
-    },
+    /// The API error is part of the message (not a `source`), so that it
+    /// is printed once, and is in `--output json`'s `message`.
+    #[error("{action}: {}", error_chain(.error))]
+    Kube { action: String, error: kube::Error },
+}
+
+/// An error and its sources, each once ("a: b: c"), skipping a source whose
+/// text its parent already includes.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !out.contains(&t) {
+            out.push_str(": ");
+            out.push_str(&t);
+        }
+        cur = s.source();
+    }
+    out
 }
 
 impl BuildError {

@@ -186,7 +186,7 @@ pub enum Outcome {
 
 fn kube_err(action: impl Display) -> impl FnOnce(kube::Error) -> BuildError {
     let action = action.to_string();
-    move |source| BuildError::Kube { action, source }
+    move |error| BuildError::Kube { action, error }
 }
 
 fn api_code(e: &kube::Error) -> Option<u16> {
@@ -378,7 +378,7 @@ fn create_error(e: kube::Error, spec: &BuildSpec) -> BuildError {
             spec.job_name(),
             spec.namespace
         ),
-        source: e,
+        error: e,
     }
 }
 
@@ -650,7 +650,7 @@ impl PodWatch {
             WatchEvent::Error(s) => {
                 return Err(BuildError::Kube {
                     action: "watch on the build's pod failed".into(),
-                    source: kube::Error::Api(s),
+                    error: kube::Error::Api(s),
                 })
             }
         };
