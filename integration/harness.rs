@@ -70,10 +70,14 @@ pub fn prerequisites() -> bool {
 fn remove_stale_images() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let Ok(rd) = fs::read_dir(std::env::temp_dir()) else { return };
+        let Ok(rd) = fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().to_string();
-            let Some(rest) = name.strip_prefix("slipway-it-") else { continue };
+            let Some(rest) = name.strip_prefix("slipway-it-") else {
+                continue;
+            };
             let pid = rest.split('-').nth(1).and_then(|p| p.parse::<u32>().ok());
             if let Some(pid) = pid {
                 if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {

@@ -10,6 +10,7 @@
 //! | [`containerd`]         | [`agent`] reads containerd's config |
 //! | [`ca`]                 |                                     |
 //! | [`pki`], [`pki::plan`] | [`pki_cluster`] writes its Secrets  |
+//! | [`build::job`], [`build::log`], [`build::status`] | [`build::run`] creates, follows and cancels Kaniko Jobs |
 //!
 //! Data flows one way: config → plan → apply → report.
 #![forbid(unsafe_code)]
@@ -17,6 +18,7 @@
 pub mod admin;
 pub mod agent;
 pub mod apply;
+pub mod build;
 pub mod ca;
 pub mod cache;
 pub mod config;

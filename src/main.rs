@@ -1,11 +1,15 @@
 //! The `slipway` binary: parse arguments, start tracing, call the library,
 //! map the result to an exit code (64: bad configuration).
+//!
+//! Also a kubectl plugin: installed (or linked) as `kubectl-slipway`, it
+//! runs as `kubectl slipway build …` (`ln -s $(command -v slipway)
+//! /usr/local/bin/kubectl-slipway`).
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use slipway::agent::{self, AgentError, OnceOptions};
 use slipway::config::{AgentConfig, Overrides};
 use slipway::pki::plan::{Names, Wanted};
@@ -60,6 +64,22 @@ enum Cmd {
         config: Option<PathBuf>,
         #[command(flatten)]
         overrides: Overrides,
+    },
+    /// Build an image from a git revision in the cluster with Kaniko; prints REG/NAME@sha256:…
+    Build(Box<slipway::build::BuildArgs>),
+    /// List builds with their status, commit, digest and age
+    Builds {
+        #[command(flatten)]
+        settings: slipway::build::Settings,
+        #[arg(long, value_enum, default_value_t = slipway::build::OutputFormat::Text)]
+        output: slipway::build::OutputFormat,
+    },
+    /// Show a build's git and Kaniko logs (following a running build)
+    Logs {
+        /// Build name, as printed by slipway build --detach or slipway builds
+        build: String,
+        #[command(flatten)]
+        settings: slipway::build::Settings,
     },
 }
 
@@ -122,8 +142,23 @@ fn init_tracing(fmt: Option<LogFormat>) {
     }
 }
 
+/// Parses the command line; as `kubectl-slipway`, help and errors say
+/// `kubectl slipway`.
+fn parse() -> Cli {
+    let plugin = std::env::args_os()
+        .next()
+        .map(PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n == "kubectl-slipway"))
+        .unwrap_or(false);
+    let mut cmd = Cli::command();
+    if plugin {
+        cmd = cmd.name("kubectl slipway").bin_name("kubectl slipway");
+    }
+    Cli::from_arg_matches(&cmd.get_matches()).unwrap_or_else(|e| e.exit())
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = parse();
     init_tracing(cli.log_format);
     let code = match run(cli.cmd) {
         Ok(()) => 0,
@@ -133,10 +168,22 @@ fn main() -> ExitCode {
                 .map(AgentError::exit_code)
                 .or_else(|| e.downcast_ref::<EnsureError>().map(EnsureError::exit_code))
                 .or_else(|| e.downcast_ref::<PkiError>().map(PkiError::exit_code))
+                .or_else(|| {
+                    e.downcast_ref::<slipway::build::BuildError>()
+                        .map(slipway::build::BuildError::exit_code)
+                })
                 .unwrap_or(slipway::EXIT_APPLY_FAILED)
         }
     };
     ExitCode::from(code as u8)
+}
+
+/// Runs an async build command on a fresh runtime.
+fn block_on<T>(
+    f: impl std::future::Future<Output = Result<T, slipway::build::BuildError>>,
+) -> anyhow::Result<T> {
+    let rt = tokio::runtime::Runtime::new()?;
+    Ok(rt.block_on(f)?)
 }
 
 fn run(cmd: Cmd) -> anyhow::Result<()> {
@@ -207,6 +254,11 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             println!("{report}");
             Ok(())
         }
+        Cmd::Build(args) => block_on(slipway::build::run::cli_build(&args)).map(|_| ()),
+        Cmd::Builds { settings, output } => {
+            block_on(slipway::build::run::cli_builds(&settings, output))
+        }
+        Cmd::Logs { build, settings } => block_on(slipway::build::run::cli_logs(&settings, &build)),
         Cmd::Cleanup { config, overrides } => {
             let cfg = AgentConfig::load(config.as_deref(), &overrides).map_err(AgentError::from)?;
             let report = agent::cleanup(&cfg)?;

@@ -1,0 +1,1277 @@
+//! `slipway build`, `builds` and `logs` against kube-rs's tower-test mock:
+//! each test plays the API server, asserts every request slipway makes
+//! (method, path and query, and the body where there is one), and replies
+//! as the API server would (objects, watch event streams, logs, and Status
+//! objects with the right codes and reasons for errors).
+//!
+//! Covered: success (text and JSON output), every failure class with its
+//! exit code, Ctrl-C (a Job delete with propagationPolicy Foreground),
+//! --detach (with the CA copied into another namespace), a Job controller
+//! that cannot create the pod, `slipway builds` and `slipway logs`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::jiff::Timestamp;
+use kube::client::Body;
+use kube::Client;
+use serde_json::{json, Value};
+use slipway::build::job;
+use slipway::build::run::{self, Outcome, PlainProgress, RunOptions, Timing};
+use slipway::build::{BuildArgs, BuildError, OutputFormat, Plan, Settings};
+use tower_test::mock;
+
+type Handle = mock::Handle<Request<Body>, Response<Body>>;
+type Send = mock::SendResponse<Response<Body>>;
+
+const ID: &str = "flow000001";
+const JOB: &str = "build-app-flow000001";
+const POD: &str = "build-app-flow000001-x7k2p";
+const NS: &str = "shared-services";
+const COMMIT: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
+const DIGEST: &str = "sha256:6f1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9";
+const IMAGE: &str = "registry.shared-services:5000/app";
+const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
+
+fn plan_with(f: impl FnOnce(&mut BuildArgs)) -> Plan {
+    let mut a = BuildArgs {
+        git: "https://github.com/example/app.git".into(),
+        rev: "main".into(),
+        repo: "app".into(),
+        dockerfile: "Dockerfile".into(),
+        build_id: Some(ID.into()),
+        settings: Settings {
+            config: Some(PathBuf::from("/dev/null")),
+            namespace: None,
+        },
+        ..Default::default()
+    };
+    f(&mut a);
+    a.plan().unwrap()
+}
+
+fn plan() -> Plan {
+    plan_with(|_| {})
+}
+
+fn opts(output: OutputFormat) -> RunOptions {
+    RunOptions {
+        detach: false,
+        output,
+        timing: Timing {
+            quiet: Duration::from_secs(30),
+            log_retry: Duration::from_millis(5),
+            log_retries: 5,
+        },
+    }
+}
+
+/// One request as the API server sees it.
+struct Req {
+    method: Method,
+    uri: String,
+    accept: String,
+    body: Vec<u8>,
+    send: Send,
+}
+
+impl Req {
+    fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap()
+    }
+}
+
+async fn next(h: &mut Handle) -> Req {
+    let (req, send) = tokio::time::timeout(Duration::from_secs(10), h.next_request())
+        .await
+        .expect("slipway made no further request")
+        .expect("the client is gone");
+    let (parts, body) = req.into_parts();
+    Req {
+        method: parts.method,
+        uri: parts.uri.to_string(),
+        accept: parts
+            .headers
+            .get("accept")
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default(),
+        body: body.collect_bytes().await.unwrap().to_vec(),
+        send,
+    }
+}
+
+/// Takes the next request and checks its method and URI exactly.
+async fn expect(h: &mut Handle, method: Method, uri: &str) -> Req {
+    let r = next(h).await;
+    assert_eq!(
+        (r.method.clone(), r.uri.as_str()),
+        (method, uri),
+        "unexpected request"
+    );
+    r
+}
+
+fn reply(send: Send, code: u16, body: Value) {
+    send.send_response(
+        Response::builder()
+            .status(StatusCode::from_u16(code).unwrap())
+            .header("content-type", "application/json")
+            .body(Body::from(serde_json::to_vec(&body).unwrap()))
+            .unwrap(),
+    );
+}
+
+fn reply_text(send: Send, text: &str) {
+    send.send_response(
+        Response::builder()
+            .status(200)
+            .header("content-type", "text/plain")
+            .body(Body::from(text.as_bytes().to_vec()))
+            .unwrap(),
+    );
+}
+
+/// A watch response: one JSON event per line, then the server closes it.
+fn reply_events(send: Send, events: &[(&str, Value)]) {
+    let mut body = String::new();
+    for (t, o) in events {
+        body.push_str(&json!({ "type": t, "object": o }).to_string());
+        body.push('\n');
+    }
+    reply_text(send, &body);
+}
+
+/// A `metav1.Status` failure, as the API server sends it.
+fn status(code: u16, reason: &str, message: &str, details: Value) -> Value {
+    json!({
+        "kind": "Status",
+        "apiVersion": "v1",
+        "metadata": {},
+        "status": "Failure",
+        "message": message,
+        "reason": reason,
+        "details": details,
+        "code": code,
+    })
+}
+
+fn not_found(kind: &str, name: &str) -> Value {
+    status(
+        404,
+        "NotFound",
+        &format!("{kind} \"{name}\" not found"),
+        json!({ "name": name, "kind": kind }),
+    )
+}
+
+// ---- objects -------------------------------------------------------------
+
+fn service_account(ns: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ServiceAccount",
+        "metadata": { "name": "slipway-build", "namespace": ns, "resourceVersion": "10" },
+        "automountServiceAccountToken": false
+    })
+}
+
+fn ca_configmap(ns: &str, pem: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": { "name": "registry-ca", "namespace": ns, "resourceVersion": "11" },
+        "data": { "ca.crt": pem }
+    })
+}
+
+/// The Job as the API server returns it from the create.
+fn created_job(plan: &Plan) -> Value {
+    let mut j = serde_json::to_value(job::job(&plan.spec)).unwrap();
+    j["apiVersion"] = json!("batch/v1");
+    j["kind"] = json!("Job");
+    j["metadata"]["uid"] = json!("0b9a6c52-1d5e-4c3e-9a51-2f1f2f9a0c11");
+    j["metadata"]["resourceVersion"] = json!("90");
+    j["metadata"]["creationTimestamp"] = json!("2025-01-01T00:00:00Z");
+    j
+}
+
+fn cs(name: &str, image: &str, state: Value) -> Value {
+    json!({
+        "name": name, "image": image, "imageID": "", "ready": false,
+        "restartCount": 0, "started": false, "state": state
+    })
+}
+
+fn waiting(reason: &str, message: &str) -> Value {
+    json!({ "waiting": { "reason": reason, "message": message } })
+}
+
+fn running() -> Value {
+    json!({ "running": { "startedAt": "2025-01-01T00:00:05Z" } })
+}
+
+fn terminated(code: i32, reason: &str, message: &str, finished: &str) -> Value {
+    json!({ "terminated": {
+        "exitCode": code, "reason": reason, "message": message,
+        "startedAt": "2025-01-01T00:00:05Z", "finishedAt": finished
+    }})
+}
+
+fn git_ok() -> Value {
+    terminated(
+        0,
+        "Completed",
+        &format!("slipway-git ok\ncommit {COMMIT}\nref refs/heads/main\n"),
+        "2025-01-01T00:00:20Z",
+    )
+}
+
+/// The build pod at resourceVersion `rv`, with the git and (if given) the
+/// Kaniko container states.
+fn pod(rv: u32, phase: &str, git: Value, kaniko: Option<Value>) -> Value {
+    let plan = plan();
+    let j = serde_json::to_value(job::job(&plan.spec)).unwrap();
+    let mut p = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {
+            "name": POD, "namespace": NS, "resourceVersion": rv.to_string(),
+            "labels": j["spec"]["template"]["metadata"]["labels"].clone(),
+            "creationTimestamp": "2025-01-01T00:00:01Z"
+        },
+        "spec": j["spec"]["template"]["spec"].clone(),
+        "status": {
+            "phase": phase,
+            "conditions": [{ "type": "PodScheduled", "status": "True" }],
+            "initContainerStatuses": [cs("git", "docker.io/alpine/git:2.47.2", git)],
+        }
+    });
+    let kaniko = kaniko.unwrap_or_else(|| waiting("PodInitializing", ""));
+    p["status"]["containerStatuses"] = json!([cs(
+        "kaniko",
+        "ghcr.io/osscontainertools/kaniko:v1.27.6-debug",
+        kaniko
+    )]);
+    p
+}
+
+fn pending_pod(rv: u32) -> Value {
+    let mut p = pod(rv, "Pending", waiting("PodInitializing", ""), None);
+    p["status"]["initContainerStatuses"][0]["state"] = waiting("PodInitializing", "");
+    p
+}
+
+fn watch_uri(ns: &str, rv: &str) -> String {
+    format!(
+        "/api/v1/namespaces/{ns}/pods?&watch=true&timeoutSeconds=290&labelSelector=slipway.dev%2Fbuild-id%3D{ID}&allowWatchBookmarks=true&resourceVersion={rv}"
+    )
+}
+
+fn log_uri(container: &str) -> String {
+    format!("/api/v1/namespaces/{NS}/pods/{POD}/log?&container={container}&follow=true")
+}
+
+const GIT_LOG: &str = "slipway: main is commit 3f786850e387550fdab836ed7e6dc881de23001b\n";
+
+const KANIKO_LOG: &str = "\u{1b}[36mINFO\u{1b}[0m[0000] Resolved base name golang:1.22 to builder
+FROM golang:1.22 AS builder
+STREAM golang:1.22
+RUN apk add git
+RUN go build ./...
+FROM alpine:3.20
+COPY --from=builder /go/bin/app /app
+PUSH [registry.shared-services:5000/app:3f78685]
+\u{1b}[36mINFO\u{1b}[0m[0001] Building stage 'golang:1.22' [idx: '0', base-idx: '-1']
+\u{1b}[36mINFO\u{1b}[0m[0001] Using caching version of cmd: RUN apk add git
+\u{1b}[36mINFO\u{1b}[0m[0001] No cached layer found for cmd RUN go build ./...
+\u{1b}[36mINFO\u{1b}[0m[0002] RUN apk add git
+\u{1b}[36mINFO\u{1b}[0m[0002] RUN go build ./...
+\u{1b}[36mINFO\u{1b}[0m[0009] Building stage 'alpine:3.20' [idx: '1', base-idx: '-1']
+\u{1b}[36mINFO\u{1b}[0m[0010] COPY --from=builder /go/bin/app /app
+\u{1b}[33mWARN\u{1b}[0m[0011] Error uploading layer to cache: failed to push to destination registry.shared-services:5000/cache/app:9f2c: PUT https://registry.shared-services:5000/v2/cache/app/manifests/9f2c: MANIFEST_INVALID
+\u{1b}[36mINFO\u{1b}[0m[0011] Pushing image to registry.shared-services:5000/app:3f78685
+\u{1b}[36mINFO\u{1b}[0m[0012] Pushed registry.shared-services:5000/app@sha256:6f1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9
+";
+
+fn kaniko_ok() -> Value {
+    terminated(
+        0,
+        "Completed",
+        &format!("{DIGEST}\n{IMAGE}@{DIGEST}\n"),
+        "2025-01-01T00:01:30Z",
+    )
+}
+
+// ---- shared steps ----------------------------------------------------------
+
+/// Preflight in shared-services: the ServiceAccount and the CA ConfigMap.
+async fn preflight_in_place(h: &mut Handle) {
+    let r = expect(
+        h,
+        Method::GET,
+        "/api/v1/namespaces/shared-services/serviceaccounts/slipway-build",
+    )
+    .await;
+    reply(r.send, 200, service_account(NS));
+    let r = expect(
+        h,
+        Method::GET,
+        "/api/v1/namespaces/shared-services/configmaps/registry-ca",
+    )
+    .await;
+    reply(r.send, 200, ca_configmap(NS, CA));
+}
+
+/// The Job create: the body is exactly the planned Job.
+async fn create_job(h: &mut Handle, plan: &Plan) {
+    let r = expect(
+        h,
+        Method::POST,
+        &format!("/apis/batch/v1/namespaces/{}/jobs?", plan.spec.namespace),
+    )
+    .await;
+    assert_eq!(
+        r.json(),
+        serde_json::to_value(job::job(&plan.spec)).unwrap()
+    );
+    let mut created = created_job(plan);
+    created["metadata"]["namespace"] = json!(plan.spec.namespace);
+    reply(r.send, 201, created);
+}
+
+/// Up to a running git container and its log.
+async fn until_git_log(h: &mut Handle) {
+    let r = expect(h, Method::GET, &watch_uri(NS, "0")).await;
+    reply_events(
+        r.send,
+        &[
+            ("ADDED", pending_pod(100)),
+            ("MODIFIED", pod(101, "Pending", running(), None)),
+        ],
+    );
+    let r = expect(h, Method::GET, &log_uri("git")).await;
+    reply_text(r.send, GIT_LOG);
+}
+
+/// The commit label, once git has reported it.
+async fn label_commit(h: &mut Handle) {
+    let r = expect(
+        h,
+        Method::PATCH,
+        &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}?"),
+    )
+    .await;
+    assert_eq!(
+        r.json(),
+        json!({ "metadata": { "labels": { "slipway.dev/commit": COMMIT } } })
+    );
+    reply(r.send, 200, created_job(&plan()));
+}
+
+/// From git's log to a running Kaniko container and its log.
+async fn until_kaniko_log(h: &mut Handle, kaniko_log: &str) {
+    let r = expect(h, Method::GET, &watch_uri(NS, "101")).await;
+    reply_events(
+        r.send,
+        &[
+            ("MODIFIED", pod(102, "Pending", git_ok(), None)),
+            ("MODIFIED", pod(103, "Running", git_ok(), Some(running()))),
+        ],
+    );
+    label_commit(h).await;
+    // The kubelet may still report the container as waiting: slipway
+    // retries until it has started.
+    let r = expect(h, Method::GET, &log_uri("kaniko")).await;
+    reply(
+        r.send,
+        400,
+        status(
+            400,
+            "BadRequest",
+            &format!("container \"kaniko\" in pod \"{POD}\" is waiting to start: PodInitializing"),
+            json!(null),
+        ),
+    );
+    let r = expect(h, Method::GET, &log_uri("kaniko")).await;
+    reply_text(r.send, kaniko_log);
+}
+
+async fn kaniko_ends(h: &mut Handle, phase: &str, kaniko: Value) {
+    let r = expect(h, Method::GET, &watch_uri(NS, "103")).await;
+    reply_events(
+        r.send,
+        &[("MODIFIED", pod(104, phase, git_ok(), Some(kaniko)))],
+    );
+}
+
+/// After the result: no further request (the client is dropped when `run`
+/// returns, which closes the mock).
+async fn no_more(h: &mut Handle) {
+    let r = tokio::time::timeout(Duration::from_secs(5), h.next_request())
+        .await
+        .expect("client still alive");
+    if let Some((req, _)) = r {
+        panic!("unexpected request {} {}", req.method(), req.uri());
+    }
+}
+
+struct Ran {
+    result: Result<Outcome, BuildError>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs a build against a scripted API server.
+async fn drive<F, Fut>(plan: Plan, opts: RunOptions, server: F) -> Ran
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let mut out = Vec::new();
+    let mut progress = PlainProgress { w: Vec::new() };
+    let (result, ()) = tokio::join!(
+        async {
+            let r = run::run(
+                client,
+                &plan,
+                &opts,
+                futures::future::pending::<()>(),
+                &mut out,
+                &mut progress,
+            )
+            .await;
+            r
+        },
+        server(handle)
+    );
+    Ran {
+        result,
+        stdout: String::from_utf8(out).unwrap(),
+        stderr: String::from_utf8(progress.w).unwrap(),
+    }
+}
+
+fn exit_code(r: &Ran) -> i32 {
+    match &r.result {
+        Ok(_) => 0,
+        Err(e) => e.exit_code(),
+    }
+}
+
+// ---- success ---------------------------------------------------------------
+
+async fn success_server(mut h: Handle) {
+    preflight_in_place(&mut h).await;
+    create_job(&mut h, &plan()).await;
+    until_git_log(&mut h).await;
+    until_kaniko_log(&mut h, KANIKO_LOG).await;
+    kaniko_ends(&mut h, "Succeeded", kaniko_ok()).await;
+    no_more(&mut h).await;
+}
+
+#[tokio::test]
+async fn success_prints_the_pullable_digest_last() {
+    let r = drive(plan(), opts(OutputFormat::Text), success_server).await;
+    let Ok(Outcome::Built(report)) = &r.result else {
+        panic!("{:?}\n{}", r.result, r.stderr);
+    };
+    assert_eq!(
+        r.stdout.lines().last(),
+        Some(format!("{IMAGE}@{DIGEST}").as_str())
+    );
+    assert_eq!(r.stdout.lines().count(), 1, "{}", r.stdout);
+    assert_eq!(report.commit, COMMIT);
+    assert_eq!(report.tag, "3f78685");
+    assert_eq!((report.cache.hits, report.cache.misses), (1, 1));
+    assert_eq!(report.duration_seconds, 90.0);
+    // Logs streamed live, the cache upload failure surfaced, and the hint.
+    assert!(
+        r.stderr.contains("[git] slipway: main is commit"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("[kaniko] INFO[0002] RUN go build ./..."),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.lines().any(|l| l
+            .starts_with("warning: kaniko could not upload a layer to the cache")
+            && l.contains("Error uploading layer to cache")),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr
+            .contains(&format!("run it: kubectl run app --image={IMAGE}@{DIGEST}")),
+        "{}",
+        r.stderr
+    );
+}
+
+#[tokio::test]
+async fn success_as_json() {
+    let r = drive(plan(), opts(OutputFormat::Json), success_server).await;
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    assert_eq!(r.stdout.lines().count(), 1);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["image"], format!("{IMAGE}@{DIGEST}"));
+    assert_eq!(v["digest"], DIGEST);
+    assert_eq!(v["commit"], COMMIT);
+    assert_eq!(v["duration_seconds"], 90.0);
+    assert_eq!(v["cache"], json!({ "hits": 1, "misses": 1 }));
+    assert_eq!(v["build"], JOB);
+    assert_eq!(v["warnings"].as_array().unwrap().len(), 1);
+}
+
+// ---- failures --------------------------------------------------------------
+
+/// The git container fails with `code` and `message`.
+async fn git_fails(mut h: Handle, code: i32, message: &'static str) {
+    preflight_in_place(&mut h).await;
+    create_job(&mut h, &plan()).await;
+    until_git_log(&mut h).await;
+    let r = expect(&mut h, Method::GET, &watch_uri(NS, "101")).await;
+    reply_events(
+        r.send,
+        &[(
+            "MODIFIED",
+            pod(
+                102,
+                "Failed",
+                terminated(code, "Error", message, "2025-01-01T00:00:09Z"),
+                None,
+            ),
+        )],
+    );
+    no_more(&mut h).await;
+}
+
+#[tokio::test]
+async fn git_auth_failed() {
+    let r = drive(plan(), opts(OutputFormat::Text), |h| {
+        git_fails(
+            h,
+            10,
+            "slipway-git git-auth-failed\nfatal: Authentication failed for 'https://github.com/example/app.git/'\n",
+        )
+    })
+    .await;
+    assert_eq!(exit_code(&r), 10, "{:?}", r.result);
+    let msg = r.result.unwrap_err().to_string();
+    assert!(
+        msg.starts_with("git auth failed for https://github.com/example/app.git"),
+        "{msg}"
+    );
+    assert!(r.stdout.is_empty());
+}
+
+#[tokio::test]
+async fn revision_not_found() {
+    let r = drive(plan(), opts(OutputFormat::Text), |h| {
+        git_fails(
+            h,
+            11,
+            "slipway-git revision-not-found\nno branch or tag named main in https://github.com/example/app.git\n",
+        )
+    })
+    .await;
+    assert_eq!(exit_code(&r), 11, "{:?}", r.result);
+    let msg = r.result.unwrap_err().to_string();
+    assert!(
+        msg.starts_with("revision not found: no branch or tag named main"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn dockerfile_not_found() {
+    let r = drive(plan(), opts(OutputFormat::Json), |h| {
+        git_fails(
+            h,
+            12,
+            "slipway-git dockerfile-not-found\nDockerfile does not exist at commit 3f786850e387550fdab836ed7e6dc881de23001b\n",
+        )
+    })
+    .await;
+    assert_eq!(exit_code(&r), 12, "{:?}", r.result);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["error"], "dockerfile-not-found");
+    assert_eq!(v["exit_code"], 12);
+}
+
+/// Kaniko fails; `message` is what the kubelet put in the termination
+/// message (the log tail: FallbackToLogsOnError).
+async fn kaniko_fails(mut h: Handle, kaniko: Value, then_job: Option<Value>) {
+    preflight_in_place(&mut h).await;
+    create_job(&mut h, &plan()).await;
+    until_git_log(&mut h).await;
+    until_kaniko_log(
+        &mut h,
+        "\u{1b}[36mINFO\u{1b}[0m[0000] Resolved base name golang:1.22 to builder\n",
+    )
+    .await;
+    kaniko_ends(&mut h, "Failed", kaniko).await;
+    if let Some(j) = then_job {
+        let r = expect(
+            &mut h,
+            Method::GET,
+            &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"),
+        )
+        .await;
+        reply(r.send, 200, j);
+    }
+    no_more(&mut h).await;
+}
+
+#[tokio::test]
+async fn push_denied() {
+    let tail = "\u{1b}[31mERRO\u{1b}[0m[0000] Error: error checking push permissions -- make sure you entered the correct tag name, and that you are authenticated correctly, and try again: checking push permission for \"registry.shared-services:5000/app:3f78685\": POST https://registry.shared-services:5000/v2/app/blobs/uploads/: UNAUTHORIZED: authentication required; [map[Action:push Class: Name:app Type:repository]]\n";
+    let r = drive(plan(), opts(OutputFormat::Text), |h| {
+        kaniko_fails(
+            h,
+            terminated(1, "Error", tail, "2025-01-01T00:00:30Z"),
+            None,
+        )
+    })
+    .await;
+    assert_eq!(exit_code(&r), 13, "{:?}", r.result);
+    let msg = r.result.unwrap_err().to_string();
+    assert!(
+        msg.starts_with("push denied by registry.shared-services:5000"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn certificate_error() {
+    let tail = "error building image: error checking push permissions: Get \"https://registry.shared-services:5000/v2/\": tls: failed to verify certificate: x509: certificate signed by unknown authority\n";
+    let r = drive(plan(), opts(OutputFormat::Text), |h| {
+        kaniko_fails(
+            h,
+            terminated(1, "Error", tail, "2025-01-01T00:00:30Z"),
+            None,
+        )
+    })
+    .await;
+    assert_eq!(exit_code(&r), 14, "{:?}", r.result);
+    assert!(r.result.unwrap_err().to_string().contains("x509"));
+}
+
+#[tokio::test]
+async fn oom_killed() {
+    let r = drive(plan(), opts(OutputFormat::Text), |h| {
+        kaniko_fails(
+            h,
+            terminated(137, "OOMKilled", "", "2025-01-01T00:00:40Z"),
+            None,
+        )
+    })
+    .await;
+    assert_eq!(exit_code(&r), 15, "{:?}", r.result);
+    let msg = r.result.unwrap_err().to_string();
+    assert!(
+        msg.contains("OOMKilled at its memory limit 2Gi: raise --memory"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_run_step_is_exit_1_and_not_the_deadline() {
+    let tail = "error building image: error building stage: failed to execute command: waiting for process to exit: exit status 2\n";
+    let mut j = created_job(&plan());
+    j["status"] = json!({ "conditions": [{
+        "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+        "message": "Job has reached the specified backoff limit"
+    }]});
+    let r = drive(plan(), opts(OutputFormat::Text), |h| {
+        kaniko_fails(
+            h,
+            terminated(1, "Error", tail, "2025-01-01T00:00:40Z"),
+            Some(j),
+        )
+    })
+    .await;
+    assert_eq!(exit_code(&r), 1, "{:?}", r.result);
+    assert!(r.result.unwrap_err().to_string().contains("exit status 2"));
+}
+
+#[tokio::test]
+async fn deadline_exceeded() {
+    // The Job controller kills the pod at activeDeadlineSeconds: Kaniko
+    // ends with SIGTERM (143) on a pod being deleted, and the Job says why.
+    let mut j = created_job(&plan());
+    j["status"] = json!({ "conditions": [{
+        "type": "FailureTarget", "status": "True", "reason": "DeadlineExceeded",
+        "message": "Job was active longer than specified deadline"
+    }]});
+    let plan = plan();
+    let r = drive(plan, opts(OutputFormat::Text), |mut h| async move {
+        preflight_in_place(&mut h).await;
+        create_job(&mut h, &self::plan()).await;
+        until_git_log(&mut h).await;
+        until_kaniko_log(&mut h, "").await;
+        let r = expect(&mut h, Method::GET, &watch_uri(NS, "103")).await;
+        let mut p = pod(
+            104,
+            "Failed",
+            git_ok(),
+            Some(terminated(143, "Error", "", "2025-01-01T01:00:00Z")),
+        );
+        p["metadata"]["deletionTimestamp"] = json!("2025-01-01T01:00:00Z");
+        p["metadata"]["deletionGracePeriodSeconds"] = json!(30);
+        reply_events(r.send, &[("MODIFIED", p)]);
+        let r = expect(
+            &mut h,
+            Method::GET,
+            &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"),
+        )
+        .await;
+        reply(r.send, 200, j);
+        no_more(&mut h).await;
+    })
+    .await;
+    assert_eq!(exit_code(&r), 16, "{:?}", r.result);
+    assert!(r.result.unwrap_err().to_string().contains("--timeout 1h"));
+}
+
+#[tokio::test]
+async fn evicted() {
+    let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
+        preflight_in_place(&mut h).await;
+        create_job(&mut h, &plan()).await;
+        until_git_log(&mut h).await;
+        until_kaniko_log(&mut h, "").await;
+        let r = expect(&mut h, Method::GET, &watch_uri(NS, "103")).await;
+        let mut p = pod(
+            104,
+            "Failed",
+            git_ok(),
+            Some(terminated(137, "ContainerStatusUnknown", "", "2025-01-01T00:00:50Z")),
+        );
+        p["status"]["reason"] = json!("Evicted");
+        p["status"]["message"] =
+            json!("The node was low on resource: ephemeral-storage. Threshold quantity: 1Gi, available: 512Mi.");
+        reply_events(r.send, &[("MODIFIED", p)]);
+        no_more(&mut h).await;
+    })
+    .await;
+    assert_eq!(exit_code(&r), 17, "{:?}", r.result);
+    assert!(r
+        .result
+        .unwrap_err()
+        .to_string()
+        .contains("low on resource: ephemeral-storage"));
+}
+
+#[tokio::test]
+async fn executor_image_cannot_be_pulled() {
+    let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
+        preflight_in_place(&mut h).await;
+        create_job(&mut h, &plan()).await;
+        until_git_log(&mut h).await;
+        let r = expect(&mut h, Method::GET, &watch_uri(NS, "101")).await;
+        reply_events(
+            r.send,
+            &[
+                (
+                    "MODIFIED",
+                    pod(102, "Pending", git_ok(), Some(waiting("ErrImagePull", "failed to pull"))),
+                ),
+                (
+                    "MODIFIED",
+                    pod(
+                        103,
+                        "Pending",
+                        git_ok(),
+                        Some(waiting(
+                            "ImagePullBackOff",
+                            "Back-off pulling image \"ghcr.io/osscontainertools/kaniko:v1.27.6-debug\"",
+                        )),
+                    ),
+                ),
+            ],
+        );
+        label_commit(&mut h).await;
+        // Stuck until the deadline otherwise: slipway deletes the Job.
+        let r = expect(&mut h, Method::DELETE, &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}?")).await;
+        assert_eq!(r.json(), json!({ "propagationPolicy": "Foreground" }));
+        let mut j = created_job(&plan());
+        j["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:40Z");
+        j["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+        reply(r.send, 200, j);
+        no_more(&mut h).await;
+    })
+    .await;
+    assert_eq!(exit_code(&r), 18, "{:?}", r.result);
+    let msg = r.result.unwrap_err().to_string();
+    assert!(
+        msg.contains("cannot pull image ghcr.io/osscontainertools/kaniko:v1.27.6-debug for container kaniko: ImagePullBackOff"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn namespace_missing() {
+    let plan = plan_with(|a| a.settings.namespace = Some("team-x".into()));
+    let r = drive(plan, opts(OutputFormat::Text), |mut h| async move {
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-x/serviceaccounts/slipway-build",
+        )
+        .await;
+        reply(r.send, 404, not_found("serviceaccounts", "slipway-build"));
+        let r = expect(&mut h, Method::GET, "/api/v1/namespaces/team-x").await;
+        reply(r.send, 404, not_found("namespaces", "team-x"));
+        no_more(&mut h).await;
+    })
+    .await;
+    assert_eq!(exit_code(&r), 19, "{:?}", r.result);
+    assert!(r
+        .result
+        .unwrap_err()
+        .to_string()
+        .starts_with("namespace team-x does not exist"));
+}
+
+#[tokio::test]
+async fn service_account_missing() {
+    let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
+    let r = drive(plan, opts(OutputFormat::Text), |mut h| async move {
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/serviceaccounts/slipway-build",
+        )
+        .await;
+        reply(r.send, 404, not_found("serviceaccounts", "slipway-build"));
+        let r = expect(&mut h, Method::GET, "/api/v1/namespaces/team-a").await;
+        reply(
+            r.send,
+            200,
+            json!({ "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": "team-a" } }),
+        );
+        no_more(&mut h).await;
+    })
+    .await;
+    assert_eq!(exit_code(&r), 19, "{:?}", r.result);
+    let msg = r.result.unwrap_err().to_string();
+    assert!(
+        msg.starts_with("ServiceAccount slipway-build not found in namespace team-a"),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("kubectl -n team-a create serviceaccount slipway-build"),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn the_job_controller_cannot_create_the_pod() {
+    // The ServiceAccount check was not allowed (403), and the pod never
+    // appears: the Job's events say why, and the Job is deleted.
+    let mut o = opts(OutputFormat::Text);
+    o.timing.quiet = Duration::from_millis(200);
+    let r = drive(plan(), o, |mut h| async move {
+        let r = expect(&mut h, Method::GET, "/api/v1/namespaces/shared-services/serviceaccounts/slipway-build").await;
+        reply(
+            r.send,
+            403,
+            status(
+                403,
+                "Forbidden",
+                "serviceaccounts \"slipway-build\" is forbidden: User \"dev\" cannot get resource \"serviceaccounts\" in API group \"\" in the namespace \"shared-services\"",
+                json!({ "name": "slipway-build", "kind": "serviceaccounts" }),
+            ),
+        );
+        let r = expect(&mut h, Method::GET, "/api/v1/namespaces/shared-services/configmaps/registry-ca").await;
+        reply(r.send, 200, ca_configmap(NS, CA));
+        create_job(&mut h, &plan()).await;
+        // The watch gets no event; slipway looks at the Job's events.
+        let _held = expect(&mut h, Method::GET, &watch_uri(NS, "0")).await;
+        let r = expect(
+            &mut h,
+            Method::GET,
+            &format!("/api/v1/namespaces/{NS}/events?&fieldSelector=involvedObject.kind%3DJob%2CinvolvedObject.name%3D{JOB}"),
+        )
+        .await;
+        reply(
+            r.send,
+            200,
+            json!({
+                "apiVersion": "v1", "kind": "EventList", "metadata": { "resourceVersion": "120" },
+                "items": [{
+                    "metadata": { "name": format!("{JOB}.1"), "namespace": NS },
+                    "involvedObject": { "kind": "Job", "name": JOB, "namespace": NS, "apiVersion": "batch/v1" },
+                    "reason": "FailedCreate", "type": "Warning",
+                    "message": format!("Error creating: pods \"{JOB}-\" is forbidden: error looking up service account {NS}/slipway-build: serviceaccount \"slipway-build\" not found"),
+                    "source": { "component": "job-controller" }
+                }]
+            }),
+        );
+        let r = expect(&mut h, Method::DELETE, &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}?")).await;
+        assert_eq!(r.json(), json!({ "propagationPolicy": "Foreground" }));
+        reply(r.send, 200, created_job(&plan()));
+        no_more(&mut h).await;
+    })
+    .await;
+    assert_eq!(exit_code(&r), 19, "{:?}", r.result);
+    assert!(r
+        .stderr
+        .contains("cannot check ServiceAccount shared-services/slipway-build (forbidden)"));
+}
+
+// ---- cancel and detach -------------------------------------------------------
+
+#[tokio::test]
+async fn ctrl_c_deletes_the_job_and_its_pod() {
+    let plan = plan();
+    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let mut out = Vec::new();
+    let mut progress = PlainProgress { w: Vec::new() };
+    let o = opts(OutputFormat::Text);
+    let (result, ()) = tokio::join!(
+        run::run(
+            client,
+            &plan,
+            &o,
+            async {
+                let _ = rx.await;
+            },
+            &mut out,
+            &mut progress,
+        ),
+        async {
+            preflight_in_place(&mut h).await;
+            create_job(&mut h, &self::plan()).await;
+            until_git_log(&mut h).await;
+            // The build goes on; the user presses Ctrl-C while slipway waits.
+            let held = expect(&mut h, Method::GET, &watch_uri(NS, "101")).await;
+            tx.send(()).unwrap();
+            let r = expect(
+                &mut h,
+                Method::DELETE,
+                &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}?"),
+            )
+            .await;
+            assert_eq!(r.json(), json!({ "propagationPolicy": "Foreground" }));
+            let mut j = created_job(&self::plan());
+            j["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:30Z");
+            j["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+            reply(r.send, 200, j);
+            drop(held);
+            no_more(&mut h).await;
+        }
+    );
+    let e = result.unwrap_err();
+    assert_eq!(e.exit_code(), 130);
+    assert_eq!(
+        e.to_string(),
+        format!("interrupted: deleted job {NS}/{JOB} and its pod")
+    );
+    assert!(out.is_empty());
+}
+
+#[tokio::test]
+async fn detach_prints_the_build_name_after_copying_the_ca() {
+    // In team-a: the CA is copied from shared-services, the push Secret is
+    // checked (metadata only), and no watch follows the create.
+    let plan = plan_with(|a| {
+        a.settings.namespace = Some("team-a".into());
+        a.push_secret = Some("regcred".into());
+        a.detach = true;
+    });
+    let mut o = opts(OutputFormat::Text);
+    o.detach = true;
+    let p2 = plan.clone();
+    let r = drive(plan, o, |mut h| async move {
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/serviceaccounts/slipway-build",
+        )
+        .await;
+        reply(r.send, 200, service_account("team-a"));
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/secrets/regcred",
+        )
+        .await;
+        assert!(
+            r.accept.contains("as=PartialObjectMetadata"),
+            "{}",
+            r.accept
+        );
+        reply(
+            r.send,
+            200,
+            json!({
+                "apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadata",
+                "metadata": { "name": "regcred", "namespace": "team-a" }
+            }),
+        );
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/shared-services/configmaps/registry-ca",
+        )
+        .await;
+        reply(r.send, 200, ca_configmap(NS, CA));
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca",
+        )
+        .await;
+        reply(r.send, 404, not_found("configmaps", "registry-ca"));
+        let r = expect(
+            &mut h,
+            Method::POST,
+            "/api/v1/namespaces/team-a/configmaps?",
+        )
+        .await;
+        assert_eq!(
+            r.json(),
+            json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {
+                    "name": "registry-ca", "namespace": "team-a",
+                    "labels": { "app.kubernetes.io/managed-by": "slipway" },
+                    "annotations": { "slipway.dev/copied-from": "shared-services/registry-ca" }
+                },
+                "data": { "ca.crt": CA }
+            })
+        );
+        let mut cm = r.json();
+        cm["metadata"]["resourceVersion"] = json!("300");
+        reply(r.send, 201, cm);
+        create_job(&mut h, &p2).await;
+        no_more(&mut h).await;
+    })
+    .await;
+    assert_eq!(
+        r.result.unwrap(),
+        Outcome::Detached {
+            build: JOB.into(),
+            namespace: "team-a".into()
+        }
+    );
+    assert_eq!(r.stdout, format!("{JOB}\n"));
+}
+
+#[tokio::test]
+async fn a_stale_ca_copy_is_updated() {
+    let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
+    let mut o = opts(OutputFormat::Text);
+    o.detach = true;
+    let p2 = plan.clone();
+    let r = drive(plan, o, |mut h| async move {
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/serviceaccounts/slipway-build",
+        )
+        .await;
+        reply(r.send, 200, service_account("team-a"));
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/shared-services/configmaps/registry-ca",
+        )
+        .await;
+        reply(r.send, 200, ca_configmap(NS, CA));
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca",
+        )
+        .await;
+        let mut old = ca_configmap(
+            "team-a",
+            "-----BEGIN CERTIFICATE-----\nOLD\n-----END CERTIFICATE-----\n",
+        );
+        old["data"]["other"] = json!("kept");
+        reply(r.send, 200, old);
+        let r = expect(
+            &mut h,
+            Method::PUT,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca?",
+        )
+        .await;
+        let body = r.json();
+        assert_eq!(body["data"], json!({ "ca.crt": CA, "other": "kept" }));
+        assert_eq!(
+            body["metadata"]["resourceVersion"], "11",
+            "optimistic concurrency"
+        );
+        assert_eq!(
+            body["metadata"]["annotations"]["slipway.dev/copied-from"],
+            "shared-services/registry-ca"
+        );
+        reply(r.send, 200, body);
+        create_job(&mut h, &p2).await;
+        no_more(&mut h).await;
+    })
+    .await;
+    assert!(r.result.is_ok(), "{:?}", r.result);
+}
+
+#[tokio::test]
+async fn a_missing_registry_ca_is_reported_before_the_job() {
+    let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/shared-services/serviceaccounts/slipway-build",
+        )
+        .await;
+        reply(r.send, 200, service_account(NS));
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/shared-services/configmaps/registry-ca",
+        )
+        .await;
+        reply(r.send, 404, not_found("configmaps", "registry-ca"));
+        no_more(&mut h).await;
+    })
+    .await;
+    assert_eq!(exit_code(&r), 19, "{:?}", r.result);
+    assert!(r
+        .result
+        .unwrap_err()
+        .to_string()
+        .contains("published by slipway pki"));
+}
+
+// ---- builds and logs -------------------------------------------------------
+
+#[tokio::test]
+async fn builds_lists_status_commit_digest_and_age() {
+    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let now: Timestamp = "2025-01-01T00:10:00Z".parse().unwrap();
+    let (rows, ()) = tokio::join!(run::list_builds(client, NS, now), async {
+        let sel = "app.kubernetes.io%2Fmanaged-by%3Dslipway%2Cslipway.dev%2Fbuild-id";
+        let r = expect(
+            &mut h,
+            Method::GET,
+            &format!("/apis/batch/v1/namespaces/{NS}/jobs?&labelSelector={sel}"),
+        )
+        .await;
+        let mut done = created_job(&plan());
+        done["status"] =
+            json!({ "conditions": [{ "type": "Complete", "status": "True" }], "succeeded": 1 });
+        reply(
+            r.send,
+            200,
+            json!({ "apiVersion": "batch/v1", "kind": "JobList", "metadata": { "resourceVersion": "500" }, "items": [done] }),
+        );
+        let r = expect(
+            &mut h,
+            Method::GET,
+            &format!("/api/v1/namespaces/{NS}/pods?&labelSelector={sel}"),
+        )
+        .await;
+        reply(
+            r.send,
+            200,
+            json!({
+                "apiVersion": "v1", "kind": "PodList", "metadata": { "resourceVersion": "500" },
+                "items": [pod(104, "Succeeded", git_ok(), Some(kaniko_ok()))]
+            }),
+        );
+    });
+    let rows = rows.unwrap();
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(row.name, JOB);
+    assert_eq!(row.status, "Succeeded");
+    assert_eq!(row.commit, COMMIT);
+    assert_eq!(row.digest, DIGEST);
+    assert_eq!(row.revision, "main");
+    assert_eq!(row.age, "10m");
+    let table = slipway::build::status::format_table(&rows);
+    assert!(table.starts_with("NAME"), "{table}");
+    assert!(table.contains("build-app-flow000001   Succeeded   app    main       3f786850e387   sha256:6f1b2c3d4e5f   10m"), "{table}");
+}
+
+#[tokio::test]
+async fn logs_shows_a_finished_build() {
+    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let mut out = Vec::new();
+    let timing = Timing {
+        quiet: Duration::from_secs(30),
+        log_retry: Duration::from_millis(5),
+        log_retries: 5,
+    };
+    let (r, ()) = tokio::join!(run::show_logs(client, NS, JOB, &timing, &mut out), async {
+        let r = expect(
+            &mut h,
+            Method::GET,
+            &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"),
+        )
+        .await;
+        reply(r.send, 200, created_job(&plan()));
+        let r = expect(
+            &mut h,
+            Method::GET,
+            &format!("/api/v1/namespaces/{NS}/pods?&labelSelector=slipway.dev%2Fbuild-id%3D{ID}"),
+        )
+        .await;
+        let done = pod(104, "Succeeded", git_ok(), Some(kaniko_ok()));
+        reply(
+            r.send,
+            200,
+            json!({ "apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": [done.clone()] }),
+        );
+        let r = expect(&mut h, Method::GET, &log_uri("git")).await;
+        reply_text(r.send, GIT_LOG);
+        let r = expect(
+            &mut h,
+            Method::GET,
+            &format!("/api/v1/namespaces/{NS}/pods/{POD}"),
+        )
+        .await;
+        reply(r.send, 200, done);
+        let r = expect(&mut h, Method::GET, &log_uri("kaniko")).await;
+        reply_text(r.send, KANIKO_LOG);
+    });
+    r.unwrap();
+    let out = String::from_utf8(out).unwrap();
+    assert!(out.starts_with("[git] slipway: main is commit"), "{out}");
+    assert!(
+        out.contains("[kaniko] INFO[0012] Pushed registry.shared-services:5000/app@sha256:"),
+        "{out}"
+    );
+}
+
+#[tokio::test]
+async fn logs_of_an_unknown_build() {
+    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(svc, "default");
+    let mut out = Vec::new();
+    let timing = Timing::default();
+    let (r, ()) = tokio::join!(
+        run::show_logs(client, NS, "nope", &timing, &mut out),
+        async {
+            let r = expect(
+                &mut h,
+                Method::GET,
+                &format!("/apis/batch/v1/namespaces/{NS}/jobs/nope"),
+            )
+            .await;
+            reply(r.send, 404, not_found("jobs.batch", "nope"));
+        }
+    );
+    let e = r.unwrap_err();
+    assert!(e
+        .to_string()
+        .starts_with("build nope not found in namespace shared-services"));
+}

@@ -1,0 +1,643 @@
+//! The build pod's two shell scripts, run for real, as the pod runs them:
+//! `job::GIT_SCRIPT` under busybox sh (Alpine's shell and tools) with real
+//! git, against local repositories (`file://`, which speaks git's smart
+//! protocol, shallow fetches included) and a loopback HTTP server that
+//! demands credentials; `job::KANIKO_WRAPPER` under busybox sh around a
+//! stand-in executor. The scripts' absolute paths (`/slipway/…`,
+//! `/dev/termination-log`, `/kaniko/executor`) are rewritten into a
+//! temporary directory; nothing else is changed.
+//!
+//! Needs `busybox` and `git` (integration/install-deps.sh installs both);
+//! without them the tests say why and skip, or fail under
+//! SLIPWAY_REQUIRE_INTEGRATION=1. SSH keys are not exercised here (no SSH
+//! server on the test bed).
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use slipway::build::job::{GIT_SCRIPT, KANIKO_WRAPPER};
+
+fn which(bin: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join(bin))
+            .find(|p| p.is_file())
+    })
+}
+
+fn tools() -> Option<(PathBuf, PathBuf)> {
+    match (which("busybox"), which("git")) {
+        (Some(b), Some(g)) => Some((b, g)),
+        (b, g) => {
+            let missing: Vec<&str> = [("busybox", b.is_none()), ("git", g.is_none())]
+                .iter()
+                .filter(|(_, m)| *m)
+                .map(|(n, _)| *n)
+                .collect();
+            let msg = format!(
+                "build script tests need {} (bash integration/install-deps.sh)",
+                missing.join(" and ")
+            );
+            if std::env::var_os("SLIPWAY_REQUIRE_INTEGRATION").is_some() {
+                panic!("{msg}");
+            }
+            eprintln!("SKIPPED: {msg}");
+            None
+        }
+    }
+}
+
+/// A temporary root with `bin/` holding busybox's applets and git, as in
+/// the alpine/git image.
+struct Bed {
+    dir: tempfile::TempDir,
+    busybox: PathBuf,
+}
+
+impl Bed {
+    fn new() -> Option<Bed> {
+        let (busybox, git) = tools()?;
+        let dir = tempfile::tempdir().unwrap();
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let st = Command::new(&busybox)
+            .args(["--install", "-s"])
+            .arg(&bin)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        let _ = std::fs::remove_file(bin.join("git"));
+        std::os::unix::fs::symlink(git, bin.join("git")).unwrap();
+        Some(Bed { dir, busybox })
+    }
+
+    fn path(&self, p: &str) -> PathBuf {
+        self.dir.path().join(p)
+    }
+
+    fn rewrite(&self, script: &str) -> String {
+        let root = self.dir.path().display().to_string();
+        script
+            .replace("/slipway/context", &format!("{root}/slipway/context"))
+            .replace("/slipway/out", &format!("{root}/slipway/out"))
+            .replace("/slipway/git-secret", &format!("{root}/slipway/git-secret"))
+            .replace("/dev/termination-log", &format!("{root}/termination-log"))
+            .replace("/kaniko/executor", &format!("{root}/fake-executor"))
+    }
+
+    fn fresh_pod_dirs(&self) {
+        for d in ["slipway", "termination-log"] {
+            let p = self.path(d);
+            let _ = std::fs::remove_dir_all(&p);
+            let _ = std::fs::remove_file(&p);
+        }
+        for d in ["slipway/context", "slipway/out", "slipway/home"] {
+            std::fs::create_dir_all(self.path(d)).unwrap();
+        }
+        std::fs::write(self.path("termination-log"), "").unwrap();
+    }
+
+    fn termination_message(&self) -> String {
+        std::fs::read_to_string(self.path("termination-log")).unwrap()
+    }
+}
+
+/// What one git-container run left behind.
+struct GitRun {
+    code: i32,
+    message: String,
+    stderr: String,
+}
+
+struct GitInput<'a> {
+    url: String,
+    revision: &'a str,
+    kind: &'a str,
+    dockerfile: &'a str,
+    context_dir: Option<&'a str>,
+    extra_env: Vec<(&'a str, &'a str)>,
+}
+
+fn input<'a>(url: &str, revision: &'a str, kind: &'a str) -> GitInput<'a> {
+    GitInput {
+        url: url.to_string(),
+        revision,
+        kind,
+        dockerfile: "Dockerfile",
+        context_dir: None,
+        extra_env: vec![],
+    }
+}
+
+fn run_git(bed: &Bed, i: &GitInput) -> GitRun {
+    let script = bed.rewrite(GIT_SCRIPT);
+    let mut cmd = Command::new(&bed.busybox);
+    cmd.args(["sh", "-c", &script])
+        .env_clear()
+        .env("PATH", bed.path("bin"))
+        .env("HOME", bed.path("slipway/home"))
+        .env("TMPDIR", bed.path("slipway/home"))
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("SLIPWAY_GIT_URL", &i.url)
+        .env("SLIPWAY_REVISION", i.revision)
+        .env("SLIPWAY_REVISION_KIND", i.kind)
+        .env("SLIPWAY_DOCKERFILE", i.dockerfile);
+    if let Some(d) = i.context_dir {
+        cmd.env("SLIPWAY_CONTEXT_DIR", d);
+    }
+    for (k, v) in &i.extra_env {
+        cmd.env(k, v);
+    }
+    let out: Output = cmd.output().unwrap();
+    GitRun {
+        code: out.status.code().unwrap_or(-1),
+        message: bed.termination_message(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned()
+            + &String::from_utf8_lossy(&out.stdout),
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(dir)
+        .env("GIT_AUTHOR_NAME", "t")
+        .env("GIT_AUTHOR_EMAIL", "t@example.com")
+        .env("GIT_COMMITTER_NAME", "t")
+        .env("GIT_COMMITTER_EMAIL", "t@example.com")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_CONFIG_COUNT", "1")
+        .env("GIT_CONFIG_KEY_0", "protocol.file.allow")
+        .env("GIT_CONFIG_VALUE_0", "always")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// The origin repository:
+/// - main: c1 (Dockerfile) → c2 (services/api/Dockerfile) → c3 (tip);
+/// - annotated tag v1 on c2; branch feature/x off c2; a branch (on c2) and
+///   a tag (on c3) both named `dup`. c1 is no tip: a server that only
+///   allows advertised objects in `want` refuses it.
+struct Origin {
+    url: String,
+    c1: String,
+    c2: String,
+    c3: String,
+    feature: String,
+}
+
+fn origin(bed: &Bed) -> Origin {
+    let o = bed.path("origin");
+    std::fs::create_dir_all(&o).unwrap();
+    git(&o, &["init", "-q", "-b", "main"]);
+    std::fs::write(o.join("Dockerfile"), "FROM alpine:3.20\n").unwrap();
+    git(&o, &["add", "."]);
+    git(&o, &["commit", "-qm", "one"]);
+    let c1 = git(&o, &["rev-parse", "HEAD"]);
+    std::fs::create_dir_all(o.join("services/api")).unwrap();
+    std::fs::write(o.join("services/api/Dockerfile"), "FROM alpine:3.20\n").unwrap();
+    git(&o, &["add", "."]);
+    git(&o, &["commit", "-qm", "two"]);
+    let c2 = git(&o, &["rev-parse", "HEAD"]);
+    git(&o, &["tag", "-a", "v1", "-m", "release 1"]);
+    git(&o, &["checkout", "-qb", "feature/x"]);
+    std::fs::write(o.join("feature.txt"), "x\n").unwrap();
+    git(&o, &["add", "."]);
+    git(&o, &["commit", "-qm", "feature"]);
+    let feature = git(&o, &["rev-parse", "HEAD"]);
+    git(&o, &["checkout", "-q", "main"]);
+    std::fs::write(o.join("three.txt"), "3\n").unwrap();
+    git(&o, &["add", "."]);
+    git(&o, &["commit", "-qm", "three"]);
+    let c3 = git(&o, &["rev-parse", "HEAD"]);
+    git(&o, &["branch", "dup", &c2]);
+    git(&o, &["tag", "dup", &c3]);
+    Origin {
+        url: format!("file://{}", o.display()),
+        c1,
+        c2,
+        c3,
+        feature,
+    }
+}
+
+fn ok_message(commit: &str, r#ref: &str) -> String {
+    format!("slipway-git ok\ncommit {commit}\nref {ref}\n")
+}
+
+#[test]
+fn git_script_resolves_branches_tags_and_commits() {
+    let Some(bed) = Bed::new() else { return };
+    let o = origin(&bed);
+    let cases: Vec<(&str, &str, String, &str)> = vec![
+        ("main", "ref", o.c3.clone(), "refs/heads/main"),
+        (
+            "feature/x",
+            "ref",
+            o.feature.clone(),
+            "refs/heads/feature/x",
+        ),
+        // An annotated tag resolves to the commit it points to.
+        ("v1", "ref", o.c2.clone(), "refs/tags/v1"),
+        // A tag wins over a branch of the same name, as in git.
+        ("dup", "ref", o.c3.clone(), "refs/tags/dup"),
+        ("refs/heads/dup", "ref", o.c2.clone(), "refs/heads/dup"),
+    ];
+    for (rev, kind, commit, r) in cases {
+        bed.fresh_pod_dirs();
+        let run = run_git(&bed, &input(&o.url, rev, kind));
+        assert_eq!(run.code, 0, "{rev}: {}", run.stderr);
+        assert_eq!(run.message, ok_message(&commit, r), "{rev}");
+        let written = std::fs::read_to_string(bed.path("slipway/out/commit")).unwrap();
+        assert_eq!(written.trim(), commit);
+        assert!(bed.path("slipway/context/Dockerfile").is_file());
+        assert!(
+            !bed.path("slipway/context/.git").exists(),
+            ".git is removed before the build"
+        );
+    }
+    // The branch checkout is shallow: one commit fetched, not the history.
+    bed.fresh_pod_dirs();
+    let run = run_git(&bed, &input(&o.url, "main", "ref"));
+    assert!(
+        !run.stderr.contains("fetching all branches"),
+        "{}",
+        run.stderr
+    );
+}
+
+#[test]
+fn git_script_fetches_a_commit_directly_or_falls_back() {
+    let Some(bed) = Bed::new() else { return };
+    let o = origin(&bed);
+    // A commit that is no branch tip, fetched by itself (protocol v2).
+    bed.fresh_pod_dirs();
+    let run = run_git(&bed, &input(&o.url, &o.c1, "commit"));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.message, ok_message(&o.c1, "-"));
+    assert!(
+        !run.stderr.contains("fetching all branches"),
+        "{}",
+        run.stderr
+    );
+    // A server that refuses a sha in `want` (protocol v0 without
+    // uploadpack.allowReachableSHA1InWant): the full fetch finds it.
+    bed.fresh_pod_dirs();
+    let mut i = input(&o.url, &o.c1, "commit");
+    i.extra_env = vec![
+        ("GIT_CONFIG_COUNT", "1"),
+        ("GIT_CONFIG_KEY_0", "protocol.version"),
+        ("GIT_CONFIG_VALUE_0", "0"),
+    ];
+    let run = run_git(&bed, &i);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.message, ok_message(&o.c1, "-"));
+    assert!(run.stderr.contains("would not send"), "{}", run.stderr);
+    assert!(
+        run.stderr.contains("fetching all branches and tags"),
+        "{}",
+        run.stderr
+    );
+    // A short sha: the full fetch, then git expands it.
+    bed.fresh_pod_dirs();
+    let short = &o.feature[..8];
+    let run = run_git(&bed, &input(&o.url, short, "short-commit"));
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(run.message, ok_message(&o.feature, "-"));
+}
+
+#[test]
+fn git_script_reports_missing_revisions_and_dockerfiles() {
+    let Some(bed) = Bed::new() else { return };
+    let o = origin(&bed);
+    let missing: Vec<(String, &str, &str)> = vec![
+        ("nope".into(), "ref", "no branch or tag named nope in"),
+        (
+            "0123456789abcdef0123456789abcdef01234567".into(),
+            "commit",
+            "no commit 0123456789abcdef0123456789abcdef01234567 in any branch or tag",
+        ),
+        (
+            "abcdef1".into(),
+            "short-commit",
+            "no commit abcdef1 in any branch or tag",
+        ),
+    ];
+    for (rev, kind, want) in missing {
+        bed.fresh_pod_dirs();
+        let run = run_git(&bed, &input(&o.url, &rev, kind));
+        assert_eq!(run.code, 11, "{rev}: {}", run.stderr);
+        assert!(
+            run.message.starts_with("slipway-git revision-not-found\n"),
+            "{}",
+            run.message
+        );
+        assert!(run.message.contains(want), "{}", run.message);
+    }
+    // The Dockerfile is checked at the resolved commit: services/api only
+    // exists from c2 on.
+    bed.fresh_pod_dirs();
+    let mut i = input(&o.url, &o.c1, "commit");
+    i.context_dir = Some("services/api");
+    i.dockerfile = "services/api/Dockerfile";
+    let run = run_git(&bed, &i);
+    assert_eq!(run.code, 12, "{}", run.stderr);
+    assert!(
+        run.message.starts_with(
+            "slipway-git dockerfile-not-found\ncontext directory services/api does not exist"
+        ),
+        "{}",
+        run.message
+    );
+    bed.fresh_pod_dirs();
+    let mut i = input(&o.url, "main", "ref");
+    i.context_dir = Some("services/api");
+    i.dockerfile = "services/api/Dockerfile";
+    let run = run_git(&bed, &i);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    bed.fresh_pod_dirs();
+    let mut i = input(&o.url, "main", "ref");
+    i.dockerfile = "docker/Dockerfile.prod";
+    let run = run_git(&bed, &i);
+    assert_eq!(run.code, 12);
+    assert_eq!(
+        run.message,
+        format!("slipway-git dockerfile-not-found\ndocker/Dockerfile.prod does not exist at commit {}\n", o.c3)
+    );
+}
+
+#[test]
+fn git_script_checks_out_submodules() {
+    let Some(bed) = Bed::new() else { return };
+    let sub = bed.path("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    git(&sub, &["init", "-q", "-b", "main"]);
+    std::fs::write(sub.join("lib.txt"), "lib\n").unwrap();
+    git(&sub, &["add", "."]);
+    git(&sub, &["commit", "-qm", "lib"]);
+    let sup = bed.path("super");
+    std::fs::create_dir_all(&sup).unwrap();
+    git(&sup, &["init", "-q", "-b", "main"]);
+    std::fs::write(
+        sup.join("Dockerfile"),
+        "FROM scratch\nCOPY vendor/sub/lib.txt /\n",
+    )
+    .unwrap();
+    let sub_url = format!("file://{}", sub.display());
+    git(&sup, &["submodule", "-q", "add", &sub_url, "vendor/sub"]);
+    git(&sup, &["add", "."]);
+    git(&sup, &["commit", "-qm", "with submodule"]);
+    bed.fresh_pod_dirs();
+    let mut i = input(&format!("file://{}", sup.display()), "main", "ref");
+    // The file transport is off for submodules by default (CVE-2022-39253);
+    // real submodules use https or ssh.
+    i.extra_env = vec![
+        ("GIT_CONFIG_COUNT", "1"),
+        ("GIT_CONFIG_KEY_0", "protocol.file.allow"),
+        ("GIT_CONFIG_VALUE_0", "always"),
+    ];
+    let run = run_git(&bed, &i);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert_eq!(
+        std::fs::read_to_string(bed.path("slipway/context/vendor/sub/lib.txt")).unwrap(),
+        "lib\n"
+    );
+    assert!(!bed.path("slipway/context/vendor/sub/.git").exists());
+}
+
+/// A loopback HTTP server that answers every request with 401 and records
+/// the Authorization headers it got.
+fn auth_server() -> (String, Arc<Mutex<Vec<Option<String>>>>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/team/app.git", l.local_addr().unwrap());
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    std::thread::spawn(move || {
+        for conn in l.incoming() {
+            let Ok(mut c) = conn else { continue };
+            let mut auth = None;
+            let mut r = BufReader::new(c.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+                if let Some(v) = line.strip_prefix("Authorization: ") {
+                    auth = Some(v.trim().to_string());
+                }
+            }
+            s2.lock().unwrap().push(auth);
+            let _ = c.write_all(
+                b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Basic realm=\"git\"\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            );
+        }
+    });
+    (url, seen)
+}
+
+#[test]
+fn git_script_reports_auth_failures_and_sends_the_secret() {
+    let Some(bed) = Bed::new() else { return };
+    let (url, seen) = auth_server();
+    // No credentials.
+    bed.fresh_pod_dirs();
+    let run = run_git(&bed, &input(&url, "main", "ref"));
+    assert_eq!(run.code, 10, "{}", run.stderr);
+    assert!(
+        run.message.starts_with("slipway-git git-auth-failed\n"),
+        "{}",
+        run.message
+    );
+    assert!(
+        run.message.contains("terminal prompts disabled"),
+        "{}",
+        run.message
+    );
+
+    // A token: sent as x-access-token:<token> through the credential helper.
+    for (files, user_pass) in [
+        (vec![("token", "glpat-123")], "x-access-token:glpat-123"),
+        (vec![("token", "t0k"), ("username", "oauth2")], "oauth2:t0k"),
+        (
+            vec![("username", "builder"), ("password", "s3cret")],
+            "builder:s3cret",
+        ),
+    ] {
+        seen.lock().unwrap().clear();
+        bed.fresh_pod_dirs();
+        let sec = bed.path("slipway/git-secret");
+        std::fs::create_dir_all(&sec).unwrap();
+        for (k, v) in &files {
+            std::fs::write(sec.join(k), v).unwrap();
+        }
+        let run = run_git(&bed, &input(&url, "main", "ref"));
+        assert_eq!(run.code, 10, "{}", run.stderr);
+        assert!(
+            run.message.contains("Authentication failed for"),
+            "{}",
+            run.message
+        );
+        let want = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(user_pass)
+        );
+        assert!(
+            seen.lock().unwrap().contains(&Some(want.clone())),
+            "{files:?}: server saw {:?}",
+            seen.lock().unwrap()
+        );
+        assert!(!run.message.contains("s3cret") && !run.stderr.contains("s3cret"));
+    }
+}
+
+#[test]
+fn git_script_reports_an_unreachable_remote_as_a_fetch_failure() {
+    let Some(bed) = Bed::new() else { return };
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/x.git", l.local_addr().unwrap());
+    drop(l);
+    bed.fresh_pod_dirs();
+    let run = run_git(&bed, &input(&url, "main", "ref"));
+    assert_eq!(run.code, 13, "{}", run.stderr);
+    assert!(
+        run.message.starts_with("slipway-git fetch-failed\n"),
+        "{}",
+        run.message
+    );
+}
+
+// ---- the Kaniko wrapper ----------------------------------------------------
+
+const FAKE_EXECUTOR: &str = r#"#!/bin/sh
+# Stands in for /kaniko/executor: records its args, writes the two files as
+# Kaniko does, exits with $FAKE_RC, or waits for SIGTERM with $FAKE_WAIT.
+printf '%s\n' "$@" >"$FAKE_DIR/args"
+trap 'echo TERM >>"$FAKE_DIR/args"; exit 143' TERM
+if [ -n "${FAKE_WAIT:-}" ]; then
+  : >"$FAKE_DIR/started"
+  while :; do sleep 1; done
+fi
+for a; do
+  case "$a" in
+    --digest-file=*) printf 'sha256:%064d' 7 >"${a#*=}" ;;
+    --image-name-with-digest-file=*) printf 'registry.shared-services:5000/app@sha256:%064d\n' 7 >"${a#*=}" ;;
+  esac
+done
+exit "${FAKE_RC:-0}"
+"#;
+
+const COMMIT: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
+
+fn wrapper(bed: &Bed, env: &[(&str, &str)]) -> std::process::Child {
+    bed.fresh_pod_dirs();
+    std::fs::write(bed.path("slipway/out/commit"), format!("{COMMIT}\n")).unwrap();
+    let exe = bed.path("fake-executor");
+    std::fs::write(&exe, FAKE_EXECUTOR).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let root = bed.dir.path().display().to_string();
+    let mut cmd = Command::new(&bed.busybox);
+    cmd.args(["sh", "-c", &bed.rewrite(KANIKO_WRAPPER), "slipway-kaniko"])
+        .arg(format!("--digest-file={root}/termination-log"))
+        .arg(format!(
+            "--image-name-with-digest-file={root}/slipway/out/image-name"
+        ))
+        .arg("--cache=true")
+        .env_clear()
+        .env("PATH", bed.path("bin"))
+        .env("FAKE_DIR", bed.dir.path())
+        .env("SLIPWAY_SOURCE_URL", "https://github.com/example/app.git")
+        .stdout(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+fn args(bed: &Bed) -> Vec<String> {
+    std::fs::read_to_string(bed.path("args"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn kaniko_wrapper_adds_the_commit_and_reports_the_digest() {
+    let Some(bed) = Bed::new() else { return };
+    let st = wrapper(
+        &bed,
+        &[(
+            "SLIPWAY_IMAGE_BY_COMMIT",
+            "registry.shared-services:5000/app",
+        )],
+    )
+    .wait()
+    .unwrap();
+    assert_eq!(st.code(), Some(0));
+    let a = args(&bed);
+    let root = bed.dir.path().display().to_string();
+    assert_eq!(
+        a,
+        [
+            format!("--digest-file={root}/termination-log"),
+            format!("--image-name-with-digest-file={root}/slipway/out/image-name"),
+            "--cache=true".into(),
+            format!("--label=org.opencontainers.image.revision={COMMIT}"),
+            format!("--label=org.opencontainers.image.source=https://github.com/example/app.git#{COMMIT}"),
+            "--destination=registry.shared-services:5000/app:3f78685".into(),
+        ]
+    );
+    let d = format!("sha256:{:064}", 7);
+    assert_eq!(
+        bed.termination_message(),
+        format!("{d}\nregistry.shared-services:5000/app@{d}\n")
+    );
+    // With --tag the destination is in the Job's args; nothing is added.
+    let st = wrapper(&bed, &[]).wait().unwrap();
+    assert_eq!(st.code(), Some(0));
+    assert!(!args(&bed).iter().any(|a| a.starts_with("--destination")));
+}
+
+#[test]
+fn kaniko_wrapper_empties_the_message_on_failure() {
+    let Some(bed) = Bed::new() else { return };
+    // The executor wrote a digest (as Kaniko does before pushing) and failed.
+    let st = wrapper(&bed, &[("FAKE_RC", "1")]).wait().unwrap();
+    assert_eq!(st.code(), Some(1));
+    assert_eq!(
+        bed.termination_message(),
+        "",
+        "the kubelet then reports the log tail (FallbackToLogsOnError)"
+    );
+}
+
+#[test]
+fn kaniko_wrapper_forwards_sigterm() {
+    let Some(bed) = Bed::new() else { return };
+    let mut child = wrapper(&bed, &[("FAKE_WAIT", "1")]);
+    let started = bed.path("started");
+    for _ in 0..100 {
+        if started.exists() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(started.exists(), "the executor did not start");
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let st = child.wait().unwrap();
+    assert_eq!(st.code(), Some(143));
+    assert_eq!(args(&bed).last().map(String::as_str), Some("TERM"));
+    assert_eq!(bed.termination_message(), "");
+}

@@ -1,0 +1,587 @@
+//! Pure: reads Kaniko's log, line by line, into what the progress line and
+//! the result show: the stage being built, `STEP n/m`, cache hits and misses,
+//! cache upload failures and error lines.
+//!
+//! The lines it understands are Kaniko's own (`pkg/executor/build.go` and
+//! `push.go` of the maintained fork), in its default `color` format
+//! (`INFO[0001] message`, with ANSI colour codes, which are stripped), its
+//! `text` format (`time=… level=info msg="…"`) and `json` format:
+//!
+//! | message | meaning |
+//! | --- | --- |
+//! | `Building stage 'golang:1.22' [idx: '0', base-idx: '-1']` | a stage starts |
+//! | `RUN go build ./...` (any Dockerfile instruction) | a step starts: n += 1 |
+//! | `Using caching version of cmd: RUN …` | cache hit |
+//! | `No cached layer found for cmd RUN …` | cache miss (Kaniko stops looking in that stage after the first) |
+//! | `Error uploading layer to cache: …` (WARN) | a layer was built but not cached: the next build misses it |
+//! | `Pushing image to REG/NAME:TAG`, `Pushed REG/NAME@sha256:…` | the push |
+//!
+//! m comes from the build plan Kaniko prints before building when
+//! `KANIKO_PRINT_PLAN=1` (unprefixed lines: `FROM …`, then one line per
+//! instruction it will run, `PUSH`, `CLEAN` …): the number of instruction
+//! lines in it. Without a plan (another executor version), the progress line
+//! shows `STEP n`.
+
+/// Dockerfile instructions as Kaniko prints them at the start of a step.
+/// FROM is not among them: Kaniko announces a stage with "Building stage".
+const INSTRUCTIONS: &[&str] = &[
+    "ADD",
+    "ARG",
+    "CMD",
+    "COPY",
+    "ENTRYPOINT",
+    "ENV",
+    "EXPOSE",
+    "HEALTHCHECK",
+    "LABEL",
+    "MAINTAINER",
+    "ONBUILD",
+    "RUN",
+    "SHELL",
+    "STOPSIGNAL",
+    "USER",
+    "VOLUME",
+    "WORKDIR",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+    Fatal,
+}
+
+/// One log line, split into its level (if it is one of Kaniko's own lines)
+/// and its message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub level: Option<Level>,
+    pub message: String,
+}
+
+/// Removes ANSI escape sequences (`ESC [ … letter`).
+pub fn strip_ansi(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            continue;
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn level_of(s: &str) -> Option<Level> {
+    Some(match s.to_ascii_lowercase().as_str() {
+        "trac" | "trace" => Level::Trace,
+        "debu" | "debug" => Level::Debug,
+        "info" => Level::Info,
+        "warn" | "warning" => Level::Warn,
+        "erro" | "error" => Level::Error,
+        "fata" | "fatal" | "pani" | "panic" => Level::Fatal,
+        _ => return None,
+    })
+}
+
+/// Splits a raw log line (colour codes and all).
+pub fn parse_line(raw: &str) -> Line {
+    let s = strip_ansi(raw.trim_end_matches(['\r', '\n']));
+    // color format: INFO[0001] message
+    if s.len() > 5 && s.as_bytes()[4] == b'[' {
+        if let (Some(level), Some(close)) = (level_of(&s[..4]), s.find(']')) {
+            return Line {
+                level: Some(level),
+                message: s[close + 1..].trim_start().to_string(),
+            };
+        }
+    }
+    // json format
+    if s.starts_with('{') {
+        if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(&s) {
+            if let (Some(l), Some(msg)) = (
+                m.get("level").and_then(|v| v.as_str()),
+                m.get("msg").and_then(|v| v.as_str()),
+            ) {
+                return Line {
+                    level: level_of(l),
+                    message: msg.to_string(),
+                };
+            }
+        }
+    }
+    // text format: time="…" level=info msg="…"
+    if let (Some(l), Some(m)) = (s.find("level="), s.find("msg=")) {
+        let level = s[l + 6..].split_whitespace().next().and_then(level_of);
+        if level.is_some() {
+            return Line {
+                level,
+                message: logfmt_value(&s[m + 4..]),
+            };
+        }
+    }
+    Line {
+        level: None,
+        message: s,
+    }
+}
+
+/// The value at the start of `s` in logfmt: a quoted string (with `\"` and
+/// `\\` escapes) or a bare word.
+fn logfmt_value(s: &str) -> String {
+    let Some(rest) = s.strip_prefix('"') else {
+        return s.split_whitespace().next().unwrap_or("").to_string();
+    };
+    let mut out = String::new();
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => break,
+            '\\' => match chars.next() {
+                Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
+                Some(c) => out.push(c),
+                None => break,
+            },
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The instruction a message starts with, if any (`RUN go build` → `RUN`).
+pub fn instruction(message: &str) -> Option<&'static str> {
+    let word = message.split(' ').next()?;
+    INSTRUCTIONS.iter().copied().find(|i| *i == word)
+}
+
+/// What one line meant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The plan is complete: m instructions in this many stages.
+    Plan {
+        steps: u32,
+        stages: u32,
+    },
+    Stage {
+        name: String,
+        index: u32,
+    },
+    Step {
+        n: u32,
+        command: String,
+    },
+    CacheHit(String),
+    CacheMiss(String),
+    /// `Error uploading layer to cache`: a warning to show.
+    CacheUploadFailed(String),
+    Pushing(String),
+    Pushed(String),
+    Warning(String),
+    Error(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+enum PlanState {
+    #[default]
+    NotSeen,
+    Reading,
+    Done,
+}
+
+/// Running state of one Kaniko log.
+#[derive(Debug, Clone, Default)]
+pub struct KanikoLog {
+    plan: PlanState,
+    plan_steps: u32,
+    plan_stages: u32,
+    pub total: Option<u32>,
+    pub stage: Option<String>,
+    pub step: u32,
+    pub command: Option<String>,
+    pub cache_hits: u32,
+    pub cache_misses: u32,
+    pub cache_upload_failures: Vec<String>,
+    pub pushing: Option<String>,
+    pub pushed: Option<String>,
+    pub errors: Vec<String>,
+    building: bool,
+}
+
+impl KanikoLog {
+    /// Reads one raw line; returns what it meant, if anything.
+    pub fn feed(&mut self, raw: &str) -> Option<Event> {
+        let line = parse_line(raw);
+        let msg = line.message.trim_end();
+        let Some(level) = line.level else {
+            return self.plan_line(msg);
+        };
+        if self.plan == PlanState::Reading {
+            // The first log line after the plan ends it.
+            self.plan = PlanState::Done;
+            self.total = Some(self.plan_steps);
+        }
+        match level {
+            Level::Warn => {
+                if let Some(rest) = msg.strip_prefix("Error uploading layer to cache:") {
+                    let detail = rest.trim().to_string();
+                    self.cache_upload_failures.push(detail.clone());
+                    return Some(Event::CacheUploadFailed(detail));
+                }
+                return Some(Event::Warning(msg.to_string()));
+            }
+            Level::Error | Level::Fatal => {
+                self.errors.push(msg.to_string());
+                return Some(Event::Error(msg.to_string()));
+            }
+            Level::Info => {}
+            Level::Debug | Level::Trace => return None,
+        }
+        if let Some(rest) = msg.strip_prefix("Building stage '") {
+            let name = rest.split('\'').next().unwrap_or("").to_string();
+            let index = rest
+                .split("[idx: '")
+                .nth(1)
+                .and_then(|r| r.split('\'').next())
+                .and_then(|i| i.parse().ok())
+                .unwrap_or(0);
+            self.building = true;
+            self.stage = Some(name.clone());
+            return Some(Event::Stage { name, index });
+        }
+        // Before the first stage Kaniko only resolves images; with
+        // FF_KANIKO_CACHE_LOOKAHEAD it also looks the cache up once ahead
+        // (and again per stage), which must not count twice.
+        if !self.building {
+            return None;
+        }
+        if let Some(cmd) = msg.strip_prefix("Using caching version of cmd:") {
+            self.cache_hits += 1;
+            return Some(Event::CacheHit(cmd.trim().to_string()));
+        }
+        if let Some(cmd) = msg.strip_prefix("No cached layer found for cmd") {
+            self.cache_misses += 1;
+            return Some(Event::CacheMiss(cmd.trim().to_string()));
+        }
+        if let Some(dest) = msg.strip_prefix("Pushing image to ") {
+            self.pushing = Some(dest.trim().to_string());
+            return Some(Event::Pushing(dest.trim().to_string()));
+        }
+        if let Some(r) = msg.strip_prefix("Pushed ") {
+            self.pushed = Some(r.trim().to_string());
+            return Some(Event::Pushed(r.trim().to_string()));
+        }
+        if instruction(msg).is_some() {
+            self.step += 1;
+            self.command = Some(msg.to_string());
+            return Some(Event::Step {
+                n: self.step,
+                command: msg.to_string(),
+            });
+        }
+        None
+    }
+
+    fn plan_line(&mut self, msg: &str) -> Option<Event> {
+        match self.plan {
+            PlanState::NotSeen if !self.building && msg.starts_with("FROM ") => {
+                self.plan = PlanState::Reading;
+                self.plan_stages = 1;
+                None
+            }
+            PlanState::Reading => {
+                if msg.starts_with("FROM ") {
+                    self.plan_stages += 1;
+                } else if instruction(msg).is_some() {
+                    self.plan_steps += 1;
+                } else if msg.starts_with("PUSH") && self.plan_stages > 0 {
+                    // PUSH follows the last instruction of the final stage.
+                    self.plan = PlanState::Done;
+                    self.total = Some(self.plan_steps);
+                    return Some(Event::Plan {
+                        steps: self.plan_steps,
+                        stages: self.plan_stages,
+                    });
+                }
+                None
+            }
+            _ => None,
+        }
+    }
+
+    /// `STEP n/m` (or `STEP n` without a plan).
+    pub fn step_text(&self) -> String {
+        match self.total {
+            Some(m) => format!("STEP {}/{m}", self.step),
+            None => format!("STEP {}", self.step),
+        }
+    }
+
+    /// The progress line: stage, step, current command and cache counts.
+    pub fn status(&self) -> String {
+        let mut s = String::new();
+        if let Some(p) = &self.pushing {
+            s.push_str(&format!("pushing {p}"));
+        } else {
+            if let Some(stage) = &self.stage {
+                s.push_str(&format!("stage {stage} "));
+            }
+            s.push_str(&self.step_text());
+            if let Some(c) = &self.command {
+                s.push(' ');
+                s.push_str(&truncate(c, 60));
+            }
+        }
+        s.push_str(&format!(
+            " | cache: {} hit, {} miss",
+            self.cache_hits, self.cache_misses
+        ));
+        s
+    }
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    let first = s.lines().next().unwrap_or("");
+    if first.chars().count() <= max && first.len() == s.len() {
+        return first.to_string();
+    }
+    let mut t: String = first.chars().take(max).collect();
+    t.push('…');
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_three_formats() {
+        let l = parse_line("INFO[0000] Resolved base name golang:1.22 to builder");
+        assert_eq!(l.level, Some(Level::Info));
+        assert_eq!(l.message, "Resolved base name golang:1.22 to builder");
+        // Kaniko's default `color` format, as it reaches the pod log.
+        let l = parse_line("\u{1b}[36mINFO\u{1b}[0m[0002] RUN go build");
+        assert_eq!(l.level, Some(Level::Info));
+        assert_eq!(l.message, "RUN go build");
+        let l = parse_line("\u{1b}[33mWARN\u{1b}[0m[0010] Error uploading layer to cache: x");
+        assert_eq!(l.level, Some(Level::Warn));
+        let l = parse_line(
+            r#"time="2025-06-01T10:00:00Z" level=info msg="Using caching version of cmd: RUN echo \"hi\"""#,
+        );
+        assert_eq!(l.level, Some(Level::Info));
+        assert_eq!(l.message, r#"Using caching version of cmd: RUN echo "hi""#);
+        let l = parse_line(r#"{"level":"error","msg":"error building image: boom","time":"x"}"#);
+        assert_eq!(l.level, Some(Level::Error));
+        assert_eq!(l.message, "error building image: boom");
+        // RUN output and the plan are not Kaniko log lines.
+        let l = parse_line("go: downloading golang.org/x/sync v0.7.0");
+        assert_eq!(l.level, None);
+        let l = parse_line("INFORMATION[x] not a level");
+        assert_eq!(l.level, None);
+    }
+
+    #[test]
+    fn recognises_instructions() {
+        assert_eq!(instruction("RUN go build ./..."), Some("RUN"));
+        assert_eq!(instruction("COPY --from=builder /app /app"), Some("COPY"));
+        assert_eq!(instruction("WORKDIR /src"), Some("WORKDIR"));
+        assert_eq!(instruction("CMD [\"/app\"]"), Some("CMD"));
+        assert_eq!(instruction("Cmd: /bin/sh"), None);
+        assert_eq!(instruction("Running: [/bin/sh -c go build]"), None);
+        assert_eq!(instruction("RUNNING"), None);
+        assert_eq!(instruction("FROM golang:1.22"), None);
+    }
+
+    /// A two-stage build as Kaniko logs it with KANIKO_PRINT_PLAN=1: the
+    /// plan, then the build with one cache hit, one miss, and a failed cache
+    /// upload.
+    const LOG: &str = "\
+INFO[0000] Resolved base name golang:1.22 to builder
+INFO[0000] Retrieving image manifest golang:1.22
+INFO[0000] Retrieving image golang:1.22 from registry index.docker.io
+INFO[0001] Retrieving image manifest alpine:3.20
+INFO[0001] Built cross stage deps: map[0:[/out/app]]
+FROM golang:1.22 AS builder
+STREAM golang:1.22
+WORKDIR /src
+COPY . .
+RUN go build -o /out/app ./...
+SAVE FILES [/out/app] /kaniko/deps/0
+CLEAN
+
+FROM alpine:3.20
+STREAM alpine:3.20
+RUN apk add --no-cache ca-certificates
+COPY --from=builder /out/app /app
+ENTRYPOINT [\"/app\"]
+PUSH [registry.shared-services:5000/app:abc1234]
+INFO[0001] Retrieving image manifest golang:1.22
+INFO[0001] Building stage 'golang:1.22' [idx: '0', base-idx: '-1']
+INFO[0001] Using caching version of cmd: RUN go build -o /out/app ./...
+INFO[0001] Unpacking rootfs as cmd COPY . . requires it.
+INFO[0009] WORKDIR /src
+INFO[0009] Cmd: workdir
+INFO[0009] Changed working directory to /src
+INFO[0009] COPY . .
+INFO[0010] RUN go build -o /out/app ./...
+INFO[0010] Found cached layer, extracting to filesystem
+INFO[0012] Saving file out/app for later use
+INFO[0012] Deleting filesystem...
+INFO[0012] Retrieving image manifest alpine:3.20
+INFO[0012] Building stage 'alpine:3.20' [idx: '1', base-idx: '-1']
+INFO[0012] No cached layer found for cmd RUN apk add --no-cache ca-certificates
+INFO[0012] Unpacking rootfs as cmd RUN apk add --no-cache ca-certificates requires it.
+INFO[0013] RUN apk add --no-cache ca-certificates
+INFO[0013] Initializing snapshotter ...
+INFO[0013] Taking snapshot of full filesystem...
+INFO[0013] Cmd: /bin/sh
+INFO[0013] Args: [-c apk add --no-cache ca-certificates]
+INFO[0013] Running: [/bin/sh -c apk add --no-cache ca-certificates]
+fetch https://dl-cdn.alpinelinux.org/alpine/v3.20/main/x86_64/APKINDEX.tar.gz
+OK: 8 MiB in 15 packages
+INFO[0015] Taking snapshot of full filesystem...
+INFO[0015] Pushing layer registry.shared-services:5000/cache/app:5c7e1d to cache now
+INFO[0016] COPY --from=builder /out/app /app
+INFO[0016] Taking snapshot of files...
+INFO[0016] ENTRYPOINT [\"/app\"]
+WARN[0017] Error uploading layer to cache: failed to push to destination registry.shared-services:5000/cache/app:5c7e1d: PUT https://registry.shared-services:5000/v2/cache/app/manifests/5c7e1d: MANIFEST_INVALID
+INFO[0017] Pushing image to registry.shared-services:5000/app:abc1234
+INFO[0018] Pushed registry.shared-services:5000/app@sha256:6f1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9
+";
+
+    #[test]
+    fn follows_a_real_build() {
+        let mut k = KanikoLog::default();
+        let events: Vec<Event> = LOG.lines().filter_map(|l| k.feed(l)).collect();
+        assert!(events.contains(&Event::Plan {
+            steps: 6,
+            stages: 2
+        }));
+        assert_eq!(k.total, Some(6));
+        assert_eq!(k.step, 6);
+        assert_eq!(k.step_text(), "STEP 6/6");
+        assert_eq!(k.cache_hits, 1);
+        assert_eq!(k.cache_misses, 1);
+        assert_eq!(k.cache_upload_failures.len(), 1);
+        assert!(k.cache_upload_failures[0].contains("MANIFEST_INVALID"));
+        assert_eq!(
+            k.pushed.as_deref(),
+            Some("registry.shared-services:5000/app@sha256:6f1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9")
+        );
+        let steps: Vec<String> = events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Step { n, command } => Some(format!("{n} {command}")),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                "1 WORKDIR /src",
+                "2 COPY . .",
+                "3 RUN go build -o /out/app ./...",
+                "4 RUN apk add --no-cache ca-certificates",
+                "5 COPY --from=builder /out/app /app",
+                "6 ENTRYPOINT [\"/app\"]"
+            ]
+        );
+        assert!(events.contains(&Event::Stage {
+            name: "alpine:3.20".into(),
+            index: 1
+        }));
+        assert!(k.errors.is_empty());
+    }
+
+    #[test]
+    fn progress_line_mid_build() {
+        let mut k = KanikoLog::default();
+        for l in LOG
+            .lines()
+            .take_while(|l| !l.contains("Found cached layer"))
+        {
+            k.feed(l);
+        }
+        assert_eq!(
+            k.status(),
+            "stage golang:1.22 STEP 3/6 RUN go build -o /out/app ./... | cache: 1 hit, 0 miss"
+        );
+    }
+
+    #[test]
+    fn without_a_plan_there_is_no_total() {
+        let mut k = KanikoLog::default();
+        for l in [
+            "INFO[0000] Resolved base name golang:1.22 to builder",
+            "INFO[0001] Building stage 'golang:1.22' [idx: '0', base-idx: '-1']",
+            "INFO[0001] No cached layer found for cmd RUN apk add git",
+            "INFO[0002] RUN apk add git",
+        ] {
+            k.feed(l);
+        }
+        assert_eq!(k.total, None);
+        assert_eq!(k.step_text(), "STEP 1");
+        assert_eq!(k.cache_misses, 1);
+    }
+
+    #[test]
+    fn run_output_that_looks_like_an_instruction_is_not_a_step() {
+        let mut k = KanikoLog::default();
+        k.feed("INFO[0001] Building stage 'alpine' [idx: '0', base-idx: '-1']");
+        k.feed("INFO[0002] RUN ./print-dockerfile.sh");
+        k.feed("RUN echo this is output of the RUN step");
+        assert_eq!(k.step, 1);
+    }
+
+    #[test]
+    fn lookahead_cache_lines_before_the_first_stage_are_not_counted() {
+        let mut k = KanikoLog::default();
+        k.feed("INFO[0000] No cached layer found for cmd RUN apk add git");
+        k.feed("INFO[0001] Building stage 'alpine' [idx: '0', base-idx: '-1']");
+        k.feed("INFO[0001] No cached layer found for cmd RUN apk add git");
+        assert_eq!(k.cache_misses, 1);
+    }
+
+    #[test]
+    fn errors_are_collected() {
+        let mut k = KanikoLog::default();
+        let e = k.feed("ERRO[0003] error building image: error building stage: failed to execute command: waiting for process to exit: exit status 1");
+        assert!(matches!(e, Some(Event::Error(_))));
+        assert_eq!(k.errors.len(), 1);
+    }
+
+    #[test]
+    fn the_issue_examples() {
+        let mut k = KanikoLog::default();
+        for l in [
+            "INFO[0000] Resolved base name golang:1.22 to builder",
+            "INFO[0000] Retrieving image manifest golang:1.22",
+            "INFO[0000] Building stage 'golang:1.22' [idx: '0', base-idx: '-1']",
+            "INFO[0001] Using caching version of cmd: RUN go build ./...",
+            "INFO[0001] No cached layer found for cmd RUN apk add git",
+            "INFO[0002] Pushing image to registry.shared-services:5000/app:abc1234",
+            "INFO[0003] Pushed registry.shared-services:5000/app@sha256:0000000000000000000000000000000000000000000000000000000000000000",
+        ] {
+            k.feed(l);
+        }
+        assert_eq!((k.cache_hits, k.cache_misses), (1, 1));
+        assert_eq!(
+            k.pushing.as_deref(),
+            Some("registry.shared-services:5000/app:abc1234")
+        );
+        assert!(k
+            .status()
+            .starts_with("pushing registry.shared-services:5000/app:abc1234"));
+    }
+}
