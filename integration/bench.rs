@@ -57,6 +57,24 @@ fn curl(url: &str, ca: Option<&Path>) -> (f64, u64) {
     )
 }
 
+/// CPU seconds (user + system) a process has used.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks: f64 = fields
+        .get(11)
+        .and_then(|u| u.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        + fields
+            .get(12)
+            .and_then(|s| s.parse::<f64>().ok())
+            .unwrap_or(0.0);
+    ticks / 100.0
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     v[v.len() / 2]
@@ -315,6 +333,7 @@ fn main() {
         let ten = push_layout(&layout, &reg_addr, "ten:v1", Some(&pki));
         let image = format!("{ALIAS}/ten@{ten}");
         let (mut via, mut direct) = (vec![], vec![]);
+        let mut agent_cpu = vec![];
         for round in 0..5 {
             // Alternate which goes first so neither always gets a warmer cache.
             let order = if round % 2 == 0 {
@@ -345,9 +364,12 @@ fn main() {
                             .success()
                     );
                 }
-                let t = Instant::now();
+                let (t, cpu0) = (Instant::now(), cpu_secs(agent_pid));
                 ctd.pull(&image).unwrap();
                 let secs = t.elapsed().as_secs_f64();
+                if through_slipway {
+                    agent_cpu.push(cpu_secs(agent_pid) - cpu0);
+                }
                 if through_slipway {
                     via.push(secs)
                 } else {
@@ -355,7 +377,7 @@ fn main() {
                 }
             }
         }
-        let (v, dd) = (median(via), median(direct));
+        let (v, dd) = (median(via.clone()), median(direct.clone()));
         println!(
             "\n(d) CRI PullImage of a 10-layer ~200 MB image, fresh containerd each, median of 5"
         );
@@ -363,6 +385,7 @@ fn main() {
         println!("|---|---|---|");
         println!("| direct hosts.toml entry with the CA | {dd:.3} | 1.00x |");
         println!("| through slipway | {v:.3} | {:.2}x |", v / dd);
+        println!("runs (slipway): {via:.3?}\nruns (direct):  {direct:.3?}\nagent CPU seconds per pull through slipway: {agent_cpu:.3?}");
     }
 
     if part("c") {
