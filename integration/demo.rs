@@ -6,7 +6,8 @@
 //! a non-loopback "LoadBalancer" IP, pushes an image with skopeo, and starts
 //! containerd with its CRI plugin. Then, through CRI `PullImage` (the call
 //! kubelet makes), it shows the seed's two failures, runs
-//! `slipway agent --once`, and pulls the same digest again. Everything it
+//! `slipway agent --once`, and pulls the same digest again; then runs the
+//! long-running agent and pulls through its node-local proxy. Everything it
 //! starts is stopped when it ends.
 
 #[path = "harness.rs"]
@@ -132,6 +133,42 @@ fn main() {
     let out = slipway(&["cleanup", "--config", cfg.to_str().unwrap()]);
     print!("{}", String::from_utf8_lossy(&out.stdout));
     assert!(out.status.success());
+
+    step(
+        9,
+        "slipway agent (the DaemonSet process): the same pull through its node-local proxy",
+    );
+    let ctd2 = Containerd::start(dir);
+    let agent = Agent::start(
+        dir,
+        &ctd2.certs_dir,
+        &ctd2.config_file,
+        &["registry.shared-services:5000"],
+        "https://registry.shared-services:5443",
+        Some(&tls.addr),
+        &pki.ca(),
+        "",
+    );
+    let hosts = ctd2
+        .certs_dir
+        .join("registry.shared-services:5000/hosts.toml");
+    println!(
+        "{}:\n{}",
+        hosts.display(),
+        std::fs::read_to_string(&hosts).unwrap()
+    );
+    println!("CRI PullImage {image} (fresh containerd)");
+    let r = ctd2
+        .pull(&image)
+        .unwrap_or_else(|e| panic!("pull failed: {e}"));
+    println!("OK: pulled through the proxy, image id {r}");
+    for l in agent
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("slipway_proxy_requests_total{") && !l.ends_with(" 0"))
+    {
+        println!("  {l}");
+    }
     println!(
         "\ndemo finished: the seed's failures, then a pull by digest through CRI with slipway"
     );
