@@ -332,7 +332,7 @@ fn classify(state: &ProxyState, req: &Request<Incoming>) -> Result<Route, Refusa
             .find(|(k, _)| *k == "ns")
             .map(|(_, v)| v.replace("%3A", ":").replace("%3a", ":"))
     });
-    let aliases = state.aliases.read().expect("aliases lock").clone();
+    let aliases = state.aliases.read().expect("aliases lock");
     route::classify(
         req.method().as_str(),
         req.uri().path(),
