@@ -179,6 +179,12 @@ fn cached_image_pulls_through_cri_with_the_registry_down() {
     let image = format!("{ALIAS}/app@{}", s.digest);
     ctd.pull(&image).unwrap();
     let n = layers(&s.registry.addr, "app", &s.digest, &s.pki).len();
+    // Commits happen just after each body ends.
+    let _ = std::panic::catch_unwind(|| {
+        wait_for("cache commits", Duration::from_secs(5), || {
+            cached_blobs(&s).len() == n + 2
+        })
+    });
     assert_eq!(
         cached_blobs(&s).len(),
         n + 2,

@@ -579,7 +579,9 @@ impl Streamed {
     /// The whole body arrived: commit the cache entry and record the pull.
     fn finish(&mut self) {
         if let Some(w) = self.cache.take() {
-            w.finish();
+            // Verifying, fsync and rename can take a while under I/O load;
+            // keep them off the runtime's worker threads.
+            tokio::task::spawn_blocking(move || w.finish());
         }
         if std::mem::take(&mut self.success) {
             mark_pull(&self.metrics);
