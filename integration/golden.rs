@@ -321,3 +321,32 @@ fn crio_registries_conf_is_reported_as_expected() {
         check_golden(&p.with_extension("expected.txt"), &out);
     }
 }
+
+/// In the DaemonSet only config.toml is mounted: a drop-in directory the
+/// agent cannot see is reported as such, not silently treated as empty.
+#[test]
+fn unmounted_imports_directory_is_reported() {
+    let host = tempfile::tempdir().unwrap();
+    let layout = host.path().join("LAYOUT");
+    fs::create_dir_all(&layout).unwrap();
+    fs::copy(
+        root().join("layouts/containerd-1.7-imports/config.toml"),
+        layout.join("config.toml"),
+    )
+    .unwrap();
+    let text = format!(
+        "[registry]\naliases = [\"r:5000\"]\nupstream = \"https://r:5000\"\nca_file = \"/ca.crt\"\n[containerd]\nhost_root = {:?}\nconfig_file = \"/LAYOUT/config.toml\"\n",
+        host.path()
+    );
+    let cfg =
+        AgentConfig::from_str(Path::new("/agent.toml"), &text, &Overrides::default()).unwrap();
+    let e = slipway::agent::inspect_containerd(&cfg)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.starts_with(
+            "containerd config /LAYOUT/conf.d: imports directory not visible to the agent"
+        ),
+        "{e}"
+    );
+}

@@ -95,9 +95,29 @@ pub fn inspect_containerd(cfg: &AgentConfig) -> Result<(Inspection, String), Age
             false => PathBuf::from(&pattern),
         };
         let local_pattern = c.local(&host_pattern);
+        // In the DaemonSet only config.toml is mounted: a drop-in directory
+        // that exists on the host would look empty, and slipway would give
+        // wrong advice. containerd itself imports nothing from a directory
+        // that does not exist, which is what "/" as host_root means here.
+        let dir = local_pattern.parent().unwrap_or(Path::new("/"));
+        if c.host_root != Path::new("/") && !dir.is_dir() {
+            return Err(AgentError::ContainerdIo {
+                path: host_pattern.parent().unwrap_or(Path::new("/")).to_path_buf(),
+                op: "imports directory not visible to the agent (mount it read-only to let slipway check drop-ins)",
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
         let mut matched: Vec<PathBuf> = glob::glob(&local_pattern.to_string_lossy())
-            .map(|g| g.filter_map(Result::ok).collect())
-            .unwrap_or_default();
+            .map_err(|e| AgentError::ContainerdIo {
+                path: c.config_file.clone(),
+                op: "bad imports pattern",
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("{pattern:?}: {e}"),
+                ),
+            })?
+            .filter_map(Result::ok)
+            .collect();
         matched.sort();
         for local in matched {
             let host_path = Path::new("/").join(local.strip_prefix(&c.host_root).unwrap_or(&local));
