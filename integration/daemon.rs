@@ -36,6 +36,12 @@ fn cache_extra(s: &TlsSetup) -> String {
     )
 }
 
+/// Push an image with one `mib` MiB layer; that layer's digest and size.
+fn big_blob(s: &TlsSetup, mib: usize) -> (String, u64) {
+    let digest = push_layout(&big_layout(mib), &s.registry.addr, "big:v1", Some(&s.pki));
+    layers(&s.registry.addr, "big", &digest, &s.pki)[0].clone()
+}
+
 fn cached_blobs(s: &TlsSetup) -> Vec<String> {
     fs::read_dir(s.dir.join("cache/sha256"))
         .map(|rd| {
@@ -218,9 +224,7 @@ fn sigterm_drains_eight_in_flight_pulls_then_exits_0() {
         return;
     }
     let s = tls_setup();
-    let big = big_layout(16);
-    let digest = push_layout(&big, &s.registry.addr, "big:v1", Some(&s.pki));
-    let (layer, size) = layers(&s.registry.addr, "big", &digest, &s.pki)[0].clone();
+    let (layer, size) = big_blob(&s, 16);
     let ctd = Containerd::start(&s.dir);
     let mut agent = agent_for(&s, &ctd, "\n[agent]\ngrace_period_secs = 20\n");
     let started = std::sync::Arc::new(std::sync::Barrier::new(9));
@@ -285,9 +289,7 @@ fn second_signal_exits_at_once() {
         return;
     }
     let s = tls_setup();
-    let big = big_layout(16);
-    let digest = push_layout(&big, &s.registry.addr, "big:v1", Some(&s.pki));
-    let (layer, _) = layers(&s.registry.addr, "big", &digest, &s.pki)[0].clone();
+    let (layer, _) = big_blob(&s, 16);
     let ctd = Containerd::start(&s.dir);
     let mut agent = agent_for(&s, &ctd, "\n[agent]\ngrace_period_secs = 60\n");
     // A stalled reader keeps one transfer in flight forever.
