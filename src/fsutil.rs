@@ -43,6 +43,27 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<WriteO
             return Ok(WriteOutcome::Unchanged);
         }
     }
+    let (dir, tmp) = synced_temp(path, content, mode)?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    sync_dir(dir)?;
+    Ok(WriteOutcome::Written)
+}
+
+/// Create a new file exclusively (fails if it exists), atomically, for files
+/// that must never be overwritten (backups, keys without `--force`).
+pub fn create_new_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
+    let (dir, tmp) = synced_temp(path, content, mode)?;
+    tmp.persist_noclobber(path).map_err(|e| e.error)?;
+    sync_dir(dir)
+}
+
+/// `content` in a fsynced temp file beside `path`, with `mode`. Dropped
+/// without being persisted, it is removed: a failure leaves nothing behind.
+fn synced_temp<'a>(
+    path: &'a Path,
+    content: &[u8],
+    mode: u32,
+) -> io::Result<(&'a Path, tempfile::NamedTempFile)> {
     let dir = path
         .parent()
         .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
@@ -55,27 +76,7 @@ pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<WriteO
     tmp.as_file()
         .set_permissions(fs::Permissions::from_mode(mode))?;
     tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| e.error)?;
-    sync_dir(dir)?;
-    Ok(WriteOutcome::Written)
-}
-
-/// Create a new file exclusively (fails if it exists), atomically, for files
-/// that must never be overwritten (backups, keys without `--force`).
-pub fn create_new_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .permissions(fs::Permissions::from_mode(mode))
-        .tempfile_in(dir)?;
-    tmp.write_all(content)?;
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))?;
-    tmp.as_file().sync_all()?;
-    tmp.persist_noclobber(path).map_err(|e| e.error)?;
-    sync_dir(dir)
+    Ok((dir, tmp))
 }
 
 /// Remove a file and make the removal durable. Missing files are fine.

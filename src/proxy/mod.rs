@@ -326,11 +326,11 @@ fn classify(state: &ProxyState, req: &Request<Incoming>) -> Result<Route, Refusa
             message: "absolute-form requests are not served: this is not a forward proxy".into(),
         });
     }
+    // containerd sends `?ns=registry.shared-services%3A5000`.
     let ns = req.uri().query().and_then(|q| {
-        q.split('&')
-            .filter_map(|kv| kv.split_once('='))
-            .find(|(k, _)| *k == "ns")
-            .map(|(_, v)| v.replace("%3A", ":").replace("%3a", ":"))
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "ns")
+            .map(|(_, v)| v.into_owned())
     });
     let aliases = state.aliases.read().expect("aliases lock");
     route::classify(
