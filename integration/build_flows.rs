@@ -17,9 +17,9 @@ use k8s_openapi::jiff::Timestamp;
 use kube::client::Body;
 use kube::Client;
 use serde_json::{json, Value};
-use slipway::build::job;
-use slipway::build::run::{self, Outcome, PlainProgress, RunOptions, Timing};
-use slipway::build::{BuildArgs, BuildError, OutputFormat, Plan, Settings};
+use slipway::builds::job;
+use slipway::builds::run::{self, Outcome, PlainProgress, RunOptions, Timing};
+use slipway::builds::{BuildArgs, BuildError, OutputFormat, Plan, Settings};
 use tower_test::mock;
 
 type Handle = mock::Handle<Request<Body>, Response<Body>>;
@@ -1196,7 +1196,7 @@ async fn builds_lists_status_commit_digest_and_age() {
     assert_eq!(row.digest, DIGEST);
     assert_eq!(row.revision, "main");
     assert_eq!(row.age, "10m");
-    let table = slipway::build::status::format_table(&rows);
+    let table = slipway::builds::status::format_table(&rows);
     assert!(table.starts_with("NAME"), "{table}");
     assert!(table.contains("build-app-flow000001   Succeeded   app    main       3f786850e387   sha256:6f1b2c3d4e5f   10m"), "{table}");
 }

@@ -19,7 +19,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 
 use base64::Engine;
-use slipway::build::job::{GIT_SCRIPT, KANIKO_WRAPPER};
+use slipway::builds::job::{GIT_SCRIPT, KANIKO_WRAPPER};
 
 fn which(bin: &str) -> Option<PathBuf> {
     std::env::var_os("PATH").and_then(|paths| {

@@ -236,7 +236,7 @@ fn foreign_malformed_hosts_toml_fails_that_alias_only() {
 #[test]
 fn daemonset_agent_config_is_valid() {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("daemonset/config/agent.toml");
-    let cfg = slipway::config::AgentConfig::load(Some(&p), &Default::default())
+    let cfg = slipway::node::config::AgentConfig::load(Some(&p), &Default::default())
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(cfg.containerd.host_root, Path::new("/host"));
     assert_eq!(cfg.ca_file, Path::new("/etc/slipway/ca/ca.crt"));

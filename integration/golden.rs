@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use slipway::apply::{self, Outcome};
-use slipway::config::{AgentConfig, Overrides};
-use slipway::containerd;
-use slipway::hostconfig::{Alias, HostEntry};
+use slipway::node::apply::{self, Outcome};
+use slipway::node::config::{AgentConfig, Overrides};
+use slipway::node::containerd;
+use slipway::node::hostconfig::{Alias, HostEntry};
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("host-config")
@@ -96,8 +96,8 @@ fn every_layout_is_inspected_as_expected() {
         );
         let cfg =
             AgentConfig::from_str(Path::new("/agent.toml"), &text, &Overrides::default()).unwrap();
-        let (insp, fix_text) =
-            slipway::agent::inspect_containerd(&cfg).unwrap_or_else(|e| panic!("{name}: {e}"));
+        let (insp, fix_text) = slipway::node::reconcile::inspect_containerd(&cfg)
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut out = String::new();
         out.push_str(&format!("version: {}\n", insp.version));
         out.push_str(&format!("section: [{}]\n", insp.section));
@@ -155,7 +155,7 @@ const UPSTREAM: &str = "https://10.96.0.20:5000";
 fn ca_content() -> String {
     format!(
         "{}\n-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-        slipway::ca::CA_MARKER
+        slipway::node::ca_bundle::CA_MARKER
     )
 }
 
@@ -265,10 +265,10 @@ fn merged_files_list_our_host_first() {
 #[test]
 fn owned_hosts_toml_is_golden() {
     let alias = Alias::parse("registry.shared-services:5000").unwrap();
-    let text = slipway::hostconfig::render_owned(&alias, &[HostEntry::upstream(UPSTREAM)]);
+    let text = slipway::node::hostconfig::render_owned(&alias, &[HostEntry::upstream(UPSTREAM)]);
     check_golden(&root().join("expected-owned.hosts.toml"), &text);
     // The long-running agent lists its proxy first.
-    let text = slipway::hostconfig::render_owned(
+    let text = slipway::node::hostconfig::render_owned(
         &alias,
         &[
             HostEntry::proxy("http://127.0.0.1:5050"),
@@ -276,7 +276,7 @@ fn owned_hosts_toml_is_golden() {
         ],
     );
     check_golden(&root().join("expected-owned-with-proxy.hosts.toml"), &text);
-    let merged = slipway::hostconfig::merge(
+    let merged = slipway::node::hostconfig::merge(
         "x/hosts.toml",
         &fs::read_to_string(
             root().join("foreign/commented/registry.shared-services:5000/hosts.toml"),
@@ -316,8 +316,8 @@ fn crio_registries_conf_is_reported_as_expected() {
     assert!(!names.is_empty());
     for p in names {
         let text = fs::read_to_string(&p).unwrap();
-        let regs = slipway::crio::parse(&p.display().to_string(), &text).unwrap();
-        let out = slipway::crio::report(&regs, &aliases);
+        let regs = slipway::node::crio::parse(&p.display().to_string(), &text).unwrap();
+        let out = slipway::node::crio::report(&regs, &aliases);
         check_golden(&p.with_extension("expected.txt"), &out);
     }
 }
@@ -340,7 +340,7 @@ fn unmounted_imports_directory_is_reported() {
     );
     let cfg =
         AgentConfig::from_str(Path::new("/agent.toml"), &text, &Overrides::default()).unwrap();
-    let e = slipway::agent::inspect_containerd(&cfg)
+    let e = slipway::node::reconcile::inspect_containerd(&cfg)
         .unwrap_err()
         .to_string();
     assert!(

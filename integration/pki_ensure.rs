@@ -19,9 +19,9 @@ use kube::client::Body;
 use kube::Client;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
+use slipway::pki::ensure::{ensure, Change, EnsureError, Report, MAX_ATTEMPTS};
 use slipway::pki::plan::{Names, Wanted, Why};
 use slipway::pki::{self, Reissue};
-use slipway::pki_cluster::{ensure, Change, EnsureError, Report, MAX_ATTEMPTS};
 use time::{Duration, OffsetDateTime};
 use tower_test::mock::{self, Handle};
 

@@ -1,35 +1,26 @@
 //! slipway: makes an in-cluster container registry pullable from every node.
 //!
-//! The crate is split into a pure, synchronous core that turns inputs into
-//! plans and a thin shell that performs I/O:
+//! slipway is three programs in one binary; each has a folder:
 //!
-//! | core (pure)            | shell (I/O)                         |
-//! |------------------------|-------------------------------------|
-//! | [`config`]             | reads the agent's TOML, env, flags  |
-//! | [`hostconfig`]         | [`apply`] writes `certs.d/<host>/`  |
-//! | [`containerd`]         | [`agent`] reads containerd's config |
-//! | [`ca`]                 |                                     |
-//! | [`pki`], [`pki::plan`] | [`pki_cluster`] writes its Secrets  |
-//! | [`build::job`], [`build::log`], [`build::status`] | [`build::run`] creates, follows and cancels Kaniko Jobs |
+//! | module | program | core (pure) | shell (I/O) |
+//! |--------|---------|-------------|-------------|
+//! | [`node`] | `slipway agent`, `slipway cleanup` | config, hostconfig, containerd and CRI-O inspection, CA bundle, status | host files, apply, the node pass, the daemon loop |
+//! | [`proxy`] | the agent's pull-through proxy | route classification | forwarding, the blob cache |
+//! | [`admin`] | the agent's admin server | readiness, metrics | `/metrics`, `/healthz`, `/readyz` |
+//! | [`pki`] | `slipway pki` | certificates, the ensure plan | `pki init` files, `pki ensure` API calls |
+//! | [`builds`] | `slipway build`, `builds`, `logs` | Job, log and status readers | the build runner's API calls |
+//! | [`k8s`] | shared | name validators, labels, API error classes | |
+//! | [`cli`] | the command line | clap types | dispatch to the programs |
+//! | [`signal`] | shared | | one shutdown stream for the daemon and the build runner |
 //!
 //! Data flows one way: config → plan → apply → report.
 #![forbid(unsafe_code)]
 
 pub mod admin;
-pub mod agent;
-pub mod apply;
-pub mod build;
-pub mod ca;
-pub mod cache;
-pub mod config;
-pub mod containerd;
-pub mod crio;
-pub mod daemon;
-pub mod fsutil;
-pub mod hostconfig;
-pub mod metrics;
+pub mod builds;
+pub mod k8s;
+pub mod node;
 pub mod pki;
-pub mod pki_cluster;
 pub mod proxy;
 
 /// Exit code for bad configuration (sysexits.h `EX_CONFIG` is 78, but the

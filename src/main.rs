@@ -10,11 +10,11 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use slipway::agent::{self, AgentError, OnceOptions};
-use slipway::config::{AgentConfig, Overrides};
+use slipway::node::config::{AgentConfig, Overrides};
+use slipway::node::reconcile::{self as agent, AgentError, OnceOptions};
+use slipway::pki::ensure::{self as pki_cluster, EnsureError};
 use slipway::pki::plan::{Names, Wanted};
 use slipway::pki::PkiError;
-use slipway::pki_cluster::{self, EnsureError};
 
 #[derive(Parser)]
 #[command(
@@ -66,20 +66,20 @@ enum Cmd {
         overrides: Overrides,
     },
     /// Build an image from a git revision in the cluster with Kaniko; prints REG/NAME@sha256:…
-    Build(Box<slipway::build::BuildArgs>),
+    Build(Box<slipway::builds::BuildArgs>),
     /// List builds with their status, commit, digest and age
     Builds {
         #[command(flatten)]
-        settings: slipway::build::Settings,
-        #[arg(long, value_enum, default_value_t = slipway::build::OutputFormat::Text)]
-        output: slipway::build::OutputFormat,
+        settings: slipway::builds::Settings,
+        #[arg(long, value_enum, default_value_t = slipway::builds::OutputFormat::Text)]
+        output: slipway::builds::OutputFormat,
     },
     /// Show a build's git and Kaniko logs (following a running build)
     Logs {
         /// Build name, as printed by slipway build --detach or slipway builds
         build: String,
         #[command(flatten)]
-        settings: slipway::build::Settings,
+        settings: slipway::builds::Settings,
     },
 }
 
@@ -169,8 +169,8 @@ fn main() -> ExitCode {
                 .or_else(|| e.downcast_ref::<EnsureError>().map(EnsureError::exit_code))
                 .or_else(|| e.downcast_ref::<PkiError>().map(PkiError::exit_code))
                 .or_else(|| {
-                    e.downcast_ref::<slipway::build::BuildError>()
-                        .map(slipway::build::BuildError::exit_code)
+                    e.downcast_ref::<slipway::builds::BuildError>()
+                        .map(slipway::builds::BuildError::exit_code)
                 })
                 .unwrap_or(slipway::EXIT_APPLY_FAILED)
         }
@@ -180,7 +180,7 @@ fn main() -> ExitCode {
 
 /// Runs an async build command on a fresh runtime.
 fn block_on<T>(
-    f: impl std::future::Future<Output = Result<T, slipway::build::BuildError>>,
+    f: impl std::future::Future<Output = Result<T, slipway::builds::BuildError>>,
 ) -> anyhow::Result<T> {
     let rt = tokio::runtime::Runtime::new()?;
     Ok(rt.block_on(f)?)
@@ -195,7 +195,7 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             overrides,
         } => {
             if !once {
-                let code = slipway::daemon::run(slipway::daemon::DaemonOptions {
+                let code = slipway::node::daemon::run(slipway::node::daemon::DaemonOptions {
                     config,
                     overrides,
                     fix_containerd_config,
@@ -254,11 +254,13 @@ fn run(cmd: Cmd) -> anyhow::Result<()> {
             println!("{report}");
             Ok(())
         }
-        Cmd::Build(args) => block_on(slipway::build::run::cli_build(&args)).map(|_| ()),
+        Cmd::Build(args) => block_on(slipway::builds::run::cli_build(&args)).map(|_| ()),
         Cmd::Builds { settings, output } => {
-            block_on(slipway::build::run::cli_builds(&settings, output))
+            block_on(slipway::builds::run::cli_builds(&settings, output))
         }
-        Cmd::Logs { build, settings } => block_on(slipway::build::run::cli_logs(&settings, &build)),
+        Cmd::Logs { build, settings } => {
+            block_on(slipway::builds::run::cli_logs(&settings, &build))
+        }
         Cmd::Cleanup { config, overrides } => {
             let cfg = AgentConfig::load(config.as_deref(), &overrides).map_err(AgentError::from)?;
             let report = agent::cleanup(&cfg)?;

@@ -48,21 +48,14 @@ pub const TYPE_OPAQUE: &str = "Opaque";
 pub const TYPE_TLS: &str = "kubernetes.io/tls";
 
 /// Labels on every object slipway creates.
-pub const LABELS: &[(&str, &str)] = &[
-    ("app.kubernetes.io/managed-by", "slipway"),
-    ("app.kubernetes.io/part-of", "slipway"),
-];
+pub use crate::k8s::LABELS;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlanError {
     #[error(transparent)]
     Pki(#[from] PkiError),
-    #[error("invalid {what} {value:?}: {reason}")]
-    Name {
-        what: &'static str,
-        value: String,
-        reason: &'static str,
-    },
+    #[error(transparent)]
+    Name(#[from] crate::k8s::NameError),
     /// The CA Secret exists but cannot sign. slipway never replaces a CA on
     /// its own: every node and build pod trusts the one that is there.
     #[error(
@@ -91,7 +84,7 @@ impl PlanError {
     pub fn exit_code(&self) -> i32 {
         match self {
             PlanError::Pki(e) => e.exit_code(),
-            PlanError::Name { .. } => crate::EXIT_BAD_CONFIG,
+            PlanError::Name(_) => crate::EXIT_BAD_CONFIG,
             _ => crate::EXIT_APPLY_FAILED,
         }
     }
@@ -113,20 +106,20 @@ impl Names {
         tls_secret: &str,
         configmap: &str,
     ) -> Result<Self, PlanError> {
-        check_label("namespace", namespace)?;
+        crate::k8s::check_label("namespace", namespace)?;
         for (what, v) in [
             ("Secret name", ca_secret),
             ("Secret name", tls_secret),
             ("ConfigMap name", configmap),
         ] {
-            check_subdomain(what, v)?;
+            crate::k8s::check_subdomain(what, v)?;
         }
         if ca_secret == tls_secret {
-            return Err(PlanError::Name {
-                what: "Secret name",
+            return Err(PlanError::Name(crate::k8s::NameError {
+                what: "Secret name".into(),
                 value: tls_secret.into(),
                 reason: "the CA and the TLS Secret need different names",
-            });
+            }));
         }
         Ok(Names {
             namespace: namespace.into(),
@@ -145,54 +138,6 @@ impl Names {
             DEFAULT_CONFIGMAP,
         )
     }
-}
-
-fn name_error(what: &'static str, value: &str, reason: &'static str) -> PlanError {
-    PlanError::Name {
-        what,
-        value: value.into(),
-        reason,
-    }
-}
-
-/// RFC 1123 label, as Kubernetes requires of a namespace.
-fn check_label(what: &'static str, v: &str) -> Result<(), PlanError> {
-    if v.is_empty() || v.len() > 63 {
-        return Err(name_error(what, v, "must be 1 to 63 characters"));
-    }
-    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
-    if !v.chars().all(ok_char) || v.starts_with('-') || v.ends_with('-') {
-        return Err(name_error(
-            what,
-            v,
-            "must be lowercase letters, digits and '-', starting and ending with a letter or digit",
-        ));
-    }
-    Ok(())
-}
-
-/// RFC 1123 subdomain, as Kubernetes requires of Secret and ConfigMap names.
-fn check_subdomain(what: &'static str, v: &str) -> Result<(), PlanError> {
-    if v.is_empty() || v.len() > 253 {
-        return Err(name_error(what, v, "must be 1 to 253 characters"));
-    }
-    for part in v.split('.') {
-        if part.is_empty()
-            || !part
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-            || part.starts_with('-')
-            || part.ends_with('-')
-        {
-            return Err(name_error(
-                what,
-                v,
-                "must be lowercase letters, digits, '-' and '.', each part starting and ending \
-                 with a letter or digit",
-            ));
-        }
-    }
-    Ok(())
 }
 
 /// What `slipway pki ensure` is asked to make true.

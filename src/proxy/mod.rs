@@ -13,6 +13,7 @@
 //! (hyper closes it without completing the response), because containerd
 //! does not retry a truncated blob against the next host.
 
+pub mod cache;
 pub mod route;
 
 use std::convert::Infallible;
@@ -35,9 +36,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::cache::{self, Cache};
-use crate::config::Upstream;
-use crate::metrics::{Metrics, RequestLabels, SourceLabels};
+use crate::admin::metrics::{Metrics, RequestLabels, SourceLabels};
+use cache::Cache;
 use route::{Refusal, Route};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -52,6 +52,19 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+/// The one registry the proxy forwards to (`registry.upstream`).
+pub struct Upstream {
+    /// Normalised `https://host[:port]` with no path.
+    pub url: String,
+    /// `host[:port]` as in the URL; TLS is verified against `host`.
+    pub authority: String,
+    pub host: String,
+    pub port: u16,
+    /// Where to connect instead of resolving `host`.
+    pub dial: Option<SocketAddr>,
 }
 
 /// Timeouts that make a hung upstream fail fast: containerd does not move

@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::hostconfig::{Alias, AliasError};
+use crate::node::hostconfig::{Alias, AliasError};
+pub use crate::proxy::{Timeouts, Upstream};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -190,21 +191,9 @@ pub struct AgentConfig {
     pub cache_dir: Option<PathBuf>,
     pub cache_max_bytes: u64,
     pub proxy_allow_non_loopback: bool,
-    pub timeouts: crate::proxy::Timeouts,
+    pub timeouts: Timeouts,
     pub reconcile_interval: Duration,
     pub grace_period: Duration,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Upstream {
-    /// Normalised `https://host[:port]` with no path.
-    pub url: String,
-    /// `host[:port]` as in the URL; TLS is verified against `host`.
-    pub authority: String,
-    pub host: String,
-    pub port: u16,
-    /// Where to connect instead of resolving `host`.
-    pub dial: Option<SocketAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -387,7 +376,7 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
         }
         Ok(Duration::from_secs_f64(v))
     };
-    let timeouts = crate::proxy::Timeouts {
+    let timeouts = Timeouts {
         connect: secs(
             "proxy.connect_timeout_secs",
             ov.proxy_connect_timeout_secs

@@ -46,6 +46,7 @@ use super::job::{self, BuildSpec, CA_KEY, GIT_CONTAINER, KANIKO_CONTAINER, LABEL
 use super::log::{Event as LogEvent, KanikoLog};
 use super::status::{self, BuildRow, CState, Context, PodView, Verdict};
 use super::{BuildArgs, BuildError, CaSource, OutputFormat, Plan};
+use crate::k8s::api_code;
 
 /// How long to wait for what; tests shorten these.
 #[derive(Debug, Clone)]
@@ -187,13 +188,6 @@ pub enum Outcome {
 fn kube_err(action: impl Display) -> impl FnOnce(kube::Error) -> BuildError {
     let action = action.to_string();
     move |error| BuildError::Kube { action, error }
-}
-
-fn api_code(e: &kube::Error) -> Option<u16> {
-    match e {
-        kube::Error::Api(s) => Some(s.code),
-        _ => None,
-    }
 }
 
 /// Runs one build: preflight, create, follow to the end (unless

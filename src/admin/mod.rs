@@ -1,10 +1,12 @@
 //! The admin server, separate from the proxy.
 //!
 //! Endpoints on `admin.listen`: `/metrics` (OpenMetrics text from
-//! [`crate::metrics`]), `/healthz` (the process is alive) and `/readyz`
+//! [`crate::admin::metrics`]), `/healthz` (the process is alive) and `/readyz`
 //! (ready only when the host configuration is applied, containerd's
 //! `config_path` covers our directory, the proxy is bound, and the upstream
 //! has answered at least once). Probes are not access-logged.
+
+pub mod metrics;
 
 use std::convert::Infallible;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +19,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
-use crate::metrics::Metrics;
+use crate::admin::metrics::Metrics;
 
 /// What `/readyz` checks; each flag is set by the part that knows.
 #[derive(Default)]

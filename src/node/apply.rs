@@ -1,8 +1,8 @@
-//! The shell around [`crate::hostconfig`]: observe, plan, apply, report.
+//! The shell around [`crate::node::hostconfig`]: observe, plan, apply, report.
 //!
 //! Writes, for each alias, under `<host_root>/<certs_dir>/<alias-dir>/`:
 //! `hosts.toml`, `slipway-ca.crt` and `.slipway-state.json`, each through
-//! [`crate::fsutil::write_atomic`]. Removes only files carrying slipway's
+//! [`crate::node::fs::write_atomic`]. Removes only files carrying slipway's
 //! marker, and only directories its state says it created. An error in one
 //! alias never stops the others; every alias gets a line in the [`Report`].
 
@@ -12,8 +12,8 @@ use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::fsutil::{self, WriteOutcome};
-use crate::hostconfig::{
+use crate::node::fs::{self as fsutil, WriteOutcome};
+use crate::node::hostconfig::{
     self, Alias, HostEntry, Kind, Observed, Op, Plan, PlanError, CA_FILE, HOSTS_TOML, STATE_FILE,
 };
 

@@ -40,7 +40,7 @@ pub const MAX_ATTEMPTS: usize = 5;
 
 /// `fieldManager` of every write: `kubectl get -o yaml --show-managed-fields`
 /// shows slipway as the writer.
-pub const FIELD_MANAGER: &str = "slipway";
+pub use crate::k8s::FIELD_MANAGER;
 
 // The kube errors are in the messages, not exposed as `source`: kube's own
 // Display already repeats its inner errors, and main prints the whole chain

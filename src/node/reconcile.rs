@@ -1,7 +1,7 @@
 //! `slipway agent` and `slipway cleanup`: the node-side shell.
 //!
 //! Owns the sequence config → CA → containerd inspection → hostconfig plan →
-//! apply → report. Files it writes: those of [`crate::apply`], and, only with
+//! apply → report. Files it writes: those of [`crate::node::apply`], and, only with
 //! `--fix-containerd-config`, containerd's config file (after a backup
 //! `<file>.slipway-backup.<unix-time>` beside it).
 
@@ -9,12 +9,12 @@ use std::path::{Path, PathBuf};
 
 use tracing::{info, warn};
 
-use crate::apply::{self, ApplyError, Report};
-use crate::ca::{self, CaBundle, CaError};
-use crate::config::{AgentConfig, ConfigError};
-use crate::containerd::{self, ContainerdError, Inspection};
-use crate::fsutil;
-use crate::hostconfig::HostEntry;
+use crate::node::apply::{self, ApplyError, Report};
+use crate::node::ca_bundle::{self as ca, CaBundle, CaError};
+use crate::node::config::{AgentConfig, ConfigError};
+use crate::node::containerd::{self, ContainerdError, Inspection};
+use crate::node::fs as fsutil;
+use crate::node::hostconfig::HostEntry;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {

@@ -11,7 +11,7 @@
 //! - `.slipway-state.json`: what slipway added, so `slipway cleanup` can take
 //!   it out again byte for byte.
 //!
-//! Nothing here touches the filesystem: the shell ([`crate::apply`]) observes
+//! Nothing here touches the filesystem: the shell ([`crate::node::apply`]) observes
 //! a directory into [`Observed`], asks for a [`Plan`], and executes it.
 
 use std::fmt;
@@ -499,7 +499,7 @@ pub fn plan_alias(
     let mut warnings = Vec::new();
 
     if let Some(ca) = &obs.ca {
-        if !crate::ca::is_ours(ca) {
+        if !crate::node::ca_bundle::is_ours(ca) {
             return Err(PlanError::ForeignCa {
                 path: format!("{dir}/{CA_FILE}"),
             });
@@ -660,7 +660,11 @@ pub fn plan_cleanup(dir: &str, obs: &Observed) -> Result<Plan, PlanError> {
         }
         _ => {}
     }
-    if obs.ca.as_deref().is_some_and(crate::ca::is_ours) {
+    if obs
+        .ca
+        .as_deref()
+        .is_some_and(crate::node::ca_bundle::is_ours)
+    {
         ops.push(Op::Remove { file: CA_FILE });
     }
     if obs.state.is_some() {
@@ -800,7 +804,7 @@ mod tests {
 
     #[test]
     fn plan_fresh_dir_then_noop() {
-        let ca = &format!("{}\nPEM\n", crate::ca::CA_MARKER);
+        let ca = &format!("{}\nPEM\n", crate::node::ca_bundle::CA_MARKER);
         let p = plan_alias("d", &alias(), &hosts(), ca, &Observed::default()).unwrap();
         assert_eq!(p.kind, Kind::Owned);
         assert_eq!(p.ops[0], Op::CreateDir);

@@ -78,7 +78,7 @@ pub fn parse(path: &Path, text: &str) -> Result<DocumentMut, ContainerdError> {
     text.parse::<DocumentMut>()
         .map_err(|e| ContainerdError::Parse {
             path: path.to_path_buf(),
-            message: crate::hostconfig::toml_error(text, &e),
+            message: crate::node::hostconfig::toml_error(text, &e),
         })
 }
 

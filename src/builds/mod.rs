@@ -390,38 +390,11 @@ fn bad(msg: impl Into<String>) -> BuildError {
 }
 
 fn check_dns_label(what: &str, v: &str) -> Result<(), BuildError> {
-    let ok = !v.is_empty()
-        && v.len() <= 63
-        && v.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !v.starts_with('-')
-        && !v.ends_with('-');
-    if ok {
-        Ok(())
-    } else {
-        Err(bad(format!(
-            "{what} {v:?} is not a valid Kubernetes name (lowercase letters, digits and '-', at most 63)"
-        )))
-    }
+    crate::k8s::check_label(what, v).map_err(|e| bad(e.to_string()))
 }
 
 fn check_dns_subdomain(what: &str, v: &str) -> Result<(), BuildError> {
-    let ok = !v.is_empty()
-        && v.len() <= 253
-        && v.split('.').all(|p| {
-            !p.is_empty()
-                && p.bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !p.starts_with('-')
-                && !p.ends_with('-')
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(bad(format!(
-            "{what} {v:?} is not a valid Kubernetes object name"
-        )))
-    }
+    crate::k8s::check_subdomain(what, v).map_err(|e| bad(e.to_string()))
 }
 
 /// `30s`, `45m`, `1h30m`, `2h`, `1d` or plain seconds.

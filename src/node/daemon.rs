@@ -20,14 +20,14 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
+use crate::admin::metrics::Metrics;
 use crate::admin::{self, Readiness};
-use crate::agent::{self, AgentError};
-use crate::apply::{self, Outcome};
-use crate::ca::CaBundle;
-use crate::cache::Cache;
-use crate::config::{AgentConfig, ConfigError, Overrides};
-use crate::hostconfig::HostEntry;
-use crate::metrics::Metrics;
+use crate::node::apply::{self, Outcome};
+use crate::node::ca_bundle::CaBundle;
+use crate::node::config::{AgentConfig, ConfigError, Overrides};
+use crate::node::hostconfig::HostEntry;
+use crate::node::reconcile::{self as agent, AgentError};
+use crate::proxy::cache::Cache;
 use crate::proxy::{self, ProxyState, UpstreamClient};
 
 /// Something that reports changes under directories. The real one is

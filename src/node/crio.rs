@@ -9,7 +9,7 @@
 
 use toml_edit::{DocumentMut, Item};
 
-use crate::hostconfig::Alias;
+use crate::node::hostconfig::Alias;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CrioError {
@@ -33,7 +33,7 @@ pub struct Registry {
 pub fn parse(path: &str, text: &str) -> Result<Vec<Registry>, CrioError> {
     let doc: DocumentMut = text.parse().map_err(|e| CrioError::Parse {
         path: path.into(),
-        message: crate::hostconfig::toml_error(text, &e),
+        message: crate::node::hostconfig::toml_error(text, &e),
     })?;
     let mut out = Vec::new();
     let Some(Item::ArrayOfTables(regs)) = doc.get("registry") else {

@@ -15,7 +15,7 @@ use std::time::SystemTime;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::metrics::Metrics;
+use crate::admin::metrics::Metrics;
 use crate::proxy::route::Digest;
 
 #[derive(Debug, thiserror::Error)]
@@ -132,10 +132,10 @@ impl Cache {
         file.as_file().sync_all()?;
         let dest = self.path(&digest).expect("sha256");
         if let Some(ct) = content_type {
-            crate::fsutil::write_atomic(&dest.with_extension("type"), ct.as_bytes(), 0o644)?;
+            crate::node::fs::write_atomic(&dest.with_extension("type"), ct.as_bytes(), 0o644)?;
         }
         file.persist(&dest).map_err(|e| e.error)?;
-        crate::fsutil::sync_dir(dest.parent().expect("has parent"))?;
+        crate::node::fs::sync_dir(dest.parent().expect("has parent"))?;
         let mut size = self.size.lock().expect("cache size lock");
         *size += written;
         self.metrics.cache_size.set(*size as i64);

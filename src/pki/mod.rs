@@ -10,7 +10,7 @@
 //! third of its lifetime left, a changed SAN list, or signed by another CA),
 //! and [`plan`] turns what a cluster holds into the writes `slipway pki
 //! ensure` makes. The shells are [`write_files`] (`slipway pki init`, writes
-//! `ca.crt`, `ca.key`, `tls.crt`, `tls.key`) and [`crate::pki_cluster`]
+//! `ca.crt`, `ca.key`, `tls.crt`, `tls.key`) and [`crate::pki::ensure`]
 //! (`slipway pki ensure`, writes two Secrets and a ConfigMap).
 
 use std::collections::BTreeSet;
@@ -25,6 +25,7 @@ use rcgen::{
 use sha2::{Digest, Sha256};
 use x509_parser::prelude::*;
 
+pub mod ensure;
 pub mod plan;
 
 /// SANs the registry's certificate carries unless configured otherwise: the
@@ -400,9 +401,9 @@ pub fn write_files(dir: &Path, sans: &Sans, force: bool) -> Result<Vec<PathBuf>,
     for (n, (content, mode)) in names.iter().zip(contents) {
         let p = dir.join(n);
         let r = if force {
-            crate::fsutil::write_atomic(&p, content.as_bytes(), mode).map(|_| ())
+            crate::node::fs::write_atomic(&p, content.as_bytes(), mode).map(|_| ())
         } else {
-            crate::fsutil::create_new_atomic(&p, content.as_bytes(), mode)
+            crate::node::fs::create_new_atomic(&p, content.as_bytes(), mode)
         };
         r.map_err(io(&p, "cannot write"))?;
         written.push(p);
