@@ -7,9 +7,10 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use slipway::node::apply::{self, Outcome};
+use slipway::node::apply;
 use slipway::node::config::{AgentConfig, Overrides};
 use slipway::node::containerd;
+use slipway::node::fs::RealFs;
 use slipway::node::hostconfig::{Alias, HostEntry};
 
 fn root() -> PathBuf {
@@ -96,7 +97,7 @@ fn every_layout_is_inspected_as_expected() {
         );
         let cfg =
             AgentConfig::from_str(Path::new("/agent.toml"), &text, &Overrides::default()).unwrap();
-        let (insp, fix_text) = slipway::node::reconcile::inspect_containerd(&cfg)
+        let (insp, fix_text) = slipway::node::reconcile::inspect_containerd(&RealFs, &cfg)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut out = String::new();
         out.push_str(&format!("version: {}\n", insp.version));
@@ -180,21 +181,27 @@ fn foreign_hosts_files_merge_as_expected_and_cleanup_restores_them() {
         }
         let before = snapshot(&certs);
         let hosts = [HostEntry::upstream(UPSTREAM)];
-        let report =
-            apply::apply_all(&certs, std::slice::from_ref(&alias), &hosts, &ca_content()).unwrap();
-        assert_eq!(report.aliases.len(), 1, "{case}");
-        let a = &report.aliases[0];
+        let report = apply::apply_all(
+            &RealFs,
+            &certs,
+            std::slice::from_ref(&alias),
+            &hosts,
+            &ca_content(),
+        )
+        .unwrap();
+        assert_eq!(report.len(), 1, "{case}");
+        let a = &report[0];
         let dir_name = a.dir.file_name().unwrap().to_string_lossy().to_string();
-        match &a.outcome {
-            Outcome::Failed(e) => {
-                let shown = e.replace(&certs.display().to_string(), "CERTS");
+        match &a.result {
+            Err(e) => {
+                let shown = e.to_string().replace(&certs.display().to_string(), "CERTS");
                 check_golden(&src.join("expected-error.txt"), &format!("{shown}\n"));
                 // Nothing written on error.
                 assert_eq!(snapshot(&certs), before, "{case}: files changed on error");
                 continue;
             }
-            Outcome::Changed(_) => {}
-            Outcome::Unchanged => panic!("{case}: nothing applied"),
+            Ok(done) if done.changes.is_empty() => panic!("{case}: nothing applied"),
+            Ok(_) => {}
         }
         let written = fs::read_to_string(a.dir.join("hosts.toml")).unwrap();
         check_golden(
@@ -213,12 +220,22 @@ fn foreign_hosts_files_merge_as_expected_and_cleanup_restores_them() {
                     .unwrap_or(usize::MAX)
         );
         // Idempotent: a second apply changes nothing.
-        let again =
-            apply::apply_all(&certs, std::slice::from_ref(&alias), &hosts, &ca_content()).unwrap();
-        assert_eq!(again.aliases[0].outcome, Outcome::Unchanged, "{case}");
+        let again = apply::apply_all(
+            &RealFs,
+            &certs,
+            std::slice::from_ref(&alias),
+            &hosts,
+            &ca_content(),
+        )
+        .unwrap();
+        assert_eq!(
+            again[0].result.as_ref().unwrap().changes,
+            Vec::<String>::new(),
+            "{case}"
+        );
         // Cleanup restores every foreign byte and mode and leaves nothing of ours.
-        let clean = apply::cleanup_all(&certs, std::slice::from_ref(&alias)).unwrap();
-        assert_eq!(clean.failed(), 0, "{case}: {:?}", clean.aliases);
+        let clean = apply::cleanup_all(&RealFs, &certs, std::slice::from_ref(&alias)).unwrap();
+        assert!(clean.iter().all(|d| d.result.is_ok()), "{case}: {clean:?}");
         assert_eq!(
             snapshot(&certs),
             before,
@@ -340,7 +357,7 @@ fn unmounted_imports_directory_is_reported() {
     );
     let cfg =
         AgentConfig::from_str(Path::new("/agent.toml"), &text, &Overrides::default()).unwrap();
-    let e = slipway::node::reconcile::inspect_containerd(&cfg)
+    let e = slipway::node::reconcile::inspect_containerd(&RealFs, &cfg)
         .unwrap_err()
         .to_string();
     assert!(

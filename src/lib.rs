@@ -18,13 +18,21 @@
 
 pub mod admin;
 pub mod builds;
+pub mod cli;
 pub mod k8s;
 pub mod node;
 pub mod pki;
 pub mod proxy;
+pub mod signal;
 
 /// Exit code for bad configuration (sysexits.h `EX_CONFIG` is 78, but the
 /// project contract is `EX_USAGE`-style 64 for "the operator must fix input").
-pub const EXIT_BAD_CONFIG: i32 = 64;
+pub const EXIT_BAD_CONFIG: u8 = 64;
 /// Exit code when configuration was valid but applying it failed somewhere.
-pub const EXIT_APPLY_FAILED: i32 = 1;
+pub const EXIT_APPLY_FAILED: u8 = 1;
+
+/// How a failure maps to the process exit code: [`EXIT_BAD_CONFIG`] for
+/// input the operator must fix, other codes per program.
+pub trait ExitStatus {
+    fn exit_code(&self) -> u8;
+}

@@ -5,7 +5,7 @@
 
 use std::sync::atomic::AtomicU64;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -26,8 +26,40 @@ pub struct SourceLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AliasLabels {
+    /// The alias itself (`host[:port]`), never display text (#12).
     pub alias: String,
-    pub state: &'static str,
+    pub state: HostState,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AliasOnly {
+    pub alias: String,
+}
+
+/// Host configuration state of one alias, as a metric label.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum HostState {
+    Applied,
+    Drifted,
+    Error,
+}
+
+impl HostState {
+    pub const ALL: [HostState; 3] = [HostState::Applied, HostState::Drifted, HostState::Error];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HostState::Applied => "applied",
+            HostState::Drifted => "drifted",
+            HostState::Error => "error",
+        }
+    }
+}
+
+impl EncodeLabelValue for HostState {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(self.as_str())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -36,9 +68,6 @@ pub struct BuildLabels {
 }
 
 pub type FGauge = Gauge<f64, AtomicU64>;
-
-/// Host configuration states reported per alias.
-pub const ALIAS_STATES: [&str; 3] = ["applied", "drifted", "error"];
 
 pub struct Metrics {
     registry: Registry,
@@ -52,6 +81,8 @@ pub struct Metrics {
     pub cache_evictions: Counter,
     pub last_pull: FGauge,
     pub hostconfig: Family<AliasLabels, Gauge>,
+    pub hostconfig_errors: Family<AliasOnly, Counter>,
+    pub ca_rotations: Counter,
     pub config_path_covered: Gauge,
     pub ca_expiry: FGauge,
     pub build_info: Family<BuildLabels, Gauge>,
@@ -126,6 +157,18 @@ impl Metrics {
             "Host configuration state per alias: 1 for the current state (applied, drifted, error)",
             hostconfig.clone(),
         );
+        let hostconfig_errors = Family::<AliasOnly, Counter>::default();
+        r.register(
+            "hostconfig_errors",
+            "Node passes that left an alias's host configuration in error",
+            hostconfig_errors.clone(),
+        );
+        let ca_rotations = Counter::default();
+        r.register(
+            "ca_rotations",
+            "Times the registry CA file changed to a new valid bundle and was rolled out",
+            ca_rotations.clone(),
+        );
         let config_path_covered = Gauge::default();
         r.register(
             "containerd_config_path_covered",
@@ -171,6 +214,8 @@ impl Metrics {
             cache_evictions,
             last_pull,
             hostconfig,
+            hostconfig_errors,
+            ca_rotations,
             config_path_covered,
             ca_expiry,
             build_info,
@@ -178,8 +223,8 @@ impl Metrics {
     }
 
     /// Set the state of one alias (1 for `state`, 0 for the others).
-    pub fn set_alias_state(&self, alias: &str, state: &'static str) {
-        for s in ALIAS_STATES {
+    pub fn set_alias_state(&self, alias: &str, state: HostState) {
+        for s in HostState::ALL {
             self.hostconfig
                 .get_or_create(&AliasLabels {
                     alias: alias.to_string(),
@@ -187,6 +232,20 @@ impl Metrics {
                 })
                 .set(i64::from(s == state));
         }
+    }
+
+    /// Drop every series of an alias no longer configured (#12: they
+    /// stayed, as `applied`, after the reload that removed the alias).
+    pub fn remove_alias(&self, alias: &str) {
+        for state in HostState::ALL {
+            self.hostconfig.remove(&AliasLabels {
+                alias: alias.to_string(),
+                state,
+            });
+        }
+        self.hostconfig_errors.remove(&AliasOnly {
+            alias: alias.to_string(),
+        });
     }
 
     pub fn encode(&self) -> String {
@@ -204,7 +263,12 @@ mod tests {
     #[test]
     fn every_metric_has_help_and_the_output_is_openmetrics() {
         let m = Metrics::new();
-        m.set_alias_state("registry.shared-services:5000", "applied");
+        m.set_alias_state("registry.shared-services:5000", HostState::Applied);
+        m.hostconfig_errors
+            .get_or_create(&AliasOnly {
+                alias: "other:5000".into(),
+            })
+            .inc();
         m.requests
             .get_or_create(&RequestLabels {
                 method: "GET".into(),
@@ -224,6 +288,8 @@ mod tests {
             "slipway_cache_evictions",
             "slipway_last_successful_pull_timestamp_seconds",
             "slipway_hostconfig_state",
+            "slipway_hostconfig_errors",
+            "slipway_ca_rotations",
             "slipway_containerd_config_path_covered",
             "slipway_ca_expiry_timestamp_seconds",
             "slipway_build_info",

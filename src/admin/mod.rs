@@ -7,9 +7,9 @@
 //! has answered at least once). Probes are not access-logged.
 
 pub mod metrics;
+pub mod readiness;
 
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -17,39 +17,12 @@ use http::{header, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::admin::metrics::Metrics;
-
-/// What `/readyz` checks; each flag is set by the part that knows.
-#[derive(Default)]
-pub struct Readiness {
-    pub hostconfig_applied: AtomicBool,
-    pub config_path_covered: AtomicBool,
-    pub proxy_bound: AtomicBool,
-    pub upstream_seen: Arc<AtomicBool>,
-}
-
-impl Readiness {
-    /// The names of the checks that fail.
-    pub fn failing(&self) -> Vec<&'static str> {
-        let mut v = Vec::new();
-        for (ok, name) in [
-            (&self.hostconfig_applied, "hostconfig_applied"),
-            (
-                &self.config_path_covered,
-                "containerd_config_path_covers_certs_dir",
-            ),
-            (&self.proxy_bound, "proxy_bound"),
-            (self.upstream_seen.as_ref(), "upstream_answered"),
-        ] {
-            if !ok.load(Ordering::Relaxed) {
-                v.push(name);
-            }
-        }
-        v
-    }
-}
+pub use crate::admin::readiness::{Check, Readiness};
 
 fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -64,13 +37,9 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
 pub fn respond(path: &str, metrics: &Metrics, ready: &Readiness) -> Response<Full<Bytes>> {
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
-        "/readyz" => match ready.failing() {
-            f if f.is_empty() => text(StatusCode::OK, "ready\n".into(), "text/plain"),
-            f => text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {}\n", f.join(", ")),
-                "text/plain",
-            ),
+        "/readyz" => match ready.report() {
+            (true, body) => text(StatusCode::OK, body, "text/plain"),
+            (false, body) => text(StatusCode::SERVICE_UNAVAILABLE, body, "text/plain"),
         },
         "/metrics" => text(
             StatusCode::OK,
@@ -81,11 +50,64 @@ pub fn respond(path: &str, metrics: &Metrics, ready: &Readiness) -> Response<Ful
     }
 }
 
-/// Serve until the listener is dropped with the task.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Readiness>) {
+/// The pause after a failed `accept`. At the fd limit (EMFILE) accept
+/// fails at once, again and again; retrying without a pause spun a core at
+/// 124% (#12, #13). Doubles from 10 ms to 1 s, and resets on success.
+#[derive(Debug)]
+pub struct AcceptBackoff {
+    next: Duration,
+}
+
+impl AcceptBackoff {
+    const MIN: Duration = Duration::from_millis(10);
+    const MAX: Duration = Duration::from_secs(1);
+
+    pub fn new() -> Self {
+        AcceptBackoff { next: Self::MIN }
+    }
+    /// How long to wait after a failure.
+    pub fn failed(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        d
+    }
+    pub fn succeeded(&mut self) {
+        self.next = Self::MIN;
+    }
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where connections come from: a [`TcpListener`], or a test's stand-in.
+pub trait Accept {
+    fn accept(&self) -> impl std::future::Future<Output = std::io::Result<TcpStream>> + Send;
+}
+
+impl Accept for TcpListener {
+    async fn accept(&self) -> std::io::Result<TcpStream> {
+        TcpListener::accept(self).await.map(|(s, _)| s)
+    }
+}
+
+/// Serve until the task is dropped.
+pub async fn serve(listener: impl Accept, metrics: Arc<Metrics>, ready: Arc<Readiness>) {
+    let mut backoff = AcceptBackoff::new();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let stream = match listener.accept().await {
+            Ok(s) => {
+                backoff.succeeded();
+                s
+            }
+            Err(e) => {
+                let pause = backoff.failed();
+                tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, "admin: accept failed");
+                tokio::time::sleep(pause).await;
+                continue;
+            }
         };
         let (m, r) = (metrics.clone(), ready.clone());
         tokio::spawn(async move {
@@ -95,7 +117,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Read
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(5))
+                .header_read_timeout(Duration::from_secs(5))
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });
@@ -105,6 +127,7 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, ready: Arc<Read
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     #[test]
     fn readyz_names_what_is_missing() {
@@ -112,14 +135,40 @@ mod tests {
         let r = Readiness::default();
         let resp = respond("/readyz", &m, &r);
         assert_eq!(resp.status(), 503);
-        r.hostconfig_applied.store(true, Ordering::Relaxed);
-        r.config_path_covered.store(true, Ordering::Relaxed);
-        r.proxy_bound.store(true, Ordering::Relaxed);
-        assert_eq!(r.failing(), vec!["upstream_answered"]);
-        r.upstream_seen.store(true, Ordering::Relaxed);
+        r.set(Check::HostconfigApplied, Ok(()));
+        r.set(Check::ConfigPathCovered, Ok(()));
+        r.set(Check::ProxyBound, Ok(()));
+        let failing: Vec<Check> = r.failing().into_iter().map(|(c, _)| c).collect();
+        assert_eq!(failing, vec![Check::UpstreamAnswered]);
+        r.set(Check::UpstreamAnswered, Ok(()));
         assert_eq!(respond("/readyz", &m, &r).status(), 200);
         assert_eq!(respond("/healthz", &m, &r).status(), 200);
         assert_eq!(respond("/metrics", &m, &r).status(), 200);
         assert_eq!(respond("/other", &m, &r).status(), 404);
+    }
+
+    /// A listener at the fd limit: every accept fails at once.
+    struct Emfile(Arc<AtomicUsize>);
+    impl Accept for Emfile {
+        async fn accept(&self) -> std::io::Result<TcpStream> {
+            self.0.fetch_add(1, Ordering::Relaxed);
+            Err(std::io::Error::from_raw_os_error(nix::libc::EMFILE))
+        }
+    }
+
+    /// #12/#13: the admin loop retried a failed accept with no pause.
+    #[tokio::test]
+    async fn accept_errors_back_off() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let task = tokio::spawn(serve(
+            Emfile(calls.clone()),
+            Arc::new(Metrics::new()),
+            Arc::new(Readiness::default()),
+        ));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        task.abort();
+        let n = calls.load(Ordering::Relaxed);
+        // 10 + 20 + 40 + 80 + 160 + 320 ms: at most 6 or 7 tries in 0.5 s.
+        assert!((2..=8).contains(&n), "{n} accepts in 0.5 s");
     }
 }

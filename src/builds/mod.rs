@@ -69,7 +69,7 @@ pub mod exit {
     pub const EVICTED: i32 = 17;
     pub const IMAGE_PULL: i32 = 18;
     pub const MISSING: i32 = 19;
-    pub const BAD_CONFIG: i32 = crate::EXIT_BAD_CONFIG;
+    pub const BAD_CONFIG: i32 = crate::EXIT_BAD_CONFIG as i32;
     pub const INTERRUPTED: i32 = 130;
 }
 

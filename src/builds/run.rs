@@ -1137,9 +1137,13 @@ pub async fn show_logs<W: Write>(
 }
 
 /// `slipway build` from the command line: plan, then `--render` (no API
-/// call) or a real build against the current kubeconfig context. Ctrl-C
-/// cancels.
-pub async fn cli_build(args: &BuildArgs) -> Result<Outcome, BuildError> {
+/// call) or a real build against the current kubeconfig context.
+/// `interrupt` resolving (SIGINT or SIGTERM) cancels: the Job and its pod
+/// are deleted.
+pub async fn cli_build<I: Future<Output = ()>>(
+    args: &BuildArgs,
+    interrupt: I,
+) -> Result<Outcome, BuildError> {
     let plan = args.plan()?;
     let mut stdout = std::io::stdout();
     if args.render {
@@ -1161,9 +1165,7 @@ pub async fn cli_build(args: &BuildArgs) -> Result<Outcome, BuildError> {
         output: args.output,
         timing: Timing::default(),
     };
-    let interrupt = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+
     if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
         let mut p = BarProgress::new();
         run(client, &plan, &opts, interrupt, &mut stdout, &mut p).await

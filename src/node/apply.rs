@@ -2,17 +2,15 @@
 //!
 //! Writes, for each alias, under `<host_root>/<certs_dir>/<alias-dir>/`:
 //! `hosts.toml`, `slipway-ca.crt` and `.slipway-state.json`, each through
-//! [`crate::node::fs::write_atomic`]. Removes only files carrying slipway's
-//! marker, and only directories its state says it created. An error in one
-//! alias never stops the others; every alias gets a line in the [`Report`].
+//! [`NodeFs::write_atomic`]; every host file call goes through [`NodeFs`].
+//! Removes only files carrying slipway's marker, and only directories its
+//! state says it created. An error in one alias never stops the others;
+//! every directory gets a [`DirOutcome`].
 
-use std::fmt;
-use std::fs;
 use std::io;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::node::fs::{self as fsutil, WriteOutcome};
+use crate::node::fs::{EntryKind, Follow, NodeFs, WriteOutcome, TEMP_PREFIX};
 use crate::node::hostconfig::{
     self, Alias, HostEntry, Kind, Observed, Op, Plan, PlanError, CA_FILE, HOSTS_TOML, STATE_FILE,
 };
@@ -37,132 +35,108 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> App
     }
 }
 
-/// What happened to one alias directory.
+/// What one directory's pass did, when it succeeded.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Unchanged,
-    /// Files written or removed, by name.
-    Changed(Vec<String>),
-    Failed(String),
-}
-
-#[derive(Debug, Clone)]
-pub struct AliasReport {
-    pub alias: String,
-    pub dir: PathBuf,
-    pub kind: Option<Kind>,
-    pub outcome: Outcome,
+pub struct Applied {
+    pub kind: Kind,
+    /// Files written or removed, by name; empty when nothing changed.
+    pub changes: Vec<String>,
     pub warnings: Vec<String>,
 }
 
-#[derive(Debug, Clone, Default)]
-pub struct Report {
-    pub aliases: Vec<AliasReport>,
-}
-
-impl Report {
-    pub fn failed(&self) -> usize {
-        self.aliases
-            .iter()
-            .filter(|a| matches!(a.outcome, Outcome::Failed(_)))
-            .count()
-    }
-    pub fn changed(&self) -> usize {
-        self.aliases
-            .iter()
-            .filter(|a| matches!(a.outcome, Outcome::Changed(_)))
-            .count()
-    }
-}
-
-impl fmt::Display for AliasReport {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.kind {
-            Some(Kind::Owned) => " (owned)",
-            Some(Kind::Merged) => " (merged)",
-            None => "",
-        };
-        match &self.outcome {
-            Outcome::Unchanged => {
-                write!(f, "{}: unchanged{kind} {}", self.alias, self.dir.display())
-            }
-            Outcome::Changed(files) => write!(
-                f,
-                "{}: changed{kind} {}: {}",
-                self.alias,
-                self.dir.display(),
-                files.join(", ")
-            ),
-            Outcome::Failed(e) => write!(f, "{}: error: {e}", self.alias),
-        }
-    }
+/// One directory under `certs_dir` after a pass.
+#[derive(Debug)]
+pub struct DirOutcome {
+    /// The alias (`host[:port]`) for a configured alias; the directory's
+    /// name for one slipway manages that is no longer configured.
+    pub alias: String,
+    pub configured: bool,
+    pub dir: PathBuf,
+    pub result: Result<Applied, ApplyError>,
 }
 
 /// Which directory containerd reads for `alias` under `certs_dir`.
-pub fn alias_dir(certs_dir: &Path, alias: &Alias) -> PathBuf {
+pub fn alias_dir(fs: &dyn NodeFs, certs_dir: &Path, alias: &Alias) -> PathBuf {
     if let Some(u) = alias.underscore_dir_name() {
         let p = certs_dir.join(u);
-        if p.is_dir() {
+        if matches!(fs.kind(&p), Ok(EntryKind::Dir)) {
             return p;
         }
     }
     certs_dir.join(alias.dir_name())
 }
 
+fn read_text(fs: &dyn NodeFs, p: &Path) -> Result<Option<(String, u32)>, ApplyError> {
+    match fs.read(p, Follow::No).map_err(io_err(p, "cannot read"))? {
+        None => Ok(None),
+        Some(d) => Ok(Some((
+            String::from_utf8(d.bytes).map_err(|_| PlanError::NotText {
+                path: p.display().to_string(),
+            })?,
+            d.mode,
+        ))),
+    }
+}
+
 /// Read what is in one alias directory.
-pub fn observe(dir: &Path) -> Result<Observed, ApplyError> {
-    let meta = match fs::symlink_metadata(dir) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Observed::default()),
-        Err(e) => return Err(io_err(dir, "cannot stat directory")(e)),
-    };
-    if !meta.is_dir() {
-        return Err(ApplyError::Io {
-            path: dir.to_path_buf(),
-            op: "not a directory",
-            source: io::Error::from(io::ErrorKind::AlreadyExists),
-        });
+pub fn observe(fs: &dyn NodeFs, dir: &Path) -> Result<Observed, ApplyError> {
+    match fs.kind(dir).map_err(io_err(dir, "cannot stat directory"))? {
+        EntryKind::Missing => return Ok(Observed::default()),
+        EntryKind::Dir => {}
+        _ => {
+            return Err(ApplyError::Io {
+                path: dir.to_path_buf(),
+                op: "not a directory",
+                source: io::Error::from(io::ErrorKind::AlreadyExists),
+            })
+        }
     }
     let mut obs = Observed {
         dir_exists: true,
         ..Default::default()
     };
-    let entries = fs::read_dir(dir).map_err(io_err(dir, "cannot read directory"))?;
-    for e in entries {
-        let e = e.map_err(io_err(dir, "cannot read directory"))?;
-        let name = e.file_name().to_string_lossy().to_string();
+    for (name, _) in fs.list(dir).map_err(io_err(dir, "cannot read directory"))? {
         if [".crt", ".cert", ".key"].iter().any(|s| name.ends_with(s)) && name != CA_FILE {
             obs.loose_certs.push(name);
         }
     }
-    obs.loose_certs.sort();
     let hosts = dir.join(HOSTS_TOML);
-    if let Some(b) = fsutil::read_optional(&hosts).map_err(io_err(&hosts, "cannot read"))? {
-        obs.hosts_toml = Some(String::from_utf8(b).map_err(|_| PlanError::NotText {
-            path: hosts.display().to_string(),
-        })?);
-        obs.hosts_toml_mode = Some(
-            fs::metadata(&hosts)
-                .map_err(io_err(&hosts, "cannot stat"))?
-                .permissions()
-                .mode()
-                & 0o7777,
-        );
+    if let Some((text, mode)) = read_text(fs, &hosts)? {
+        obs.hosts_toml = Some(text);
+        obs.hosts_toml_mode = Some(mode);
     }
     let ca = dir.join(CA_FILE);
-    obs.ca = fsutil::read_optional(&ca).map_err(io_err(&ca, "cannot read"))?;
+    obs.ca = fs
+        .read(&ca, Follow::No)
+        .map_err(io_err(&ca, "cannot read"))?
+        .map(|d| d.bytes);
     let st = dir.join(STATE_FILE);
-    obs.state = fsutil::read_optional(&st)
+    obs.state = fs
+        .read(&st, Follow::No)
         .map_err(io_err(&st, "cannot read"))?
-        .map(|b| String::from_utf8_lossy(&b).to_string());
+        .map(|d| String::from_utf8_lossy(&d.bytes).into_owned());
     Ok(obs)
 }
 
+/// Remove temp files a crash between create and rename left behind.
+fn remove_stale_temps(fs: &dyn NodeFs, dir: &Path) -> Result<usize, ApplyError> {
+    let mut n = 0;
+    for (name, kind) in fs.list(dir).map_err(io_err(dir, "cannot read directory"))? {
+        if name.starts_with(TEMP_PREFIX) && kind == EntryKind::File {
+            let p = dir.join(&name);
+            fs.remove_file(&p)
+                .map_err(io_err(&p, "cannot remove temp file"))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
 /// Execute a plan in `dir`; returns the names of what changed.
-pub fn execute(dir: &Path, plan: &Plan) -> Result<Vec<String>, ApplyError> {
+pub fn execute(fs: &dyn NodeFs, dir: &Path, plan: &Plan) -> Result<Vec<String>, ApplyError> {
     let mut changed = Vec::new();
-    if dir.is_dir() {
-        let n = fsutil::remove_stale_temps(dir).map_err(io_err(dir, "cannot remove temp files"))?;
+    if fs.kind(dir).ok() == Some(EntryKind::Dir) {
+        let n = remove_stale_temps(fs, dir)?;
         if n > 0 {
             changed.push(format!("{n} stale temp file(s) removed"));
         }
@@ -170,7 +144,8 @@ pub fn execute(dir: &Path, plan: &Plan) -> Result<Vec<String>, ApplyError> {
     for op in &plan.ops {
         match op {
             Op::CreateDir => {
-                fsutil::create_dir_durable(dir).map_err(io_err(dir, "cannot create directory"))?;
+                fs.create_dir(dir)
+                    .map_err(io_err(dir, "cannot create directory"))?;
                 changed.push("directory created".into());
             }
             Op::Write {
@@ -179,7 +154,8 @@ pub fn execute(dir: &Path, plan: &Plan) -> Result<Vec<String>, ApplyError> {
                 mode,
             } => {
                 let p = dir.join(file);
-                if fsutil::write_atomic(&p, content.as_bytes(), *mode)
+                if fs
+                    .write_atomic(&p, content.as_bytes(), *mode)
                     .map_err(io_err(&p, "cannot write"))?
                     == WriteOutcome::Written
                 {
@@ -188,16 +164,11 @@ pub fn execute(dir: &Path, plan: &Plan) -> Result<Vec<String>, ApplyError> {
             }
             Op::Remove { file } => {
                 let p = dir.join(file);
-                fsutil::remove_durable(&p).map_err(io_err(&p, "cannot remove"))?;
+                fs.remove_file(&p).map_err(io_err(&p, "cannot remove"))?;
                 changed.push(format!("{file} removed"));
             }
-            Op::RemoveDirIfEmpty => match fs::remove_dir(dir) {
-                Ok(()) => {
-                    if let Some(parent) = dir.parent() {
-                        fsutil::sync_dir(parent).map_err(io_err(parent, "cannot sync"))?;
-                    }
-                    changed.push("directory removed".into());
-                }
+            Op::RemoveDirIfEmpty => match fs.remove_dir(dir) {
+                Ok(()) => changed.push("directory removed".into()),
                 // Someone else put files in the directory we created: keep it.
                 Err(e) if e.raw_os_error() == Some(nix::libc::ENOTEMPTY) => {
                     changed.push("directory kept (not empty)".into());
@@ -209,128 +180,127 @@ pub fn execute(dir: &Path, plan: &Plan) -> Result<Vec<String>, ApplyError> {
     Ok(changed)
 }
 
-fn report_for(
+fn outcome(
     alias: String,
+    configured: bool,
     dir: PathBuf,
     r: Result<(Plan, Vec<String>), ApplyError>,
-) -> AliasReport {
-    match r {
-        Ok((plan, changed)) => AliasReport {
-            alias,
-            dir,
-            kind: Some(plan.kind),
-            outcome: if changed.is_empty() {
-                Outcome::Unchanged
-            } else {
-                Outcome::Changed(changed)
-            },
+) -> DirOutcome {
+    DirOutcome {
+        alias,
+        configured,
+        dir,
+        result: r.map(|(plan, changes)| Applied {
+            kind: plan.kind,
+            changes,
             warnings: plan.warnings,
-        },
-        Err(e) => AliasReport {
-            alias,
-            dir,
-            kind: None,
-            outcome: Outcome::Failed(e.to_string()),
-            warnings: vec![],
-        },
+        }),
     }
 }
 
 /// Directories under `certs_dir` that hold slipway state.
-fn managed_dirs(certs_dir: &Path) -> Result<Vec<PathBuf>, ApplyError> {
-    let rd = match fs::read_dir(certs_dir) {
-        Ok(rd) => rd,
+fn managed_dirs(fs: &dyn NodeFs, certs_dir: &Path) -> Result<Vec<PathBuf>, ApplyError> {
+    let entries = match fs.list(certs_dir) {
+        Ok(v) => v,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
         Err(e) => return Err(io_err(certs_dir, "cannot read directory")(e)),
     };
     let mut out = Vec::new();
-    for e in rd {
-        let e = e.map_err(io_err(certs_dir, "cannot read directory"))?;
-        let p = e.path();
-        if p.is_dir() && p.join(STATE_FILE).exists() {
+    for (name, kind) in entries {
+        let p = certs_dir.join(name);
+        if kind == EntryKind::Dir && fs.kind(&p.join(STATE_FILE)).ok() == Some(EntryKind::File) {
             out.push(p);
         }
     }
-    out.sort();
     Ok(out)
 }
 
+fn dir_name(dir: &Path) -> String {
+    dir.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
 /// Bring every alias directory to the desired state, and clean up
-/// directories of aliases no longer configured.
+/// directories of aliases no longer configured. An error in one directory
+/// never stops the others.
 pub fn apply_all(
+    fs: &dyn NodeFs,
     certs_dir: &Path,
     aliases: &[Alias],
     hosts: &[HostEntry],
     ca_content: &str,
-) -> Result<Report, ApplyError> {
-    if !certs_dir.exists() {
-        fs::create_dir_all(certs_dir).map_err(io_err(certs_dir, "cannot create certs_dir"))?;
+) -> Result<Vec<DirOutcome>, ApplyError> {
+    if fs
+        .kind(certs_dir)
+        .map_err(io_err(certs_dir, "cannot stat certs_dir"))?
+        == EntryKind::Missing
+    {
+        fs.create_dir_all(certs_dir)
+            .map_err(io_err(certs_dir, "cannot create certs_dir"))?;
     }
-    fsutil::probe_dir(certs_dir).map_err(io_err(certs_dir, "cannot read certs_dir"))?;
-    let mut report = Report::default();
+    fs.list(certs_dir)
+        .map_err(io_err(certs_dir, "cannot read certs_dir"))?;
+    let mut out = Vec::new();
     let mut wanted = Vec::new();
     for alias in aliases {
-        let dir = alias_dir(certs_dir, alias);
+        let dir = alias_dir(fs, certs_dir, alias);
         wanted.push(dir.clone());
         let r = (|| {
-            let obs = observe(&dir)?;
+            let obs = observe(fs, &dir)?;
             let plan =
                 hostconfig::plan_alias(&dir.display().to_string(), alias, hosts, ca_content, &obs)?;
-            let changed = execute(&dir, &plan)?;
+            let changed = execute(fs, &dir, &plan)?;
             Ok((plan, changed))
         })();
-        report.aliases.push(report_for(alias.dir_name(), dir, r));
+        out.push(outcome(alias.dir_name(), true, dir, r));
     }
-    for dir in managed_dirs(certs_dir)? {
+    for dir in managed_dirs(fs, certs_dir)? {
         if !wanted.contains(&dir) {
-            let name = dir
-                .file_name()
-                .map(|n| n.to_string_lossy().to_string())
-                .unwrap_or_default();
-            let r = cleanup_dir(&dir);
-            report
-                .aliases
-                .push(report_for(format!("{name} (no longer configured)"), dir, r));
+            let r = cleanup_dir(fs, &dir);
+            out.push(outcome(dir_name(&dir), false, dir, r));
         }
     }
-    Ok(report)
+    Ok(out)
 }
 
-fn cleanup_dir(dir: &Path) -> Result<(Plan, Vec<String>), ApplyError> {
-    let obs = observe(dir)?;
+fn cleanup_dir(fs: &dyn NodeFs, dir: &Path) -> Result<(Plan, Vec<String>), ApplyError> {
+    let obs = observe(fs, dir)?;
     let plan = hostconfig::plan_cleanup(&dir.display().to_string(), &obs)?;
-    let changed = execute(dir, &plan)?;
+    let changed = execute(fs, dir, &plan)?;
     Ok((plan, changed))
 }
 
 /// Remove everything slipway wrote: configured aliases and any other
 /// directory holding slipway state.
-pub fn cleanup_all(certs_dir: &Path, aliases: &[Alias]) -> Result<Report, ApplyError> {
-    let mut dirs: Vec<PathBuf> = aliases.iter().map(|a| alias_dir(certs_dir, a)).collect();
-    for d in managed_dirs(certs_dir)? {
-        if !dirs.contains(&d) {
-            dirs.push(d);
+pub fn cleanup_all(
+    fs: &dyn NodeFs,
+    certs_dir: &Path,
+    aliases: &[Alias],
+) -> Result<Vec<DirOutcome>, ApplyError> {
+    let mut dirs: Vec<(String, bool, PathBuf)> = aliases
+        .iter()
+        .map(|a| (a.dir_name(), true, alias_dir(fs, certs_dir, a)))
+        .collect();
+    for d in managed_dirs(fs, certs_dir)? {
+        if !dirs.iter().any(|(_, _, p)| p == &d) {
+            dirs.push((dir_name(&d), false, d));
         }
     }
-    let mut report = Report::default();
-    for dir in dirs {
-        let name = dir
-            .file_name()
-            .map(|n| n.to_string_lossy().to_string())
-            .unwrap_or_default();
-        let r = if dir.exists() {
-            cleanup_dir(&dir)
-        } else {
-            Ok((
+    let mut out = Vec::new();
+    for (alias, configured, dir) in dirs {
+        let r = match fs.kind(&dir) {
+            Ok(EntryKind::Missing) => Ok((
                 Plan {
                     kind: Kind::Owned,
                     ops: vec![],
                     warnings: vec![],
                 },
                 vec![],
-            ))
+            )),
+            _ => cleanup_dir(fs, &dir),
         };
-        report.aliases.push(report_for(name, dir, r));
+        out.push(outcome(alias, configured, dir, r));
     }
-    Ok(report)
+    Ok(out)
 }

@@ -11,6 +11,9 @@ use toml_edit::{DocumentMut, Item};
 
 use crate::node::hostconfig::Alias;
 
+/// CRI-O's drop-in directory (containers-registries.conf.d(5)), on the host.
+pub const REGISTRIES_CONF_D: &str = "/etc/containers/registries.conf.d";
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CrioError {
     #[error("{path}: not valid TOML: {message}")]

@@ -1,13 +1,18 @@
-//! `slipway agent` as the long-running DaemonSet process.
+//! `slipway agent` as the long-running DaemonSet process: the event loop.
 //!
-//! Owns the event loop: apply the host configuration (now with the
-//! node-local proxy first), then keep it true. Sources of work:
+//! Work arrives as one stream of [`Event`]s:
 //! - inotify on `certs_dir`, each alias directory and the CA file's
-//!   directory (a ConfigMap mount swaps a `..data` symlink on update), via
-//!   [`Watch`], with a periodic reconcile as a fallback;
-//! - SIGHUP reloads the config file; SIGTERM/SIGINT drain the proxy (stop
-//!   accepting, let in-flight transfers finish within the grace period) and
-//!   exit 0; a second signal exits at once (signal-hook).
+//!   directory (a ConfigMap mount swaps a `..data` symlink on update),
+//!   through [`Watch`];
+//! - a tick every `agent.reconcile_interval_secs` as a fallback;
+//! - SIGHUP (reload) and SIGTERM/SIGINT (drain) from [`crate::signal`].
+//!
+//! Each pass is [`NodePass::run`], the same pass as `--once`, on the
+//! blocking pool: the loop keeps receiving events while it runs, so SIGTERM
+//! starts the drain whatever a pass is doing (#13). A pass that ends in
+//! error is retried with a growing pause (100 ms doubling to 2 s) instead of
+//! on every event. Its status goes to the one writer,
+//! [`crate::node::status::StatusWriter`].
 //!
 //! Serves the proxy ([`crate::proxy`]) and the admin server
 //! ([`crate::admin`]). Needs no Kubernetes API access.
@@ -15,23 +20,24 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tracing::{error, info, warn};
 
 use crate::admin::metrics::Metrics;
-use crate::admin::{self, Readiness};
-use crate::node::apply::{self, Outcome};
-use crate::node::ca_bundle::CaBundle;
+use crate::admin::{self, Check, Readiness};
 use crate::node::config::{AgentConfig, ConfigError, Overrides};
+use crate::node::fs::{NodeFs, RealFs};
 use crate::node::hostconfig::HostEntry;
-use crate::node::reconcile::{self as agent, AgentError};
+use crate::node::reconcile::{self, AgentError, Mode, NodePass, NodeStatus};
+use crate::node::status::StatusWriter;
 use crate::proxy::cache::Cache;
 use crate::proxy::{self, ProxyState, UpstreamClient};
+use crate::signal::{Signal, Signals};
 
 /// Something that reports changes under directories. The real one is
-/// inotify (through nix); tests can use a channel.
+/// inotify (through nix); tests record what was asked.
 pub trait Watch: Send + Sync {
     /// Watch one directory (idempotent; a vanished directory is fine).
     fn watch(&self, dir: &Path);
@@ -85,10 +91,15 @@ impl Watch for Inotify {
     }
 }
 
+struct NoWatch;
+impl Watch for NoWatch {
+    fn watch(&self, _: &Path) {}
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
+    /// Something changed under a watched directory.
     Changed,
-    Tick,
     Reload,
     Terminate,
 }
@@ -100,166 +111,345 @@ pub struct DaemonOptions {
     pub fix_containerd_config: bool,
 }
 
-struct Agent {
-    cfg: AgentConfig,
-    opts: DaemonOptions,
-    proxy_url: String,
-    metrics: Arc<Metrics>,
-    ready: Arc<Readiness>,
-    proxy: Arc<ProxyState>,
-    ca: Option<CaBundle>,
-    last_advice: Option<String>,
-    first: bool,
+// ------------------------------------------------------------- reload
+
+/// A config key that SIGHUP cannot change in a running agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartKey {
+    ProxyListen,
+    AdminListen,
+    ProxyAllowNonLoopback,
+    CacheDir,
+    ContainerdPaths,
+    GracePeriod,
 }
 
-impl Agent {
-    fn hosts(&self) -> Vec<HostEntry> {
-        let mut v = vec![HostEntry::proxy(&self.proxy_url)];
-        v.extend(agent::host_entries(&self.cfg));
-        v
-    }
-
-    /// Re-read the CA (it may have rotated), check containerd's config,
-    /// and bring every alias directory to the desired state.
-    fn reconcile(&mut self, watcher: &dyn Watch) {
-        match agent::load_ca(&self.cfg) {
-            Ok(ca) => self.use_ca(ca),
-            Err(e) => error!("{e}; keeping the CA loaded before"),
-        }
-        match agent::inspect_containerd(&self.cfg) {
-            Ok((insp, text)) => {
-                if !insp.covered && self.opts.fix_containerd_config && self.first {
-                    if let Err(e) = agent::fix_containerd(&self.cfg, &insp, &text) {
-                        error!("{e}");
-                    }
-                }
-                let advice = insp.advice();
-                if advice != self.last_advice {
-                    match &advice {
-                        Some(a) => warn!("{a}"),
-                        None => info!(
-                            "containerd reads {}",
-                            self.cfg.containerd.certs_dir.display()
-                        ),
-                    }
-                    self.last_advice = advice;
-                }
-                self.metrics
-                    .config_path_covered
-                    .set(i64::from(insp.covered));
-                self.ready
-                    .config_path_covered
-                    .store(insp.covered, Ordering::Relaxed);
-            }
-            Err(e) => {
-                let advice = Some(format!(
-                    "cannot tell whether containerd reads {}: {e}",
-                    self.cfg.containerd.certs_dir.display()
-                ));
-                if advice != self.last_advice {
-                    warn!("{}", advice.as_deref().unwrap_or_default());
-                    self.last_advice = advice;
-                }
-                self.metrics.config_path_covered.set(0);
-                self.ready
-                    .config_path_covered
-                    .store(false, Ordering::Relaxed);
-            }
-        }
-        let certs = self.cfg.containerd.local_certs_dir();
-        let Some(ca_content) = self.ca.as_ref().map(CaBundle::file_content) else {
-            error!("no usable registry CA; host configuration not applied");
-            self.ready
-                .hostconfig_applied
-                .store(false, Ordering::Relaxed);
-            return;
-        };
-        match apply::apply_all(&certs, &self.cfg.aliases, &self.hosts(), &ca_content) {
-            Ok(report) => {
-                let mut all_ok = true;
-                for a in &report.aliases {
-                    let state = match &a.outcome {
-                        Outcome::Unchanged => "applied",
-                        Outcome::Changed(files) => {
-                            if self.first {
-                                info!(alias = %a.alias, changes = %files.join(", "), "applied");
-                            } else {
-                                warn!(alias = %a.alias, changes = %files.join(", "), "host configuration drifted; restored");
-                            }
-                            if self.first {
-                                "applied"
-                            } else {
-                                "drifted"
-                            }
-                        }
-                        Outcome::Failed(e) => {
-                            error!(alias = %a.alias, "{e}");
-                            all_ok = false;
-                            "error"
-                        }
-                    };
-                    for w in &a.warnings {
-                        warn!(alias = %a.alias, "{w}");
-                    }
-                    self.metrics.set_alias_state(&a.alias, state);
-                    watcher.watch(&a.dir);
-                }
-                self.ready
-                    .hostconfig_applied
-                    .store(all_ok, Ordering::Relaxed);
-            }
-            Err(e) => {
-                error!("{e}");
-                self.ready
-                    .hostconfig_applied
-                    .store(false, Ordering::Relaxed);
-            }
-        }
-        watcher.watch(&certs);
-        if let Some(dir) = self.cfg.ca_file.parent() {
-            watcher.watch(dir);
-        }
-        self.first = false;
-    }
-
-    fn use_ca(&mut self, ca: CaBundle) {
-        self.metrics.ca_expiry.set(ca.not_after_unix as f64);
-        if self.ca.as_ref().is_some_and(|c| c.pem == ca.pem) {
-            return;
-        }
-        match UpstreamClient::new(&self.cfg.upstream, ca.pem.as_bytes(), &self.cfg.timeouts) {
-            Ok(c) => {
-                if self.ca.is_some() {
-                    info!(subjects = ?ca.subjects, "registry CA changed; using the new one");
-                }
-                *self.proxy.upstream.write().expect("upstream lock") = Arc::new(c);
-                self.ca = Some(ca);
-            }
-            Err(e) => error!("{e}"),
+impl RestartKey {
+    pub fn key(self) -> &'static str {
+        match self {
+            RestartKey::ProxyListen => "proxy.listen",
+            RestartKey::AdminListen => "admin.listen",
+            RestartKey::ProxyAllowNonLoopback => "proxy.allow_non_loopback",
+            RestartKey::CacheDir => "cache.dir",
+            RestartKey::ContainerdPaths => "containerd.host_root/certs_dir/config_file",
+            RestartKey::GracePeriod => "agent.grace_period_secs",
         }
     }
+}
 
-    /// SIGHUP: re-read the config; keep the old one if the new one is bad.
-    fn reload(&mut self) {
-        let new = match AgentConfig::load(self.opts.config.as_deref(), &self.opts.overrides) {
-            Ok(c) => c,
-            Err(e) => {
-                error!("config reload failed, keeping the running config: {e}");
-                return;
+/// A config key that SIGHUP applies at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LiveKey {
+    Aliases,
+    Upstream,
+    CaFile,
+    ConnectTimeout,
+    ResponseTimeout,
+    BodyIdleTimeout,
+    ClientHeaderTimeout,
+    CacheMaxBytes,
+    ReconcileInterval,
+}
+
+impl LiveKey {
+    pub fn key(self) -> &'static str {
+        match self {
+            LiveKey::Aliases => "registry.aliases",
+            LiveKey::Upstream => "registry.upstream/dial",
+            LiveKey::CaFile => "registry.ca_file",
+            LiveKey::ConnectTimeout => "proxy.connect_timeout_secs",
+            LiveKey::ResponseTimeout => "proxy.response_timeout_secs",
+            LiveKey::BodyIdleTimeout => "proxy.body_idle_timeout_secs",
+            LiveKey::ClientHeaderTimeout => "proxy.client_header_timeout_secs",
+            LiveKey::CacheMaxBytes => "cache.max_bytes",
+            LiveKey::ReconcileInterval => "agent.reconcile_interval_secs",
+        }
+    }
+}
+
+/// What a reload does: the config to run with (keys that need a restart
+/// keep their running values), the keys it applies and the keys it cannot.
+#[derive(Debug)]
+pub struct Reload {
+    pub cfg: AgentConfig,
+    pub applied: Vec<LiveKey>,
+    pub needs_restart: Vec<RestartKey>,
+}
+
+/// Compare the running config with a newly loaded one.
+pub fn plan_reload(old: &AgentConfig, mut new: AgentConfig) -> Reload {
+    let mut needs_restart = Vec::new();
+    macro_rules! keep {
+        ($field:ident, $key:expr) => {
+            if new.$field != old.$field {
+                needs_restart.push($key);
+                new.$field = old.$field.clone();
             }
         };
-        if new.proxy_listen != self.cfg.proxy_listen || new.admin_listen != self.cfg.admin_listen {
-            warn!("proxy.listen and admin.listen changes take effect on restart");
+    }
+    keep!(proxy_listen, RestartKey::ProxyListen);
+    keep!(admin_listen, RestartKey::AdminListen);
+    keep!(proxy_allow_non_loopback, RestartKey::ProxyAllowNonLoopback);
+    keep!(cache_dir, RestartKey::CacheDir);
+    keep!(containerd, RestartKey::ContainerdPaths);
+    keep!(grace_period, RestartKey::GracePeriod);
+    let mut applied = Vec::new();
+    let (o, n) = (&old.timeouts, &new.timeouts);
+    for (changed, key) in [
+        (new.aliases != old.aliases, LiveKey::Aliases),
+        (new.upstream != old.upstream, LiveKey::Upstream),
+        (new.ca_file != old.ca_file, LiveKey::CaFile),
+        (n.connect != o.connect, LiveKey::ConnectTimeout),
+        (n.response != o.response, LiveKey::ResponseTimeout),
+        (n.body_idle != o.body_idle, LiveKey::BodyIdleTimeout),
+        (
+            n.client_header != o.client_header,
+            LiveKey::ClientHeaderTimeout,
+        ),
+        (
+            new.cache_max_bytes != old.cache_max_bytes,
+            LiveKey::CacheMaxBytes,
+        ),
+        (
+            new.reconcile_interval != old.reconcile_interval,
+            LiveKey::ReconcileInterval,
+        ),
+    ] {
+        if changed {
+            applied.push(key);
         }
-        if new.upstream != self.cfg.upstream || new.timeouts.connect != self.cfg.timeouts.connect {
-            self.ca = None; // rebuild the upstream client on the next CA load
+    }
+    Reload {
+        cfg: new,
+        applied,
+        needs_restart,
+    }
+}
+
+// ------------------------------------------------------------- live state
+
+/// What the proxy reads, kept in step with the config and the CA.
+pub struct Live {
+    pub proxy: Arc<ProxyState>,
+    /// What the upstream client was built from: rebuilt when any differs.
+    client_built_from: Option<(crate::proxy::Upstream, Duration, String)>,
+}
+
+impl Live {
+    pub fn new(proxy: Arc<ProxyState>) -> Live {
+        Live {
+            proxy,
+            client_built_from: None,
         }
+    }
+
+    /// Bring the proxy's state to `cfg` and the CA in use.
+    /// The parts that need no CA: timeouts, aliases, the cache cap.
+    pub fn sync_config(&self, cfg: &AgentConfig) {
+        *self.proxy.timeouts.write().expect("timeouts lock") = cfg.timeouts;
         *self.proxy.aliases.write().expect("aliases lock") =
-            new.aliases.iter().map(|a| a.dir_name()).collect();
-        info!(aliases = new.aliases.len(), "config reloaded");
-        self.cfg = new;
-        self.first = true;
+            cfg.aliases.iter().map(|a| a.dir_name()).collect();
+        if let Some(c) = &self.proxy.cache {
+            c.set_max_bytes(cfg.cache_max_bytes);
+        }
     }
+
+    pub fn sync(&mut self, cfg: &AgentConfig, ca_pem: Option<&str>) {
+        self.sync_config(cfg);
+        let Some(pem) = ca_pem else { return };
+        let wanted = (cfg.upstream.clone(), cfg.timeouts.connect, pem.to_string());
+        if self.client_built_from.as_ref() == Some(&wanted) {
+            return;
+        }
+        match UpstreamClient::new(&cfg.upstream, pem.as_bytes(), &cfg.timeouts) {
+            Ok(c) => {
+                *self.proxy.upstream.write().expect("upstream lock") = Arc::new(c);
+                if self.client_built_from.is_some() {
+                    info!(upstream = %cfg.upstream.url, "upstream client rebuilt (CA, upstream or connect timeout changed)");
+                    self.proxy.upstream_seen.store(false, Ordering::Relaxed);
+                }
+                self.client_built_from = Some(wanted);
+            }
+            Err(e) => error!("{e}; keeping the upstream client built before"),
+        }
+    }
+}
+
+// ------------------------------------------------------------- the loop
+
+/// The node side of the daemon: the pass and its inputs.
+pub struct Node {
+    pub cfg: AgentConfig,
+    pub pass: NodePass,
+    pub proxy_url: String,
+    pub fix_containerd_config: bool,
+}
+
+impl Node {
+    fn mode(&self) -> Mode {
+        let mut hosts = vec![HostEntry::proxy(&self.proxy_url)];
+        hosts.extend(reconcile::host_entries(&self.cfg));
+        Mode::Apply {
+            hosts,
+            fix_containerd_config: self.fix_containerd_config,
+        }
+    }
+}
+
+/// Why the loop stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoopEnd {
+    Terminate,
+    /// Every event source is gone.
+    Closed,
+}
+
+const SETTLE: Duration = Duration::from_millis(100);
+const RETRY_MIN: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+
+/// Everything the loop needs besides the node.
+pub struct LoopParts<'a> {
+    pub live: Live,
+    pub writer: StatusWriter,
+    pub watcher: &'a dyn Watch,
+    /// Reads the config again on SIGHUP.
+    pub reload: Box<dyn Fn() -> Result<AgentConfig, ConfigError> + Send + 'a>,
+    /// Called after every pass (tests observe passes through it).
+    pub after_pass: Box<dyn FnMut(&NodeStatus) + Send + 'a>,
+}
+
+/// Run passes as events, ticks and retries ask, until Terminate.
+pub async fn event_loop(
+    node: Node,
+    mut parts: LoopParts<'_>,
+    rx: &mut mpsc::Receiver<Event>,
+) -> LoopEnd {
+    let mut node = Some(node);
+    let mut running: Option<tokio::task::JoinHandle<(Node, NodeStatus)>> = None;
+    let mut dirty = true;
+    let mut reload_pending = false;
+    let mut earliest = Instant::now();
+    let mut retry = RETRY_MIN;
+    let mut next_tick = Instant::now()
+        + node
+            .as_ref()
+            .map_or(RETRY_MAX, |n| n.cfg.reconcile_interval);
+    loop {
+        if let (Some(n), true) = (node.as_mut(), reload_pending) {
+            reload_pending = false;
+            reload(n, &parts);
+            dirty = true;
+        }
+        if running.is_none() && dirty && Instant::now() >= earliest {
+            let mut n = node.take().expect("node is home between passes");
+            // Watch before the pass, so a change made while it runs is
+            // seen; a directory the pass creates shows up as an event on
+            // certs_dir, and the pass that follows watches it.
+            watch_inputs(&n.cfg, parts.watcher);
+            dirty = false;
+            running = Some(tokio::task::spawn_blocking(move || {
+                let mode = n.mode();
+                let cfg = n.cfg.clone();
+                let status = n.pass.run(&cfg, &mode);
+                (n, status)
+            }));
+        }
+        let wake = if running.is_none() && dirty {
+            earliest
+        } else {
+            next_tick
+        };
+        tokio::select! {
+            done = async { running.as_mut().expect("running").await }, if running.is_some() => {
+                running = None;
+                let (n, status) = match done {
+                    Ok(v) => v,
+                    Err(e) => {
+                        error!(error = %e, "node pass panicked; the agent must restart");
+                        return LoopEnd::Closed;
+                    }
+                };
+                after(&n, &status, &mut parts);
+                if status.applied() {
+                    retry = RETRY_MIN;
+                } else {
+                    earliest = Instant::now() + retry;
+                    retry = (retry * 2).min(RETRY_MAX);
+                }
+                next_tick = Instant::now() + n.cfg.reconcile_interval;
+                node = Some(n);
+            }
+            ev = rx.recv() => match ev {
+                None => return LoopEnd::Closed,
+                Some(Event::Terminate) => return LoopEnd::Terminate,
+                Some(Event::Reload) => reload_pending = true,
+                Some(Event::Changed) => {
+                    // Let a burst of events (ours included) settle.
+                    dirty = true;
+                    earliest = earliest.max(Instant::now() + SETTLE);
+                }
+            },
+            _ = tokio::time::sleep_until(wake.into()) => {
+                if Instant::now() >= next_tick {
+                    dirty = true;
+                    next_tick = Instant::now() + node.as_ref().map_or(RETRY_MAX, |n| n.cfg.reconcile_interval);
+                    let state = parts.live.proxy.clone();
+                    tokio::spawn(probe_upstream(state));
+                }
+            }
+        }
+    }
+}
+
+fn after(n: &Node, status: &NodeStatus, parts: &mut LoopParts<'_>) {
+    let ca = n.pass.ca();
+    parts
+        .writer
+        .write(status, ca, &n.cfg.containerd.certs_dir, Instant::now());
+    parts.live.sync(&n.cfg, ca.map(|c| c.pem.as_str()));
+    for a in &status.aliases {
+        parts.watcher.watch(&a.dir);
+    }
+    (parts.after_pass)(status);
+}
+
+/// certs_dir, the CA file's directory and every alias directory there is.
+fn watch_inputs(cfg: &AgentConfig, watcher: &dyn Watch) {
+    let certs = cfg.containerd.local_certs_dir();
+    watcher.watch(&certs);
+    for a in &cfg.aliases {
+        watcher.watch(&certs.join(a.dir_name()));
+        if let Some(u) = a.underscore_dir_name() {
+            watcher.watch(&certs.join(u));
+        }
+    }
+    if let Some(dir) = cfg.ca_file.parent() {
+        watcher.watch(dir);
+    }
+}
+
+/// SIGHUP: re-read the config; keep the running one if the new one is bad.
+fn reload(n: &mut Node, parts: &LoopParts<'_>) {
+    let new = match (parts.reload)() {
+        Ok(c) => c,
+        Err(e) => {
+            error!("config reload failed, keeping the running config: {e}");
+            return;
+        }
+    };
+    let r = plan_reload(&n.cfg, new);
+    for k in &r.needs_restart {
+        warn!(
+            key = k.key(),
+            "config reload: {} changed; it takes effect on restart, the running value is kept",
+            k.key()
+        );
+    }
+    let applied: Vec<&str> = r.applied.iter().map(|k| k.key()).collect();
+    info!(applied = ?applied, aliases = r.cfg.aliases.len(), "config reloaded");
+    n.cfg = r.cfg;
+    parts.live.sync_config(&n.cfg);
 }
 
 /// Ask the upstream's `/v2/` once; any HTTP answer counts.
@@ -274,19 +464,26 @@ async fn probe_upstream(state: Arc<ProxyState>) {
     }
 }
 
+// ------------------------------------------------------------- the process
+
 /// Run the agent until SIGTERM/SIGINT. Returns the process exit code.
-pub fn run(opts: DaemonOptions) -> Result<i32, AgentError> {
+pub fn run(opts: DaemonOptions) -> Result<u8, AgentError> {
     let cfg = AgentConfig::load(opts.config.as_deref(), &opts.overrides)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| AgentError::Runtime(e.to_string()))?;
+        .map_err(|source| AgentError::Runtime {
+            what: "cannot start the tokio runtime",
+            source,
+        })?;
     rt.block_on(run_async(cfg, opts))
 }
 
-async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<i32, AgentError> {
-    let ca = agent::load_ca(&cfg)?;
+async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<u8, AgentError> {
+    let fs: Arc<dyn NodeFs> = Arc::new(RealFs);
+    let pass = NodePass::new(fs);
+    let ca = pass.load_ca(&cfg)?;
     let listener = proxy::bind(cfg.proxy_listen, cfg.proxy_allow_non_loopback)
         .await
         .map_err(|e| match e {
@@ -298,38 +495,41 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<i32, AgentEr
                     message: format!("{addr}: {source}"),
                 })
             }
-            e => AgentError::Proxy(e.to_string()),
+            e => AgentError::Proxy(e),
         })?;
     let bound = listener
         .local_addr()
-        .map_err(|e| AgentError::Proxy(e.to_string()))?;
+        .map_err(|source| AgentError::Runtime {
+            what: "proxy listener has no address",
+            source,
+        })?;
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await
-        .map_err(|e| AgentError::Proxy(format!("admin.listen {}: {e}", cfg.admin_listen)))?;
+        .map_err(|source| AgentError::AdminBind {
+            addr: cfg.admin_listen,
+            source,
+        })?;
     let metrics = Arc::new(Metrics::new());
     let cache = match &cfg.cache_dir {
-        Some(d) => Some(Arc::new(
-            Cache::open(
-                &cfg.containerd.local(d),
-                cfg.cache_max_bytes,
-                metrics.clone(),
-            )
-            .map_err(|e| AgentError::Proxy(e.to_string()))?,
-        )),
+        Some(d) => Some(Arc::new(Cache::open(
+            &cfg.containerd.local(d),
+            cfg.cache_max_bytes,
+            metrics.clone(),
+        )?)),
         None => None,
     };
-    let upstream = UpstreamClient::new(&cfg.upstream, ca.pem.as_bytes(), &cfg.timeouts)
-        .map_err(|e| AgentError::Proxy(e.to_string()))?;
+    let upstream = UpstreamClient::new(&cfg.upstream, ca.pem.as_bytes(), &cfg.timeouts)?;
     let ready = Arc::new(Readiness::default());
+    let upstream_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let state = Arc::new(ProxyState {
         upstream: RwLock::new(Arc::new(upstream)),
         aliases: RwLock::new(cfg.aliases.iter().map(|a| a.dir_name()).collect()),
         cache,
         metrics: metrics.clone(),
-        timeouts: cfg.timeouts,
-        upstream_seen: ready.upstream_seen.clone(),
+        timeouts: RwLock::new(cfg.timeouts),
+        upstream_seen: upstream_seen.clone(),
     });
-    ready.proxy_bound.store(true, Ordering::Relaxed);
+    ready.set(Check::ProxyBound, Ok(()));
     info!(proxy = %bound, admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), upstream = %cfg.upstream.url, "slipway agent starting");
 
     let (tx, mut rx) = mpsc::channel::<Event>(64);
@@ -340,37 +540,43 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<i32, AgentEr
             Box::new(NoWatch)
         }
     };
-    spawn_signals(tx.clone())?;
-    let interval = cfg.reconcile_interval;
-    let tick_tx = tx.clone();
+    let mut signals = Signals::install().map_err(|source| AgentError::Runtime {
+        what: "cannot install signal handlers",
+        source,
+    })?;
+    let sig_tx = tx.clone();
     tokio::spawn(async move {
-        let mut t = tokio::time::interval(interval);
-        t.tick().await;
-        loop {
-            t.tick().await;
-            if tick_tx.send(Event::Tick).await.is_err() {
+        while let Some(s) = signals.recv().await {
+            let ev = match s {
+                Signal::Reload => Event::Reload,
+                Signal::Terminate => Event::Terminate,
+            };
+            if sig_tx.send(ev).await.is_err() {
                 return;
             }
         }
     });
+    // The upstream probe and the proxy mark the upstream as seen; readiness
+    // follows it.
+    let r2 = ready.clone();
+    let seen = upstream_seen.clone();
+    tokio::spawn(async move {
+        loop {
+            r2.set(
+                Check::UpstreamAnswered,
+                if seen.load(Ordering::Relaxed) {
+                    Ok(())
+                } else {
+                    Err("the upstream has not answered /v2/ yet".into())
+                },
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    });
 
     let grace = cfg.grace_period;
-    let mut agent = Agent {
-        proxy_url: format!("http://{bound}"),
-        cfg,
-        opts,
-        metrics: metrics.clone(),
-        ready: ready.clone(),
-        proxy: state.clone(),
-        ca: None,
-        last_advice: None,
-        first: true,
-    };
-    agent.use_ca(ca);
-    agent.reconcile(watcher.as_ref());
-    tokio::spawn(admin::serve(admin_listener, metrics, ready));
+    tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
     tokio::spawn(probe_upstream(state.clone()));
-
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(proxy::serve(
         listener,
@@ -381,38 +587,25 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<i32, AgentEr
         grace,
     ));
 
-    loop {
-        let Some(ev) = rx.recv().await else { break };
-        tracing::trace!(?ev, "event");
-        match ev {
-            Event::Changed => {
-                // Let a burst of events (ours included) settle, then look once.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let mut reload = false;
-                while let Ok(e) = rx.try_recv() {
-                    match e {
-                        Event::Terminate => return drain(stop_tx, server, &mut rx, grace).await,
-                        Event::Reload => reload = true,
-                        Event::Changed | Event::Tick => {}
-                    }
-                }
-                if reload {
-                    agent.reload();
-                }
-                agent.reconcile(watcher.as_ref());
-            }
-            Event::Tick => {
-                agent.reconcile(watcher.as_ref());
-                tokio::spawn(probe_upstream(state.clone()));
-            }
-            Event::Reload => {
-                agent.reload();
-                agent.reconcile(watcher.as_ref());
-            }
-            Event::Terminate => return drain(stop_tx, server, &mut rx, grace).await,
-        }
+    let config_path = opts.config.clone();
+    let overrides = opts.overrides.clone();
+    let node = Node {
+        proxy_url: format!("http://{bound}"),
+        cfg,
+        pass,
+        fix_containerd_config: opts.fix_containerd_config,
+    };
+    let parts = LoopParts {
+        live: Live::new(state.clone()),
+        writer: StatusWriter::new(metrics, ready),
+        watcher: watcher.as_ref(),
+        reload: Box::new(move || AgentConfig::load(config_path.as_deref(), &overrides)),
+        after_pass: Box::new(|_| {}),
+    };
+    match event_loop(node, parts, &mut rx).await {
+        LoopEnd::Terminate => drain(stop_tx, server, &mut rx, grace).await,
+        LoopEnd::Closed => Ok(0),
     }
-    Ok(0)
 }
 
 /// Stop accepting, wait for in-flight transfers up to `grace`; a second
@@ -422,7 +615,7 @@ async fn drain(
     server: tokio::task::JoinHandle<bool>,
     rx: &mut mpsc::Receiver<Event>,
     grace: Duration,
-) -> Result<i32, AgentError> {
+) -> Result<u8, AgentError> {
     info!(
         grace_secs = grace.as_secs_f64(),
         "draining: no new connections; waiting for in-flight transfers"
@@ -430,8 +623,10 @@ async fn drain(
     let _ = stop.send(());
     let second = async {
         loop {
-            if let Some(Event::Terminate) = rx.recv().await {
-                return;
+            match rx.recv().await {
+                Some(Event::Terminate) => return,
+                Some(_) => {}
+                None => std::future::pending::<()>().await,
             }
         }
     };
@@ -449,31 +644,4 @@ async fn drain(
             Ok(130)
         }
     }
-}
-
-struct NoWatch;
-impl Watch for NoWatch {
-    fn watch(&self, _: &Path) {}
-}
-
-fn spawn_signals(tx: mpsc::Sender<Event>) -> Result<(), AgentError> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
-        .map_err(|e| AgentError::Runtime(format!("cannot install signal handlers: {e}")))?;
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                let ev = if sig == SIGHUP {
-                    Event::Reload
-                } else {
-                    Event::Terminate
-                };
-                if tx.blocking_send(ev).is_err() {
-                    return;
-                }
-            }
-        })
-        .map_err(|e| AgentError::Runtime(e.to_string()))?;
-    Ok(())
 }

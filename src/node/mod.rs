@@ -25,3 +25,4 @@ pub mod daemon;
 pub mod fs;
 pub mod hostconfig;
 pub mod reconcile;
+pub mod status;

@@ -75,7 +75,7 @@ pub enum EnsureError {
 
 impl EnsureError {
     /// 64 for a bad namespace, object name or SAN; 1 for everything else.
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> u8 {
         match self {
             EnsureError::Plan(e) => e.exit_code(),
             _ => crate::EXIT_APPLY_FAILED,

@@ -76,7 +76,7 @@ pub enum PkiError {
 
 impl PkiError {
     /// 64 for a SAN the operator must fix (a bad `--dns` or `--ip`), 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> u8 {
         match self {
             PkiError::San { .. } => crate::EXIT_BAD_CONFIG,
             _ => crate::EXIT_APPLY_FAILED,

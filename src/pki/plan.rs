@@ -81,7 +81,7 @@ pub enum PlanError {
 
 impl PlanError {
     /// 64 for names and SANs the operator must fix, 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
+    pub fn exit_code(&self) -> u8 {
         match self {
             PlanError::Pki(e) => e.exit_code(),
             PlanError::Name(_) => crate::EXIT_BAD_CONFIG,

@@ -10,6 +10,7 @@
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -30,7 +31,8 @@ pub enum CacheError {
 
 pub struct Cache {
     dir: PathBuf,
-    max_bytes: u64,
+    /// Reloadable on SIGHUP (#12).
+    max_bytes: AtomicU64,
     size: Mutex<u64>,
     metrics: Arc<Metrics>,
 }
@@ -67,10 +69,20 @@ impl Cache {
         metrics.cache_size.set(size as i64);
         Ok(Cache {
             dir: dir.to_path_buf(),
-            max_bytes,
+            max_bytes: AtomicU64::new(max_bytes),
             size: Mutex::new(size),
             metrics,
         })
+    }
+
+    /// The size cap in force now.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Change the size cap; the next commit evicts down to it.
+    pub fn set_max_bytes(&self, max_bytes: u64) {
+        self.max_bytes.store(max_bytes, Ordering::Relaxed);
     }
 
     fn path(&self, d: &Digest) -> Option<PathBuf> {
@@ -139,7 +151,7 @@ impl Cache {
         let mut size = self.size.lock().expect("cache size lock");
         *size += written;
         self.metrics.cache_size.set(*size as i64);
-        if *size > self.max_bytes {
+        if *size > self.max_bytes() {
             *size = self.evict(*size);
             self.metrics.cache_size.set(*size as i64);
         }
@@ -148,7 +160,7 @@ impl Cache {
 
     /// Remove least recently used entries until under 90% of the cap.
     fn evict(&self, mut size: u64) -> u64 {
-        let target = self.max_bytes / 10 * 9;
+        let target = self.max_bytes() / 10 * 9;
         let mut entries: Vec<(SystemTime, u64, PathBuf)> = fs::read_dir(self.dir.join("sha256"))
             .into_iter()
             .flatten()

@@ -218,9 +218,17 @@ pub struct ProxyState {
     pub aliases: RwLock<Vec<String>>,
     pub cache: Option<Arc<Cache>>,
     pub metrics: Arc<Metrics>,
-    pub timeouts: Timeouts,
+    /// Reloadable on SIGHUP (#12); read once per request or connection.
+    pub timeouts: RwLock<Timeouts>,
     /// The upstream answered at least once (any HTTP response).
     pub upstream_seen: Arc<AtomicBool>,
+}
+
+impl ProxyState {
+    /// The timeouts in force now.
+    pub fn timeouts(&self) -> Timeouts {
+        *self.timeouts.read().expect("timeouts lock")
+    }
 }
 
 const REQUEST_HEADERS: [header::HeaderName; 5] = [
@@ -396,14 +404,14 @@ async fn forward(
         }
         let req = b.body(Empty::new()).expect("valid request");
         let t0 = Instant::now();
-        let r = tokio::time::timeout(state.timeouts.response, client.request(req)).await;
+        let r = tokio::time::timeout(state.timeouts().response, client.request(req)).await;
         state
             .metrics
             .upstream_latency
             .observe(t0.elapsed().as_secs_f64());
         let resp = match r {
             Err(_) => {
-                warn!(%uri, "upstream did not answer within {:?}", state.timeouts.response);
+                warn!(%uri, "upstream did not answer within {:?}", state.timeouts().response);
                 return unavailable(format!("upstream {} did not answer in time", upstream.host));
             }
             Ok(Err(e)) => {
@@ -471,8 +479,8 @@ async fn forward(
     };
     let body = Streamed {
         inner: resp.into_body(),
-        idle: state.timeouts.body_idle,
-        sleep: Box::pin(tokio::time::sleep(state.timeouts.body_idle)),
+        idle: state.timeouts().body_idle,
+        sleep: Box::pin(tokio::time::sleep(state.timeouts().body_idle)),
         cache: writer,
         metrics: state.metrics.clone(),
         bytes: state
@@ -673,13 +681,6 @@ pub async fn serve(
     grace: Duration,
 ) -> bool {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        // Slowloris: a client that trickles its request head is cut off.
-        .header_read_timeout(state.timeouts.client_header)
-        .max_buf_size(64 * 1024)
-        .keep_alive(true);
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -693,6 +694,14 @@ pub async fn serve(
                     }
                 };
                 let _ = stream.set_nodelay(true);
+                // Built per connection: client_header is reloadable (#12).
+                let mut builder = hyper::server::conn::http1::Builder::new();
+                builder
+                    .timer(TokioTimer::new())
+                    // Slowloris: a client that trickles its request head is cut off.
+                    .header_read_timeout(state.timeouts().client_header)
+                    .max_buf_size(64 * 1024)
+                    .keep_alive(true);
                 let st = state.clone();
                 let conn = builder.serve_connection(
                     TokioIo::new(stream),

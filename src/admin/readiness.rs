@@ -1,0 +1,123 @@
+//! What `/readyz` answers: a set of named checks, each passing or failing
+//! with the reason an operator reads in the response body.
+//!
+//! The node's checks are written by one writer, [`crate::node::status`]
+//! (from each pass's [`crate::node::reconcile::NodeStatus`]), and by the
+//! daemon for the proxy and the upstream probe.
+
+use std::fmt;
+use std::sync::RwLock;
+
+/// One readiness check. Its name is part of the `/readyz` body contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Check {
+    /// Every alias directory holds the wanted host configuration.
+    HostconfigApplied,
+    /// containerd's `config_path` covers the directory slipway writes.
+    ConfigPathCovered,
+    /// The proxy is listening.
+    ProxyBound,
+    /// The upstream registry answered `/v2/` at least once.
+    UpstreamAnswered,
+}
+
+impl Check {
+    pub const ALL: [Check; 4] = [
+        Check::HostconfigApplied,
+        Check::ConfigPathCovered,
+        Check::ProxyBound,
+        Check::UpstreamAnswered,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Check::HostconfigApplied => "hostconfig_applied",
+            Check::ConfigPathCovered => "containerd_config_path_covers_certs_dir",
+            Check::ProxyBound => "proxy_bound",
+            Check::UpstreamAnswered => "upstream_answered",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+impl fmt::Display for Check {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The checks and their state. Each starts failing with "not checked yet".
+pub struct Readiness {
+    checks: RwLock<[Option<String>; 4]>,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            checks: RwLock::new(std::array::from_fn(|_| Some("not checked yet".into()))),
+        }
+    }
+}
+
+impl Readiness {
+    /// Record a check: `Ok` passes, `Err` fails with the reason.
+    pub fn set(&self, check: Check, result: Result<(), String>) {
+        self.checks.write().expect("readiness lock")[check.index()] = result.err();
+    }
+
+    pub fn passes(&self, check: Check) -> bool {
+        self.checks.read().expect("readiness lock")[check.index()].is_none()
+    }
+
+    /// The failing checks with their reasons, in [`Check::ALL`] order.
+    pub fn failing(&self) -> Vec<(Check, String)> {
+        let checks = self.checks.read().expect("readiness lock");
+        Check::ALL
+            .iter()
+            .filter_map(|c| checks[c.index()].clone().map(|r| (*c, r)))
+            .collect()
+    }
+
+    /// `(ready, body)` for `/readyz`: the first line names the failing
+    /// checks, then one line per check with its reason.
+    pub fn report(&self) -> (bool, String) {
+        let failing = self.failing();
+        if failing.is_empty() {
+            return (true, "ready\n".into());
+        }
+        let names: Vec<&str> = failing.iter().map(|(c, _)| c.name()).collect();
+        let mut body = format!("not ready: {}\n", names.join(", "));
+        for (c, reason) in &failing {
+            body.push_str(&format!("{c}: {reason}\n"));
+        }
+        (false, body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_check_starts_failing_and_names_its_reason() {
+        let r = Readiness::default();
+        assert_eq!(r.failing().len(), 4);
+        for c in Check::ALL {
+            r.set(c, Ok(()));
+        }
+        assert_eq!(r.report(), (true, "ready\n".to_string()));
+        r.set(
+            Check::HostconfigApplied,
+            Err("a:5000: /x/hosts.toml: cannot read: is a FIFO".into()),
+        );
+        let (ready, body) = r.report();
+        assert!(!ready);
+        assert_eq!(
+            body,
+            "not ready: hostconfig_applied\nhostconfig_applied: a:5000: /x/hosts.toml: cannot read: is a FIFO\n"
+        );
+    }
+}
