@@ -16,14 +16,14 @@
 //! Data flows one way: config → plan → apply → report.
 #![forbid(unsafe_code)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod builds;
 pub mod cli;
-pub mod k8s;
+pub(crate) mod k8s;
 pub mod node;
 pub mod pki;
 pub mod proxy;
-pub mod signal;
+pub(crate) mod signal;
 
 /// Exit code for bad configuration (sysexits.h `EX_CONFIG` is 78, but the
 /// project contract is `EX_USAGE`-style 64 for "the operator must fix input").

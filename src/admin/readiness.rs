@@ -68,10 +68,6 @@ impl Readiness {
         self.checks.write().expect("readiness lock")[check.index()] = result.err();
     }
 
-    pub fn passes(&self, check: Check) -> bool {
-        self.checks.read().expect("readiness lock")[check.index()].is_none()
-    }
-
     /// The failing checks with their reasons, in [`Check::ALL`] order.
     pub fn failing(&self) -> Vec<(Check, String)> {
         let checks = self.checks.read().expect("readiness lock");

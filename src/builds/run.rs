@@ -46,7 +46,7 @@ use super::job::{self, BuildSpec, CA_KEY, GIT_CONTAINER, KANIKO_CONTAINER, LABEL
 use super::log::{Event as LogEvent, KanikoLog};
 use super::status::{self, BuildRow, CState, Context, PodView, Verdict};
 use super::{BuildArgs, BuildError, CaSource, OutputFormat, Plan};
-use crate::k8s::api_code;
+use crate::k8s::{self, ApiClass};
 
 /// How long to wait for what; tests shorten these.
 #[derive(Debug, Clone)]
@@ -352,7 +352,7 @@ async fn delete_job<P: Progress>(jobs: &Api<Job>, name: &str, progress: &mut P) 
     // build outlives the command.
     match jobs.delete(name, &DeleteParams::foreground()).await {
         Ok(_) => {}
-        Err(e) if api_code(&e) == Some(404) => {}
+        Err(e) if k8s::classify(&e) == ApiClass::NotFound => {}
         Err(e) => progress.warn(&format!(
             "could not delete job {name}: {e}; delete it with kubectl delete job {name}"
         )),
@@ -422,7 +422,7 @@ async fn preflight<P: Progress>(
                 },
             });
         }
-        Err(e) if api_code(&e) == Some(403) => progress.warn(&format!(
+        Err(e) if k8s::classify(&e) == ApiClass::Denied => progress.warn(&format!(
             "cannot check ServiceAccount {ns}/{sa} (forbidden); continuing"
         )),
         Err(e) => return Err(kube_err(format!("cannot read ServiceAccount {ns}/{sa}"))(e)),
@@ -443,7 +443,7 @@ async fn preflight<P: Progress>(
                         .into(),
                 })
             }
-            Err(e) if api_code(&e) == Some(403) => progress.warn(&format!(
+            Err(e) if k8s::classify(&e) == ApiClass::Denied => progress.warn(&format!(
                 "cannot check Secret {ns}/{s} (forbidden); continuing"
             )),
             Err(e) => return Err(kube_err(format!("cannot read Secret {ns}/{s}"))(e)),

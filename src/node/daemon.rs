@@ -385,9 +385,13 @@ pub async fn event_loop(
                 Some(Event::Terminate) => return LoopEnd::Terminate,
                 Some(Event::Reload) => reload_pending = true,
                 Some(Event::Changed) => {
-                    // Let a burst of events (ours included) settle.
-                    dirty = true;
-                    earliest = earliest.max(Instant::now() + SETTLE);
+                    // Let a burst of events (ours included) settle: the
+                    // pause starts at the burst's first event, so a stream
+                    // of events cannot postpone the pass forever.
+                    if !dirty {
+                        dirty = true;
+                        earliest = earliest.max(Instant::now() + SETTLE);
+                    }
                 }
             },
             _ = tokio::time::sleep_until(wake.into()) => {
@@ -643,5 +647,294 @@ async fn drain(
             warn!("second signal: exiting now");
             Ok(130)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::node::fs::fake::{ca_pem, config, config_text, node as fake_node, FakeFs, Op};
+    use std::sync::Mutex;
+
+    const A: &str = "registry.shared-services:5000";
+
+    #[derive(Default)]
+    struct Watched(Mutex<Vec<PathBuf>>);
+    impl Watch for Watched {
+        fn watch(&self, dir: &Path) {
+            self.0.lock().unwrap().push(dir.to_path_buf());
+        }
+    }
+
+    struct Harness {
+        proxy: Arc<ProxyState>,
+        passes: Arc<Mutex<Vec<Vec<String>>>>,
+        tx: mpsc::Sender<Event>,
+        task: tokio::task::JoinHandle<LoopEnd>,
+        next_config: Arc<Mutex<String>>,
+        metrics: Arc<Metrics>,
+        _cache_dir: tempfile::TempDir,
+    }
+
+    fn start(fs: Arc<FakeFs>, text: &str, ca: &str) -> Harness {
+        let cfg = config(text);
+        let metrics = Arc::new(Metrics::new());
+        let cache_dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(cache_dir.path(), cfg.cache_max_bytes, metrics.clone()).unwrap();
+        let proxy = Arc::new(ProxyState {
+            upstream: RwLock::new(Arc::new(
+                UpstreamClient::new(&cfg.upstream, ca.as_bytes(), &cfg.timeouts).unwrap(),
+            )),
+            aliases: RwLock::new(vec![]),
+            cache: Some(Arc::new(cache)),
+            metrics: metrics.clone(),
+            timeouts: RwLock::new(cfg.timeouts),
+            upstream_seen: Arc::new(Default::default()),
+        });
+        let passes = Arc::new(Mutex::new(Vec::new()));
+        let next_config = Arc::new(Mutex::new(text.to_string()));
+        let (tx, mut rx) = mpsc::channel(64);
+        let p2 = passes.clone();
+        let nc = next_config.clone();
+        let live = Live::new(proxy.clone());
+        let m2 = metrics.clone();
+        let task = tokio::spawn(async move {
+            let watched = Watched::default();
+            let parts = LoopParts {
+                live,
+                writer: StatusWriter::new(m2, Arc::new(Readiness::default())),
+                watcher: &watched,
+                reload: Box::new(move || {
+                    let t = nc.lock().unwrap().clone();
+                    AgentConfig::from_str(
+                        Path::new("/etc/slipway/agent.toml"),
+                        &t,
+                        &Overrides::default(),
+                    )
+                }),
+                after_pass: Box::new(move |s: &NodeStatus| {
+                    p2.lock().unwrap().push(
+                        s.aliases
+                            .iter()
+                            .map(|a| {
+                                format!(
+                                    "{}={}",
+                                    a.alias,
+                                    match &a.state {
+                                        reconcile::AliasState::Applied { .. } => "applied",
+                                        reconcile::AliasState::Drifted { .. } => "drifted",
+                                        reconcile::AliasState::Removed { .. } => "removed",
+                                        reconcile::AliasState::Error(_) => "error",
+                                    }
+                                )
+                            })
+                            .collect(),
+                    )
+                }),
+            };
+            let node = Node {
+                cfg,
+                pass: NodePass::new(fs),
+                proxy_url: "http://127.0.0.1:5050".into(),
+                fix_containerd_config: false,
+            };
+            event_loop(node, parts, &mut rx).await
+        });
+        Harness {
+            proxy,
+            passes,
+            tx,
+            task,
+            next_config,
+            metrics,
+            _cache_dir: cache_dir,
+        }
+    }
+
+    async fn wait_passes(h: &Harness, n: usize) -> Vec<Vec<String>> {
+        for _ in 0..200 {
+            if h.passes.lock().unwrap().len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        h.passes.lock().unwrap().clone()
+    }
+
+    fn hosts(alias: &str) -> PathBuf {
+        Path::new("/etc/containerd/certs.d")
+            .join(alias)
+            .join("hosts.toml")
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_event_restores_drift_and_terminate_ends_the_loop() {
+        let ca = ca_pem();
+        let fs = fake_node(&ca);
+        let h = start(fs.clone(), &config_text(&[A], ""), &ca);
+        assert_eq!(wait_passes(&h, 1).await[0], vec![format!("{A}=applied")]);
+        fs.remove_file(&hosts(A)).unwrap();
+        h.tx.send(Event::Changed).await.unwrap();
+        let p = wait_passes(&h, 2).await;
+        assert_eq!(p[1], vec![format!("{A}=drifted")]);
+        assert!(fs.content(&hosts(A)).is_some());
+        h.tx.send(Event::Terminate).await.unwrap();
+        assert_eq!(h.task.await.unwrap(), LoopEnd::Terminate);
+    }
+
+    /// #13: a pass stuck on a file kept SIGTERM waiting.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn terminate_is_not_starved_by_a_stuck_pass() {
+        let ca = ca_pem();
+        let fs = fake_node(&ca);
+        *fs.stall.lock().unwrap() = Some((hosts(A), Duration::from_secs(30)));
+        let h = start(fs.clone(), &config_text(&[A], ""), &ca);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(
+            fs.calls.lock().unwrap().iter().any(|(_, p)| p == &hosts(A))
+                || h.passes.lock().unwrap().is_empty()
+        );
+        let t = Instant::now();
+        h.tx.send(Event::Terminate).await.unwrap();
+        let end = tokio::time::timeout(Duration::from_secs(2), h.task).await;
+        assert_eq!(end.expect("loop ended").unwrap(), LoopEnd::Terminate);
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
+
+    /// #13: a persistent error used to be retried on every event.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_pass_backs_off_under_a_flood_of_events() {
+        let ca = ca_pem();
+        let fs = fake_node(&ca);
+        fs.fail(Op::Write, &hosts(A), nix::libc::EACCES);
+        let h = start(fs.clone(), &config_text(&[A], ""), &ca);
+        for _ in 0..100 {
+            let _ = h.tx.try_send(Event::Changed);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // 2 s of events; retries after 0.1, 0.2, 0.4, 0.8 s (then 1.6 s).
+        let n = h.passes.lock().unwrap().len();
+        assert!((3..=7).contains(&n), "{n} passes in 2 s");
+        assert!(h.metrics.encode().contains(&format!(
+            "slipway_hostconfig_errors_total{{alias=\"{A}\"}} {n}"
+        )));
+        h.task.abort();
+    }
+
+    #[test]
+    fn reload_applies_runtime_keys_and_names_the_others() {
+        let old = config(&config_text(&[A], ""));
+        let changed = [
+            (
+                "[proxy]\nconnect_timeout_secs = 7\n",
+                LiveKey::ConnectTimeout,
+            ),
+            (
+                "[proxy]\nresponse_timeout_secs = 7\n",
+                LiveKey::ResponseTimeout,
+            ),
+            (
+                "[proxy]\nbody_idle_timeout_secs = 7\n",
+                LiveKey::BodyIdleTimeout,
+            ),
+            (
+                "[proxy]\nclient_header_timeout_secs = 7\n",
+                LiveKey::ClientHeaderTimeout,
+            ),
+            ("[cache]\nmax_bytes = 12345\n", LiveKey::CacheMaxBytes),
+            (
+                "[agent]\nreconcile_interval_secs = 7\n",
+                LiveKey::ReconcileInterval,
+            ),
+        ];
+        for (extra, key) in changed {
+            let r = plan_reload(&old, config(&config_text(&[A], extra)));
+            assert_eq!(r.applied, vec![key], "{extra}");
+            assert!(r.needs_restart.is_empty());
+        }
+        let r = plan_reload(&old, config(&config_text(&[A, "other:5000"], "")));
+        assert_eq!(r.applied, vec![LiveKey::Aliases]);
+        let r = plan_reload(
+            &old,
+            config(&config_text(&[A], "").replace("registry.example:5000", "registry.other:5000")),
+        );
+        assert_eq!(r.applied, vec![LiveKey::Upstream]);
+        let r = plan_reload(
+            &old,
+            config(&config_text(&[A], "").replace("/ca/ca.crt", "/ca2/ca.crt")),
+        );
+        assert_eq!(r.applied, vec![LiveKey::CaFile]);
+        let r = plan_reload(
+            &old,
+            config(&config_text(
+                &[A],
+                "[proxy]\nlisten = \"127.0.0.1:6000\"\n[admin]\nlisten = \"127.0.0.1:6001\"\n[agent]\ngrace_period_secs = 3\n[containerd]\ncerts_dir = \"/elsewhere\"\n",
+            )),
+        );
+        assert_eq!(
+            r.needs_restart,
+            vec![
+                RestartKey::ProxyListen,
+                RestartKey::AdminListen,
+                RestartKey::ContainerdPaths,
+                RestartKey::GracePeriod
+            ]
+        );
+        // The running values are kept for those.
+        assert_eq!(r.cfg.proxy_listen, old.proxy_listen);
+        assert_eq!(r.cfg.containerd, old.containerd);
+        assert_eq!(r.cfg.grace_period, old.grace_period);
+    }
+
+    /// #12: SIGHUP dropped timeout, cache and interval changes silently.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reload_takes_effect_on_the_running_proxy_and_loop() {
+        let ca = ca_pem();
+        let fs = fake_node(&ca);
+        let h = start(
+            fs.clone(),
+            &config_text(&[A], "[agent]\nreconcile_interval_secs = 3600\n"),
+            &ca,
+        );
+        wait_passes(&h, 1).await;
+        let client_before = h.proxy.upstream.read().unwrap().clone();
+        *h.next_config.lock().unwrap() = config_text(
+            &[A, "other:5000"],
+            "[proxy]\nconnect_timeout_secs = 1.5\nresponse_timeout_secs = 2.5\nbody_idle_timeout_secs = 3.5\nclient_header_timeout_secs = 4.5\n[cache]\nmax_bytes = 4096\n[agent]\nreconcile_interval_secs = 0.2\n",
+        )
+        .replace("registry.example:5000", "registry.other:5000");
+        h.tx.send(Event::Reload).await.unwrap();
+        let p = wait_passes(&h, 2).await;
+        assert!(p[1].contains(&"other:5000=applied".to_string()), "{p:?}");
+        let t = h.proxy.timeouts();
+        assert_eq!(
+            (t.connect, t.response, t.body_idle, t.client_header),
+            (
+                Duration::from_secs_f64(1.5),
+                Duration::from_secs_f64(2.5),
+                Duration::from_secs_f64(3.5),
+                Duration::from_secs_f64(4.5)
+            )
+        );
+        assert_eq!(h.proxy.cache.as_ref().unwrap().max_bytes(), 4096);
+        assert_eq!(
+            *h.proxy.aliases.read().unwrap(),
+            vec![A.to_string(), "other:5000".to_string()]
+        );
+        assert!(!Arc::ptr_eq(
+            &client_before,
+            &h.proxy.upstream.read().unwrap()
+        ));
+        // The new interval: passes now come without events.
+        let before = h.passes.lock().unwrap().len();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let after = h.passes.lock().unwrap().len();
+        assert!(after - before >= 3, "{before} -> {after}");
+        // A bad config keeps the running one.
+        *h.next_config.lock().unwrap() = "[registry\n".into();
+        h.tx.send(Event::Reload).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(h.proxy.timeouts().response, Duration::from_secs_f64(2.5));
+        h.task.abort();
     }
 }

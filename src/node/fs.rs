@@ -343,6 +343,8 @@ pub mod fake {
         pub nodes: Mutex<BTreeMap<PathBuf, Node>>,
         pub calls: Mutex<Vec<(Op, PathBuf)>>,
         faults: Mutex<Vec<(Op, PathBuf, i32)>>,
+        /// A read of this path sleeps this long first (a hung mount).
+        pub stall: Mutex<Option<(PathBuf, std::time::Duration)>>,
     }
 
     impl FakeFs {
@@ -414,8 +416,54 @@ pub mod fake {
         }
     }
 
+    /// A node as the agent sees it: a valid CA at `/ca/ca.crt`, and a
+    /// containerd 1.x config whose `config_path` is
+    /// `/etc/containerd/certs.d`, which exists.
+    pub fn node(ca_pem: &str) -> std::sync::Arc<FakeFs> {
+        let fs = std::sync::Arc::new(FakeFs::new());
+        fs.file(Path::new("/ca/ca.crt"), ca_pem.as_bytes(), 0o644);
+        fs.file(
+            Path::new("/etc/containerd/config.toml"),
+            b"version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n",
+            0o644,
+        );
+        fs.mkdir_p(Path::new("/etc/containerd/certs.d"));
+        fs
+    }
+
+    /// A fresh, valid CA certificate (PEM).
+    pub fn ca_pem() -> String {
+        crate::pki::issue_ca(time::OffsetDateTime::now_utc())
+            .unwrap()
+            .cert_pem
+    }
+
+    /// The agent config for [`node`]: `aliases`, then `extra` TOML.
+    pub fn config_text(aliases: &[&str], extra: &str) -> String {
+        let list: Vec<String> = aliases.iter().map(|a| format!("{a:?}")).collect();
+        format!(
+            "[registry]\naliases = [{}]\nupstream = \"https://registry.example:5000\"\nca_file = \"/ca/ca.crt\"\n{extra}",
+            list.join(", ")
+        )
+    }
+
+    pub fn config(text: &str) -> crate::node::config::AgentConfig {
+        crate::node::config::AgentConfig::from_str(
+            Path::new("/etc/slipway/agent.toml"),
+            text,
+            &Default::default(),
+        )
+        .unwrap()
+    }
+
     impl NodeFs for FakeFs {
         fn read(&self, p: &Path, follow: Follow) -> io::Result<Option<FileData>> {
+            let stall = self.stall.lock().unwrap().clone();
+            if let Some((sp, d)) = stall {
+                if sp == p {
+                    std::thread::sleep(d);
+                }
+            }
             self.enter(Op::Read, p)?;
             match self.get(p) {
                 None => Ok(None),

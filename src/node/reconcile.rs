@@ -606,43 +606,15 @@ mod tests {
     use super::*;
     use crate::admin::metrics::Metrics;
     use crate::admin::readiness::{Check, Readiness};
-    use crate::node::config::Overrides;
-    use crate::node::fs::fake::{FakeFs, Node, Op};
+    use crate::node::fs::fake::{self, ca_pem, node, Node, Op};
     use crate::node::status::StatusWriter;
     use nix::libc;
 
     const A: &str = "registry.shared-services:5000";
     const B: &str = "203.0.113.7:5000";
 
-    fn ca_pem() -> String {
-        crate::pki::issue_ca(time::OffsetDateTime::now_utc())
-            .unwrap()
-            .cert_pem
-    }
-
     fn config(aliases: &[&str]) -> AgentConfig {
-        let list: Vec<String> = aliases.iter().map(|a| format!("{a:?}")).collect();
-        AgentConfig::from_str(
-            Path::new("/etc/slipway/agent.toml"),
-            &format!(
-                "[registry]\naliases = [{}]\nupstream = \"https://registry.example:5000\"\nca_file = \"/ca/ca.crt\"\n",
-                list.join(", ")
-            ),
-            &Overrides::default(),
-        )
-        .unwrap()
-    }
-
-    fn node(ca: &str) -> Arc<FakeFs> {
-        let fs = Arc::new(FakeFs::new());
-        fs.file(Path::new("/ca/ca.crt"), ca.as_bytes(), 0o644);
-        fs.file(
-            Path::new("/etc/containerd/config.toml"),
-            b"version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\nconfig_path = \"/etc/containerd/certs.d\"\n",
-            0o644,
-        );
-        fs.mkdir_p(Path::new("/etc/containerd/certs.d"));
-        fs
+        fake::config(&fake::config_text(aliases, ""))
     }
 
     fn mode() -> Mode {
@@ -775,7 +747,7 @@ mod tests {
             Path::new("/etc/containerd/certs.d"),
             std::time::Instant::now(),
         );
-        assert!(!ready.passes(Check::HostconfigApplied));
+        assert_eq!(ready.failing()[0].0, Check::HostconfigApplied);
         let (_, body) = ready.report();
         assert!(
             body.contains(&format!("{A}: {}", hosts(A).display())),
@@ -868,5 +840,26 @@ mod tests {
         let s = pass.run(&cfg, &fix);
         assert!(s.fix.is_none());
         assert_eq!(fs.ops(Op::CreateNew).len(), 1);
+    }
+
+    /// #12: crio.rs was called by no command; `--once` now reports what
+    /// CRI-O would use on a node that has its drop-in directory.
+    #[test]
+    fn a_crio_node_gets_a_report_per_alias() {
+        let fs = node(&ca_pem());
+        fs.file(
+            &Path::new(crio::REGISTRIES_CONF_D).join("01-registries.conf"),
+            b"[[registry]]\nprefix = \"registry.shared-services:5000\"\nlocation = \"registry.shared-services:5000\"\n",
+            0o644,
+        );
+        let s = NodePass::new(fs).run(&config(&[A, B]), &mode());
+        let report = s.crio.expect("CRI-O report");
+        assert!(report.contains(&format!("{A}: prefix \"{A}\"")), "{report}");
+        assert!(
+            report.contains(&format!("{B}: no [[registry]] entry")),
+            "{report}"
+        );
+        let s = NodePass::new(node(&ca_pem())).run(&config(&[A]), &mode());
+        assert!(s.crio.is_none());
     }
 }
