@@ -449,9 +449,10 @@ fn fix_containerd_config_adds_config_path_with_backup() {
     let out = slipway(&["agent", "--once", "--config", cfg.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let advice = format!(
-        "containerd does not read {certs}: {file} has no config_path; set config_path = \"{certs}\" under [plugins.\"io.containerd.grpc.v1.cri\".registry] in {file}, then restart containerd",
+        "containerd does not read {certs}: {file} has no config_path; set config_path = \"{certs}\" under [{section}] in {file}, then restart containerd",
         certs = ctd.certs_dir.display(),
-        file = ctd.config_file.display()
+        file = ctd.config_file.display(),
+        section = ctd.release.registry_section(),
     );
     assert!(
         stderr(&out).contains(&advice),
