@@ -822,6 +822,19 @@ impl Containerd {
             release: rel,
         };
         c.wait_cri();
+        // The release under test is the one that serves: its own log says
+        // which version started.
+        let log = c.proc.log_text();
+        let started = log
+            .lines()
+            .find(|l| l.contains("starting containerd"))
+            .unwrap_or_default();
+        assert!(
+            started.contains(&rel.version_upstream()),
+            "containerd {} ({}) expected, the log says: {started}",
+            rel.name,
+            rel.version
+        );
         c
     }
 
