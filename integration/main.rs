@@ -4,6 +4,7 @@
 
 mod daemon;
 mod harness;
+mod layouts;
 
 use std::fs;
 use std::path::Path;
