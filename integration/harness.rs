@@ -861,6 +861,49 @@ impl Containerd {
     }
 
     fn spawn(dir: &Path, rel: &Release, config_file: &Path, sock: &Path) -> Proc {
+        let mut proc = Self::spawn_only(dir, rel, config_file, sock);
+        let started = Instant::now();
+        while !sock.exists() {
+            if let Ok(Some(st)) = proc.child.try_wait() {
+                panic!(
+                    "containerd {} exited ({st}) before creating {}:\n{}",
+                    rel.name,
+                    sock.display(),
+                    proc.log_text()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "containerd {} socket {} not there after 20s:\n{}",
+                rel.name,
+                sock.display(),
+                proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        proc
+    }
+
+    /// Stop containerd and start it again with its (edited) config,
+    /// expecting it to refuse and exit within 20 s; its log.
+    pub fn restart_expect_exit(&mut self) -> String {
+        self.proc.stop();
+        self.proc = Self::spawn_only(&self.dir, self.release, &self.config_file, &self.sock);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.proc.child.try_wait() {
+                return self.proc.log_text();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "containerd {} still running 20s after a restart that should fail:\n{}",
+            self.release.name,
+            self.proc.log_text()
+        );
+    }
+
+    fn spawn_only(dir: &Path, rel: &Release, config_file: &Path, sock: &Path) -> Proc {
         let _ = fs::remove_file(sock);
         let script = format!(
             "mount --bind {d}/nsswitch.conf /etc/nsswitch.conf && mount --bind {d}/resolv.conf /etc/resolv.conf && exec {bin} --config {c}",
@@ -876,24 +919,11 @@ impl Containerd {
             let path = std::env::var("PATH").unwrap_or_default();
             cmd.env("PATH", format!("{}:{path}", d.display()));
         }
-        let proc = Proc::spawn(
+        Proc::spawn(
             "containerd",
             cmd,
             dir.join(format!("containerd-{}.log", unique())),
-        );
-        let s = sock.to_path_buf();
-        let started = Instant::now();
-        while !s.exists() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "containerd {} socket {} not there after 20s:\n{}",
-                rel.name,
-                s.display(),
-                proc.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        proc
+        )
     }
 
     /// Stop and start containerd again with the same config, as an operator

@@ -166,6 +166,11 @@ struct Case {
     /// needed: true for "containerd reads", false for a known wrong "does
     /// not read" (see the microk8s test).
     reported_covered: bool,
+    /// A change to the moved config before containerd starts.
+    edit: Option<fn(String) -> String>,
+    /// After slipway ran, the pull must fail with this text (a finding,
+    /// not a success).
+    pull_fails_with: Option<&'static str>,
 }
 
 fn prove(case: Case) {
@@ -189,6 +194,10 @@ fn prove(case: Case) {
         let p = moved.path(path);
         fs::create_dir_all(p.parent().unwrap()).unwrap();
         fs::write(p, text).unwrap();
+    }
+    if let Some(edit) = case.edit {
+        let text = fs::read_to_string(&moved.config).unwrap();
+        fs::write(&moved.config, edit(text)).unwrap();
     }
     let certs = moved.path(case.certs_dir);
     if !case.symlinks.is_empty() {
@@ -260,6 +269,17 @@ fn prove(case: Case) {
             case.layout
         );
     }
+    if let Some(want) = case.pull_fails_with {
+        let err = ctd
+            .pull(&image)
+            .expect_err("the pull was expected to fail (a containerd finding)");
+        eprintln!(
+            "layout {} on {}: pull failed as expected: {err}",
+            case.layout, rel.name
+        );
+        assert!(err.contains(want), "{}: {err}", case.layout);
+        return;
+    }
     let r = ctd.pull(&image).unwrap_or_else(|e| {
         panic!(
             "layout {} on containerd {}: {e}\n{}",
@@ -286,6 +306,8 @@ fn kubeadm_containerd_1_6_on_1_6() {
         symlinks: &[],
         files: &[],
         reported_covered: true,
+        edit: None,
+        pull_fails_with: None,
     });
 }
 
@@ -299,6 +321,8 @@ fn kubeadm_containerd_1_7_on_1_7_after_fix_and_restart() {
         symlinks: &[],
         files: &[],
         reported_covered: true,
+        edit: None,
+        pull_fails_with: None,
     });
 }
 
@@ -312,6 +336,8 @@ fn containerd_1_7_imports_on_1_7() {
         symlinks: &[],
         files: &[],
         reported_covered: true,
+        edit: None,
+        pull_fails_with: None,
     });
 }
 
@@ -325,6 +351,8 @@ fn containerd_2_x_on_2_1() {
         symlinks: &[],
         files: &[],
         reported_covered: true,
+        edit: None,
+        pull_fails_with: None,
     });
 }
 
@@ -344,6 +372,8 @@ fn eks_on_1_7() {
             r#"{"ociVersion": "1.1.0", "process": {"cwd": "/"}, "root": {"path": "rootfs"}}"#,
         )],
         reported_covered: true,
+        edit: None,
+        pull_fails_with: None,
     });
 }
 
@@ -357,6 +387,8 @@ fn doks_no_config_path_on_1_7_after_fix_and_restart() {
         symlinks: &[],
         files: &[],
         reported_covered: true,
+        edit: None,
+        pull_fails_with: None,
     });
 }
 
@@ -378,6 +410,8 @@ fn microk8s_on_1_7_with_certs_dir_through_current() {
         symlinks: &[("/var/snap/microk8s/current", "/var/snap/microk8s/7229")],
         files: &[],
         reported_covered: false,
+        edit: None,
+        pull_fails_with: None,
     });
 }
 
@@ -391,6 +425,8 @@ fn k3s_on_1_7_with_certs_dir_in_the_k3s_dir() {
         symlinks: &[],
         files: &[],
         reported_covered: true,
+        edit: None,
+        pull_fails_with: None,
     });
 }
 
@@ -404,6 +440,8 @@ fn rke2_on_1_7_with_certs_dir_in_the_rke2_dir() {
         symlinks: &[],
         files: &[],
         reported_covered: true,
+        edit: None,
+        pull_fails_with: None,
     });
 }
 
@@ -423,7 +461,117 @@ fn eks_on_2_1_local_pull_path_reads_the_list() {
             r#"{"ociVersion": "1.1.0", "process": {"cwd": "/"}, "root": {"path": "rootfs"}}"#,
         )],
         reported_covered: true,
+        edit: None,
+        pull_fails_with: None,
     });
+}
+
+/// The same EKS file on 2.1 without `discard_unpacked_layers = true`: the
+/// transfer service pulls, reads the list as one directory
+/// (containerd#12415), and the pull fails at resolve. So it is that one key
+/// that makes the stock EKS list work on 2.1.
+#[test]
+fn eks_on_2_1_without_discard_unpacked_layers_fails_at_resolve() {
+    prove(Case {
+        layout: "eks",
+        release: "2.1",
+        certs_dir: "/etc/containerd/certs.d",
+        fix: false,
+        symlinks: &[],
+        files: &[(
+            "/etc/containerd/base-runtime-spec.json",
+            r#"{"ociVersion": "1.1.0", "process": {"cwd": "/"}, "root": {"path": "rootfs"}}"#,
+        )],
+        reported_covered: true,
+        edit: Some(|t| {
+            assert!(t.contains("discard_unpacked_layers = true"));
+            t.replace(
+                "discard_unpacked_layers = true",
+                "discard_unpacked_layers = false",
+            )
+        }),
+        pull_fails_with: Some("lookup registry.shared-services"),
+    });
+}
+
+/// GKE: no `config_path` and a legacy `mirrors` table. `--once` says
+/// containerd does not read certs.d, `--fix-containerd-config` refuses
+/// (and leaves the file alone), and the blind edit the refusal warns about
+/// (adding `config_path` beside `mirrors`) makes containerd 1.7 exit at
+/// start, because the CRI plugin fails and `required_plugins` lists it.
+#[test]
+fn gke_no_config_path_on_1_7_fix_refused_and_blind_edit_stops_containerd() {
+    if !prerequisites() {
+        return;
+    }
+    let rel = release("1.7").unwrap();
+    if let Err(e) = rel.check() {
+        panic!("{e}");
+    }
+    let s = tls_setup();
+    let dir = s.dir.join("layout-gke");
+    let moved = move_layout("gke-no-config-path", &dir);
+    let certs = moved.path("/etc/containerd/certs.d");
+    let mut ctd = Containerd::start_file(
+        dir.clone(),
+        rel,
+        moved.config.clone(),
+        certs.clone(),
+        moved.sock.clone(),
+    );
+    let cfg = agent_config(
+        &dir,
+        &certs,
+        &moved.config,
+        &[ALIAS],
+        &format!("https://{}", s.registry.addr),
+        &s.pki.ca(),
+    );
+    let out = slipway(&["agent", "--once", "--config", cfg.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(stderr.contains("containerd does not read"), "{stderr}");
+    let image = format!("{ALIAS}/app@{}", s.digest);
+    assert!(ctd.pull(&image).unwrap_err().contains("no such host"));
+    let before = fs::read(&moved.config).unwrap();
+    let out = slipway(&[
+        "agent",
+        "--once",
+        "--fix-containerd-config",
+        "--config",
+        cfg.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    eprintln!(
+        "gke --fix-containerd-config (exit {:?}): {stderr}",
+        out.status.code()
+    );
+    assert!(stderr.contains("refusing to add config_path"), "{stderr}");
+    assert_eq!(
+        fs::read(&moved.config).unwrap(),
+        before,
+        "refused, yet edited"
+    );
+    // The blind edit.
+    let mut text = String::from_utf8(before).unwrap();
+    text.push_str(&format!(
+        "\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = {:?}\n",
+        certs.display().to_string()
+    ));
+    fs::write(&moved.config, text).unwrap();
+    let log = ctd.restart_expect_exit();
+    let why = log
+        .lines()
+        .filter(|l| l.contains("mirrors") || l.contains("level=fatal"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    eprintln!(
+        "containerd {} with config_path beside mirrors:\n{why}",
+        rel.name
+    );
+    assert!(
+        log.contains("`mirrors` cannot be set when `config_path` is provided"),
+        "{log}"
+    );
 }
 
 /// A 1.7 node upgraded to 2.1 keeping its version 2 file: the fix edits
@@ -438,6 +586,8 @@ fn kubeadm_containerd_1_7_on_2_1_after_fix_and_restart() {
         symlinks: &[],
         files: &[],
         reported_covered: true,
+        edit: None,
+        pull_fails_with: None,
     });
 }
 
@@ -452,6 +602,8 @@ fn containerd_1_7_imports_on_2_1() {
         symlinks: &[],
         files: &[],
         reported_covered: true,
+        edit: None,
+        pull_fails_with: None,
     });
 }
 
