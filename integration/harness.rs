@@ -453,19 +453,26 @@ impl Registry {
         // With port 0 the registry binds a port of the kernel's choosing and
         // logs it (`listening on 127.0.0.1:NNNNN`), so nothing can take it
         // between choosing and binding.
-        let mut bound = None;
-        wait_for(
-            &format!("registry on {addr}"),
-            Duration::from_secs(10),
-            || {
-                bound = addr_from_log(&proc.log_text(), "msg=\"listening on ", "listening on ");
-                bound.as_ref().is_some_and(|a| {
-                    TcpStream::connect_timeout(&a.parse().unwrap(), Duration::from_millis(200))
-                        .is_ok()
-                })
-            },
-        );
-        let bound = bound.unwrap();
+        let mut proc = proc;
+        let started = Instant::now();
+        let bound = loop {
+            let bound = addr_from_log(&proc.log_text(), "msg=\"listening on ", "listening on ");
+            if let Some(a) = bound {
+                if TcpStream::connect_timeout(&a.parse().unwrap(), Duration::from_millis(200))
+                    .is_ok()
+                {
+                    break a;
+                }
+            }
+            let exited = proc.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && started.elapsed() < Duration::from_secs(20),
+                "registry on {addr}: not serving after {:?} (exit: {exited:?}):\n{}",
+                started.elapsed(),
+                proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
         if !addr.ends_with(":0") {
             assert_eq!(bound, addr, "the registry bound another address");
         }
@@ -1191,13 +1198,23 @@ impl Agent {
             cmd,
             dir.join(format!("agent-{}.log", unique())),
         );
-        let (mut proxy, mut admin) = (None, None);
-        wait_for("agent listening", Duration::from_secs(10), || {
+        let mut proc = proc;
+        let started = Instant::now();
+        let (proxy, admin) = loop {
             let log = proc.log_text();
-            proxy = addr_from_log(&log, "slipway agent starting", " proxy=");
-            admin = addr_from_log(&log, "slipway agent starting", " admin=");
-            proxy.is_some() && admin.is_some()
-        });
+            let proxy = addr_from_log(&log, "slipway agent starting", " proxy=");
+            let admin = addr_from_log(&log, "slipway agent starting", " admin=");
+            if let (Some(p), Some(a)) = (proxy, admin) {
+                break (Some(p), Some(a));
+            }
+            let exited = proc.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && started.elapsed() < Duration::from_secs(10),
+                "agent not listening after {:?} (exit: {exited:?}):\n{log}",
+                started.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
         let a = Agent {
             proc,
             config,
