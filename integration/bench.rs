@@ -195,8 +195,7 @@ http {{
 
 fn main() {
     // `cargo bench` passes --bench; nothing else is accepted.
-    if !prerequisites() || which("nginx").is_none() || which("curl").is_none() {
-        eprintln!("bench needs root, the README's set-up, nginx and curl");
+    if !prerequisites_with(&["nginx", "curl"]) {
         std::process::exit(2);
     }
     let gib: f64 = std::env::var("SLIPWAY_BENCH_GIB")
@@ -210,8 +209,9 @@ fn main() {
         &["registry.shared-services"],
         &["127.0.0.1"],
     );
-    let reg_addr = format!("127.0.0.1:{}", free_port());
-    let registry = Registry::start(dir, &reg_addr, Some(&pki), None);
+    // Port 0: the registry binds a free port and reports it.
+    let registry = Registry::start(dir, "127.0.0.1:0", Some(&pki), None);
+    let reg_addr = registry.addr.clone();
     let ctd_dir = dir.join("ctd");
     fs::create_dir_all(&ctd_dir).unwrap();
     let certs = dir.join("agent-certs.d");
@@ -239,7 +239,8 @@ fn main() {
         "",
     );
     let idle_started = Instant::now();
-    let nginx_addr = format!("127.0.0.1:{}", free_port());
+    // nginx cannot listen on port 0 and say which port it got.
+    let nginx_addr = unique_loopback_addr();
     let _nginx = nginx(dir, &nginx_addr, &reg_addr, &pki);
 
     // SLIPWAY_BENCH_ONLY=a,b,c,d runs a subset.

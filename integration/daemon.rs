@@ -772,12 +772,13 @@ fn range_headers_and_auth_pass_through() {
 /// stands in front of the registry and redirects every blob to it.
 #[test]
 fn upstream_redirects_are_followed() {
-    if !prerequisites() || which("nginx").is_none() {
+    if !prerequisites_with(&["nginx"]) {
         return;
     }
     let s = tls_setup();
     let ctd = Containerd::start(&s.dir);
-    let front = format!("127.0.0.1:{}", free_port());
+    // nginx cannot listen on port 0 and say which port it got.
+    let front = unique_loopback_addr();
     let d = s.dir.join("nginx");
     fs::create_dir_all(&d).unwrap();
     let conf = d.join("nginx.conf");

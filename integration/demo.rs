@@ -62,11 +62,14 @@ fn main() {
     let digest = push(&tls.addr, "app:v1", Some(&pki));
     println!("pushed {}/app:v1 = {digest}", tls.addr);
 
+    let ctd = Containerd::start(dir);
     step(
         3,
-        "containerd 1.6 with its CRI plugin; config_path = certs.d (empty)",
+        &format!(
+            "{} with its CRI plugin; config_path = certs.d (empty)",
+            ctd.release.describe()
+        ),
     );
-    let ctd = Containerd::start(dir);
     println!("socket {}", ctd.sock.display());
 
     let image = format!("registry.shared-services:5000/app@{digest}");

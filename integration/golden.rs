@@ -139,6 +139,18 @@ fn every_layout_is_inspected_as_expected() {
             Err(e) => out.push_str(&format!("fix: refused: {e}\n")),
         }
         check_golden(&src.join("expected.txt"), &out);
+        // An expected-fixed.toml the code no longer produces is a stale
+        // fixture, not a passing test.
+        if !out.contains("fix: edits ") {
+            if bless() {
+                let _ = fs::remove_file(&fixed_path);
+            }
+            assert!(
+                !fixed_path.exists(),
+                "{name}: {} is checked in but the code plans no fix",
+                fixed_path.display()
+            );
+        }
     }
 }
 
@@ -194,6 +206,10 @@ fn foreign_hosts_files_merge_as_expected_and_cleanup_restores_them() {
         let dir_name = a.dir.file_name().unwrap().to_string_lossy().to_string();
         match &a.result {
             Err(e) => {
+                assert!(
+                    !src.join(format!("expected.{dir_name}.hosts.toml")).exists(),
+                    "{case}: apply failed ({e}) but an expected hosts.toml is checked in"
+                );
                 let shown = e.to_string().replace(&certs.display().to_string(), "CERTS");
                 check_golden(&src.join("expected-error.txt"), &format!("{shown}\n"));
                 // Nothing written on error.
@@ -203,6 +219,10 @@ fn foreign_hosts_files_merge_as_expected_and_cleanup_restores_them() {
             Ok(done) if done.changes.is_empty() => panic!("{case}: nothing applied"),
             Ok(_) => {}
         }
+        assert!(
+            !src.join("expected-error.txt").exists(),
+            "{case}: apply succeeded but expected-error.txt is checked in"
+        );
         let written = fs::read_to_string(a.dir.join("hosts.toml")).unwrap();
         check_golden(
             &src.join(format!("expected.{dir_name}.hosts.toml")),
@@ -244,7 +264,9 @@ fn foreign_hosts_files_merge_as_expected_and_cleanup_restores_them() {
     }
 }
 
-/// The first `[host]` table containerd sees in a merged file is ours.
+/// The first `[host]` table containerd sees in a merged file is ours:
+/// checked on what the merge code writes for each foreign input (the
+/// checked-in expected files are compared with that same output above).
 #[test]
 fn merged_files_list_our_host_first() {
     for case in [
@@ -253,13 +275,19 @@ fn merged_files_list_our_host_first() {
         "relative-ca",
         "underscore-dir",
     ] {
-        let dir = root().join("foreign").join(case);
-        let expected = fs::read_dir(&dir)
+        let src = root().join("foreign").join(case);
+        let input_dir = fs::read_dir(&src)
             .unwrap()
             .map(|e| e.unwrap().path())
-            .find(|p| p.to_string_lossy().ends_with(".hosts.toml"))
-            .unwrap_or_else(|| panic!("{case}: no expected hosts.toml"));
-        let text = fs::read_to_string(&expected).unwrap();
+            .find(|p| p.is_dir() && p.join("hosts.toml").exists())
+            .unwrap_or_else(|| panic!("{case}: no input hosts.toml"));
+        let input = fs::read_to_string(input_dir.join("hosts.toml")).unwrap();
+        let text = slipway::node::hostconfig::merge(
+            "x/hosts.toml",
+            &input,
+            &[HostEntry::upstream(UPSTREAM)],
+        )
+        .unwrap_or_else(|e| panic!("{case}: {e}"));
         let doc: toml_edit::DocumentMut = text.parse().unwrap();
         // Render order is what containerd reads; find the first header.
         let first_header = text
@@ -269,11 +297,11 @@ fn merged_files_list_our_host_first() {
         assert_eq!(
             first_header.trim(),
             format!("[host.{UPSTREAM:?}]"),
-            "{case}"
+            "{case}\n{text}"
         );
         assert!(
             doc["host"][UPSTREAM]["ca"].as_str() == Some("slipway-ca.crt"),
-            "{case}"
+            "{case}\n{text}"
         );
     }
 }

@@ -28,16 +28,26 @@ pub fn slipway_bin() -> String {
         .expect("set SLIPWAY_BIN to the slipway binary")
 }
 
-/// Integration tests need root and the Debian packages. Under `.ci/run`
-/// (SLIPWAY_REQUIRE_INTEGRATION=1) a missing prerequisite fails the test;
-/// elsewhere the test is skipped with the reason printed.
+/// The variable that lets a root integration test that cannot run skip
+/// instead of failing; its value is the reason, printed with the skip.
+pub const SKIP_VAR: &str = "SLIPWAY_SKIP_INTEGRATION";
+
+/// Integration tests need root, the Debian packages and the containerd
+/// release under test (`SLIPWAY_CONTAINERD`). A test that cannot run fails
+/// and names what is missing (#12: a test must not pass by accident);
+/// only `SLIPWAY_SKIP_INTEGRATION=<reason>` turns that into a skip, and the
+/// reason is printed past cargo's output capture.
 pub fn prerequisites() -> bool {
+    prerequisites_with(&[])
+}
+
+/// [`prerequisites`] plus the programs in `extra` (nginx, curl, …).
+pub fn prerequisites_with(extra: &[&str]) -> bool {
     let mut missing = Vec::new();
     if !nix::unistd::Uid::effective().is_root() {
         missing.push("root".to_string());
     }
     for bin in [
-        "containerd",
         "runc",
         "docker-registry",
         "skopeo",
@@ -45,24 +55,42 @@ pub fn prerequisites() -> bool {
         "ip",
         "unshare",
         "setpriv",
-    ] {
+    ]
+    .iter()
+    .chain(extra)
+    {
         if which(bin).is_none() {
             missing.push(bin.to_string());
         }
     }
+    match containerd_release() {
+        Ok(rel) => {
+            if let Err(e) = rel.check() {
+                missing.push(e);
+            }
+        }
+        Err(e) => missing.push(e),
+    }
     if missing.is_empty() {
         remove_stale_images();
+        remove_stale_netns();
         return true;
     }
     let msg = format!(
-        "integration test needs {}: run `bash .ci/run` as root",
-        missing.join(", ")
+        "integration test cannot run, missing: {} (run `bash integration/test.sh` as root)",
+        missing.join("; ")
     );
-    if std::env::var_os("SLIPWAY_REQUIRE_INTEGRATION").is_some() {
-        panic!("{msg}");
+    match std::env::var(SKIP_VAR) {
+        Ok(reason) if !reason.trim().is_empty() => {
+            // Straight to fd 2: eprintln! would be captured and hidden for a
+            // test that returns normally.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "SKIPPED ({SKIP_VAR}={reason}): {msg}");
+            false
+        }
+        Ok(_) => panic!("{msg}; {SKIP_VAR} is set but empty: give the reason to skip"),
+        Err(_) => panic!("{msg}; to skip instead, set {SKIP_VAR}=<reason>"),
     }
-    eprintln!("SKIPPED: {msg}");
-    false
 }
 
 /// Image layouts are shared by the tests of one process and cannot be
@@ -178,13 +206,44 @@ fn unique() -> u32 {
     COUNTER.fetch_add(1, Ordering::SeqCst)
 }
 
-/// A free TCP port on 127.0.0.1.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// A loopback address for a program that cannot listen on port 0 and
+/// report the port it got (nginx rejects `listen …:0`). Asking the kernel
+/// for a free port and closing it before the program binds it is a race
+/// with every other process on the machine, so instead the address itself
+/// is unique: `127.P.P.P` carries this process's pid (below 2^22, so the
+/// second octet is 64..127 and never meets 127.0.0.1 or the DNS stubs in
+/// 127.53/16), and the port carries a per-process counter (20000..32000, below
+/// Linux's ephemeral range). Two test
+/// processes alive at once have different pids; within one process the
+/// counter differs. Only a program outside the suite that listens on the
+/// wildcard address at that port can collide, and then the program under
+/// test fails to start loudly instead of serving the wrong thing.
+pub fn unique_loopback_addr() -> String {
+    let pid = std::process::id();
+    assert!(pid < 1 << 22, "pid {pid} does not fit the 127/8 scheme");
+    format!(
+        "127.{}.{}.{}:{}",
+        64 + (pid >> 16),
+        (pid >> 8) & 0xff,
+        pid & 0xff,
+        20000 + unique() % 12000
+    )
+}
+
+/// The `host:port` after `marker` (e.g. `proxy=`) on the first line of a
+/// log that contains `line` — how a test learns the port a program bound
+/// when it was given port 0.
+pub fn addr_from_log(log: &str, line: &str, marker: &str) -> Option<String> {
+    log.lines()
+        .find(|l| l.contains(line))
+        .and_then(|l| l.split_once(marker))
+        .map(|(_, rest)| {
+            rest.split(|c: char| c.is_whitespace() || c == '"' || c == ',')
+                .next()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .filter(|a| a.rsplit_once(':').is_some_and(|(_, p)| p != "0"))
 }
 
 // ------------------------------------------------------------------ pki
@@ -225,29 +284,87 @@ impl Pki {
 
 /// A network namespace joined to the host by a veth pair, with a /30 from
 /// TEST-NET-1: the host side gets .1, the namespace .2. Removed on drop.
+///
+/// The namespace and interface names carry the pid (`slipway-it-<pid>-<n>`),
+/// so test processes never delete or reuse each other's. The host side's /30
+/// is a route in the shared host namespace, so it must be unique across
+/// processes too: each of the 64 /30s has a lock file, and a NetNs holds the
+/// flock of its /30 for as long as it lives; the kernel drops the lock when
+/// the process dies, whatever way it dies.
 pub struct NetNs {
     pub name: String,
     pub host_if: String,
     pub host_ip: String,
     pub ns_ip: String,
+    _subnet: nix::fcntl::Flock<fs::File>,
+}
+
+/// Lock one free /30 of 192.0.2.0/24; its base address and the lock.
+fn lock_subnet() -> (u32, nix::fcntl::Flock<fs::File>) {
+    let dir = std::env::temp_dir().join("slipway-it-subnets");
+    fs::create_dir_all(&dir).unwrap();
+    let start = std::process::id() % 64;
+    for i in 0..64 {
+        let block = (start + i) % 64;
+        let f = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(format!("192.0.2.{}.lock", block * 4)))
+            .unwrap();
+        if let Ok(lock) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            return (block * 4, lock);
+        }
+    }
+    panic!("all 64 /30s of 192.0.2.0/24 are held by running tests");
+}
+
+/// Namespaces (and their veths) left by test processes that were killed
+/// before their guards ran.
+fn remove_stale_netns() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let out = run(Command::new("ip").args(["netns", "list"]));
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or_default();
+            let Some(rest) = name.strip_prefix("slipway-it-") else {
+                continue;
+            };
+            let Some((pid, n)) = rest.split_once('-') else {
+                continue;
+            };
+            let Ok(pid) = pid.parse::<u32>() else {
+                continue;
+            };
+            // Our own pid too: this runs before the process makes any
+            // namespace, so one with our pid is left from a dead process
+            // that had the same pid.
+            if pid == std::process::id() || !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = run(Command::new("ip").args(["link", "del", &format!("sw{pid}h{n}")]));
+                let _ = run(Command::new("ip").args(["netns", "del", name]));
+            }
+        }
+    });
 }
 
 impl NetNs {
     pub fn new() -> NetNs {
-        let n = (std::process::id() % 1000) * 16 + unique();
-        let name = format!("slipway-it-{n}");
-        let host_if = format!("swh{n}");
-        let ns_if = format!("swn{n}");
-        let base = (unique() % 60) * 4; // 192.0.2.0/24 in /30 steps
+        let pid = std::process::id();
+        let n = unique();
+        let name = format!("slipway-it-{pid}-{n}");
+        // IFNAMSIZ: at most 15 bytes; "sw" + 7-digit pid + "h" + counter fits.
+        let host_if = format!("sw{pid}h{n}");
+        let ns_if = format!("sw{pid}n{n}");
+        let (base, lock) = lock_subnet();
         let host_ip = format!("192.0.2.{}", base + 1);
         let ns_ip = format!("192.0.2.{}", base + 2);
-        let _ = run(Command::new("ip").args(["netns", "del", &name]));
         run_ok(Command::new("ip").args(["netns", "add", &name]));
         let ns = NetNs {
             name: name.clone(),
             host_if: host_if.clone(),
             host_ip: host_ip.clone(),
             ns_ip: ns_ip.clone(),
+            _subnet: lock,
         };
         run_ok(Command::new("ip").args([
             "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
@@ -283,7 +400,11 @@ impl Drop for NetNs {
 
 // ------------------------------------------------------------------ registry
 
-/// The Debian distribution registry (2.8), TLS or plain HTTP.
+/// The Debian distribution registry (2.8), TLS or plain HTTP. Give it
+/// `IP:0` on a shared network (loopback): it binds a free port itself and
+/// `addr` is what it bound. A fixed port is for an address only this test
+/// owns, the IP of a network namespace the test made (a restarted registry
+/// must come back at the same address).
 pub struct Registry {
     pub proc: Proc,
     pub addr: String,
@@ -329,15 +450,35 @@ impl Registry {
         };
         cmd.arg("serve").arg(&cfg);
         let proc = Proc::spawn("registry", cmd, data.join("registry.log"));
-        let a = addr.to_string();
-        wait_for(
-            &format!("registry on {addr}"),
-            Duration::from_secs(10),
-            || TcpStream::connect_timeout(&a.parse().unwrap(), Duration::from_millis(200)).is_ok(),
-        );
+        // With port 0 the registry binds a port of the kernel's choosing and
+        // logs it (`listening on 127.0.0.1:NNNNN`), so nothing can take it
+        // between choosing and binding.
+        let mut proc = proc;
+        let started = Instant::now();
+        let bound = loop {
+            let bound = addr_from_log(&proc.log_text(), "msg=\"listening on ", "listening on ");
+            if let Some(a) = bound {
+                if TcpStream::connect_timeout(&a.parse().unwrap(), Duration::from_millis(200))
+                    .is_ok()
+                {
+                    break a;
+                }
+            }
+            let exited = proc.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && started.elapsed() < Duration::from_secs(20),
+                "registry on {addr}: not serving after {:?} (exit: {exited:?}):\n{}",
+                started.elapsed(),
+                proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        if !addr.ends_with(":0") {
+            assert_eq!(bound, addr, "the registry bound another address");
+        }
         Registry {
             proc,
-            addr: addr.into(),
+            addr: bound,
             data,
         }
     }
@@ -417,14 +558,22 @@ pub struct NxDns {
 
 impl NxDns {
     pub fn start() -> NxDns {
-        let n = unique();
-        let ip = format!(
-            "127.53.{}.{}",
-            (std::process::id() % 250) + 1,
-            (n % 250) + 1
-        );
-        let sock = std::net::UdpSocket::bind(format!("{ip}:53"))
-            .unwrap_or_else(|e| panic!("bind {ip}:53: {e}"));
+        // resolv.conf cannot name a port, so each stub needs its own
+        // address at :53. Bind candidates in 127.53/16 (starting from one
+        // derived from the pid) until one is free: the bound socket is what
+        // serves, so no other process can slip in between.
+        let start = std::process::id()
+            .wrapping_mul(251)
+            .wrapping_add(unique() * 7);
+        let (ip, sock) = (0..256)
+            .find_map(|i| {
+                let n = (start + i) % (250 * 250);
+                let ip = format!("127.53.{}.{}", n / 250 + 1, n % 250 + 1);
+                std::net::UdpSocket::bind(format!("{ip}:53"))
+                    .ok()
+                    .map(|s| (ip, s))
+            })
+            .expect("no free 127.53.x.y:53 after 256 tries");
         sock.set_read_timeout(Some(Duration::from_millis(100)))
             .unwrap();
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -472,8 +621,131 @@ impl Drop for NxDns {
     }
 }
 
-/// containerd 1.6 with its CRI plugin, private root/state/socket, and
-/// `config_path` pointing at `certs_dir`.
+// ------------------------------------------------------------------ releases
+
+/// One containerd release of the matrix (#8), as pinned in
+/// integration/containerd-releases.
+#[derive(Debug)]
+pub struct Release {
+    /// `1.6`, `1.7`, `2.1`.
+    pub name: String,
+    /// The Debian package version.
+    pub version: String,
+    /// Where its binaries are; None: the system's (PATH).
+    pub bin_dir: Option<PathBuf>,
+}
+
+/// The pins, parsed once.
+pub fn releases() -> &'static [Release] {
+    static R: OnceLock<Vec<Release>> = OnceLock::new();
+    R.get_or_init(|| {
+        let cache = std::env::var_os("SLIPWAY_CONTAINERD_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/var/cache/slipway/containerd"));
+        include_str!("containerd-releases")
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with('#'))
+            .map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                assert_eq!(f.len(), 4, "containerd-releases: bad line {l:?}");
+                Release {
+                    name: f[0].into(),
+                    version: f[1].into(),
+                    bin_dir: (f[3] == "fetched").then(|| cache.join(f[1]).join("usr/bin")),
+                }
+            })
+            .collect()
+    })
+}
+
+pub fn release(name: &str) -> Result<&'static Release, String> {
+    releases().iter().find(|r| r.name == name).ok_or_else(|| {
+        format!(
+            "containerd release {name:?} is not pinned in integration/containerd-releases ({})",
+            releases()
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
+}
+
+/// The release under test: `SLIPWAY_CONTAINERD` (default 1.6, the host's).
+pub fn containerd_release() -> Result<&'static Release, String> {
+    release(&std::env::var("SLIPWAY_CONTAINERD").unwrap_or_else(|_| "1.6".into()))
+}
+
+impl Release {
+    pub fn major(&self) -> u32 {
+        self.name.split('.').next().unwrap().parse().unwrap()
+    }
+    pub fn containerd(&self) -> PathBuf {
+        match &self.bin_dir {
+            Some(d) => d.join("containerd"),
+            None => which("containerd").unwrap_or_else(|| "containerd".into()),
+        }
+    }
+    /// The CRI plugin's registry section for this release's config version.
+    pub fn registry_section(&self) -> &'static str {
+        if self.major() >= 2 {
+            "plugins.\"io.containerd.cri.v1.images\".registry"
+        } else {
+            "plugins.\"io.containerd.grpc.v1.cri\".registry"
+        }
+    }
+    /// Is the binary there and is it this release? The error names what
+    /// is missing and how to get it.
+    pub fn check(&self) -> Result<(), String> {
+        let bin = self.containerd();
+        let out = Command::new(&bin).arg("--version").output().map_err(|e| {
+            format!(
+                "containerd {} ({}) at {}: {e} (run `bash integration/fetch-containerd.sh`{})",
+                self.name,
+                self.version,
+                bin.display(),
+                if self.bin_dir.is_none() {
+                    " or install-deps.sh"
+                } else {
+                    ""
+                }
+            )
+        })?;
+        let v = String::from_utf8_lossy(&out.stdout).to_string();
+        // The system's 1.6 may move to a newer Debian revision with a point
+        // release; the upstream release must still be the one under test.
+        let want = format!(" {}.", self.name);
+        if !v.contains(&want) || (self.bin_dir.is_some() && !v.contains(&self.version_upstream())) {
+            return Err(format!(
+                "{} says {:?}, not containerd {} ({})",
+                bin.display(),
+                v.trim(),
+                self.name,
+                self.version
+            ));
+        }
+        Ok(())
+    }
+    /// `2.1.9` of `2.1.9+ds1-5`.
+    fn version_upstream(&self) -> String {
+        self.version
+            .split(['~', '+', '-'])
+            .next()
+            .unwrap()
+            .to_string()
+    }
+    /// What `containerd --version` says, for test logs and reports.
+    pub fn describe(&self) -> String {
+        let out = run(Command::new(self.containerd()).arg("--version"));
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+}
+
+// ------------------------------------------------------------------ containerd
+
+/// containerd with its CRI plugin, private root/state/socket, and
+/// `config_path` pointing at `certs_dir`, of the release under test (or one
+/// named by the test).
 pub struct Containerd {
     pub proc: Proc,
     pub dns: NxDns,
@@ -481,6 +753,15 @@ pub struct Containerd {
     pub certs_dir: PathBuf,
     pub config_file: PathBuf,
     pub dir: PathBuf,
+    pub release: &'static Release,
+}
+
+/// How a test's containerd config is written.
+pub struct CtdOpts {
+    /// Leave `config_path` out, as on GKE/DOKS images.
+    pub config_path: Option<String>,
+    /// Appended to the generated config (TOML for that version).
+    pub extra: String,
 }
 
 impl Containerd {
@@ -491,46 +772,45 @@ impl Containerd {
     /// `with_config_path: false` leaves `config_path` out, as on GKE/DOKS
     /// images.
     pub fn start_opts(dir: &Path, with_config_path: bool) -> Containerd {
+        let rel = containerd_release().unwrap();
+        Self::start_release(dir, rel, |certs| CtdOpts {
+            config_path: with_config_path.then(|| certs.display().to_string()),
+            extra: String::new(),
+        })
+    }
+
+    /// The generated config for `rel`: version 2 for 1.x, version 3 for 2.x
+    /// with CRI pulls through the transfer service (2.1's default).
+    pub fn start_release(
+        dir: &Path,
+        rel: &'static Release,
+        opts: impl FnOnce(&Path) -> CtdOpts,
+    ) -> Containerd {
         let dir = dir.join(format!("ctd{}", unique()));
         fs::create_dir_all(&dir).unwrap();
         let certs_dir = dir.join("certs.d");
         fs::create_dir_all(&certs_dir).unwrap();
         let sock = dir.join("c.sock");
+        let opts = opts(&certs_dir);
+        let text = if rel.major() >= 2 {
+            config_v3(&dir, &sock, opts.config_path.as_deref())
+        } else {
+            config_v2(&dir, &sock, opts.config_path.as_deref())
+        } + &opts.extra;
         let config_file = dir.join("config.toml");
-        fs::write(
-            &config_file,
-            format!(
-                r#"version = 2
-root = "{root}"
-state = "{state}"
-disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
-[grpc]
-  address = "{sock}"
-[ttrpc]
-  address = "{sock}.ttrpc"
-[plugins."io.containerd.grpc.v1.cri"]
-  disable_tcp_service = true
-  stream_server_address = "127.0.0.1"
-  stream_server_port = "0"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "{dir}/cni-bin"
-    conf_dir = "{dir}/cni-conf"
-{registry}"#,
-                root = dir.join("root").display(),
-                state = dir.join("state").display(),
-                sock = sock.display(),
-                dir = dir.display(),
-                registry = if with_config_path {
-                    format!(
-                        "  [plugins.\"io.containerd.grpc.v1.cri\".registry]\n    config_path = \"{}\"\n",
-                        certs_dir.display()
-                    )
-                } else {
-                    String::new()
-                },
-            ),
-        )
-        .unwrap();
+        fs::write(&config_file, text).unwrap();
+        Self::start_file(dir, rel, config_file, certs_dir, sock)
+    }
+
+    /// containerd of `rel` with a config file the test wrote (a layout's,
+    /// paths moved under `dir`); `sock` is the `[grpc] address` in it.
+    pub fn start_file(
+        dir: PathBuf,
+        rel: &'static Release,
+        config_file: PathBuf,
+        certs_dir: PathBuf,
+        sock: PathBuf,
+    ) -> Containerd {
         let dns = NxDns::start();
         fs::write(dir.join("nsswitch.conf"), "hosts: files dns\n").unwrap();
         fs::write(
@@ -538,48 +818,127 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             format!("nameserver {}\noptions timeout:1 attempts:1\n", dns.ip),
         )
         .unwrap();
-        let proc = Self::spawn(&dir, &config_file, &sock);
-        let c = Containerd {
+        let proc = Self::spawn(&dir, rel, &config_file, &sock);
+        let mut c = Containerd {
             proc,
             dns,
             sock,
             certs_dir,
             config_file,
             dir,
+            release: rel,
         };
-        wait_for("containerd CRI", Duration::from_secs(20), || {
-            rt().block_on(c.cri_version()).is_ok()
-        });
+        c.wait_cri();
+        // The release under test is the one that serves: its own log says
+        // which version started.
+        let log = c.proc.log_text();
+        let started = log
+            .lines()
+            .find(|l| l.contains("starting containerd"))
+            .unwrap_or_default();
+        assert!(
+            started.contains(&rel.version_upstream()),
+            "containerd {} ({}) expected, the log says: {started}",
+            rel.name,
+            rel.version
+        );
         c
     }
 
-    fn spawn(dir: &Path, config_file: &Path, sock: &Path) -> Proc {
+    fn wait_cri(&mut self) {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if rt().block_on(self.cri_version()).is_ok() {
+                return;
+            }
+            if let Ok(Some(st)) = self.proc.child.try_wait() {
+                panic!(
+                    "containerd {} exited ({st}) before serving CRI:\n{}",
+                    self.release.name,
+                    self.proc.log_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "containerd {} CRI not up after 20s:\n{}",
+            self.release.name,
+            self.proc.log_text()
+        );
+    }
+
+    fn spawn(dir: &Path, rel: &Release, config_file: &Path, sock: &Path) -> Proc {
+        let mut proc = Self::spawn_only(dir, rel, config_file, sock);
+        let started = Instant::now();
+        while !sock.exists() {
+            if let Ok(Some(st)) = proc.child.try_wait() {
+                panic!(
+                    "containerd {} exited ({st}) before creating {}:\n{}",
+                    rel.name,
+                    sock.display(),
+                    proc.log_text()
+                );
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "containerd {} socket {} not there after 20s:\n{}",
+                rel.name,
+                sock.display(),
+                proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        proc
+    }
+
+    /// Stop containerd and start it again with its (edited) config,
+    /// expecting it to refuse and exit within 20 s; its log.
+    pub fn restart_expect_exit(&mut self) -> String {
+        self.proc.stop();
+        self.proc = Self::spawn_only(&self.dir, self.release, &self.config_file, &self.sock);
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(20) {
+            if let Ok(Some(_)) = self.proc.child.try_wait() {
+                return self.proc.log_text();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "containerd {} still running 20s after a restart that should fail:\n{}",
+            self.release.name,
+            self.proc.log_text()
+        );
+    }
+
+    fn spawn_only(dir: &Path, rel: &Release, config_file: &Path, sock: &Path) -> Proc {
         let _ = fs::remove_file(sock);
         let script = format!(
-            "mount --bind {d}/nsswitch.conf /etc/nsswitch.conf && mount --bind {d}/resolv.conf /etc/resolv.conf && exec containerd --config {c}",
+            "mount --bind {d}/nsswitch.conf /etc/nsswitch.conf && mount --bind {d}/resolv.conf /etc/resolv.conf && exec {bin} --config {c}",
             d = dir.display(),
+            bin = rel.containerd().display(),
             c = config_file.display()
         );
         let mut cmd = Command::new("unshare");
         cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
-        let proc = Proc::spawn(
+        // Its own shim (containerd-shim-runc-v2) first on PATH, where
+        // containerd looks it up.
+        if let Some(d) = &rel.bin_dir {
+            let path = std::env::var("PATH").unwrap_or_default();
+            cmd.env("PATH", format!("{}:{path}", d.display()));
+        }
+        Proc::spawn(
             "containerd",
             cmd,
             dir.join(format!("containerd-{}.log", unique())),
-        );
-        let s = sock.to_path_buf();
-        wait_for("containerd socket", Duration::from_secs(20), || s.exists());
-        proc
+        )
     }
 
     /// Stop and start containerd again with the same config, as an operator
     /// does after changing `config_path`.
     pub fn restart(&mut self) {
         self.proc.stop();
-        self.proc = Self::spawn(&self.dir, &self.config_file, &self.sock);
-        wait_for("containerd CRI", Duration::from_secs(20), || {
-            rt().block_on(self.cri_version()).is_ok()
-        });
+        self.proc = Self::spawn(&self.dir, self.release, &self.config_file, &self.sock);
+        self.wait_cri();
     }
 
     async fn channel(&self) -> Result<tonic::transport::Channel, tonic::transport::Error> {
@@ -645,6 +1004,86 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
                 .await;
         })
     }
+}
+
+/// Plugins that cannot work in a test's private root, or are not needed.
+const DISABLED_V2: &str = r#"["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]"#;
+
+/// containerd 1.x, config version 2: the CRI plugin is one table,
+/// `io.containerd.grpc.v1.cri`, with the registry under it.
+fn config_v2(dir: &Path, sock: &Path, config_path: Option<&str>) -> String {
+    format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = {DISABLED_V2}
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "{dir}/cni-bin"
+    conf_dir = "{dir}/cni-conf"
+{registry}"#,
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        sock = sock.display(),
+        dir = dir.display(),
+        registry = match config_path {
+            Some(p) => format!(
+                "  [plugins.\"io.containerd.grpc.v1.cri\".registry]\n    config_path = {p:?}\n"
+            ),
+            None => String::new(),
+        },
+    )
+}
+
+/// containerd 2.x, config version 3: the CRI plugin is split, the registry
+/// lives in `io.containerd.cri.v1.images`. Nothing here turns the transfer
+/// service off (no `use_local_image_pull`, no `discard_unpacked_layers`,
+/// `max_concurrent_downloads` at its default 3, no legacy mirrors), so CRI
+/// pulls go through it as on a stock 2.1 node. The transfer service unpacks
+/// only for the platforms in its `unpack_config`; with none, every CRI pull
+/// fails with "no unpack platforms defined". The `native` snapshotter copies
+/// instead of mounting overlays, so it works wherever the test's root is.
+fn config_v3(dir: &Path, sock: &Path, config_path: Option<&str>) -> String {
+    format!(
+        r#"version = 3
+root = "{root}"
+state = "{state}"
+disabled_plugins = {DISABLED_V2}
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+[plugins."io.containerd.cri.v1.runtime".cni]
+  bin_dirs = ["{dir}/cni-bin"]
+  conf_dir = "{dir}/cni-conf"
+[plugins."io.containerd.cri.v1.images"]
+  snapshotter = "native"
+{registry}[[plugins."io.containerd.transfer.v1.local".unpack_config]]
+  platform = "linux/amd64"
+  snapshotter = "native"
+"#,
+        root = dir.join("root").display(),
+        state = dir.join("state").display(),
+        sock = sock.display(),
+        dir = dir.display(),
+        registry = match config_path {
+            Some(p) => format!(
+                "[plugins.\"io.containerd.cri.v1.images\".registry]\n  config_path = {p:?}\n"
+            ),
+            None => String::new(),
+        },
+    )
 }
 
 /// One runtime for the blocking harness calls.
@@ -738,14 +1177,16 @@ impl Agent {
         ca: &Path,
         extra: &str,
     ) -> Agent {
-        let proxy = format!("127.0.0.1:{}", free_port());
-        let admin = format!("127.0.0.1:{}", free_port());
+        // Port 0 for both listeners: the agent binds, then logs what it
+        // bound ("slipway agent starting proxy=… admin=…") and writes that
+        // proxy address into hosts.toml, so no port is picked and released
+        // before use.
         let config = agent_config(dir, certs_dir, config_file, aliases, upstream, ca);
         let mut text = fs::read_to_string(&config).unwrap();
         if let Some(d) = dial {
             text = text.replacen("[registry]\n", &format!("[registry]\ndial = {d:?}\n"), 1);
         }
-        text.push_str(&format!("\n[proxy]\nlisten = {proxy:?}\nclient_header_timeout_secs = 1\nbody_idle_timeout_secs = 3\n\n[admin]\nlisten = {admin:?}\n{extra}"));
+        text.push_str(&format!("\n[proxy]\nlisten = \"127.0.0.1:0\"\nclient_header_timeout_secs = 1\nbody_idle_timeout_secs = 3\n\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"));
         fs::write(&config, text).unwrap();
         let mut cmd = Command::new(slipway_bin());
         cmd.args(["agent", "--config"])
@@ -757,11 +1198,28 @@ impl Agent {
             cmd,
             dir.join(format!("agent-{}.log", unique())),
         );
+        let mut proc = proc;
+        let started = Instant::now();
+        let (proxy, admin) = loop {
+            let log = proc.log_text();
+            let proxy = addr_from_log(&log, "slipway agent starting", " proxy=");
+            let admin = addr_from_log(&log, "slipway agent starting", " admin=");
+            if let (Some(p), Some(a)) = (proxy, admin) {
+                break (Some(p), Some(a));
+            }
+            let exited = proc.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && started.elapsed() < Duration::from_secs(10),
+                "agent not listening after {:?} (exit: {exited:?}):\n{log}",
+                started.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
         let a = Agent {
             proc,
             config,
-            proxy,
-            admin,
+            proxy: proxy.unwrap(),
+            admin: admin.unwrap(),
         };
         let first = certs_dir.join(aliases[0]).join("hosts.toml");
         wait_for("agent host configuration", Duration::from_secs(10), || {

@@ -5,6 +5,7 @@
 mod daemon;
 mod hardening;
 mod harness;
+mod layouts;
 
 use std::fs;
 use std::path::Path;
@@ -450,9 +451,10 @@ fn fix_containerd_config_adds_config_path_with_backup() {
     let out = slipway(&["agent", "--once", "--config", cfg.to_str().unwrap()]);
     assert!(out.status.success(), "{}", stderr(&out));
     let advice = format!(
-        "containerd does not read {certs}: {file} has no config_path; set config_path = \"{certs}\" under [plugins.\"io.containerd.grpc.v1.cri\".registry] in {file}, then restart containerd",
+        "containerd does not read {certs}: {file} has no config_path; set config_path = \"{certs}\" under [{section}] in {file}, then restart containerd",
         certs = ctd.certs_dir.display(),
-        file = ctd.config_file.display()
+        file = ctd.config_file.display(),
+        section = ctd.release.registry_section(),
     );
     assert!(
         stderr(&out).contains(&advice),
@@ -492,14 +494,24 @@ fn fix_containerd_config_adds_config_path_with_backup() {
     assert_eq!(backups.len(), 1, "{backups:?}");
     assert_eq!(fs::read(&backups[0]).unwrap(), original);
     let patched = fs::read_to_string(&ctd.config_file).unwrap();
-    assert!(
-        patched.starts_with(std::str::from_utf8(&original).unwrap().trim_end()),
-        "{patched}"
-    );
-    assert!(
-        patched.contains(&format!("config_path = \"{}\"", ctd.certs_dir.display())),
-        "{patched}"
-    );
+    // Only the registry table and its config_path are added; every other
+    // line stays, in order. Where the table goes depends on the version: a
+    // 1.x file gets it at the end, a 2.x file (whose
+    // [plugins."io.containerd.cri.v1.images"] exists) right after its parent.
+    let wanted = format!("config_path = \"{}\"", ctd.certs_dir.display());
+    let header = format!("[{}]", ctd.release.registry_section());
+    let kept: Vec<&str> = patched
+        .lines()
+        .filter(|l| !l.trim().is_empty() && l.trim() != header && l.trim() != wanted)
+        .collect();
+    let before: Vec<&str> = std::str::from_utf8(&original)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+    assert_eq!(kept, before, "{patched}");
+    assert!(patched.contains(&header), "{patched}");
+    assert!(patched.contains(&wanted), "{patched}");
 
     ctd.restart();
     ctd.pull(&image)

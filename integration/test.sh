@@ -1,13 +1,32 @@
 #!/usr/bin/env bash
 # README command 2: the whole test suite. Installs what it needs, checks
 # formatting and lints, runs unit, golden, CLI and integration tests (real
-# containerd, registry and TLS; none may skip), then renders and validates
+# containerd, registry and TLS; a test that cannot run fails, unless
+# SLIPWAY_SKIP_INTEGRATION=<reason> is set), then renders and validates
 # every kustomization and the build Job renders.
+#
+# The integration tests run once per containerd release pinned in
+# integration/containerd-releases (#8): the first pass (with every other
+# test) on Debian 12's 1.6, then `--test integration` again with
+# SLIPWAY_CONTAINERD=1.7 and =2.1, whose binaries fetch-containerd.sh
+# unpacks from Debian's packages. The layout tests (integration/layouts.rs)
+# name their own releases, and the hardening tests (integration/hardening.rs)
+# start no containerd, so both run in the first pass only.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash integration/install-deps.sh
+bash integration/fetch-containerd.sh
 cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
-SLIPWAY_REQUIRE_INTEGRATION=1 cargo test --lib --bins --tests --examples --locked -- --test-threads=2
+timings=()
+t0=$(date +%s)
+SLIPWAY_CONTAINERD=1.6 cargo test --lib --bins --tests --examples --locked -- --test-threads=2
+timings+=("all tests, integration on containerd 1.6: $(($(date +%s) - t0)) s")
+for release in $(awk '!/^#/ && NF == 4 && $1 != "1.6" { print $1 }' integration/containerd-releases); do
+  t0=$(date +%s)
+  SLIPWAY_CONTAINERD="$release" cargo test --test integration --locked -- --test-threads=2 --skip layouts:: --skip hardening::
+  timings+=("integration on containerd $release: $(($(date +%s) - t0)) s")
+done
+printf 'containerd matrix: %s\n' "${timings[@]}"
 # Also every `slipway build --render` golden file (integration/golden/build/).
 bash .ci/validate-manifests.sh integration/golden/build/*.yaml
