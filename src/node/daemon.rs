@@ -232,14 +232,14 @@ pub fn plan_reload(old: &AgentConfig, mut new: AgentConfig) -> Reload {
 pub struct Live {
     pub proxy: Arc<ProxyState>,
     /// What the upstream client was built from: rebuilt when any differs.
-    client_built_from: Option<(crate::proxy::Upstream, Duration, String)>,
+    client_built_from: std::sync::Mutex<Option<(crate::proxy::Upstream, Duration, String)>>,
 }
 
 impl Live {
     pub fn new(proxy: Arc<ProxyState>) -> Live {
         Live {
             proxy,
-            client_built_from: None,
+            client_built_from: std::sync::Mutex::new(None),
         }
     }
 
@@ -254,21 +254,22 @@ impl Live {
         }
     }
 
-    pub fn sync(&mut self, cfg: &AgentConfig, ca_pem: Option<&str>) {
+    pub fn sync(&self, cfg: &AgentConfig, ca_pem: Option<&str>) {
         self.sync_config(cfg);
         let Some(pem) = ca_pem else { return };
         let wanted = (cfg.upstream.clone(), cfg.timeouts.connect, pem.to_string());
-        if self.client_built_from.as_ref() == Some(&wanted) {
+        let mut built = self.client_built_from.lock().expect("client lock");
+        if built.as_ref() == Some(&wanted) {
             return;
         }
         match UpstreamClient::new(&cfg.upstream, pem.as_bytes(), &cfg.timeouts) {
             Ok(c) => {
                 *self.proxy.upstream.write().expect("upstream lock") = Arc::new(c);
-                if self.client_built_from.is_some() {
+                if built.is_some() {
                     info!(upstream = %cfg.upstream.url, "upstream client rebuilt (CA, upstream or connect timeout changed)");
                     self.proxy.upstream_seen.store(false, Ordering::Relaxed);
                 }
-                self.client_built_from = Some(wanted);
+                *built = Some(wanted);
             }
             Err(e) => error!("{e}; keeping the upstream client built before"),
         }
@@ -310,7 +311,7 @@ const RETRY_MAX: Duration = Duration::from_secs(2);
 
 /// Everything the loop needs besides the node.
 pub struct LoopParts<'a> {
-    pub live: Live,
+    pub live: Arc<Live>,
     pub writer: StatusWriter,
     pub watcher: &'a dyn Watch,
     /// Reads the config again on SIGHUP.
@@ -348,10 +349,15 @@ pub async fn event_loop(
             // certs_dir, and the pass that follows watches it.
             watch_inputs(&n.cfg, parts.watcher);
             dirty = false;
+            let live = parts.live.clone();
             running = Some(tokio::task::spawn_blocking(move || {
                 let mode = n.mode();
                 let cfg = n.cfg.clone();
-                let status = n.pass.run(&cfg, &mode);
+                // The proxy trusts a rotated CA before any slipway-ca.crt
+                // names it: containerd may pull the moment the file changes.
+                let status = n
+                    .pass
+                    .run_with(&cfg, &mode, &|ca| live.sync(&cfg, Some(&ca.pem)));
                 (n, status)
             }));
         }
@@ -600,7 +606,7 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<u8, AgentErr
         fix_containerd_config: opts.fix_containerd_config,
     };
     let parts = LoopParts {
-        live: Live::new(state.clone()),
+        live: Arc::new(Live::new(state.clone())),
         writer: StatusWriter::new(metrics, ready),
         watcher: watcher.as_ref(),
         reload: Box::new(move || AgentConfig::load(config_path.as_deref(), &overrides)),
@@ -696,7 +702,7 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(64);
         let p2 = passes.clone();
         let nc = next_config.clone();
-        let live = Live::new(proxy.clone());
+        let live = Arc::new(Live::new(proxy.clone()));
         let m2 = metrics.clone();
         let task = tokio::spawn(async move {
             let watched = Watched::default();

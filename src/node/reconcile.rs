@@ -312,6 +312,17 @@ impl NodePass {
 
     /// One pass.
     pub fn run(&mut self, cfg: &AgentConfig, mode: &Mode) -> NodeStatus {
+        self.run_with(cfg, mode, &|_| {})
+    }
+
+    /// One pass; `ca_ready` sees the CA in use before any file is written
+    /// (the daemon points the proxy's upstream trust at it first).
+    pub fn run_with(
+        &mut self,
+        cfg: &AgentConfig,
+        mode: &Mode,
+        ca_ready: &dyn Fn(&CaBundle),
+    ) -> NodeStatus {
         let certs = cfg.containerd.local_certs_dir();
         let hosts = match mode {
             Mode::Cleanup => return self.cleanup(cfg, &certs),
@@ -350,6 +361,7 @@ impl NodePass {
         let Some(bundle) = &self.ca else {
             return status;
         };
+        ca_ready(bundle);
         let ca_content = bundle.file_content();
         let fingerprint: [u8; 32] = Sha256::digest(format!("{hosts:?}\n{ca_content}")).into();
         match apply::apply_all(self.fs.as_ref(), &certs, &cfg.aliases, hosts, &ca_content) {
