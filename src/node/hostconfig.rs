@@ -729,17 +729,22 @@ mod tests {
         let s = render_owned(&alias(), &two);
         assert!(s.starts_with(OWNED_MARKER));
         let doc: DocumentMut = s.parse().unwrap();
-        let keys: Vec<_> = doc["host"]
-            .as_table()
-            .unwrap()
-            .iter()
-            .map(|(k, _)| k.to_string())
-            .collect();
+        let keys = host_keys(&doc);
         assert_eq!(keys, ["http://127.0.0.1:5050", "https://10.96.0.20:5000"]);
         assert_eq!(
             doc["server"].as_str(),
             Some("https://registry.shared-services:5000")
         );
+    }
+
+    /// The `[host."URL"]` keys of a parsed hosts.toml, in order.
+    fn host_keys(doc: &DocumentMut) -> Vec<String> {
+        doc["host"]
+            .as_table()
+            .unwrap()
+            .iter()
+            .map(|(k, _)| k.to_string())
+            .collect()
     }
 
     #[test]
@@ -748,12 +753,7 @@ mod tests {
         let merged = merge("x/hosts.toml", theirs, &hosts()).unwrap();
         assert!(merged.starts_with(MERGED_MARKER));
         let doc: DocumentMut = merged.parse().unwrap();
-        let keys: Vec<_> = doc["host"]
-            .as_table()
-            .unwrap()
-            .iter()
-            .map(|(k, _)| k.to_string())
-            .collect();
+        let keys = host_keys(&doc);
         // IndexMap order is insertion order; render order is by position:
         let ours_at = merged.find("[host.\"https://10.96.0.20:5000\"]").unwrap();
         let comment_at = merged.find("# corp mirror").unwrap();

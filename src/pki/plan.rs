@@ -662,14 +662,19 @@ mod tests {
         assert!(p.tls.sans.ips.contains(&"203.0.113.7".parse().unwrap()));
     }
 
+    /// What the first ensure leaves in an empty namespace.
+    fn created(w: &Wanted, t: OffsetDateTime) -> Observed {
+        applied(
+            &Observed::default(),
+            &plan(&Observed::default(), w, t).unwrap(),
+        )
+    }
+
     #[test]
     fn foreign_or_broken_tls_is_reissued_and_stale_ca_copies_are_fixed() {
         let w = wanted();
         let t = now();
-        let cluster = applied(
-            &Observed::default(),
-            &plan(&Observed::default(), &w, t).unwrap(),
-        );
+        let cluster = created(&w, t);
 
         // Signed by another CA (same subject name).
         let other = issue_ca(t).unwrap();
@@ -739,10 +744,7 @@ mod tests {
     fn an_unusable_ca_is_an_error_never_replaced() {
         let w = wanted();
         let t = now();
-        let cluster = applied(
-            &Observed::default(),
-            &plan(&Observed::default(), &w, t).unwrap(),
-        );
+        let cluster = created(&w, t);
         let other = issue_ca(t).unwrap();
         let cases: [(&str, Option<&str>, &str); 4] = [
             (KEY_CA_KEY, None, "no ca.key"),
