@@ -1121,6 +1121,178 @@ async fn a_stale_ca_copy_is_updated() {
     assert!(r.result.is_ok(), "{:?}", r.result);
 }
 
+/// Preflight in team-a up to the CA copy: the ServiceAccount, then the
+/// source ConfigMap in shared-services.
+async fn preflight_team_a_until_ca_copy(h: &mut Handle) {
+    let r = expect(
+        h,
+        Method::GET,
+        "/api/v1/namespaces/team-a/serviceaccounts/slipway-build",
+    )
+    .await;
+    reply(r.send, 200, service_account("team-a"));
+    let r = expect(
+        h,
+        Method::GET,
+        "/api/v1/namespaces/shared-services/configmaps/registry-ca",
+    )
+    .await;
+    reply(r.send, 200, ca_configmap(NS, CA));
+}
+
+/// Issue #12, point 5: two builds start at once in a namespace that has no
+/// CA copy yet. Both read 404; the other build's POST lands first, so ours
+/// gets 409 AlreadyExists. The copy goes through the PKI planner: read
+/// again, find the CA it wanted already there, write nothing, and build.
+#[tokio::test]
+async fn two_builds_racing_to_copy_the_ca_both_succeed() {
+    let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
+    let mut o = opts(OutputFormat::Text);
+    o.detach = true;
+    let p2 = plan.clone();
+    let r = drive(plan, o, |mut h| async move {
+        preflight_team_a_until_ca_copy(&mut h).await;
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca",
+        )
+        .await;
+        reply(r.send, 404, not_found("configmaps", "registry-ca"));
+        let r = expect(
+            &mut h,
+            Method::POST,
+            "/api/v1/namespaces/team-a/configmaps?&fieldManager=slipway",
+        )
+        .await;
+        assert_eq!(
+            r.json(),
+            json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {
+                    "name": "registry-ca", "namespace": "team-a",
+                    "labels": {
+                        "app.kubernetes.io/managed-by": "slipway",
+                        "app.kubernetes.io/part-of": "slipway"
+                    },
+                    "annotations": { "slipway.dev/copied-from": "shared-services/registry-ca" }
+                },
+                "data": { "ca.crt": CA }
+            })
+        );
+        reply(
+            r.send,
+            409,
+            status(
+                409,
+                "AlreadyExists",
+                "configmaps \"registry-ca\" already exists",
+                json!({ "name": "registry-ca", "kind": "configmaps" }),
+            ),
+        );
+        // The winner's copy: the same CA. Nothing left to write.
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca",
+        )
+        .await;
+        let mut theirs = ca_configmap("team-a", CA);
+        theirs["metadata"]["resourceVersion"] = json!("400");
+        reply(r.send, 200, theirs);
+        create_job(&mut h, &p2).await;
+        no_more(&mut h).await;
+    })
+    .await;
+    assert_eq!(
+        r.result.unwrap(),
+        Outcome::Detached {
+            build: JOB.into(),
+            namespace: "team-a".into()
+        }
+    );
+    assert!(
+        !r.stderr.contains("copied the registry CA"),
+        "the other build made the copy: {}",
+        r.stderr
+    );
+}
+
+/// A stale copy that changes between our read and our conditional PUT
+/// (409 Conflict on the resourceVersion) is read again and replaced with
+/// the new resourceVersion; what the other writer added is kept.
+#[tokio::test]
+async fn a_ca_copy_replaced_under_us_is_read_again() {
+    let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
+    let mut o = opts(OutputFormat::Text);
+    o.detach = true;
+    let p2 = plan.clone();
+    let old = "-----BEGIN CERTIFICATE-----\nOLD\n-----END CERTIFICATE-----\n";
+    let r = drive(plan, o, |mut h| async move {
+        preflight_team_a_until_ca_copy(&mut h).await;
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca",
+        )
+        .await;
+        reply(r.send, 200, ca_configmap("team-a", old));
+        let r = expect(
+            &mut h,
+            Method::PUT,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca?&fieldManager=slipway",
+        )
+        .await;
+        assert_eq!(r.json()["metadata"]["resourceVersion"], "11");
+        reply(
+            r.send,
+            409,
+            status(
+                409,
+                "Conflict",
+                "Operation cannot be fulfilled on configmaps \"registry-ca\": the object has been modified",
+                json!({ "name": "registry-ca", "kind": "configmaps" }),
+            ),
+        );
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca",
+        )
+        .await;
+        let mut moved = ca_configmap("team-a", old);
+        moved["metadata"]["resourceVersion"] = json!("12");
+        moved["data"]["note"] = json!("added meanwhile");
+        reply(r.send, 200, moved);
+        let r = expect(
+            &mut h,
+            Method::PUT,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca?&fieldManager=slipway",
+        )
+        .await;
+        let body = r.json();
+        assert_eq!(body["metadata"]["resourceVersion"], "12");
+        assert_eq!(
+            body["data"],
+            json!({ "ca.crt": CA, "note": "added meanwhile" })
+        );
+        assert_eq!(
+            body["metadata"]["annotations"]["slipway.dev/copied-from"],
+            "shared-services/registry-ca"
+        );
+        reply(r.send, 200, body);
+        create_job(&mut h, &p2).await;
+        no_more(&mut h).await;
+    })
+    .await;
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    assert!(
+        r.stderr.contains("updated the registry CA in ConfigMap team-a/registry-ca"),
+        "{}",
+        r.stderr
+    );
+}
+
 #[tokio::test]
 async fn a_missing_registry_ca_is_reported_before_the_job() {
     let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
