@@ -1032,7 +1032,7 @@ async fn detach_prints_the_build_name_after_copying_the_ca() {
         let r = expect(
             &mut h,
             Method::POST,
-            "/api/v1/namespaces/team-a/configmaps?",
+            "/api/v1/namespaces/team-a/configmaps?&fieldManager=slipway",
         )
         .await;
         assert_eq!(
@@ -1041,7 +1041,10 @@ async fn detach_prints_the_build_name_after_copying_the_ca() {
                 "apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {
                     "name": "registry-ca", "namespace": "team-a",
-                    "labels": { "app.kubernetes.io/managed-by": "slipway" },
+                    "labels": {
+                        "app.kubernetes.io/managed-by": "slipway",
+                        "app.kubernetes.io/part-of": "slipway"
+                    },
                     "annotations": { "slipway.dev/copied-from": "shared-services/registry-ca" }
                 },
                 "data": { "ca.crt": CA }
@@ -1100,7 +1103,7 @@ async fn a_stale_ca_copy_is_updated() {
         let r = expect(
             &mut h,
             Method::PUT,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca?",
+            "/api/v1/namespaces/team-a/configmaps/registry-ca?&fieldManager=slipway",
         )
         .await;
         let body = r.json();
@@ -1287,7 +1290,8 @@ async fn a_ca_copy_replaced_under_us_is_read_again() {
     .await;
     assert!(r.result.is_ok(), "{:?}", r.result);
     assert!(
-        r.stderr.contains("updated the registry CA in ConfigMap team-a/registry-ca"),
+        r.stderr
+            .contains("updated the registry CA in ConfigMap team-a/registry-ca"),
         "{}",
         r.stderr
     );

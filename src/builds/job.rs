@@ -780,31 +780,29 @@ pub fn job(spec: &BuildSpec) -> Job {
     }
 }
 
-/// The registry CA ConfigMap for the build namespace.
+/// The registry CA ConfigMap for the build namespace: the object the PKI
+/// planner creates there ([`crate::pki::plan::ca_configmap`]), so that
+/// `--render` prints what `slipway build` would write.
 pub fn ca_config_map(
     namespace: &str,
     name: &str,
     ca_pem: &str,
     copied_from: Option<&str>,
 ) -> ConfigMap {
-    let mut labels = BTreeMap::new();
-    labels.insert(LABEL_MANAGED_BY.to_string(), "slipway".to_string());
-    let annotations = copied_from.map(|from| {
-        let mut a = BTreeMap::new();
-        a.insert(ANNOTATION_COPIED_FROM.to_string(), from.to_string());
-        a
-    });
-    ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(namespace.into()),
-            labels: Some(labels),
-            annotations,
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([(CA_KEY.to_string(), ca_pem.to_string())])),
-        ..Default::default()
-    }
+    crate::pki::plan::ca_configmap(
+        namespace,
+        name,
+        ca_pem,
+        &copied_from_annotation(copied_from),
+    )
+}
+
+/// `slipway.dev/copied-from: NS/NAME` when the CA was copied from the
+/// ConfigMap `slipway pki` publishes.
+pub fn copied_from_annotation(copied_from: Option<&str>) -> BTreeMap<String, String> {
+    copied_from
+        .map(|from| BTreeMap::from([(ANNOTATION_COPIED_FROM.to_string(), from.to_string())]))
+        .unwrap_or_default()
 }
 
 /// What `--render` knows about the registry CA without asking the API.

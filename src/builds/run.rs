@@ -10,7 +10,9 @@
 //!    `--push-secret`;
 //! 3. the registry CA: `GET configmaps/registry-ca` in `shared-services`; for
 //!    another build namespace also `GET` it there, and `POST` it (absent) or
-//!    `PUT` it (different);
+//!    `PUT` it with the resourceVersion read (different), `fieldManager=slipway`,
+//!    through the PKI planner ([`crate::pki::ensure::ensure_ca_configmap`]):
+//!    on 409 (another build copied it first) it is read and planned again;
 //! 4. `POST jobs` — with `--detach`, print the name and stop here;
 //! 5. `GET pods?watch=true&labelSelector=slipway.dev/build-id=<id>`, again
 //!    from the last `resourceVersion` whenever the server ends the watch;
@@ -47,6 +49,7 @@ use super::log::{Event as LogEvent, KanikoLog};
 use super::status::{self, BuildRow, CState, Context, PodView, Verdict};
 use super::{BuildArgs, BuildError, CaSource, OutputFormat, Plan};
 use crate::k8s::api_code;
+use crate::pki::ensure::{ensure_ca_configmap, Change, EnsureError};
 
 /// How long to wait for what; tests shorten these.
 #[derive(Debug, Clone)]
@@ -450,10 +453,11 @@ async fn preflight<P: Progress>(
         }
     }
 
-    let cms_here: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let target = &spec.ca_configmap;
     match &plan.ca {
-        CaSource::Pem(pem) => ensure_ca(&cms_here, ns, target, pem, None, progress).await,
+        CaSource::Pem(pem) => {
+            ensure_ca(client, &spec.job_name(), ns, target, pem, None, progress).await
+        }
         CaSource::Cluster {
             namespace: from_ns,
             name: from,
@@ -481,7 +485,8 @@ async fn preflight<P: Progress>(
                 return Ok(());
             }
             ensure_ca(
-                &cms_here,
+                client,
+                &spec.job_name(),
                 ns,
                 target,
                 &pem,
@@ -493,58 +498,46 @@ async fn preflight<P: Progress>(
     }
 }
 
-/// Creates or updates the CA ConfigMap in the build namespace (a pod can
-/// only mount a ConfigMap from its own namespace).
+/// Makes the CA ConfigMap in the build namespace hold `pem` (a pod can only
+/// mount a ConfigMap from its own namespace), through the PKI planner's
+/// conditional writes: two builds that start together in a new namespace
+/// race to create it, and the loser re-reads instead of failing (#12).
 async fn ensure_ca<P: Progress>(
-    cms: &Api<ConfigMap>,
+    client: &Client,
+    job: &str,
     ns: &str,
     name: &str,
     pem: &str,
     copied_from: Option<&str>,
     progress: &mut P,
 ) -> Result<(), BuildError> {
-    let existing = cms
-        .get_opt(name)
+    let annotations = job::copied_from_annotation(copied_from);
+    let change = ensure_ca_configmap(client.clone(), ns, name, pem, &annotations)
         .await
-        .map_err(kube_err(format!("cannot read ConfigMap {ns}/{name}")))?;
-    match existing {
-        None => {
-            cms.create(
-                &PostParams::default(),
-                &job::ca_config_map(ns, name, pem, copied_from),
-            )
-            .await
-            .map_err(kube_err(format!(
-                "cannot create ConfigMap {ns}/{name} (the registry CA)"
-            )))?;
-            progress.info(&format!(
-                "copied the registry CA into ConfigMap {ns}/{name}"
-            ));
+        .map_err(|e| match e {
+            EnsureError::Api {
+                verb,
+                namespace,
+                name,
+                error,
+                ..
+            } => BuildError::Kube {
+                action: format!("cannot {verb} ConfigMap {namespace}/{name} (the registry CA)"),
+                error,
+            },
+            other => BuildError::Failed {
+                job: job.into(),
+                detail: format!("cannot copy the registry CA: {other}"),
+            },
+        })?;
+    match change {
+        Change::Created(_) => progress.info(&format!(
+            "copied the registry CA into ConfigMap {ns}/{name}"
+        )),
+        Change::Replaced(_) => {
+            progress.info(&format!("updated the registry CA in ConfigMap {ns}/{name}"))
         }
-        Some(cm)
-            if cm
-                .data
-                .as_ref()
-                .and_then(|d| d.get(CA_KEY))
-                .map(String::as_str)
-                == Some(pem) => {}
-        Some(mut cm) => {
-            cm.data
-                .get_or_insert_with(Default::default)
-                .insert(CA_KEY.into(), pem.into());
-            if let Some(from) = copied_from {
-                cm.metadata
-                    .annotations
-                    .get_or_insert_with(Default::default)
-                    .insert(job::ANNOTATION_COPIED_FROM.into(), from.into());
-            }
-            cms.replace(name, &PostParams::default(), &cm)
-                .await
-                .map_err(kube_err(format!(
-                    "cannot update ConfigMap {ns}/{name} (the registry CA)"
-                )))?;
-            progress.info(&format!("updated the registry CA in ConfigMap {ns}/{name}"));
-        }
+        Change::Unchanged => {}
     }
     Ok(())
 }
