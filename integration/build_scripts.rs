@@ -729,8 +729,7 @@ fn kubelet_sandbox_runs_the_git_container_as_a_node_would() {
     );
     assert_eq!(run.code, 0, "{run:?}");
     assert_eq!(
-        run.stdout,
-        "65534\n65534\n65534\n0 65534 2777\n0 65534 2777\nro\n",
+        run.stdout, "65534\n65534\n65534\n0 65534 2777\n0 65534 2777\nro\n",
         "{run:?}"
     );
     assert_eq!(run.message, "written\n");
@@ -780,9 +779,19 @@ fn kubelet_git_container_authenticates_to_http_backend() {
     let repos = tempfile::tempdir().unwrap();
     let o = origin_in(&repos.path().join("origin"));
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
-    let cases: Vec<(Vec<(&str, &str)>, &str, bool)> = vec![
-        (vec![("token", "glpat-123")], "x-access-token:glpat-123", true),
-        (vec![("token", "t0k"), ("username", "oauth2")], "oauth2:t0k", true),
+    // (Secret files, the credentials the server accepts, whether they match)
+    type Case<'a> = (Vec<(&'a str, &'a str)>, &'a str, bool);
+    let cases: Vec<Case> = vec![
+        (
+            vec![("token", "glpat-123")],
+            "x-access-token:glpat-123",
+            true,
+        ),
+        (
+            vec![("token", "t0k"), ("username", "oauth2")],
+            "oauth2:t0k",
+            true,
+        ),
         (
             vec![("username", "builder"), ("password", "s3cret")],
             "builder:s3cret",
@@ -830,7 +839,7 @@ printf '%s\n' "$@" >/kaniko/argv
 for a; do
   case "$a" in
     --dockerfile=*) [ -r "${a#*=}" ] || { echo "cannot read ${a#*=}" >&2; exit 2; } ;;
-    --registry-certificate=*) [ -r "${a#*=}" ] || { echo "cannot read ${a#*=}" >&2; exit 2; } ;;
+    --registry-certificate=*) [ -r "${a##*=}" ] || { echo "cannot read ${a##*=}" >&2; exit 2; } ;;
     --digest-file=*) printf 'sha256:%064d' 7 >"${a#*=}" ;;
     --image-name-with-digest-file=*) printf 'registry.shared-services:5000/app@sha256:%064d\n' 7 >"${a#*=}" ;;
   esac
@@ -854,7 +863,8 @@ fn kubelet_pod_runs_git_then_the_kaniko_wrapper() {
     assert_eq!(run.code, 0, "{run:?}");
     drop(daemon);
 
-    let kaniko_image = kubelet::kaniko_image(&pod.dir.path().join("image-kaniko"), SANDBOX_EXECUTOR);
+    let kaniko_image =
+        kubelet::kaniko_image(&pod.dir.path().join("image-kaniko"), SANDBOX_EXECUTOR);
     let run = pod.run(KANIKO_CONTAINER, &kaniko_image);
     assert_eq!(run.code, 0, "{run:?}");
     let argv: Vec<String> = std::fs::read_to_string(kaniko_image.root.join("kaniko/argv"))
@@ -867,7 +877,10 @@ fn kubelet_pod_runs_git_then_the_kaniko_wrapper() {
         "--label=org.opencontainers.image.revision={}",
         o.c3
     ));
-    want.push(format!("--label=org.opencontainers.image.source={url}#{}", o.c3));
+    want.push(format!(
+        "--label=org.opencontainers.image.source={url}#{}",
+        o.c3
+    ));
     want.push(format!(
         "--destination=registry.shared-services:5000/app:{}",
         &o.c3[..7]
@@ -878,4 +891,42 @@ fn kubelet_pod_runs_git_then_the_kaniko_wrapper() {
         run.message,
         format!("{d}\nregistry.shared-services:5000/app@{d}\n")
     );
+}
+
+/// The other git calls of the script under the same ownership: submodules
+/// (cloned by `git submodule update` inside the root-owned context) and
+/// `.git` removal, with the submodule served by the same `git daemon`.
+#[test]
+fn kubelet_git_container_checks_out_submodules() {
+    kubelet::require();
+    let repos = tempfile::tempdir().unwrap();
+    let daemon = GitDaemon::start(repos.path());
+    let sub = repos.path().join("sub");
+    std::fs::create_dir_all(&sub).unwrap();
+    git(&sub, &["init", "-q", "-b", "main"]);
+    std::fs::write(sub.join("lib.txt"), "lib\n").unwrap();
+    git(&sub, &["add", "."]);
+    git(&sub, &["commit", "-qm", "lib"]);
+    let sup = repos.path().join("super");
+    std::fs::create_dir_all(&sup).unwrap();
+    git(&sup, &["init", "-q", "-b", "main"]);
+    std::fs::write(sup.join("Dockerfile"), "FROM scratch\n").unwrap();
+    git(
+        &sup,
+        &["submodule", "-q", "add", &daemon.url("sub"), "vendor/sub"],
+    );
+    git(&sup, &["add", "."]);
+    git(&sup, &["commit", "-qm", "with submodule"]);
+    let (_, job) = rendered(&daemon.url("super"), "main", None);
+    let pod = Pod::new(&job, &objects(&[]));
+    let image = kubelet::git_image(&pod.dir.path().join("image-git"));
+    let run = pod.run(GIT_CONTAINER, &image);
+    assert_eq!(run.code, 0, "{run:?}");
+    let ctx = pod.volume("context");
+    assert_eq!(
+        std::fs::read_to_string(ctx.join("vendor/sub/lib.txt")).unwrap(),
+        "lib\n"
+    );
+    assert!(!ctx.join("vendor/sub/.git").exists() && !ctx.join(".git").exists());
+    drop(daemon);
 }

@@ -166,12 +166,7 @@ fn serve(
             headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
         }
     }
-    let header = |k: &str| {
-        headers
-            .iter()
-            .find(|(n, _)| n == k)
-            .map(|(_, v)| v.clone())
-    };
+    let header = |k: &str| headers.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let mut body = Vec::new();
     if let Some(n) = header("content-length").and_then(|n| n.parse::<usize>().ok()) {
         body.resize(n, 0);
@@ -247,7 +242,13 @@ fn serve(
     }
     w.write_all(format!("HTTP/1.1 {status}\r\n").as_bytes())?;
     w.write_all(&resp)?;
-    w.write_all(format!("Content-Length: {}\r\nConnection: close\r\n\r\n", rest.len()).as_bytes())?;
+    w.write_all(
+        format!(
+            "Content-Length: {}\r\nConnection: close\r\n\r\n",
+            rest.len()
+        )
+        .as_bytes(),
+    )?;
     w.write_all(rest)?;
     w.flush()
 }

@@ -243,10 +243,22 @@ impl Pod {
             "--unshare-ipc",
             "--unshare-uts",
         ]);
-        b.arg(if read_only_root { "--ro-bind" } else { "--bind" })
-            .arg(&image.root)
-            .arg("/");
-        b.args(["--ro-bind", "/usr", "/usr", "--dev", "/dev", "--proc", "/proc"]);
+        b.arg(if read_only_root {
+            "--ro-bind"
+        } else {
+            "--bind"
+        })
+        .arg(&image.root)
+        .arg("/");
+        b.args([
+            "--ro-bind",
+            "/usr",
+            "/usr",
+            "--dev",
+            "/dev",
+            "--proc",
+            "/proc",
+        ]);
         b.arg("--bind")
             .arg(&termination_log)
             .arg("/dev/termination-log");
@@ -266,7 +278,14 @@ impl Pod {
             .arg(src)
             .arg(&m.mount_path);
         }
-        b.args(["--chdir", "/", "--clearenv", "--setenv", "PATH", &image.path]);
+        b.args([
+            "--chdir",
+            "/",
+            "--clearenv",
+            "--setenv",
+            "PATH",
+            &image.path,
+        ]);
         for e in c.env.iter().flatten() {
             let v = e
                 .value
@@ -278,7 +297,8 @@ impl Pod {
             b.args(["--setenv", k, v]);
         }
         b.arg("--").arg("/usr/bin/setpriv");
-        b.arg(format!("--reuid={uid}")).arg(format!("--regid={gid}"));
+        b.arg(format!("--reuid={uid}"))
+            .arg(format!("--regid={gid}"));
         match self.fs_group {
             Some(g) => b.arg(format!("--groups={g}")),
             None => b.arg("--clear-groups"),

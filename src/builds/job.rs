@@ -595,6 +595,19 @@ pub fn job(spec: &BuildSpec) -> Job {
         env("TMPDIR", HOME_DIR),
         // Never wait for a password on a terminal that is not there.
         env("GIT_TERMINAL_PROMPT", "0"),
+        // A kubelet creates the context emptyDir owned by root (fsGroup sets
+        // only its group and mode 2777), and git >= 2.35.2 refuses a
+        // repository whose top directory another uid owns ("detected dubious
+        // ownership"), so every git call in /slipway/context failed as uid
+        // 65534 (#9). Trust exactly that path, never `*`. safe.directory is
+        // only read from protected config (system, global, command line);
+        // GIT_CONFIG_COUNT is command-line scope, and unlike --global it
+        // needs no writable $HOME before the first git call. Everything else
+        // git touches (.git, $HOME, submodule checkouts) the script creates,
+        // so uid 65534 owns it.
+        env("GIT_CONFIG_COUNT", "1"),
+        env("GIT_CONFIG_KEY_0", "safe.directory"),
+        env("GIT_CONFIG_VALUE_0", CONTEXT_DIR),
         env("SLIPWAY_GIT_URL", &spec.git_url),
         env("SLIPWAY_REVISION", spec.revision.as_str()),
         env("SLIPWAY_REVISION_KIND", spec.revision.kind()),
