@@ -283,6 +283,7 @@ PUSH [registry.shared-services:5000/app:3f78685]
 \u{1b}[36mINFO\u{1b}[0m[0001] Using caching version of cmd: RUN apk add git
 \u{1b}[36mINFO\u{1b}[0m[0001] No cached layer found for cmd RUN go build ./...
 \u{1b}[36mINFO\u{1b}[0m[0002] RUN apk add git
+\u{1b}[36mINFO\u{1b}[0m[0002] Found cached layer, extracting to filesystem
 \u{1b}[36mINFO\u{1b}[0m[0002] RUN go build ./...
 \u{1b}[36mINFO\u{1b}[0m[0009] Building stage 'alpine:3.20' [idx: '1', base-idx: '-1']
 \u{1b}[36mINFO\u{1b}[0m[0010] COPY --from=builder /go/bin/app /app
@@ -482,7 +483,9 @@ async fn success_prints_the_pullable_digest_last() {
     assert_eq!(r.stdout.lines().count(), 1, "{}", r.stdout);
     assert_eq!(report.commit, COMMIT);
     assert_eq!(report.tag, "3f78685");
-    assert_eq!((report.cache.hits, report.cache.misses), (1, 1));
+    // Hit: RUN apk add git (`Found cached layer`); ran: RUN go build,
+    // COPY --from.
+    assert_eq!((report.cache.hits, report.cache.rebuilt), (1, 2));
     assert_eq!(report.duration_seconds, 90.0);
     // Logs streamed live, the cache upload failure surfaced, and the hint.
     assert!(
@@ -520,7 +523,10 @@ async fn success_as_json() {
     assert_eq!(v["digest"], DIGEST);
     assert_eq!(v["commit"], COMMIT);
     assert_eq!(v["duration_seconds"], 90.0);
-    assert_eq!(v["cache"], json!({ "hits": 1, "misses": 1 }));
+    assert_eq!(
+        v["cache"],
+        json!({ "hits": 1, "rebuilt": 2, "uploads_failed": 1 })
+    );
     assert_eq!(v["build"], JOB);
     assert_eq!(v["warnings"].as_array().unwrap().len(), 1);
 }
