@@ -1457,3 +1457,142 @@ async fn logs_of_an_unknown_build() {
         .to_string()
         .starts_with("build nope not found in namespace shared-services"));
 }
+
+// ---- real Kaniko v1.27.6 output (#9) -----------------------------------------
+
+const FIXTURE_RUN_FAIL: &str = include_str!("fixtures/kaniko-v1.27.6/fail-run-exit1.kaniko.log");
+const FIXTURE_PUSH_FAIL: &str = include_str!("fixtures/kaniko-v1.27.6/fail-push.kaniko.log");
+const FIXTURE_CACHE_FAIL: &str =
+    include_str!("fixtures/kaniko-v1.27.6/fail-cache-upload.kaniko.log");
+
+/// What a kubelet puts in the termination message with
+/// `FallbackToLogsOnError` when the container left it empty: the last 80
+/// lines of the log, at most 2048 bytes of them.
+fn kubelet_tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    let mut tail = lines[lines.len().saturating_sub(80)..].join("\n");
+    while tail.len() > 2048 {
+        match tail.find('\n') {
+            Some(i) => tail = tail[i + 1..].to_string(),
+            None => break,
+        }
+    }
+    tail
+}
+
+/// A build whose Kaniko container streams `log` and ends with `kaniko`.
+async fn kaniko_streams(mut h: Handle, log: &'static str, kaniko: Value, then_job: Option<Value>) {
+    preflight_in_place(&mut h).await;
+    create_job(&mut h, &plan()).await;
+    until_git_log(&mut h).await;
+    until_kaniko_log(&mut h, log).await;
+    let phase = if then_job.is_some() || kaniko["terminated"]["exitCode"] != 0 {
+        "Failed"
+    } else {
+        "Succeeded"
+    };
+    kaniko_ends(&mut h, phase, kaniko).await;
+    if let Some(j) = then_job {
+        let r = expect(
+            &mut h,
+            Method::GET,
+            &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"),
+        )
+        .await;
+        reply(r.send, 200, j);
+    }
+    no_more(&mut h).await;
+}
+
+fn backoff_limit_job() -> Value {
+    let mut j = created_job(&plan());
+    j["status"] = json!({ "conditions": [{
+        "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+        "message": "Job has reached the specified backoff limit"
+    }]});
+    j
+}
+
+#[tokio::test]
+async fn real_kaniko_run_step_failure_names_the_step_and_its_exit_code() {
+    let tail = kubelet_tail(FIXTURE_RUN_FAIL);
+    let r = drive(plan(), opts(OutputFormat::Json), |h| {
+        kaniko_streams(
+            h,
+            FIXTURE_RUN_FAIL,
+            terminated(1, "Error", &tail, "2025-01-01T00:00:40Z"),
+            Some(backoff_limit_job()),
+        )
+    })
+    .await;
+    println!("{}", r.stderr);
+    assert_eq!(exit_code(&r), 1, "{:?}", r.result);
+    // The fixture's last line: `error building image: error building stage:
+    // failed to execute command: waiting for process to exit: exit status 1`,
+    // while `RUN echo "about to fail" && exit 1` ran.
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["error"], "step-failed");
+    assert_eq!(
+        v["message"],
+        "build build-app-flow000001 failed at step RUN echo \"about to fail\" && exit 1 (exit code 1): error building image: error building stage: failed to execute command: waiting for process to exit: exit status 1"
+    );
+}
+
+#[tokio::test]
+async fn real_kaniko_push_check_failure_is_a_push_failure() {
+    let tail = kubelet_tail(FIXTURE_PUSH_FAIL);
+    let r = drive(plan(), opts(OutputFormat::Text), |h| {
+        kaniko_streams(
+            h,
+            FIXTURE_PUSH_FAIL,
+            terminated(1, "Error", &tail, "2025-01-01T00:00:05Z"),
+            None,
+        )
+    })
+    .await;
+    println!("{}", r.stderr);
+    // `error checking push permissions: … POST …/v2/app/blobs/uploads/:
+    // UNKNOWN: unknown error; …`: the registry failed, not the credentials.
+    assert_eq!(exit_code(&r), 20, "{:?}", r.result);
+    let e = r.result.unwrap_err();
+    assert_eq!(e.kind(), "push-failed");
+    assert!(
+        e.to_string().starts_with(
+            "push to registry.shared-services:5000 failed: error checking push permissions: "
+        ),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn real_kaniko_cache_upload_failures_are_warnings_with_retries() {
+    let r = drive(plan(), opts(OutputFormat::Json), |h| {
+        kaniko_streams(h, FIXTURE_CACHE_FAIL, kaniko_ok(), None)
+    })
+    .await;
+    println!("{}", r.stderr);
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    // Six `Retrying operation after {1,2,4}s due to POST …/v2/cache/app/
+    // blobs/uploads/`, two `Error uploading layer to cache`, 24 s each.
+    let retries: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: kaniko is retrying POST https://registry.shared-services:5000/v2/cache/app/blobs/uploads/ (cache upload) in "))
+        .collect();
+    assert_eq!(retries.len(), 6, "{}", r.stderr);
+    let failed: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: kaniko could not upload a layer to the cache (the build goes on; the next build rebuilds that step), after 3 retries and 24s: Error uploading layer to cache: failed to push to destination registry.shared-services:5000/cache/app:"))
+        .collect();
+    assert_eq!(failed.len(), 2, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    // Hits RUN mkdir, RUN dd, RUN echo; ran COPY, RUN cat, COPY --from, RUN ls.
+    assert_eq!(
+        v["cache"],
+        json!({ "hits": 3, "rebuilt": 4, "uploads_failed": 2 })
+    );
+    assert_eq!(v["retries"].as_array().unwrap().len(), 6);
+    assert_eq!(v["retries"][0]["after"], "1s");
+    assert_eq!(v["retries"][0]["cache"], true);
+}
