@@ -765,6 +765,20 @@ fn kubelet_git_container_checks_out_branch_tag_commit_and_short_commit() {
         assert!(pod.volume("context").join("Dockerfile").is_file(), "{rev}");
         assert!(!pod.volume("context").join(".git").exists(), "{rev}");
     }
+    // As in fixtures/kaniko-v1.27.6/fail-no-such-revision.git.log:
+    // `slipway: revision-not-found: no branch or tag named nosuchbranch in
+    // git://127.0.0.1:9418/app.git`, exit 11.
+    let (_, job) = rendered(&url, "nosuchbranch", None);
+    let pod = Pod::new(&job, &objects(&[]));
+    let image = kubelet::git_image(&pod.dir.path().join("image-git"));
+    let run = pod.run(GIT_CONTAINER, &image);
+    assert_eq!(run.code, 11, "{run:?}");
+    assert!(
+        run.stderr.ends_with(&format!(
+            "slipway: revision-not-found: no branch or tag named nosuchbranch in {url}\n"
+        )),
+        "{run:?}"
+    );
     drop(daemon);
 }
 

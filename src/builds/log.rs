@@ -1,26 +1,35 @@
 //! Pure: reads Kaniko's log, line by line, into what the progress line and
-//! the result show: the stage being built, `STEP n/m`, cache hits and misses,
-//! cache upload failures and error lines.
+//! the result show: the stage being built (by its Dockerfile name), `STEP
+//! n/m`, cache hits and the steps rebuilt, cache layer uploads apart from the
+//! image push, retries, cache upload failures, and Kaniko's final error,
+//! classified ([`ErrorClass`]).
 //!
-//! The lines it understands are Kaniko's own (`pkg/executor/build.go` and
-//! `push.go` of the maintained fork), in its default `color` format
-//! (`INFO[0001] message`, with ANSI colour codes, which are stripped), its
-//! `text` format (`time=… level=info msg="…"`) and `json` format:
+//! The lines it understands are Kaniko's own (`pkg/executor/build.go`,
+//! `push.go` and `cmd/executor/main.go` of the maintained fork, checked
+//! against real v1.27.6 output in `integration/fixtures/kaniko-v1.27.6/`),
+//! in its `color` format (`INFO[0001] message`, with ANSI colour codes,
+//! which are stripped), its `text` format (`time=… level=info msg="…"`) and
+//! `json` format:
 //!
 //! | message | meaning |
 //! | --- | --- |
-//! | `Building stage 'golang:1.22' [idx: '0', base-idx: '-1']` | a stage starts |
+//! | `Building stage 'golang:1.22' [idx: '0', base-idx: '-1']` | a stage starts; Kaniko names it by its base image, the plan by `AS name` |
 //! | `RUN go build ./...` (any Dockerfile instruction) | a step starts: n += 1 |
 //! | `Using caching version of cmd: RUN …` | cache hit |
-//! | `No cached layer found for cmd RUN …` | cache miss (Kaniko stops looking in that stage after the first) |
-//! | `Error uploading layer to cache: …` (WARN) | a layer was built but not cached: the next build misses it |
-//! | `Pushing image to REG/NAME:TAG`, `Pushed REG/NAME@sha256:…` | the push |
+//! | `No cached layer found for cmd RUN …` | cache miss: logged for the first miss of a stage only (Kaniko stops looking), so the steps rebuilt are counted from the steps, see [`KanikoLog::rebuilt`] |
+//! | `Found cached layer, extracting to filesystem` | the step just started came from the cache |
+//! | `Pushing layer REG/cache/NAME:KEY to cache now` | a built layer is queued for the cache |
+//! | `Pushing image to REG/cache/NAME:KEY` | that cache layer uploads (the same words as the image push) |
+//! | `Retrying operation after 1s due to POST …: cause` (WARN) | `--push-retry` retries a registry request |
+//! | `Error uploading layer to cache: …` (WARN) | a layer was built but not cached: the next build rebuilds it |
+//! | `Pushing image to REG/NAME:TAG`, `Pushed REG/NAME@sha256:…` | the image push |
+//! | `error building image: …`, `error checking push permissions: …` (no level) | the final error, Kaniko's last line |
 //!
-//! m comes from the build plan Kaniko prints before building when
-//! `KANIKO_PRINT_PLAN=1` (unprefixed lines: `FROM …`, then one line per
-//! instruction it will run, `PUSH`, `CLEAN` …): the number of instruction
-//! lines in it. Without a plan (another executor version), the progress line
-//! shows `STEP n`.
+//! m, and the stage names, come from the build plan Kaniko prints before
+//! building when `KANIKO_PRINT_PLAN=1` (unprefixed lines: `FROM … [AS
+//! name]`, then one line per instruction it will run, `PUSH`, `CLEAN` …):
+//! the number of instruction lines in it. Without a plan (another executor
+//! version), the progress line shows `STEP n` and the base image names.
 
 /// Dockerfile instructions as Kaniko prints them at the start of a step.
 /// FROM is not among them: Kaniko announces a stage with "Building stage".

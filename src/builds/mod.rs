@@ -5,7 +5,7 @@
 //! | --- | --- |
 //! | this one | the CLI arguments, the `[build]` config (file, `SLIPWAY_BUILD_*`, flags), validation into a [`job::BuildSpec`], [`BuildError`] and its exit codes |
 //! | [`job`] (pure) | the Job and ConfigMap objects, the revision classifier, `--render` |
-//! | [`log`] (pure) | Kaniko's log → steps, cache hits and misses, warnings |
+//! | [`log`] (pure) | Kaniko's log → stages, steps, cache hits and steps rebuilt, cache uploads, retries, the final error's class |
 //! | [`status`] (pure) | pod and Job status → what happened (success with a digest, or which failure) |
 //! | [`run`] (I/O) | the API calls: preflight, create, watch, logs, cancel, list |
 //!
