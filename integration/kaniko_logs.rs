@@ -132,21 +132,41 @@ fn cold_build_rebuilds_seven_steps_and_caches_five_layers() {
 #[test]
 fn progress_never_sticks_on_a_cache_push() {
     // The issue: from STEP 3/9 of a cold build the line showed "pushing
-    // …/cache/app:…" to the end. Right after `INFO[0002] RUN echo
-    // "greeting=${GREETING}" > /out/greeting.txt` (STEP 4: ARG, RUN mkdir,
-    // RUN dd, RUN echo) with `Pushing image to …/cache/app:cf56…` seen.
-    let mut k = KanikoLog::default();
-    for l in COLD.lines() {
-        k.feed(l);
-        if l.contains("RUN echo \"greeting=${GREETING}\" > /out/greeting.txt") && l.contains("INFO")
-        {
-            break;
+    // …/cache/app:…" to the end. Status after each of these lines, in order:
+    let at = |needle: &str| {
+        let mut k = KanikoLog::default();
+        for l in COLD.lines() {
+            k.feed(l);
+            if l.contains(needle) {
+                break;
+            }
         }
-    }
-    // Ran so far: RUN mkdir, RUN dd; RUN echo is running (not counted yet).
+        k.status()
+    };
+    // `INFO[0000] Pushing image to …/cache/app:cf56…` while `RUN dd …`
+    // (STEP 3: ARG, RUN mkdir, RUN dd) runs; RUN mkdir ran (its layer is the
+    // one uploading), RUN dd is still running. The command is cut at 60
+    // characters.
     assert_eq!(
-        k.status(),
-        "stage build STEP 4/9 RUN echo \"greeting=${GREETING}\" > /out/greeting.txt | caching layer 1/1 | cache: 0 hit, 2 rebuilt"
+        at("Pushing image to registry.shared-services:5000/cache/app:cf56"),
+        "stage build STEP 3/9 RUN dd if=/dev/urandom of=/out/blob bs=1M count=32 2>/dev/nu… | caching layer 1/1 | cache: 0 hit, 1 rebuilt"
+    );
+    // `Pushed …/cache/app@sha256:9b307b…`: that upload is done.
+    assert_eq!(
+        at("Pushed registry.shared-services:5000/cache/app@sha256:9b307b"),
+        "stage build STEP 3/9 RUN dd if=/dev/urandom of=/out/blob bs=1M count=32 2>/dev/nu… | cache: 0 hit, 1 rebuilt"
+    );
+    // `CMD ["cat", "/app/greeting.txt"]` in stage runner, STEP 9: the seven
+    // layer steps have run; no upload in flight (`Pushing layer …ec5636…`
+    // comes after this line).
+    assert_eq!(
+        at("CMD [\"cat\", \"/app/greeting.txt\"]  "),
+        "stage runner STEP 9/9 CMD [\"cat\", \"/app/greeting.txt\"] | cache: 0 hit, 7 rebuilt"
+    );
+    // Only the image itself is "pushing".
+    assert_eq!(
+        at("Pushing image to registry.shared-services:5000/app:59a5f77"),
+        "pushing registry.shared-services:5000/app:59a5f77 | cache: 0 hit, 7 rebuilt"
     );
 }
 

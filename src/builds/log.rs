@@ -389,6 +389,8 @@ pub struct KanikoLog {
     /// `Pushing layer <target> to cache now`, in order.
     cache_targets: Vec<String>,
     cache_uploads: u32,
+    /// Cache uploads that ended (pushed or failed).
+    cache_uploads_done: u32,
     /// When each cache upload started (`[secs]`).
     upload_started: Vec<(String, Option<u32>)>,
     cache_retries: u32,
@@ -518,6 +520,7 @@ impl KanikoLog {
             let r = r.trim().to_string();
             if self.is_cache_repo(repo_of(&r)) {
                 self.cache_retries = 0;
+                self.cache_uploads_done += 1;
                 return None;
             }
             self.pushed = Some(r.clone());
@@ -597,6 +600,7 @@ impl KanikoLog {
                     _ => None,
                 },
             };
+            self.cache_uploads_done += 1;
             self.cache_upload_failures.push(f.clone());
             return Event::CacheUploadFailed(f);
         }
@@ -661,7 +665,9 @@ impl KanikoLog {
                 s.push(' ');
                 s.push_str(&truncate(c, 60));
             }
-            if self.cache_uploads > 0 {
+            // While a cache layer uploads; Kaniko does it beside the next
+            // steps, so the step stays the main information.
+            if self.cache_uploads > self.cache_uploads_done {
                 s.push_str(&format!(
                     " | caching layer {}/{}",
                     self.cache_uploads,
