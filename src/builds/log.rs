@@ -913,6 +913,41 @@ INFO[0018] Pushed registry.shared-services:5000/app@sha256:6f1b2c3d4e5f60718293a
         assert_eq!(k.errors.len(), 1);
     }
 
+    /// The classes without a real fixture, on lines in go-containerregistry's
+    /// and Kaniko's wording (the fixtures' classes are in
+    /// integration/kaniko_logs.rs).
+    #[test]
+    fn classifies_final_errors() {
+        let c = |l: &str| classify_error(l, Some("RUN make"));
+        assert_eq!(
+            c("error building image: error building stage: failed to execute command: waiting for process to exit: exit status 2"),
+            ErrorClass::StepFailed { step: Some("RUN make".into()), exit_code: Some(2) }
+        );
+        assert_eq!(
+            c("error building image: unable to complete operation after 0 attempts, last error: GET https://r:5000/v2/base/x/manifests/1: MANIFEST_UNKNOWN: manifest unknown"),
+            ErrorClass::BaseImage { unauthorized: false }
+        );
+        assert_eq!(
+            c("error building image: retrieving image r:5000/base/x:1: GET https://r:5000/v2/base/x/manifests/1: UNAUTHORIZED: authentication required"),
+            ErrorClass::BaseImage { unauthorized: true }
+        );
+        assert_eq!(
+            c("error checking push permissions: checking push permission for \"r:5000/app:1\": POST https://r:5000/v2/app/blobs/uploads/: DENIED: requested access to the resource is denied"),
+            ErrorClass::Push { denied: true }
+        );
+        assert_eq!(
+            c("error pushing image: failed to push to destination r:5000/app:1: Put \"https://r:5000/v2/\": dial tcp 10.0.0.1:5000: connect: connection refused"),
+            ErrorClass::Push { denied: false }
+        );
+        assert_eq!(c("error building image: something new"), ErrorClass::Other);
+        // Only unprefixed lines that read like Kaniko's last words are final.
+        assert!(is_final_error(&parse_line("error building image: x: y")));
+        assert!(!is_final_error(&parse_line("about to fail")));
+        assert!(!is_final_error(&parse_line(
+            "INFO[0000] error in a message: x"
+        )));
+    }
+
     #[test]
     fn the_issue_examples() {
         let mut k = KanikoLog::default();
