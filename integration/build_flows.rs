@@ -283,6 +283,7 @@ PUSH [registry.shared-services:5000/app:3f78685]
 \u{1b}[36mINFO\u{1b}[0m[0001] Using caching version of cmd: RUN apk add git
 \u{1b}[36mINFO\u{1b}[0m[0001] No cached layer found for cmd RUN go build ./...
 \u{1b}[36mINFO\u{1b}[0m[0002] RUN apk add git
+\u{1b}[36mINFO\u{1b}[0m[0002] Found cached layer, extracting to filesystem
 \u{1b}[36mINFO\u{1b}[0m[0002] RUN go build ./...
 \u{1b}[36mINFO\u{1b}[0m[0009] Building stage 'alpine:3.20' [idx: '1', base-idx: '-1']
 \u{1b}[36mINFO\u{1b}[0m[0010] COPY --from=builder /go/bin/app /app
@@ -482,7 +483,9 @@ async fn success_prints_the_pullable_digest_last() {
     assert_eq!(r.stdout.lines().count(), 1, "{}", r.stdout);
     assert_eq!(report.commit, COMMIT);
     assert_eq!(report.tag, "3f78685");
-    assert_eq!((report.cache.hits, report.cache.misses), (1, 1));
+    // Hit: RUN apk add git (`Found cached layer`); ran: RUN go build,
+    // COPY --from.
+    assert_eq!((report.cache.hits, report.cache.rebuilt), (1, 2));
     assert_eq!(report.duration_seconds, 90.0);
     // Logs streamed live, the cache upload failure surfaced, and the hint.
     assert!(
@@ -520,7 +523,10 @@ async fn success_as_json() {
     assert_eq!(v["digest"], DIGEST);
     assert_eq!(v["commit"], COMMIT);
     assert_eq!(v["duration_seconds"], 90.0);
-    assert_eq!(v["cache"], json!({ "hits": 1, "misses": 1 }));
+    assert_eq!(
+        v["cache"],
+        json!({ "hits": 1, "rebuilt": 2, "uploads_failed": 1 })
+    );
     assert_eq!(v["build"], JOB);
     assert_eq!(v["warnings"].as_array().unwrap().len(), 1);
 }
@@ -1032,7 +1038,7 @@ async fn detach_prints_the_build_name_after_copying_the_ca() {
         let r = expect(
             &mut h,
             Method::POST,
-            "/api/v1/namespaces/team-a/configmaps?",
+            "/api/v1/namespaces/team-a/configmaps?&fieldManager=slipway",
         )
         .await;
         assert_eq!(
@@ -1041,7 +1047,10 @@ async fn detach_prints_the_build_name_after_copying_the_ca() {
                 "apiVersion": "v1", "kind": "ConfigMap",
                 "metadata": {
                     "name": "registry-ca", "namespace": "team-a",
-                    "labels": { "app.kubernetes.io/managed-by": "slipway" },
+                    "labels": {
+                        "app.kubernetes.io/managed-by": "slipway",
+                        "app.kubernetes.io/part-of": "slipway"
+                    },
                     "annotations": { "slipway.dev/copied-from": "shared-services/registry-ca" }
                 },
                 "data": { "ca.crt": CA }
@@ -1100,7 +1109,7 @@ async fn a_stale_ca_copy_is_updated() {
         let r = expect(
             &mut h,
             Method::PUT,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca?",
+            "/api/v1/namespaces/team-a/configmaps/registry-ca?&fieldManager=slipway",
         )
         .await;
         let body = r.json();
@@ -1119,6 +1128,179 @@ async fn a_stale_ca_copy_is_updated() {
     })
     .await;
     assert!(r.result.is_ok(), "{:?}", r.result);
+}
+
+/// Preflight in team-a up to the CA copy: the ServiceAccount, then the
+/// source ConfigMap in shared-services.
+async fn preflight_team_a_until_ca_copy(h: &mut Handle) {
+    let r = expect(
+        h,
+        Method::GET,
+        "/api/v1/namespaces/team-a/serviceaccounts/slipway-build",
+    )
+    .await;
+    reply(r.send, 200, service_account("team-a"));
+    let r = expect(
+        h,
+        Method::GET,
+        "/api/v1/namespaces/shared-services/configmaps/registry-ca",
+    )
+    .await;
+    reply(r.send, 200, ca_configmap(NS, CA));
+}
+
+/// Issue #12, point 5: two builds start at once in a namespace that has no
+/// CA copy yet. Both read 404; the other build's POST lands first, so ours
+/// gets 409 AlreadyExists. The copy goes through the PKI planner: read
+/// again, find the CA it wanted already there, write nothing, and build.
+#[tokio::test]
+async fn two_builds_racing_to_copy_the_ca_both_succeed() {
+    let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
+    let mut o = opts(OutputFormat::Text);
+    o.detach = true;
+    let p2 = plan.clone();
+    let r = drive(plan, o, |mut h| async move {
+        preflight_team_a_until_ca_copy(&mut h).await;
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca",
+        )
+        .await;
+        reply(r.send, 404, not_found("configmaps", "registry-ca"));
+        let r = expect(
+            &mut h,
+            Method::POST,
+            "/api/v1/namespaces/team-a/configmaps?&fieldManager=slipway",
+        )
+        .await;
+        assert_eq!(
+            r.json(),
+            json!({
+                "apiVersion": "v1", "kind": "ConfigMap",
+                "metadata": {
+                    "name": "registry-ca", "namespace": "team-a",
+                    "labels": {
+                        "app.kubernetes.io/managed-by": "slipway",
+                        "app.kubernetes.io/part-of": "slipway"
+                    },
+                    "annotations": { "slipway.dev/copied-from": "shared-services/registry-ca" }
+                },
+                "data": { "ca.crt": CA }
+            })
+        );
+        reply(
+            r.send,
+            409,
+            status(
+                409,
+                "AlreadyExists",
+                "configmaps \"registry-ca\" already exists",
+                json!({ "name": "registry-ca", "kind": "configmaps" }),
+            ),
+        );
+        // The winner's copy: the same CA. Nothing left to write.
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca",
+        )
+        .await;
+        let mut theirs = ca_configmap("team-a", CA);
+        theirs["metadata"]["resourceVersion"] = json!("400");
+        reply(r.send, 200, theirs);
+        create_job(&mut h, &p2).await;
+        no_more(&mut h).await;
+    })
+    .await;
+    assert_eq!(
+        r.result.unwrap(),
+        Outcome::Detached {
+            build: JOB.into(),
+            namespace: "team-a".into()
+        }
+    );
+    assert!(
+        !r.stderr.contains("copied the registry CA"),
+        "the other build made the copy: {}",
+        r.stderr
+    );
+}
+
+/// A stale copy that changes between our read and our conditional PUT
+/// (409 Conflict on the resourceVersion) is read again and replaced with
+/// the new resourceVersion; what the other writer added is kept.
+#[tokio::test]
+async fn a_ca_copy_replaced_under_us_is_read_again() {
+    let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
+    let mut o = opts(OutputFormat::Text);
+    o.detach = true;
+    let p2 = plan.clone();
+    let old = "-----BEGIN CERTIFICATE-----\nOLD\n-----END CERTIFICATE-----\n";
+    let r = drive(plan, o, |mut h| async move {
+        preflight_team_a_until_ca_copy(&mut h).await;
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca",
+        )
+        .await;
+        reply(r.send, 200, ca_configmap("team-a", old));
+        let r = expect(
+            &mut h,
+            Method::PUT,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca?&fieldManager=slipway",
+        )
+        .await;
+        assert_eq!(r.json()["metadata"]["resourceVersion"], "11");
+        reply(
+            r.send,
+            409,
+            status(
+                409,
+                "Conflict",
+                "Operation cannot be fulfilled on configmaps \"registry-ca\": the object has been modified",
+                json!({ "name": "registry-ca", "kind": "configmaps" }),
+            ),
+        );
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca",
+        )
+        .await;
+        let mut moved = ca_configmap("team-a", old);
+        moved["metadata"]["resourceVersion"] = json!("12");
+        moved["data"]["note"] = json!("added meanwhile");
+        reply(r.send, 200, moved);
+        let r = expect(
+            &mut h,
+            Method::PUT,
+            "/api/v1/namespaces/team-a/configmaps/registry-ca?&fieldManager=slipway",
+        )
+        .await;
+        let body = r.json();
+        assert_eq!(body["metadata"]["resourceVersion"], "12");
+        assert_eq!(
+            body["data"],
+            json!({ "ca.crt": CA, "note": "added meanwhile" })
+        );
+        assert_eq!(
+            body["metadata"]["annotations"]["slipway.dev/copied-from"],
+            "shared-services/registry-ca"
+        );
+        reply(r.send, 200, body);
+        create_job(&mut h, &p2).await;
+        no_more(&mut h).await;
+    })
+    .await;
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    assert!(
+        r.stderr
+            .contains("updated the registry CA in ConfigMap team-a/registry-ca"),
+        "{}",
+        r.stderr
+    );
 }
 
 #[tokio::test]
@@ -1274,4 +1456,143 @@ async fn logs_of_an_unknown_build() {
     assert!(e
         .to_string()
         .starts_with("build nope not found in namespace shared-services"));
+}
+
+// ---- real Kaniko v1.27.6 output (#9) -----------------------------------------
+
+const FIXTURE_RUN_FAIL: &str = include_str!("fixtures/kaniko-v1.27.6/fail-run-exit1.kaniko.log");
+const FIXTURE_PUSH_FAIL: &str = include_str!("fixtures/kaniko-v1.27.6/fail-push.kaniko.log");
+const FIXTURE_CACHE_FAIL: &str =
+    include_str!("fixtures/kaniko-v1.27.6/fail-cache-upload.kaniko.log");
+
+/// What a kubelet puts in the termination message with
+/// `FallbackToLogsOnError` when the container left it empty: the last 80
+/// lines of the log, at most 2048 bytes of them.
+fn kubelet_tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    let mut tail = lines[lines.len().saturating_sub(80)..].join("\n");
+    while tail.len() > 2048 {
+        match tail.find('\n') {
+            Some(i) => tail = tail[i + 1..].to_string(),
+            None => break,
+        }
+    }
+    tail
+}
+
+/// A build whose Kaniko container streams `log` and ends with `kaniko`.
+async fn kaniko_streams(mut h: Handle, log: &'static str, kaniko: Value, then_job: Option<Value>) {
+    preflight_in_place(&mut h).await;
+    create_job(&mut h, &plan()).await;
+    until_git_log(&mut h).await;
+    until_kaniko_log(&mut h, log).await;
+    let phase = if then_job.is_some() || kaniko["terminated"]["exitCode"] != 0 {
+        "Failed"
+    } else {
+        "Succeeded"
+    };
+    kaniko_ends(&mut h, phase, kaniko).await;
+    if let Some(j) = then_job {
+        let r = expect(
+            &mut h,
+            Method::GET,
+            &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"),
+        )
+        .await;
+        reply(r.send, 200, j);
+    }
+    no_more(&mut h).await;
+}
+
+fn backoff_limit_job() -> Value {
+    let mut j = created_job(&plan());
+    j["status"] = json!({ "conditions": [{
+        "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
+        "message": "Job has reached the specified backoff limit"
+    }]});
+    j
+}
+
+#[tokio::test]
+async fn real_kaniko_run_step_failure_names_the_step_and_its_exit_code() {
+    let tail = kubelet_tail(FIXTURE_RUN_FAIL);
+    let r = drive(plan(), opts(OutputFormat::Json), |h| {
+        kaniko_streams(
+            h,
+            FIXTURE_RUN_FAIL,
+            terminated(1, "Error", &tail, "2025-01-01T00:00:40Z"),
+            Some(backoff_limit_job()),
+        )
+    })
+    .await;
+    println!("{}", r.stderr);
+    assert_eq!(exit_code(&r), 1, "{:?}", r.result);
+    // The fixture's last line: `error building image: error building stage:
+    // failed to execute command: waiting for process to exit: exit status 1`,
+    // while `RUN echo "about to fail" && exit 1` ran.
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(v["error"], "step-failed");
+    assert_eq!(
+        v["message"],
+        "build build-app-flow000001 failed at step RUN echo \"about to fail\" && exit 1 (exit code 1): error building image: error building stage: failed to execute command: waiting for process to exit: exit status 1"
+    );
+}
+
+#[tokio::test]
+async fn real_kaniko_push_check_failure_is_a_push_failure() {
+    let tail = kubelet_tail(FIXTURE_PUSH_FAIL);
+    let r = drive(plan(), opts(OutputFormat::Text), |h| {
+        kaniko_streams(
+            h,
+            FIXTURE_PUSH_FAIL,
+            terminated(1, "Error", &tail, "2025-01-01T00:00:05Z"),
+            None,
+        )
+    })
+    .await;
+    println!("{}", r.stderr);
+    // `error checking push permissions: … POST …/v2/app/blobs/uploads/:
+    // UNKNOWN: unknown error; …`: the registry failed, not the credentials.
+    assert_eq!(exit_code(&r), 20, "{:?}", r.result);
+    let e = r.result.unwrap_err();
+    assert_eq!(e.kind(), "push-failed");
+    assert!(
+        e.to_string().starts_with(
+            "push to registry.shared-services:5000 failed: error checking push permissions: "
+        ),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn real_kaniko_cache_upload_failures_are_warnings_with_retries() {
+    let r = drive(plan(), opts(OutputFormat::Json), |h| {
+        kaniko_streams(h, FIXTURE_CACHE_FAIL, kaniko_ok(), None)
+    })
+    .await;
+    println!("{}", r.stderr);
+    assert!(r.result.is_ok(), "{:?}", r.result);
+    // Six `Retrying operation after {1,2,4}s due to POST …/v2/cache/app/
+    // blobs/uploads/`, two `Error uploading layer to cache`, 24 s each.
+    let retries: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: kaniko is retrying POST https://registry.shared-services:5000/v2/cache/app/blobs/uploads/ (cache upload) in "))
+        .collect();
+    assert_eq!(retries.len(), 6, "{}", r.stderr);
+    let failed: Vec<&str> = r
+        .stderr
+        .lines()
+        .filter(|l| l.starts_with("warning: kaniko could not upload a layer to the cache (the build goes on; the next build rebuilds that step), after 3 retries and 24s: Error uploading layer to cache: failed to push to destination registry.shared-services:5000/cache/app:"))
+        .collect();
+    assert_eq!(failed.len(), 2, "{}", r.stderr);
+    let v: Value = serde_json::from_str(&r.stdout).unwrap();
+    // Hits RUN mkdir, RUN dd, RUN echo; ran COPY, RUN cat, COPY --from, RUN ls.
+    assert_eq!(
+        v["cache"],
+        json!({ "hits": 3, "rebuilt": 4, "uploads_failed": 2 })
+    );
+    assert_eq!(v["retries"].as_array().unwrap().len(), 6);
+    assert_eq!(v["retries"][0]["after"], "1s");
+    assert_eq!(v["retries"][0]["cache"], true);
 }

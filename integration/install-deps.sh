@@ -15,7 +15,9 @@ apt-get install -y -qq --no-install-recommends \
   iproute2 util-linux openssl ca-certificates python3-venv curl nginx-light >/dev/null
 # git and busybox: the build pod's git script and Kaniko wrapper run under
 # busybox sh, as in alpine/git and the Kaniko debug image (build_scripts).
-apt-get install -y -qq --no-install-recommends git busybox >/dev/null
+# bubblewrap: build_scripts runs the rendered build pod's containers in a
+# kubelet-like sandbox (read-only root, uid 65534, fsGroup'd emptyDirs).
+apt-get install -y -qq --no-install-recommends git busybox bubblewrap >/dev/null
 # The Debian packages try to start their services; the tests start their own
 # instances with private sockets and ports, so stop any that did start.
 if command -v systemctl >/dev/null && systemctl is-system-running >/dev/null 2>&1; then

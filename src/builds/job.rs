@@ -595,6 +595,19 @@ pub fn job(spec: &BuildSpec) -> Job {
         env("TMPDIR", HOME_DIR),
         // Never wait for a password on a terminal that is not there.
         env("GIT_TERMINAL_PROMPT", "0"),
+        // A kubelet creates the context emptyDir owned by root (fsGroup sets
+        // only its group and mode 2777), and git >= 2.35.2 refuses a
+        // repository whose top directory another uid owns ("detected dubious
+        // ownership"), so every git call in /slipway/context failed as uid
+        // 65534 (#9). Trust exactly that path, never `*`. safe.directory is
+        // only read from protected config (system, global, command line);
+        // GIT_CONFIG_COUNT is command-line scope, and unlike --global it
+        // needs no writable $HOME before the first git call. Everything else
+        // git touches (.git, $HOME, submodule checkouts) the script creates,
+        // so uid 65534 owns it.
+        env("GIT_CONFIG_COUNT", "1"),
+        env("GIT_CONFIG_KEY_0", "safe.directory"),
+        env("GIT_CONFIG_VALUE_0", CONTEXT_DIR),
         env("SLIPWAY_GIT_URL", &spec.git_url),
         env("SLIPWAY_REVISION", spec.revision.as_str()),
         env("SLIPWAY_REVISION_KIND", spec.revision.kind()),
@@ -780,31 +793,29 @@ pub fn job(spec: &BuildSpec) -> Job {
     }
 }
 
-/// The registry CA ConfigMap for the build namespace.
+/// The registry CA ConfigMap for the build namespace: the object the PKI
+/// planner creates there ([`crate::pki::plan::ca_configmap`]), so that
+/// `--render` prints what `slipway build` would write.
 pub fn ca_config_map(
     namespace: &str,
     name: &str,
     ca_pem: &str,
     copied_from: Option<&str>,
 ) -> ConfigMap {
-    let mut labels = BTreeMap::new();
-    labels.insert(LABEL_MANAGED_BY.to_string(), "slipway".to_string());
-    let annotations = copied_from.map(|from| {
-        let mut a = BTreeMap::new();
-        a.insert(ANNOTATION_COPIED_FROM.to_string(), from.to_string());
-        a
-    });
-    ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(namespace.into()),
-            labels: Some(labels),
-            annotations,
-            ..Default::default()
-        },
-        data: Some(BTreeMap::from([(CA_KEY.to_string(), ca_pem.to_string())])),
-        ..Default::default()
-    }
+    crate::pki::plan::ca_configmap(
+        namespace,
+        name,
+        ca_pem,
+        &copied_from_annotation(copied_from),
+    )
+}
+
+/// `slipway.dev/copied-from: NS/NAME` when the CA was copied from the
+/// ConfigMap `slipway pki` publishes.
+pub fn copied_from_annotation(copied_from: Option<&str>) -> BTreeMap<String, String> {
+    copied_from
+        .map(|from| BTreeMap::from([(ANNOTATION_COPIED_FROM.to_string(), from.to_string())]))
+        .unwrap_or_default()
 }
 
 /// What `--render` knows about the registry CA without asking the API.

@@ -1,26 +1,35 @@
 //! Pure: reads Kaniko's log, line by line, into what the progress line and
-//! the result show: the stage being built, `STEP n/m`, cache hits and misses,
-//! cache upload failures and error lines.
+//! the result show: the stage being built (by its Dockerfile name), `STEP
+//! n/m`, cache hits and the steps rebuilt, cache layer uploads apart from the
+//! image push, retries, cache upload failures, and Kaniko's final error,
+//! classified ([`ErrorClass`]).
 //!
-//! The lines it understands are Kaniko's own (`pkg/executor/build.go` and
-//! `push.go` of the maintained fork), in its default `color` format
-//! (`INFO[0001] message`, with ANSI colour codes, which are stripped), its
-//! `text` format (`time=… level=info msg="…"`) and `json` format:
+//! The lines it understands are Kaniko's own (`pkg/executor/build.go`,
+//! `push.go` and `cmd/executor/main.go` of the maintained fork, checked
+//! against real v1.27.6 output in `integration/fixtures/kaniko-v1.27.6/`),
+//! in its `color` format (`INFO[0001] message`, with ANSI colour codes,
+//! which are stripped), its `text` format (`time=… level=info msg="…"`) and
+//! `json` format:
 //!
 //! | message | meaning |
 //! | --- | --- |
-//! | `Building stage 'golang:1.22' [idx: '0', base-idx: '-1']` | a stage starts |
+//! | `Building stage 'golang:1.22' [idx: '0', base-idx: '-1']` | a stage starts; Kaniko names it by its base image, the plan by `AS name` |
 //! | `RUN go build ./...` (any Dockerfile instruction) | a step starts: n += 1 |
 //! | `Using caching version of cmd: RUN …` | cache hit |
-//! | `No cached layer found for cmd RUN …` | cache miss (Kaniko stops looking in that stage after the first) |
-//! | `Error uploading layer to cache: …` (WARN) | a layer was built but not cached: the next build misses it |
-//! | `Pushing image to REG/NAME:TAG`, `Pushed REG/NAME@sha256:…` | the push |
+//! | `No cached layer found for cmd RUN …` | cache miss: logged for the first miss of a stage only (Kaniko stops looking), so the steps rebuilt are counted from the steps, see [`KanikoLog::rebuilt`] |
+//! | `Found cached layer, extracting to filesystem` | the step just started came from the cache |
+//! | `Pushing layer REG/cache/NAME:KEY to cache now` | a built layer is queued for the cache |
+//! | `Pushing image to REG/cache/NAME:KEY` | that cache layer uploads (the same words as the image push) |
+//! | `Retrying operation after 1s due to POST …: cause` (WARN) | `--push-retry` retries a registry request |
+//! | `Error uploading layer to cache: …` (WARN) | a layer was built but not cached: the next build rebuilds it |
+//! | `Pushing image to REG/NAME:TAG`, `Pushed REG/NAME@sha256:…` | the image push |
+//! | `error building image: …`, `error checking push permissions: …` (no level) | the final error, Kaniko's last line |
 //!
-//! m comes from the build plan Kaniko prints before building when
-//! `KANIKO_PRINT_PLAN=1` (unprefixed lines: `FROM …`, then one line per
-//! instruction it will run, `PUSH`, `CLEAN` …): the number of instruction
-//! lines in it. Without a plan (another executor version), the progress line
-//! shows `STEP n`.
+//! m, and the stage names, come from the build plan Kaniko prints before
+//! building when `KANIKO_PRINT_PLAN=1` (unprefixed lines: `FROM … [AS
+//! name]`, then one line per instruction it will run, `PUSH`, `CLEAN` …):
+//! the number of instruction lines in it. Without a plan (another executor
+//! version), the progress line shows `STEP n` and the base image names.
 
 /// Dockerfile instructions as Kaniko prints them at the start of a step.
 /// FROM is not among them: Kaniko announces a stage with "Building stage".
@@ -60,6 +69,8 @@ pub enum Level {
 pub struct Line {
     pub level: Option<Level>,
     pub message: String,
+    /// Seconds since Kaniko started, from the color format's `[0024]`.
+    pub secs: Option<u32>,
 }
 
 /// Removes ANSI escape sequences (`ESC [ … letter`).
@@ -104,6 +115,7 @@ pub fn parse_line(raw: &str) -> Line {
             return Line {
                 level: Some(level),
                 message: s[close + 1..].trim_start().to_string(),
+                secs: s[5..close].parse().ok(),
             };
         }
     }
@@ -117,6 +129,7 @@ pub fn parse_line(raw: &str) -> Line {
                 return Line {
                     level: level_of(l),
                     message: msg.to_string(),
+                    secs: None,
                 };
             }
         }
@@ -128,12 +141,14 @@ pub fn parse_line(raw: &str) -> Line {
             return Line {
                 level,
                 message: logfmt_value(&s[m + 4..]),
+                secs: None,
             };
         }
     }
     Line {
         level: None,
         message: s,
+        secs: None,
     }
 }
 
@@ -166,6 +181,139 @@ pub fn instruction(message: &str) -> Option<&'static str> {
     INSTRUCTIONS.iter().copied().find(|i| *i == word)
 }
 
+/// A `Retrying operation after Ns due to OP: CAUSE` warning (Kaniko's
+/// `--push-retry`, `util.Retry` with a doubling wait from 1 s).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Retry {
+    /// The wait before the next attempt, as Kaniko prints it (`1s`).
+    pub after: String,
+    /// The request retried (`POST https://…/v2/cache/app/blobs/uploads/`).
+    pub operation: String,
+    /// What went wrong the last time.
+    pub cause: String,
+    /// Whether it is a cache layer upload (the cache repository's API), not
+    /// the image push.
+    pub cache: bool,
+}
+
+/// A cache layer Kaniko built but could not upload (`Error uploading layer
+/// to cache`): the build goes on, the next build misses that layer.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct CacheUploadFailure {
+    /// `REG/cache/NAME:KEY`, when Kaniko names it.
+    pub target: Option<String>,
+    pub detail: String,
+    /// `Retrying operation` lines for the cache repository since the
+    /// previous cache upload ended.
+    pub retries: u32,
+    /// Seconds from `Pushing image to TARGET` to the failure, from Kaniko's
+    /// `[secs]` stamps (color and text formats).
+    pub seconds: Option<u32>,
+}
+
+/// What Kaniko's final error says went wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// A step (RUN) of the Dockerfile failed.
+    StepFailed {
+        /// The instruction running when it failed (`RUN make`).
+        step: Option<String>,
+        /// `exit status N` of the step's process.
+        exit_code: Option<i32>,
+    },
+    /// A base image (`FROM`) could not be pulled: absent or not allowed.
+    BaseImage { unauthorized: bool },
+    /// The image could not be pushed: the registry refused the credentials
+    /// (`denied`), or failed or could not be reached.
+    Push { denied: bool },
+    /// A cache layer upload failed: a warning, never the build's failure.
+    CacheUploadFailed,
+    /// Anything else.
+    Other,
+}
+
+pub fn denied_text(lower: &str) -> bool {
+    [
+        "unauthorized",
+        "denied",
+        "authentication required",
+        "status code 401",
+        "status code 403",
+        "401 unauthorized",
+        "403 forbidden",
+    ]
+    .iter()
+    .any(|n| lower.contains(n))
+}
+
+/// Classifies Kaniko's final error line; `step` is the instruction that was
+/// running. The texts are those of the maintained fork: `error checking push
+/// permissions: …` (push.go, before the build), `failed to push to
+/// destination …` (push.go), `error building stage: failed to execute
+/// command: waiting for process to exit: exit status N` (build.go), and
+/// go-containerregistry's `MANIFEST_UNKNOWN`/`NAME_UNKNOWN`/`UNAUTHORIZED`
+/// for a base image.
+pub fn classify_error(line: &str, step: Option<&str>) -> ErrorClass {
+    let lower = line.to_ascii_lowercase();
+    if lower.contains("error uploading layer to cache") {
+        return ErrorClass::CacheUploadFailed;
+    }
+    if lower.contains("checking push permission")
+        || lower.contains("failed to push to destination")
+        || lower.contains("error pushing image")
+    {
+        return ErrorClass::Push {
+            denied: denied_text(&lower),
+        };
+    }
+    if lower.contains("failed to execute command") || lower.contains("waiting for process to exit")
+    {
+        let exit_code = lower
+            .rsplit("exit status ")
+            .next()
+            .filter(|_| lower.contains("exit status "))
+            .and_then(|r| r.split(|c: char| !c.is_ascii_digit()).next())
+            .and_then(|n| n.parse().ok());
+        return ErrorClass::StepFailed {
+            step: step.map(String::from),
+            exit_code,
+        };
+    }
+    let pulling = [
+        "retriev",
+        "base image",
+        "/manifests/",
+        "getting image",
+        "resolving base",
+    ]
+    .iter()
+    .any(|n| lower.contains(n));
+    let absent = ["manifest unknown", "name unknown", "not found"]
+        .iter()
+        .any(|n| lower.contains(n));
+    if pulling && (absent || denied_text(&lower)) {
+        return ErrorClass::BaseImage {
+            unauthorized: denied_text(&lower) && !absent,
+        };
+    }
+    ErrorClass::Other
+}
+
+/// Kaniko's last words before it exits non-zero. The maintained fork prints
+/// them without a level (`error building image: …`, `error checking push
+/// permissions: …`, from `cmd/executor/main.go`), older releases as
+/// `ERRO[…]`/`FATA[…]` lines.
+pub fn is_final_error(line: &Line) -> bool {
+    match line.level {
+        Some(Level::Error | Level::Fatal) => true,
+        Some(_) => false,
+        None => {
+            let m = line.message.trim_start();
+            (m.starts_with("error ") || m.starts_with("Error: ")) && m.contains(": ")
+        }
+    }
+}
+
 /// What one line meant.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -175,6 +323,8 @@ pub enum Event {
         stages: u32,
     },
     Stage {
+        /// The Dockerfile's name for the stage (`FROM … AS name`), else its
+        /// base image.
         name: String,
         index: u32,
     },
@@ -184,8 +334,17 @@ pub enum Event {
     },
     CacheHit(String),
     CacheMiss(String),
+    /// `Pushing image to <cache repo>:<key>`: the n-th of the m cache
+    /// layers queued so far starts uploading.
+    CacheUpload {
+        n: u32,
+        m: u32,
+        target: String,
+    },
     /// `Error uploading layer to cache`: a warning to show.
-    CacheUploadFailed(String),
+    CacheUploadFailed(CacheUploadFailure),
+    Retry(Retry),
+    /// The final image push starts.
     Pushing(String),
     Pushed(String),
     Warning(String),
@@ -200,32 +359,87 @@ enum PlanState {
     Done,
 }
 
+/// Lines kept for the failure summary when Kaniko is killed mid-build.
+pub const TAIL_LINES: usize = 20;
+
 /// Running state of one Kaniko log.
 #[derive(Debug, Clone, Default)]
 pub struct KanikoLog {
     plan: PlanState,
     plan_steps: u32,
     plan_stages: u32,
+    /// Stage names in build order, from the plan's `FROM … [AS name]`.
+    plan_stage_names: Vec<String>,
+    stages_started: usize,
     pub total: Option<u32>,
     pub stage: Option<String>,
     pub step: u32,
     pub command: Option<String>,
+    /// Cache lookups that found the layer.
     pub cache_hits: u32,
+    /// Cache lookups that missed. Kaniko stops looking after the first
+    /// miss of a stage, so this is at most one per stage; see `rebuilt`.
     pub cache_misses: u32,
-    pub cache_upload_failures: Vec<String>,
+    /// Steps known to have made their layer by running (RUN, COPY, ADD not
+    /// served from the cache); see [`KanikoLog::rebuilt`].
+    ran: u32,
+    /// The current step makes a layer, and Kaniko has not said (yet) that
+    /// it extracted a cached one: settled by the next step, stage or push.
+    step_pending: bool,
+    /// `Pushing layer <target> to cache now`, in order.
+    cache_targets: Vec<String>,
+    cache_uploads: u32,
+    /// Cache uploads that ended (pushed or failed).
+    cache_uploads_done: u32,
+    /// When each cache upload started (`[secs]`).
+    upload_started: Vec<(String, Option<u32>)>,
+    cache_retries: u32,
+    pub cache_upload_failures: Vec<CacheUploadFailure>,
+    pub retries: Vec<Retry>,
     pub pushing: Option<String>,
     pub pushed: Option<String>,
+    /// Error lines, the final one included.
     pub errors: Vec<String>,
+    /// The last line Kaniko prints before it fails.
+    pub final_error: Option<String>,
+    /// The last [`TAIL_LINES`] non-empty lines, colour codes removed.
+    pub tail: std::collections::VecDeque<String>,
     building: bool,
+}
+
+/// `REG/a/b:key` or `REG/a/b@sha256:…` → `REG/a/b`.
+fn repo_of(target: &str) -> &str {
+    let t = target.split('@').next().unwrap_or(target);
+    match t.rfind(':') {
+        Some(i) if !t[i..].contains('/') => &t[..i],
+        _ => t,
+    }
+}
+
+/// The registry API prefix of a repository: `REG/a/b` → `REG/v2/a/b/`.
+fn api_prefix(repo: &str) -> Option<String> {
+    let (host, path) = repo.split_once('/')?;
+    Some(format!("{host}/v2/{path}/"))
 }
 
 impl KanikoLog {
     /// Reads one raw line; returns what it meant, if anything.
     pub fn feed(&mut self, raw: &str) -> Option<Event> {
         let line = parse_line(raw);
-        let msg = line.message.trim_end();
+        let msg = line.message.trim_end().to_string();
+        if !msg.trim().is_empty() {
+            if self.tail.len() == TAIL_LINES {
+                self.tail.pop_front();
+            }
+            self.tail.push_back(msg.clone());
+        }
+        if is_final_error(&line) {
+            self.errors.push(msg.clone());
+            self.final_error = Some(msg.clone());
+            return Some(Event::Error(msg));
+        }
         let Some(level) = line.level else {
-            return self.plan_line(msg);
+            return self.plan_line(&msg);
         };
         if self.plan == PlanState::Reading {
             // The first log line after the plan ends it.
@@ -233,30 +447,28 @@ impl KanikoLog {
             self.total = Some(self.plan_steps);
         }
         match level {
-            Level::Warn => {
-                if let Some(rest) = msg.strip_prefix("Error uploading layer to cache:") {
-                    let detail = rest.trim().to_string();
-                    self.cache_upload_failures.push(detail.clone());
-                    return Some(Event::CacheUploadFailed(detail));
-                }
-                return Some(Event::Warning(msg.to_string()));
-            }
-            Level::Error | Level::Fatal => {
-                self.errors.push(msg.to_string());
-                return Some(Event::Error(msg.to_string()));
-            }
+            Level::Warn => return Some(self.warning(&msg, line.secs)),
             Level::Info => {}
-            Level::Debug | Level::Trace => return None,
+            Level::Error | Level::Fatal | Level::Debug | Level::Trace => return None,
         }
         if let Some(rest) = msg.strip_prefix("Building stage '") {
-            let name = rest.split('\'').next().unwrap_or("").to_string();
+            let base = rest.split('\'').next().unwrap_or("").to_string();
             let index = rest
                 .split("[idx: '")
                 .nth(1)
                 .and_then(|r| r.split('\'').next())
                 .and_then(|i| i.parse().ok())
                 .unwrap_or(0);
+            // Kaniko names a stage by its base image; the plan, printed in
+            // build order, has the Dockerfile's names (`FROM … AS build`).
+            let name = self
+                .plan_stage_names
+                .get(self.stages_started)
+                .cloned()
+                .unwrap_or(base);
+            self.stages_started += 1;
             self.building = true;
+            self.settle();
             self.stage = Some(name.clone());
             return Some(Event::Stage { name, index });
         }
@@ -274,23 +486,125 @@ impl KanikoLog {
             self.cache_misses += 1;
             return Some(Event::CacheMiss(cmd.trim().to_string()));
         }
+        if msg.starts_with("Found cached layer, extracting to filesystem") {
+            // The step that just started was served from the cache.
+            self.step_pending = false;
+            return None;
+        }
+        if let Some(rest) = msg.strip_prefix("Pushing layer ") {
+            // A layer to cache: the step that made it ran.
+            self.settle();
+            if let Some(target) = rest.strip_suffix(" to cache now") {
+                self.cache_targets.push(target.trim().to_string());
+            }
+            return None;
+        }
         if let Some(dest) = msg.strip_prefix("Pushing image to ") {
-            self.pushing = Some(dest.trim().to_string());
-            return Some(Event::Pushing(dest.trim().to_string()));
+            let dest = dest.trim().to_string();
+            // Kaniko pushes each cache layer as an image of its own, with the
+            // same message as the final push.
+            if self.cache_targets.contains(&dest) {
+                self.cache_uploads += 1;
+                self.upload_started.push((dest.clone(), line.secs));
+                return Some(Event::CacheUpload {
+                    n: self.cache_uploads,
+                    m: self.cache_targets.len() as u32,
+                    target: dest,
+                });
+            }
+            self.settle();
+            self.pushing = Some(dest.clone());
+            return Some(Event::Pushing(dest));
         }
         if let Some(r) = msg.strip_prefix("Pushed ") {
-            self.pushed = Some(r.trim().to_string());
-            return Some(Event::Pushed(r.trim().to_string()));
+            let r = r.trim().to_string();
+            if self.is_cache_repo(repo_of(&r)) {
+                self.cache_retries = 0;
+                self.cache_uploads_done += 1;
+                return None;
+            }
+            self.pushed = Some(r.clone());
+            return Some(Event::Pushed(r));
         }
-        if instruction(msg).is_some() {
+        if let Some(i) = instruction(&msg) {
+            self.settle();
             self.step += 1;
-            self.command = Some(msg.to_string());
+            self.command = Some(msg.clone());
+            self.step_pending = matches!(i, "RUN" | "COPY" | "ADD");
             return Some(Event::Step {
                 n: self.step,
-                command: msg.to_string(),
+                command: msg,
             });
         }
         None
+    }
+
+    fn settle(&mut self) {
+        if std::mem::take(&mut self.step_pending) {
+            self.ran += 1;
+        }
+    }
+
+    /// Steps that made their layer by running (RUN, COPY, ADD not served
+    /// from the cache): what the cache did not save. Counted per step, not
+    /// from Kaniko's "No cached layer found", which it logs only for the
+    /// first miss of each stage. A step still running counts.
+    pub fn rebuilt(&self) -> u32 {
+        self.ran + u32::from(self.step_pending)
+    }
+
+    fn is_cache_repo(&self, repo: &str) -> bool {
+        self.cache_targets.iter().any(|t| repo_of(t) == repo)
+    }
+
+    fn warning(&mut self, msg: &str, secs: Option<u32>) -> Event {
+        if let Some(rest) = msg.strip_prefix("Retrying operation after ") {
+            let (after, rest) = rest.split_once(" due to ").unwrap_or((rest, ""));
+            let (operation, cause) = rest.split_once(": ").unwrap_or((rest, ""));
+            let cache = self
+                .cache_targets
+                .iter()
+                .filter_map(|t| api_prefix(repo_of(t)))
+                .any(|p| operation.contains(&p));
+            if cache {
+                self.cache_retries += 1;
+            }
+            let r = Retry {
+                after: after.trim().to_string(),
+                operation: operation.trim().to_string(),
+                cause: cause.trim().to_string(),
+                cache,
+            };
+            self.retries.push(r.clone());
+            return Event::Retry(r);
+        }
+        if let Some(rest) = msg.strip_prefix("Error uploading layer to cache:") {
+            let detail = rest.trim().to_string();
+            let target = detail
+                .strip_prefix("failed to push to destination ")
+                .and_then(|r| r.split(": ").next())
+                .map(String::from);
+            let started = target.as_ref().and_then(|t| {
+                self.upload_started
+                    .iter()
+                    .rev()
+                    .find(|(d, _)| d == t)
+                    .and_then(|(_, s)| *s)
+            });
+            let f = CacheUploadFailure {
+                target,
+                detail,
+                retries: std::mem::take(&mut self.cache_retries),
+                seconds: match (started, secs) {
+                    (Some(a), Some(b)) => Some(b.saturating_sub(a)),
+                    _ => None,
+                },
+            };
+            self.cache_uploads_done += 1;
+            self.cache_upload_failures.push(f.clone());
+            return Event::CacheUploadFailed(f);
+        }
+        Event::Warning(msg.to_string())
     }
 
     fn plan_line(&mut self, msg: &str) -> Option<Event> {
@@ -298,11 +612,13 @@ impl KanikoLog {
             PlanState::NotSeen if !self.building && msg.starts_with("FROM ") => {
                 self.plan = PlanState::Reading;
                 self.plan_stages = 1;
+                self.plan_stage_names.push(stage_name(msg));
                 None
             }
             PlanState::Reading => {
                 if msg.starts_with("FROM ") {
                     self.plan_stages += 1;
+                    self.plan_stage_names.push(stage_name(msg));
                 } else if instruction(msg).is_some() {
                     self.plan_steps += 1;
                 } else if msg.starts_with("PUSH") && self.plan_stages > 0 {
@@ -320,6 +636,12 @@ impl KanikoLog {
         }
     }
 
+    /// The class of Kaniko's final error, if it printed one.
+    pub fn failure(&self) -> Option<ErrorClass> {
+        let e = self.final_error.as_deref()?;
+        Some(classify_error(e, self.command.as_deref()))
+    }
+
     /// `STEP n/m` (or `STEP n` without a plan).
     pub fn step_text(&self) -> String {
         match self.total {
@@ -328,7 +650,8 @@ impl KanikoLog {
         }
     }
 
-    /// The progress line: stage, step, current command and cache counts.
+    /// The progress line: stage, step, current command, cache uploads and
+    /// cache counts; `pushing IMAGE` once the final push has started.
     pub fn status(&self) -> String {
         let mut s = String::new();
         if let Some(p) = &self.pushing {
@@ -342,12 +665,37 @@ impl KanikoLog {
                 s.push(' ');
                 s.push_str(&truncate(c, 60));
             }
+            // While a cache layer uploads; Kaniko does it beside the next
+            // steps, so the step stays the main information.
+            if self.cache_uploads > self.cache_uploads_done {
+                s.push_str(&format!(
+                    " | caching layer {}/{}",
+                    self.cache_uploads,
+                    self.cache_targets.len()
+                ));
+            }
         }
         s.push_str(&format!(
-            " | cache: {} hit, {} miss",
-            self.cache_hits, self.cache_misses
+            " | cache: {} hit, {} rebuilt",
+            self.cache_hits, self.ran
         ));
+        if !self.cache_upload_failures.is_empty() {
+            s.push_str(&format!(
+                ", {} upload failed",
+                self.cache_upload_failures.len()
+            ));
+        }
         s
+    }
+}
+
+/// `FROM image AS name` → `name`; `FROM image` → `image`.
+fn stage_name(from: &str) -> String {
+    let words: Vec<&str> = from.split_whitespace().collect();
+    match words.as_slice() {
+        [_, .., as_, name] if as_.eq_ignore_ascii_case("as") => name.to_string(),
+        [_, image, ..] => image.to_string(),
+        _ => String::new(),
     }
 }
 
@@ -474,7 +822,9 @@ INFO[0018] Pushed registry.shared-services:5000/app@sha256:6f1b2c3d4e5f60718293a
         assert_eq!(k.cache_hits, 1);
         assert_eq!(k.cache_misses, 1);
         assert_eq!(k.cache_upload_failures.len(), 1);
-        assert!(k.cache_upload_failures[0].contains("MANIFEST_INVALID"));
+        assert!(k.cache_upload_failures[0]
+            .detail
+            .contains("MANIFEST_INVALID"));
         assert_eq!(
             k.pushed.as_deref(),
             Some("registry.shared-services:5000/app@sha256:6f1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f9")
@@ -515,7 +865,9 @@ INFO[0018] Pushed registry.shared-services:5000/app@sha256:6f1b2c3d4e5f60718293a
         }
         assert_eq!(
             k.status(),
-            "stage golang:1.22 STEP 3/6 RUN go build -o /out/app ./... | cache: 1 hit, 0 miss"
+            // The stage's name from the plan (`FROM golang:1.22 AS builder`);
+            // COPY . . ran; RUN go build has not said yet whether it is cached.
+            "stage builder STEP 3/6 RUN go build -o /out/app ./... | cache: 1 hit, 1 rebuilt"
         );
     }
 
@@ -559,6 +911,41 @@ INFO[0018] Pushed registry.shared-services:5000/app@sha256:6f1b2c3d4e5f60718293a
         let e = k.feed("ERRO[0003] error building image: error building stage: failed to execute command: waiting for process to exit: exit status 1");
         assert!(matches!(e, Some(Event::Error(_))));
         assert_eq!(k.errors.len(), 1);
+    }
+
+    /// The classes without a real fixture, on lines in go-containerregistry's
+    /// and Kaniko's wording (the fixtures' classes are in
+    /// integration/kaniko_logs.rs).
+    #[test]
+    fn classifies_final_errors() {
+        let c = |l: &str| classify_error(l, Some("RUN make"));
+        assert_eq!(
+            c("error building image: error building stage: failed to execute command: waiting for process to exit: exit status 2"),
+            ErrorClass::StepFailed { step: Some("RUN make".into()), exit_code: Some(2) }
+        );
+        assert_eq!(
+            c("error building image: unable to complete operation after 0 attempts, last error: GET https://r:5000/v2/base/x/manifests/1: MANIFEST_UNKNOWN: manifest unknown"),
+            ErrorClass::BaseImage { unauthorized: false }
+        );
+        assert_eq!(
+            c("error building image: retrieving image r:5000/base/x:1: GET https://r:5000/v2/base/x/manifests/1: UNAUTHORIZED: authentication required"),
+            ErrorClass::BaseImage { unauthorized: true }
+        );
+        assert_eq!(
+            c("error checking push permissions: checking push permission for \"r:5000/app:1\": POST https://r:5000/v2/app/blobs/uploads/: DENIED: requested access to the resource is denied"),
+            ErrorClass::Push { denied: true }
+        );
+        assert_eq!(
+            c("error pushing image: failed to push to destination r:5000/app:1: Put \"https://r:5000/v2/\": dial tcp 10.0.0.1:5000: connect: connection refused"),
+            ErrorClass::Push { denied: false }
+        );
+        assert_eq!(c("error building image: something new"), ErrorClass::Other);
+        // Only unprefixed lines that read like Kaniko's last words are final.
+        assert!(is_final_error(&parse_line("error building image: x: y")));
+        assert!(!is_final_error(&parse_line("about to fail")));
+        assert!(!is_final_error(&parse_line(
+            "INFO[0000] error in a message: x"
+        )));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! | --- | --- |
 //! | this one | the CLI arguments, the `[build]` config (file, `SLIPWAY_BUILD_*`, flags), validation into a [`job::BuildSpec`], [`BuildError`] and its exit codes |
 //! | [`job`] (pure) | the Job and ConfigMap objects, the revision classifier, `--render` |
-//! | [`log`] (pure) | Kaniko's log → steps, cache hits and misses, warnings |
+//! | [`log`] (pure) | Kaniko's log → stages, steps, cache hits and steps rebuilt, cache uploads, retries, the final error's class |
 //! | [`status`] (pure) | pod and Job status → what happened (success with a digest, or which failure) |
 //! | [`run`] (I/O) | the API calls: preflight, create, watch, logs, cancel, list |
 //!
@@ -69,6 +69,9 @@ pub mod exit {
     pub const EVICTED: i32 = 17;
     pub const IMAGE_PULL: i32 = 18;
     pub const MISSING: i32 = 19;
+    pub const PUSH_FAILED: i32 = 20;
+    pub const BASE_IMAGE: i32 = 21;
+    pub const KILLED: i32 = 22;
     pub const BAD_CONFIG: i32 = crate::EXIT_BAD_CONFIG as i32;
     pub const INTERRUPTED: i32 = 130;
 }
@@ -85,6 +88,30 @@ pub enum BuildError {
     DockerfileNotFound { detail: String },
     #[error("push denied by {registry}: {detail}; give --push-secret a dockerconfigjson Secret that may push there")]
     PushDenied { registry: String, detail: String },
+    /// The push failed for another reason than the credentials: the
+    /// registry answered an error (5xx, a broken storage) or could not be
+    /// reached.
+    #[error("push to {registry} failed: {detail}; the registry is failing or unreachable (not a credentials problem): run the build again once it is healthy")]
+    PushFailed { registry: String, detail: String },
+    /// A `FROM` image could not be pulled.
+    #[error("base image {}: {detail}", if *.unauthorized { "not allowed (unauthorized)" } else { "not found" })]
+    BaseImage { unauthorized: bool, detail: String },
+    /// A Dockerfile step exited non-zero.
+    #[error("build {job} failed at step {}{}: {detail}", .step.as_deref().unwrap_or("(unknown)"), .exit_code.map(|c| format!(" (exit code {c})")).unwrap_or_default())]
+    StepFailed {
+        job: String,
+        step: Option<String>,
+        exit_code: Option<i32>,
+        detail: String,
+    },
+    /// Kaniko was killed by a signal (not for memory: that is OomKilled)
+    /// before it could say why; the log tail is all there is.
+    #[error("kaniko in job {job} was killed (exit code {exit_code}, signal {}) before it finished; its last log lines:\n{tail}", .exit_code - 128)]
+    Killed {
+        job: String,
+        exit_code: i32,
+        tail: String,
+    },
     #[error("certificate error talking to {registry}: {detail}; check that ConfigMap registry-ca holds the CA that signed the registry's certificate")]
     Certificate { registry: String, detail: String },
     #[error("container {container} of job {job} was OOMKilled at its memory limit {limit}: raise --memory")]
@@ -140,6 +167,10 @@ impl BuildError {
             BuildError::RevisionNotFound { .. } => exit::REVISION_NOT_FOUND,
             BuildError::DockerfileNotFound { .. } => exit::DOCKERFILE_NOT_FOUND,
             BuildError::PushDenied { .. } => exit::PUSH_DENIED,
+            BuildError::PushFailed { .. } => exit::PUSH_FAILED,
+            BuildError::BaseImage { .. } => exit::BASE_IMAGE,
+            BuildError::StepFailed { .. } => exit::FAILED,
+            BuildError::Killed { .. } => exit::KILLED,
             BuildError::Certificate { .. } => exit::CERTIFICATE,
             BuildError::OomKilled { .. } => exit::OOM_KILLED,
             BuildError::DeadlineExceeded { .. } => exit::DEADLINE_EXCEEDED,
@@ -159,6 +190,10 @@ impl BuildError {
             BuildError::RevisionNotFound { .. } => "revision-not-found",
             BuildError::DockerfileNotFound { .. } => "dockerfile-not-found",
             BuildError::PushDenied { .. } => "push-denied",
+            BuildError::PushFailed { .. } => "push-failed",
+            BuildError::BaseImage { .. } => "base-image",
+            BuildError::StepFailed { .. } => "step-failed",
+            BuildError::Killed { .. } => "killed",
             BuildError::Certificate { .. } => "certificate-error",
             BuildError::OomKilled { .. } => "oom-killed",
             BuildError::DeadlineExceeded { .. } => "deadline-exceeded",
@@ -982,6 +1017,9 @@ mod tests {
             exit::EVICTED,
             exit::IMAGE_PULL,
             exit::MISSING,
+            exit::PUSH_FAILED,
+            exit::BASE_IMAGE,
+            exit::KILLED,
             exit::FAILED,
             exit::BAD_CONFIG,
             exit::INTERRUPTED,

@@ -10,7 +10,9 @@
 //!    `--push-secret`;
 //! 3. the registry CA: `GET configmaps/registry-ca` in `shared-services`; for
 //!    another build namespace also `GET` it there, and `POST` it (absent) or
-//!    `PUT` it (different);
+//!    `PUT` it with the resourceVersion read (different), `fieldManager=slipway`,
+//!    through the PKI planner ([`crate::pki::ensure::ensure_ca_configmap`]):
+//!    on 409 (another build copied it first) it is read and planned again;
 //! 4. `POST jobs` — with `--detach`, print the name and stop here;
 //! 5. `GET pods?watch=true&labelSelector=slipway.dev/build-id=<id>`, again
 //!    from the last `resourceVersion` whenever the server ends the watch;
@@ -43,10 +45,11 @@ use kube::Client;
 use serde::Serialize;
 
 use super::job::{self, BuildSpec, CA_KEY, GIT_CONTAINER, KANIKO_CONTAINER, LABEL_BUILD_ID};
-use super::log::{Event as LogEvent, KanikoLog};
+use super::log::{CacheUploadFailure, Event as LogEvent, KanikoLog, Retry};
 use super::status::{self, BuildRow, CState, Context, PodView, Verdict};
 use super::{BuildArgs, BuildError, CaSource, OutputFormat, Plan};
 use crate::k8s::{self, ApiClass};
+use crate::pki::ensure::{ensure_ca_configmap, Change, EnsureError};
 
 /// How long to wait for what; tests shorten these.
 #[derive(Debug, Clone)]
@@ -152,10 +155,17 @@ impl Progress for BarProgress {
     }
 }
 
+/// The layer cache's part in a build (`--output json`'s `cache`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CacheCounts {
+    /// Steps whose layer came from the cache.
     pub hits: u32,
-    pub misses: u32,
+    /// Steps that ran (RUN, COPY, ADD not served from the cache). Not
+    /// Kaniko's "No cached layer found" count: it stops looking after the
+    /// first miss of each stage (#9).
+    pub rebuilt: u32,
+    /// Cache layers built but not uploaded: the next build misses them.
+    pub uploads_failed: u32,
 }
 
 /// A finished build, as `--output json` prints it.
@@ -172,6 +182,8 @@ pub struct BuildReport {
     pub revision: String,
     pub duration_seconds: f64,
     pub cache: CacheCounts,
+    /// Retried registry requests (`--push-retry`), cache uploads included.
+    pub retries: Vec<super::log::Retry>,
     pub warnings: Vec<String>,
 }
 
@@ -182,7 +194,7 @@ pub enum Outcome {
         build: String,
         namespace: String,
     },
-    Built(BuildReport),
+    Built(Box<BuildReport>),
 }
 
 fn kube_err(action: impl Display) -> impl FnOnce(kube::Error) -> BuildError {
@@ -315,19 +327,23 @@ where
         Some(Err(Followed::Failed(e))) => Err(e),
         Some(Ok(report)) => {
             progress.info(&format!(
-                "built {} from commit {} in {:.0}s (cache: {} hit, {} miss)",
+                "built {} from commit {} in {:.0}s (cache: {} hit, {} rebuilt{})",
                 report.image,
                 report.commit,
                 report.duration_seconds,
                 report.cache.hits,
-                report.cache.misses
+                report.cache.rebuilt,
+                match report.cache.uploads_failed {
+                    0 => String::new(),
+                    n => format!(", {n} upload failed"),
+                }
             ));
             progress.info(&format!(
                 "run it: kubectl run {} --image={}",
                 run_name(&spec.repo),
                 report.image
             ));
-            Ok(Outcome::Built(report))
+            Ok(Outcome::Built(Box::new(report)))
         }
     }
 }
@@ -450,10 +466,11 @@ async fn preflight<P: Progress>(
         }
     }
 
-    let cms_here: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
     let target = &spec.ca_configmap;
     match &plan.ca {
-        CaSource::Pem(pem) => ensure_ca(&cms_here, ns, target, pem, None, progress).await,
+        CaSource::Pem(pem) => {
+            ensure_ca(client, &spec.job_name(), ns, target, pem, None, progress).await
+        }
         CaSource::Cluster {
             namespace: from_ns,
             name: from,
@@ -481,7 +498,8 @@ async fn preflight<P: Progress>(
                 return Ok(());
             }
             ensure_ca(
-                &cms_here,
+                client,
+                &spec.job_name(),
                 ns,
                 target,
                 &pem,
@@ -493,58 +511,46 @@ async fn preflight<P: Progress>(
     }
 }
 
-/// Creates or updates the CA ConfigMap in the build namespace (a pod can
-/// only mount a ConfigMap from its own namespace).
+/// Makes the CA ConfigMap in the build namespace hold `pem` (a pod can only
+/// mount a ConfigMap from its own namespace), through the PKI planner's
+/// conditional writes: two builds that start together in a new namespace
+/// race to create it, and the loser re-reads instead of failing (#12).
 async fn ensure_ca<P: Progress>(
-    cms: &Api<ConfigMap>,
+    client: &Client,
+    job: &str,
     ns: &str,
     name: &str,
     pem: &str,
     copied_from: Option<&str>,
     progress: &mut P,
 ) -> Result<(), BuildError> {
-    let existing = cms
-        .get_opt(name)
+    let annotations = job::copied_from_annotation(copied_from);
+    let change = ensure_ca_configmap(client.clone(), ns, name, pem, &annotations)
         .await
-        .map_err(kube_err(format!("cannot read ConfigMap {ns}/{name}")))?;
-    match existing {
-        None => {
-            cms.create(
-                &PostParams::default(),
-                &job::ca_config_map(ns, name, pem, copied_from),
-            )
-            .await
-            .map_err(kube_err(format!(
-                "cannot create ConfigMap {ns}/{name} (the registry CA)"
-            )))?;
-            progress.info(&format!(
-                "copied the registry CA into ConfigMap {ns}/{name}"
-            ));
+        .map_err(|e| match e {
+            EnsureError::Api {
+                verb,
+                namespace,
+                name,
+                error,
+                ..
+            } => BuildError::Kube {
+                action: format!("cannot {verb} ConfigMap {namespace}/{name} (the registry CA)"),
+                error,
+            },
+            other => BuildError::Failed {
+                job: job.into(),
+                detail: format!("cannot copy the registry CA: {other}"),
+            },
+        })?;
+    match change {
+        Change::Created(_) => progress.info(&format!(
+            "copied the registry CA into ConfigMap {ns}/{name}"
+        )),
+        Change::Replaced(_) => {
+            progress.info(&format!("updated the registry CA in ConfigMap {ns}/{name}"))
         }
-        Some(cm)
-            if cm
-                .data
-                .as_ref()
-                .and_then(|d| d.get(CA_KEY))
-                .map(String::as_str)
-                == Some(pem) => {}
-        Some(mut cm) => {
-            cm.data
-                .get_or_insert_with(Default::default)
-                .insert(CA_KEY.into(), pem.into());
-            if let Some(from) = copied_from {
-                cm.metadata
-                    .annotations
-                    .get_or_insert_with(Default::default)
-                    .insert(job::ANNOTATION_COPIED_FROM.into(), from.into());
-            }
-            cms.replace(name, &PostParams::default(), &cm)
-                .await
-                .map_err(kube_err(format!(
-                    "cannot update ConfigMap {ns}/{name} (the registry CA)"
-                )))?;
-            progress.info(&format!("updated the registry CA in ConfigMap {ns}/{name}"));
-        }
+        Change::Unchanged => {}
     }
     Ok(())
 }
@@ -697,7 +703,7 @@ impl<P: Progress> Follower<'_, P> {
                     if pred(&v) {
                         return Ok(v);
                     }
-                    match status::assess(&v, &self.klog.errors, &self.ctx) {
+                    match status::assess(&v, &self.klog, &self.ctx) {
                         Verdict::Going(s) => self.status(&s),
                         Verdict::Stuck(e) => return Err(Followed::Stuck(e)),
                         Verdict::Failed(e) => return Err(Followed::Failed(self.deadline(e).await)),
@@ -705,7 +711,7 @@ impl<P: Progress> Follower<'_, P> {
                     }
                 }
                 Item::Deleted(v) => {
-                    let e = match status::assess(&v, &self.klog.errors, &self.ctx) {
+                    let e = match status::assess(&v, &self.klog, &self.ctx) {
                         Verdict::Failed(e) | Verdict::Stuck(e) => e,
                         _ => BuildError::Failed {
                             job: self.ctx.job.clone(),
@@ -726,7 +732,12 @@ impl<P: Progress> Follower<'_, P> {
     /// A generic failure may be the Job's deadline: the Job controller
     /// kills the pod (exit 137/143) and marks the Job.
     async fn deadline(&mut self, e: BuildError) -> BuildError {
-        if !matches!(e, BuildError::Failed { .. }) {
+        // A step that dies because its pod is being killed, or Kaniko itself
+        // killed, looks like a failure of its own; the Job's condition tells.
+        if !matches!(
+            e,
+            BuildError::Failed { .. } | BuildError::StepFailed { .. } | BuildError::Killed { .. }
+        ) {
             return e;
         }
         let jobs: Api<Job> = Api::namespaced(self.client.clone(), &self.plan.spec.namespace);
@@ -806,7 +817,7 @@ impl<P: Progress> Follower<'_, P> {
         .await;
 
         let v = self.wait_for(|v| v.git.terminated()).await?;
-        let git = match (&v.git, status::assess(&v, &[], &self.ctx)) {
+        let git = match (&v.git, status::assess(&v, &KanikoLog::default(), &self.ctx)) {
             (_, Verdict::Failed(e)) => return Err(Followed::Failed(self.deadline(e).await)),
             (_, Verdict::Stuck(e)) => return Err(Followed::Stuck(e)),
             (CState::Terminated { message, .. }, _) => status::git_ok(message),
@@ -856,7 +867,7 @@ impl<P: Progress> Follower<'_, P> {
         .await;
 
         let v = self.wait_for(|v| v.kaniko.terminated()).await?;
-        let built = match status::assess(&v, &self.klog.errors, &self.ctx) {
+        let built = match status::assess(&v, &self.klog, &self.ctx) {
             Verdict::Built(b) => b,
             Verdict::Failed(e) => return Err(Followed::Failed(self.deadline(e).await)),
             Verdict::Stuck(e) => return Err(Followed::Stuck(e)),
@@ -897,13 +908,15 @@ impl<P: Progress> Follower<'_, P> {
             duration_seconds,
             cache: CacheCounts {
                 hits: self.klog.cache_hits,
-                misses: self.klog.cache_misses,
+                rebuilt: self.klog.rebuilt(),
+                uploads_failed: self.klog.cache_upload_failures.len() as u32,
             },
+            retries: self.klog.retries.clone(),
             warnings: self
                 .klog
                 .cache_upload_failures
                 .iter()
-                .map(|d| format!("Error uploading layer to cache: {d}"))
+                .map(cache_upload_warning)
                 .collect(),
         })
     }
@@ -991,9 +1004,11 @@ async fn stream_logs<P: Progress>(
                 progress.line(container, &line);
                 if let Some(k) = klog.as_deref_mut() {
                     match k.feed(&line) {
-                        Some(LogEvent::CacheUploadFailed(d)) => progress.warn(&format!(
-                            "kaniko could not upload a layer to the cache (the next build will miss it): Error uploading layer to cache: {d}"
-                        )),
+                        Some(LogEvent::CacheUploadFailed(f)) => {
+                            progress.warn(&cache_upload_warning(&f));
+                            progress.status(&k.status());
+                        }
+                        Some(LogEvent::Retry(r)) => progress.warn(&retry_warning(&r)),
                         Some(_) => progress.status(&k.status()),
                         None => {}
                     }
@@ -1006,6 +1021,33 @@ async fn stream_logs<P: Progress>(
             }
         }
     }
+}
+
+/// What the user reads about a cache layer Kaniko could not upload.
+fn cache_upload_warning(f: &CacheUploadFailure) -> String {
+    let mut s = "kaniko could not upload a layer to the cache (the build goes on; the next build rebuilds that step)".to_string();
+    match (f.retries, f.seconds) {
+        (0, None) => {}
+        (r, Some(secs)) => s.push_str(&format!(", after {r} retries and {secs}s")),
+        (r, None) => s.push_str(&format!(", after {r} retries")),
+    }
+    s.push_str(&format!(": Error uploading layer to cache: {}", f.detail));
+    s
+}
+
+/// What the user reads about a retried registry request.
+fn retry_warning(r: &Retry) -> String {
+    format!(
+        "kaniko is retrying {} ({}) in {}: {}",
+        r.operation,
+        if r.cache {
+            "cache upload"
+        } else {
+            "image push"
+        },
+        r.after,
+        r.cause
+    )
 }
 
 /// `slipway builds`: every build Job in the namespace, oldest first.

@@ -20,6 +20,7 @@ use super::job::{
     ANNOTATION_GIT_URL, ANNOTATION_IMAGE, ANNOTATION_REVISION, GIT_CONTAINER, GIT_EXIT_AUTH,
     GIT_EXIT_DOCKERFILE, GIT_EXIT_REVISION, KANIKO_CONTAINER, LABEL_COMMIT, LABEL_REPO,
 };
+use super::log::{classify_error, ErrorClass, KanikoLog};
 use super::BuildError;
 
 /// One container's state, flattened.
@@ -294,13 +295,14 @@ fn contains_any(haystack: &str, needles: &[&str]) -> bool {
 }
 
 /// A failed Kaniko container. `message` is the termination message (the log
-/// tail, see the module docs); `log_errors` are the error lines slipway saw
-/// while streaming, used when the message says nothing.
+/// tail, see the module docs); `log` is what slipway read from the log while
+/// streaming: Kaniko's final error line, classified
+/// ([`super::log::classify_error`]), decides the class when there is one.
 pub fn kaniko_failure(
     exit_code: i32,
     reason: &str,
     message: &str,
-    log_errors: &[String],
+    log: &KanikoLog,
     ctx: &Context,
 ) -> BuildError {
     if reason == "OOMKilled" {
@@ -311,19 +313,31 @@ pub fn kaniko_failure(
         };
     }
     let mut text = super::log::strip_ansi(message);
-    for e in log_errors {
+    for e in &log.errors {
         text.push('\n');
         text.push_str(e);
     }
     let lower = text.to_ascii_lowercase();
+    // Kaniko's final error: from the stream, else the last such line of the
+    // termination message (the log tail, when slipway did not see the log).
+    let final_error = log.final_error.clone().or_else(|| {
+        text.lines()
+            .map(super::log::parse_line)
+            .filter(super::log::is_final_error)
+            .map(|l| l.message)
+            .next_back()
+    });
     // The most specific line to show: Kaniko's final error, else the last
-    // non-empty line.
-    let detail = text
-        .lines()
-        .map(|l| super::log::parse_line(l).message)
-        .rfind(|l| {
-            let l = l.to_ascii_lowercase();
-            l.contains("error") || l.contains("failed") || l.contains("denied")
+    // line that says error, else the last non-empty line.
+    let detail = final_error
+        .clone()
+        .or_else(|| {
+            text.lines()
+                .map(|l| super::log::parse_line(l).message)
+                .rfind(|l| {
+                    let l = l.to_ascii_lowercase();
+                    l.contains("error") || l.contains("failed") || l.contains("denied")
+                })
         })
         .or_else(|| {
             text.lines()
@@ -357,6 +371,39 @@ pub fn kaniko_failure(
     ) {
         return BuildError::DockerfileNotFound { detail };
     }
+    let class = final_error
+        .as_deref()
+        .map(|e| classify_error(e, log.command.as_deref()));
+    match class {
+        Some(ErrorClass::Push { denied: true }) => {
+            return BuildError::PushDenied {
+                registry: ctx.registry.clone(),
+                detail,
+            }
+        }
+        Some(ErrorClass::Push { denied: false }) => {
+            return BuildError::PushFailed {
+                registry: ctx.registry.clone(),
+                detail,
+            }
+        }
+        Some(ErrorClass::BaseImage { unauthorized }) => {
+            return BuildError::BaseImage {
+                unauthorized,
+                detail,
+            }
+        }
+        Some(ErrorClass::StepFailed { step, exit_code }) => {
+            return BuildError::StepFailed {
+                job: ctx.job.clone(),
+                step,
+                exit_code,
+                detail,
+            }
+        }
+        Some(ErrorClass::CacheUploadFailed | ErrorClass::Other) | None => {}
+    }
+    // Without a final error line, older wordings still tell a refused push.
     let pushing = contains_any(
         &lower,
         &[
@@ -366,22 +413,33 @@ pub fn kaniko_failure(
             "error pushing image",
         ],
     );
-    let denied = contains_any(
-        &lower,
-        &[
-            "unauthorized",
-            "denied",
-            "authentication required",
-            "status code 401",
-            "status code 403",
-            "401 unauthorized",
-            "403 forbidden",
-        ],
-    );
-    if pushing && denied {
+    if final_error.is_none() && pushing && super::log::denied_text(&lower) {
         return BuildError::PushDenied {
             registry: ctx.registry.clone(),
             detail,
+        };
+    }
+    // Killed by a signal (128 + n) with no last words: SIGKILL from outside
+    // the container, SIGTERM from a deleted pod. What it was doing is in the
+    // log tail.
+    if final_error.is_none() && matches!(exit_code, 137 | 143) {
+        let tail: Vec<String> = if log.tail.is_empty() {
+            text.lines()
+                .map(|l| super::log::parse_line(l).message)
+                .filter(|l| !l.trim().is_empty())
+                .collect()
+        } else {
+            log.tail.iter().cloned().collect()
+        };
+        let keep = tail.len().saturating_sub(5);
+        return BuildError::Killed {
+            job: ctx.job.clone(),
+            exit_code,
+            tail: tail[keep..]
+                .iter()
+                .map(|l| format!("  {l}"))
+                .collect::<Vec<_>>()
+                .join("\n"),
         };
     }
     BuildError::Failed {
@@ -505,8 +563,8 @@ fn stuck(c: &CState, container: &str, image: &str, ctx: &Context) -> Option<Buil
     }
 }
 
-/// Decides about a pod; `log_errors` are Kaniko error lines seen so far.
-pub fn assess(p: &PodView, log_errors: &[String], ctx: &Context) -> Verdict {
+/// Decides about a pod; `log` is the Kaniko log read so far.
+pub fn assess(p: &PodView, log: &KanikoLog, ctx: &Context) -> Verdict {
     if let Some(e) = pod_failure(p, ctx) {
         return Verdict::Failed(e);
     }
@@ -534,7 +592,7 @@ pub fn assess(p: &PodView, log_errors: &[String], ctx: &Context) -> Verdict {
                 Err(e) => Verdict::Failed(e),
             };
         }
-        return Verdict::Failed(kaniko_failure(*exit_code, reason, message, log_errors, ctx));
+        return Verdict::Failed(kaniko_failure(*exit_code, reason, message, log, ctx));
     }
     if let Some(e) = stuck(&p.git, GIT_CONTAINER, &ctx.git_image, ctx)
         .or_else(|| stuck(&p.kaniko, KANIKO_CONTAINER, &ctx.executor_image, ctx))
@@ -647,7 +705,7 @@ pub fn build_row(job: &Job, pod: Option<&Pod>, now: Timestamp) -> BuildRow {
     let mut commit = label(LABEL_COMMIT);
     let mut digest = String::new();
     let mut status = match &view {
-        Some(v) => match assess(v, &[], &ctx) {
+        Some(v) => match assess(v, &KanikoLog::default(), &ctx) {
             Verdict::Going(s) => format!("Running ({s})"),
             Verdict::Stuck(e) | Verdict::Failed(e) => format!("Failed ({})", e.kind()),
             Verdict::Built(b) => {
@@ -813,28 +871,57 @@ mod tests {
 
     #[test]
     fn kaniko_failures_map_to_their_classes() {
+        let none = KanikoLog::default();
         let push = "\u{1b}[31mERRO\u{1b}[0m[0000] Error: error checking push permissions -- make sure you entered the correct tag name, and that you are authenticated correctly, and try again: checking push permission for \"registry.shared-services:5000/app:abc1234\": POST https://registry.shared-services:5000/v2/app/blobs/uploads/: UNAUTHORIZED: authentication required";
-        let e = kaniko_failure(1, "Error", push, &[], &ctx());
+        let e = kaniko_failure(1, "Error", push, &none, &ctx());
         assert_eq!(e.exit_code(), 13, "{e}");
         let cert = "error building image: getting stage builder for stage 0: Get \"https://registry.shared-services:5000/v2/\": tls: failed to verify certificate: x509: certificate signed by unknown authority";
-        let e = kaniko_failure(1, "Error", cert, &[], &ctx());
+        let e = kaniko_failure(1, "Error", cert, &none, &ctx());
         assert_eq!(e.exit_code(), 14, "{e}");
         let df = "Error: error resolving dockerfile path: please provide a valid path to a Dockerfile within the build context with --dockerfile";
-        assert_eq!(kaniko_failure(1, "Error", df, &[], &ctx()).exit_code(), 12);
         assert_eq!(
-            kaniko_failure(137, "OOMKilled", "", &[], &ctx()).exit_code(),
+            kaniko_failure(1, "Error", df, &none, &ctx()).exit_code(),
+            12
+        );
+        assert_eq!(
+            kaniko_failure(137, "OOMKilled", "", &none, &ctx()).exit_code(),
             15
         );
         let run = "INFO[0003] Running: [/bin/sh -c make]\nmake: *** No rule to make target 'all'.  Stop.\nerror building image: error building stage: failed to execute command: waiting for process to exit: exit status 2";
-        let e = kaniko_failure(1, "Error", run, &[], &ctx());
+        let e = kaniko_failure(1, "Error", run, &none, &ctx());
         assert_eq!(e.exit_code(), 1);
         assert!(e.to_string().contains("exit status 2"), "{e}");
         // An empty message: the streamed error lines decide.
-        let e = kaniko_failure(1, "Error", "", &[push.to_string()], &ctx());
+        let mut streamed = KanikoLog::default();
+        streamed.feed(push);
+        let e = kaniko_failure(1, "Error", "", &streamed, &ctx());
         assert_eq!(e.exit_code(), 13);
-        // A base image that needs auth is not a push denial.
+        // A base image that needs auth is not a push denial: its own class.
         let pull = "error building image: unable to complete operation after 0 attempts, last error: GET https://index.docker.io/v2/private/base/manifests/1: UNAUTHORIZED: authentication required";
-        assert_eq!(kaniko_failure(1, "Error", pull, &[], &ctx()).exit_code(), 1);
+        let e = kaniko_failure(1, "Error", pull, &none, &ctx());
+        assert_eq!(e.exit_code(), crate::builds::exit::BASE_IMAGE, "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("base image not allowed (unauthorized): "),
+            "{e}"
+        );
+        // Killed without last words: the class says so, the tail says where.
+        let mut killed = KanikoLog::default();
+        for l in [
+            "INFO[0001] Building stage 'alpine' [idx: '0', base-idx: '-1']",
+            "INFO[0002] RUN sleep 600",
+            "INFO[0002] Running: [/bin/sh -c sleep 600]",
+        ] {
+            killed.feed(l);
+        }
+        let e = kaniko_failure(137, "Error", "", &killed, &ctx());
+        assert_eq!(e.exit_code(), crate::builds::exit::KILLED, "{e}");
+        assert!(
+            e.to_string()
+                .contains("was killed (exit code 137, signal 9)")
+                && e.to_string().ends_with("  Running: [/bin/sh -c sleep 600]"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -872,7 +959,7 @@ mod tests {
             },
             ..Default::default()
         };
-        match assess(&p, &[], &ctx()) {
+        match assess(&p, &KanikoLog::default(), &ctx()) {
             Verdict::Failed(e) => assert_eq!(e.exit_code(), 17, "{e}"),
             v => panic!("{v:?}"),
         }
@@ -881,7 +968,7 @@ mod tests {
             "EvictionByEvictionAPI".into(),
             "Eviction API: evicting".into(),
         ));
-        match assess(&p, &[], &ctx()) {
+        match assess(&p, &KanikoLog::default(), &ctx()) {
             Verdict::Failed(e) => assert_eq!(e.exit_code(), 17, "{e}"),
             v => panic!("{v:?}"),
         }
@@ -897,7 +984,7 @@ mod tests {
             },
             ..Default::default()
         };
-        match assess(&p, &[], &ctx()) {
+        match assess(&p, &KanikoLog::default(), &ctx()) {
             Verdict::Stuck(e) => assert_eq!(e.exit_code(), 18, "{e}"),
             v => panic!("{v:?}"),
         }
@@ -909,7 +996,10 @@ mod tests {
             },
             ..Default::default()
         };
-        assert!(matches!(assess(&p, &[], &ctx()), Verdict::Going(_)));
+        assert!(matches!(
+            assess(&p, &KanikoLog::default(), &ctx()),
+            Verdict::Going(_)
+        ));
     }
 
     #[test]

@@ -24,6 +24,7 @@
 //! DER), never key material: Secrets are only ever held in types whose
 //! `Debug` leaves their data out.
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 use ::time::OffsetDateTime;
@@ -32,6 +33,7 @@ use kube::api::PostParams;
 use kube::{Api, Client};
 use tracing::{info, warn};
 
+use crate::k8s::{classify, ApiClass};
 use crate::pki::plan::{self, Action, Names, Observed, PlanError, Wanted, Why};
 use crate::pki::CertInfo;
 
@@ -269,6 +271,92 @@ pub async fn ensure(
     })
 }
 
+/// Make ConfigMap `namespace/name` hold exactly
+/// `ca_pem` as `ca.crt`, with `annotations`, by the same read → plan →
+/// conditional write as [`ensure`]: a create that loses to another writer
+/// (409 AlreadyExists) or a replace whose resourceVersion moved on (409
+/// Conflict, or 404) reads the object again and re-plans, at most
+/// [`MAX_ATTEMPTS`] rounds. `slipway build` copies the registry CA into its
+/// namespace with it, so two builds that start together in a new namespace
+/// both succeed (#12).
+pub async fn ensure_ca_configmap(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    ca_pem: &str,
+    annotations: &BTreeMap<String, String>,
+) -> Result<Change, EnsureError> {
+    // The same writer as `ensure`; it only touches Secrets for Secret actions,
+    // which this plan never has.
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let configmaps: Api<ConfigMap> = Api::namespaced(client, namespace);
+    let pp = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    for attempt in 1..=MAX_ATTEMPTS {
+        let observed = configmaps
+            .get_opt(name)
+            .await
+            .map_err(|error| EnsureError::Api {
+                verb: "get",
+                kind: "configmap",
+                namespace: namespace.into(),
+                name: name.into(),
+                error,
+            })?;
+        let Some(action) =
+            plan::plan_ca_configmap(namespace, name, observed.as_ref(), ca_pem, annotations)
+        else {
+            return Ok(Change::Unchanged);
+        };
+        match write(&secrets, &configmaps, &pp, &action).await {
+            Ok(()) => {
+                info!(
+                    namespace,
+                    kind = action.kind(),
+                    name,
+                    reason = %action.why(),
+                    attempt,
+                    "{}d",
+                    action.verb()
+                );
+                return Ok(match action {
+                    Action::CreateConfigMap(_, w) | Action::CreateSecret(_, w) => {
+                        Change::Created(w)
+                    }
+                    Action::ReplaceConfigMap(_, w) | Action::ReplaceSecret(_, w) => {
+                        Change::Replaced(w)
+                    }
+                });
+            }
+            Err(Write::Raced(status)) => warn!(
+                namespace,
+                kind = action.kind(),
+                name,
+                attempt,
+                "{} answered {status}: another writer got there first; reading again",
+                action.verb()
+            ),
+            Err(Write::Failed(error)) => {
+                return Err(EnsureError::Api {
+                    verb: action.verb(),
+                    kind: action.kind(),
+                    namespace: namespace.into(),
+                    name: name.into(),
+                    error,
+                })
+            }
+        }
+    }
+    Err(EnsureError::Contended {
+        kind: "configmap",
+        namespace: namespace.into(),
+        name: name.into(),
+        attempts: MAX_ATTEMPTS,
+    })
+}
+
 async fn read(
     secrets: &Api<Secret>,
     configmaps: &Api<ConfigMap>,
@@ -318,15 +406,20 @@ async fn write(
         Action::CreateConfigMap(c, _) => configmaps.create(pp, c).await.map(drop),
         Action::ReplaceConfigMap(c, _) => configmaps.replace(action.name(), pp, c).await.map(drop),
     };
+    raced(result, action)
+}
+
+/// A write's result, with the answers that mean "another writer got there
+/// first" told apart: 409 (AlreadyExists, Conflict), or 404 on a replace.
+fn raced(result: kube::Result<()>, action: &Action) -> Result<(), Write> {
     match result {
         Ok(()) => Ok(()),
-        Err(kube::Error::Api(status))
-            if status.is_already_exists()
-                || status.is_conflict()
-                || (action.verb() == "replace" && status.is_not_found()) =>
-        {
-            Err(Write::Raced(format!("{} {}", status.code, status.reason)))
-        }
-        Err(e) => Err(Write::Failed(e)),
+        Err(e) => match (classify(&e), action.verb(), e) {
+            (ApiClass::Conflict, _, kube::Error::Api(s))
+            | (ApiClass::NotFound, "replace", kube::Error::Api(s)) => {
+                Err(Write::Raced(format!("{} {}", s.code, s.reason)))
+            }
+            (_, _, e) => Err(Write::Failed(e)),
+        },
     }
 }

@@ -387,36 +387,84 @@ pub fn plan(observed: &Observed, wanted: &Wanted, now: OffsetDateTime) -> Result
     };
     let tls = inspect("server certificate", &tls_cert_pem)?;
 
-    let cm_data = BTreeMap::from([(KEY_CA_CRT.to_string(), ca.cert_pem.clone())]);
-    match &observed.configmap {
-        None => {
-            let cm = ConfigMap {
-                metadata: new_meta(names, &names.configmap),
-                data: Some(cm_data),
-                ..ConfigMap::default()
-            };
-            actions.push(Action::CreateConfigMap(cm, Why::Absent));
-        }
-        Some(cm) => {
-            let current = cm.data.as_ref().and_then(|d| d.get(KEY_CA_CRT));
-            if current != Some(&ca.cert_pem) {
-                let mut data = cm.data.clone().unwrap_or_default();
-                data.extend(cm_data);
-                let cm = ConfigMap {
-                    metadata: replaced_meta(&cm.metadata),
-                    data: Some(data),
-                    ..cm.clone()
-                };
-                actions.push(Action::ReplaceConfigMap(cm, Why::StaleCa));
-            }
-        }
-    }
+    actions.extend(plan_ca_configmap(
+        &names.namespace,
+        &names.configmap,
+        observed.configmap.as_ref(),
+        &ca.cert_pem,
+        &BTreeMap::new(),
+    ));
 
     Ok(Plan {
         actions,
         ca: ca_info,
         tls,
     })
+}
+
+/// A new ConfigMap `namespace/name` holding `ca_pem` as `ca.crt`, with
+/// slipway's labels and `annotations`: what [`plan_ca_configmap`] creates,
+/// and what `slipway build --render` prints.
+pub fn ca_configmap(
+    namespace: &str,
+    name: &str,
+    ca_pem: &str,
+    annotations: &BTreeMap<String, String>,
+) -> ConfigMap {
+    let mut metadata = new_meta(namespace, name);
+    if !annotations.is_empty() {
+        metadata.annotations = Some(annotations.clone());
+    }
+    ConfigMap {
+        metadata,
+        data: Some(BTreeMap::from([(
+            KEY_CA_CRT.to_string(),
+            ca_pem.to_string(),
+        )])),
+        ..ConfigMap::default()
+    }
+}
+
+/// The write, if one is needed, that makes ConfigMap `namespace/name` hold
+/// exactly `ca_pem` under `ca.crt`: a create when it is absent, a replace
+/// conditional on the observed resourceVersion when its `ca.crt` differs
+/// (other keys and annotations kept, `annotations` set over them), nothing
+/// when it already holds that CA. Shared by `slipway pki ensure` (the
+/// published CA) and `slipway build` (its copy in a build namespace, #12).
+pub fn plan_ca_configmap(
+    namespace: &str,
+    name: &str,
+    observed: Option<&ConfigMap>,
+    ca_pem: &str,
+    annotations: &BTreeMap<String, String>,
+) -> Option<Action> {
+    let Some(cm) = observed else {
+        return Some(Action::CreateConfigMap(
+            ca_configmap(namespace, name, ca_pem, annotations),
+            Why::Absent,
+        ));
+    };
+    let current = cm.data.as_ref().and_then(|d| d.get(KEY_CA_CRT));
+    if current.map(String::as_str) == Some(ca_pem) {
+        return None;
+    }
+    let mut data = cm.data.clone().unwrap_or_default();
+    data.insert(KEY_CA_CRT.into(), ca_pem.into());
+    let mut metadata = replaced_meta(&cm.metadata);
+    if !annotations.is_empty() {
+        metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new)
+            .extend(annotations.clone());
+    }
+    Some(Action::ReplaceConfigMap(
+        ConfigMap {
+            metadata,
+            data: Some(data),
+            ..cm.clone()
+        },
+        Why::StaleCa,
+    ))
 }
 
 fn secret_str<'a>(s: &'a Secret, key: &str) -> Option<&'a str> {
@@ -488,10 +536,10 @@ fn tls_data(server: &Pair, ca_cert_pem: &str) -> BTreeMap<String, ByteString> {
     ])
 }
 
-fn new_meta(names: &Names, name: &str) -> ObjectMeta {
+fn new_meta(namespace: &str, name: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name.into()),
-        namespace: Some(names.namespace.clone()),
+        namespace: Some(namespace.into()),
         labels: Some(
             LABELS
                 .iter()
@@ -519,7 +567,7 @@ fn new_secret(
     data: BTreeMap<String, ByteString>,
 ) -> Secret {
     Secret {
-        metadata: new_meta(names, name),
+        metadata: new_meta(&names.namespace, name),
         type_: Some(type_.into()),
         data: Some(data),
         ..Secret::default()
@@ -789,6 +837,43 @@ mod tests {
         c.tls_secret.as_mut().unwrap().type_ = Some("Opaque".into());
         let e = plan(&c, &w, t).unwrap_err();
         assert!(e.to_string().contains("has type \"Opaque\""), "{e}");
+    }
+
+    #[test]
+    fn ca_configmap_copy_is_created_replaced_with_its_version_or_left() {
+        let pem = "-----BEGIN CERTIFICATE-----\nNEW\n-----END CERTIFICATE-----\n";
+        let ann = BTreeMap::from([("slipway.dev/copied-from".to_string(), "a/b".to_string())]);
+        let Some(Action::CreateConfigMap(cm, Why::Absent)) =
+            plan_ca_configmap("team-a", "registry-ca", None, pem, &ann)
+        else {
+            panic!("absent: a create")
+        };
+        assert_eq!(cm.metadata.annotations.as_ref(), Some(&ann));
+        assert_eq!(cm.metadata.labels.as_ref().unwrap().len(), LABELS.len());
+        assert_eq!(cm.data.as_ref().unwrap()[KEY_CA_CRT], pem);
+
+        let mut held = cm.clone();
+        held.metadata.resource_version = Some("7".into());
+        assert!(plan_ca_configmap("team-a", "registry-ca", Some(&held), pem, &ann).is_none());
+
+        let mut stale = held.clone();
+        let d = stale.data.as_mut().unwrap();
+        d.insert(KEY_CA_CRT.into(), "OLD".into());
+        d.insert("other".into(), "kept".into());
+        stale.metadata.annotations = Some(BTreeMap::from([("x".to_string(), "y".to_string())]));
+        let Some(Action::ReplaceConfigMap(cm, Why::StaleCa)) =
+            plan_ca_configmap("team-a", "registry-ca", Some(&stale), pem, &ann)
+        else {
+            panic!("stale: a replace")
+        };
+        assert_eq!(cm.metadata.resource_version.as_deref(), Some("7"));
+        assert_eq!(cm.data.as_ref().unwrap()[KEY_CA_CRT], pem);
+        assert_eq!(cm.data.as_ref().unwrap()["other"], "kept");
+        let a = cm.metadata.annotations.as_ref().unwrap();
+        assert_eq!(
+            (a["x"].as_str(), a["slipway.dev/copied-from"].as_str()),
+            ("y", "a/b")
+        );
     }
 
     #[test]
