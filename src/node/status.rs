@@ -29,6 +29,7 @@ pub const REPEAT_EVERY: Duration = Duration::from_secs(60);
 #[derive(Debug, Default)]
 pub struct LogGate {
     last: HashMap<String, (String, Instant)>,
+    seen: std::collections::HashSet<String>,
 }
 
 impl LogGate {
@@ -43,6 +44,24 @@ impl LogGate {
             }
         }
     }
+    /// True when `message` differs from the last one for `subject`
+    /// (information that is worth a line only when it changes).
+    pub fn changed(&mut self, subject: &str, message: &str) -> bool {
+        let key = format!("{subject} (changes only)");
+        match self.last.get(&key) {
+            Some((m, _)) if m == message => false,
+            _ => {
+                self.last.insert(key, (message.to_string(), Instant::now()));
+                true
+            }
+        }
+    }
+
+    /// True only the first time `subject` is asked about.
+    pub fn first(&mut self, subject: &str) -> bool {
+        self.seen.insert(subject.to_string())
+    }
+
     /// The problem is gone: log it again if it comes back.
     pub fn clear(&mut self, subject: &str) -> bool {
         self.last.remove(subject).is_some()
@@ -80,7 +99,8 @@ pub fn log(status: &NodeStatus, certs_dir: &Path, gate: &mut LogGate, now: Insta
             }
         }
         None => {
-            if gate.clear("containerd") || gate.allow("containerd-ok", "", now) {
+            // Once at start, and again after a problem cleared.
+            if gate.clear("containerd") | gate.first("containerd covered") {
                 if let crate::node::reconcile::Coverage::Covered { config_path } =
                     &status.containerd
                 {
@@ -98,7 +118,7 @@ pub fn log(status: &NodeStatus, certs_dir: &Path, gate: &mut LogGate, now: Insta
         Some(Fix::Failed(e)) => error!("--fix-containerd-config: {e}"),
         None => {}
     }
-    if let Some(c) = &status.crio {
+    if let Some(c) = status.crio.as_ref().filter(|c| gate.changed("crio", c)) {
         for line in c.lines() {
             info!("CRI-O: {line}");
         }
