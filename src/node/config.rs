@@ -365,13 +365,23 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
         .cache_max_bytes
         .or(f.cache.max_bytes)
         .unwrap_or(DEFAULT_CACHE_MAX_BYTES);
+    if cache_max_bytes == 0 {
+        // A cap of 0 evicts every blob as it lands (#13).
+        return Err(ConfigError::Invalid {
+            key: "cache.max_bytes".into(),
+            message: "0 is out of range: a size in bytes of at least 1".into(),
+        });
+    }
 
     let secs = |key: &str, v: Option<f64>, default: f64| -> Result<Duration, ConfigError> {
         let v = v.unwrap_or(default);
-        if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
+        // The message states exactly the bounds checked (#13).
+        if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
             return Err(ConfigError::Invalid {
                 key: key.into(),
-                message: format!("{v} is not a number of seconds between 0 and 86400"),
+                message: format!(
+                    "{v} is out of range: a number of seconds greater than 0 and at most 86400"
+                ),
             });
         }
         Ok(Duration::from_secs_f64(v))
@@ -597,6 +607,52 @@ ca_file = "ca.crt"
             e.to_string(),
             "registry.aliases is not set: set it in the config file, with --registry-aliases, or with SLIPWAY_REGISTRY_ALIASES"
         );
+    }
+
+    /// #13: `cache.max_bytes = 0` would evict every blob as it lands.
+    #[test]
+    fn zero_cache_max_bytes_is_refused() {
+        let e = AgentConfig::from_str(
+            p(),
+            &format!("{GOOD}\n[cache]\ndir = \"/c\"\nmax_bytes = 0\n"),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cache.max_bytes: 0 is out of range: a size in bytes of at least 1"
+        );
+        let ov = Overrides {
+            cache_max_bytes: Some(0),
+            ..Default::default()
+        };
+        let e = AgentConfig::from_str(p(), GOOD, &ov).unwrap_err();
+        assert!(e.to_string().starts_with("cache.max_bytes: 0 "), "{e}");
+    }
+
+    /// #13: a range message states the bounds it checks
+    /// (it said `0 is not a number of seconds between 0 and 86400`).
+    #[test]
+    fn range_messages_state_their_real_bounds() {
+        for (v, shown) in [("0", "0"), ("-1.5", "-1.5"), ("86400.5", "86400.5"), ("nan", "NaN")] {
+            let e = AgentConfig::from_str(
+                p(),
+                &format!("{GOOD}\n[agent]\ngrace_period_secs = {v}\n"),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("agent.grace_period_secs: {shown} is out of range: a number of seconds greater than 0 and at most 86400"),
+            );
+        }
+        let c = AgentConfig::from_str(
+            p(),
+            &format!("{GOOD}\n[agent]\ngrace_period_secs = 86400\n[proxy]\nconnect_timeout_secs = 0.001\n"),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.grace_period, Duration::from_secs(86_400));
     }
 
     #[test]
