@@ -264,7 +264,10 @@ fn out_of_range_values_exit_64_naming_the_key_and_bounds() {
     );
     let cfg = config(
         d.path(),
-        &format!("{}[agent]\ngrace_period_secs = 0\n", good_body(d.path(), &ca)),
+        &format!(
+            "{}[agent]\ngrace_period_secs = 0\n",
+            good_body(d.path(), &ca)
+        ),
     );
     assert_bad_config(
         d.path(),
@@ -300,6 +303,10 @@ fn out_of_range_values_exit_64_naming_the_key_and_bounds() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64), "{}", err(&out));
-    assert!(err(&out).contains("cache.max_bytes: 0 is out of range"), "{}", err(&out));
+    assert!(
+        err(&out).contains("cache.max_bytes: 0 is out of range"),
+        "{}",
+        err(&out)
+    );
     assert!(!d.path().join("certs.d").exists(), "something was written");
 }

@@ -727,7 +727,8 @@ pub struct Agent {
 impl Agent {
     #[allow(clippy::too_many_arguments)]
     /// Start the agent with `extra` TOML appended to a base config, and wait
-    /// until its host configuration is written and /healthz answers.
+    /// until its host configuration is written and /healthz answers. Keys
+    /// in `extra` before its first table header go into `[proxy]`.
     pub fn start(
         dir: &Path,
         certs_dir: &Path,
@@ -745,7 +746,11 @@ impl Agent {
         if let Some(d) = dial {
             text = text.replacen("[registry]\n", &format!("[registry]\ndial = {d:?}\n"), 1);
         }
-        text.push_str(&format!("\n[proxy]\nlisten = {proxy:?}\nclient_header_timeout_secs = 1\nbody_idle_timeout_secs = 3\n\n[admin]\nlisten = {admin:?}\n{extra}"));
+        let (proxy_keys, extra) = match extra.find('[') {
+            Some(i) => extra.split_at(i),
+            None => (extra, ""),
+        };
+        text.push_str(&format!("\n[proxy]\nlisten = {proxy:?}\nclient_header_timeout_secs = 1\nbody_idle_timeout_secs = 3\n{proxy_keys}\n[admin]\nlisten = {admin:?}\n{extra}"));
         fs::write(&config, text).unwrap();
         let mut cmd = Command::new(slipway_bin());
         cmd.args(["agent", "--config"])

@@ -209,7 +209,9 @@ impl Cache {
 /// A content file's name: the 64 hex digits of its sha256, nothing else.
 fn is_content_name(name: &std::ffi::OsStr) -> bool {
     name.to_str().is_some_and(|n| {
-        n.len() == 64 && n.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        n.len() == 64
+            && n.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
