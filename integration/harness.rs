@@ -746,7 +746,11 @@ impl Agent {
         if let Some(d) = dial {
             text = text.replacen("[registry]\n", &format!("[registry]\ndial = {d:?}\n"), 1);
         }
-        let (proxy_keys, extra) = match extra.find('[') {
+        let header = extra
+            .match_indices('[')
+            .map(|(i, _)| i)
+            .find(|&i| i == 0 || extra.as_bytes()[i - 1] == b'\n');
+        let (proxy_keys, extra) = match header {
             Some(i) => extra.split_at(i),
             None => (extra, ""),
         };
