@@ -36,7 +36,12 @@ pub fn route(data: &[u8]) {
         Ok(r) => {
             assert!(method == "GET" || method == "HEAD", "{method:?} routed");
             let up = r.upstream_path();
-            for bad in ["..", "//", "?", "#", "%", "\\", " "] {
+            // A tag may hold "..", as in `v1..2`; a dot-segment may not.
+            assert!(
+                !up.split('/').any(|seg| seg == "." || seg == ".."),
+                "upstream path {up:?} has a dot-segment"
+            );
+            for bad in ["//", "?", "#", "%", "\\", " "] {
                 assert!(!up.contains(bad), "upstream path {up:?} contains {bad:?}");
             }
             let again = route::classify("GET", &up, None, &aliases)
