@@ -110,8 +110,11 @@ pub fn agent_config(data: &[u8]) {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
-    match AgentConfig::from_str(Path::new("/etc/slipway/agent.toml"), text, &Overrides::default())
-    {
+    match AgentConfig::from_str(
+        Path::new("/etc/slipway/agent.toml"),
+        text,
+        &Overrides::default(),
+    ) {
         Ok(c) => {
             assert!(!c.aliases.is_empty());
             assert!(c.cache_max_bytes > 0);

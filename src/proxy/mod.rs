@@ -678,9 +678,9 @@ async fn serve_cached(
 
 /// Hashes a response for a digest while it streams and holds back its last
 /// chunk, so that the client only ever completes a response whose digest
-/// and length were checked (#13). containerd verifies too, but only after
-/// it has the whole blob; a clean 200 with wrong bytes makes it fail the
-/// pull instead of trying the next host.
+/// and length were checked (#13). containerd verifies too, but only when
+/// it commits the content, after the fetch from this host has succeeded:
+/// a clean 200 with wrong bytes fails the pull instead of being retried.
 struct Verify {
     want: route::Digest,
     want_len: Option<u64>,
@@ -697,7 +697,7 @@ enum Hasher {
 /// Why a response for a digest was refused at its end.
 #[derive(Debug, thiserror::Error)]
 enum Mismatch {
-    #[error("upstream sent {got} bytes for {digest}, whose Content-Length is {want}")]
+    #[error("upstream sent {got} bytes for {digest} with Content-Length {want}")]
     Length {
         digest: route::Digest,
         got: u64,

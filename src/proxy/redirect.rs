@@ -126,9 +126,7 @@ pub enum Refused {
     Malformed,
     #[error("upstream redirected to {0}, which is not https")]
     NotHttps(String),
-    #[error(
-        "upstream redirected to the IP address {0}, which is not listed in proxy.redirect_hosts"
-    )]
+    #[error("upstream redirected to {0}, an IP address not listed in proxy.redirect_hosts")]
     IpLiteral(String),
     #[error("upstream redirected to {0}, which is not listed in proxy.redirect_hosts")]
     NotListed(String),
