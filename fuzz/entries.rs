@@ -14,7 +14,10 @@ use slipway::node::config::{AgentConfig, Overrides};
 use slipway::node::{containerd, hostconfig};
 use slipway::proxy::route::{self, Digest};
 
-pub const TARGETS: [(&str, fn(&[u8])); 4] = [
+/// One fuzz entry point: arbitrary bytes in, a panic on a broken invariant.
+pub type Entry = fn(&[u8]);
+
+pub const TARGETS: [(&str, Entry); 4] = [
     ("route", route),
     ("hosts_merge", hosts_merge),
     ("containerd", containerd),
