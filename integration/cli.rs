@@ -242,3 +242,71 @@ fn daemonset_agent_config_is_valid() {
     assert_eq!(cfg.ca_file, Path::new("/etc/slipway/ca/ca.crt"));
     assert_eq!(cfg.aliases[0].dir_name(), "registry.shared-services:5000");
 }
+
+/// #13: `cache.max_bytes = 0` and out-of-range seconds exit 64 naming the
+/// key and the real bounds, from the file, a flag or the environment.
+#[test]
+fn out_of_range_values_exit_64_naming_the_key_and_bounds() {
+    let d = tempfile::tempdir().unwrap();
+    let ca = ca(d.path());
+    let cfg = config(
+        d.path(),
+        &format!(
+            "{}[cache]\ndir = {:?}\nmax_bytes = 0\n",
+            good_body(d.path(), &ca),
+            d.path().join("cache").display().to_string()
+        ),
+    );
+    assert_bad_config(
+        d.path(),
+        &cfg,
+        "cache.max_bytes: 0 is out of range: a size in bytes of at least 1",
+    );
+    let cfg = config(
+        d.path(),
+        &format!(
+            "{}[agent]\ngrace_period_secs = 0\n",
+            good_body(d.path(), &ca)
+        ),
+    );
+    assert_bad_config(
+        d.path(),
+        &cfg,
+        "agent.grace_period_secs: 0 is out of range: a number of seconds greater than 0 and at most 86400",
+    );
+    let cfg = config(d.path(), &good_body(d.path(), &ca));
+    for (flag_or_env, expect) in [
+        (
+            ["--cache-max-bytes", "0"],
+            "cache.max_bytes: 0 is out of range",
+        ),
+        (
+            ["--proxy-connect-timeout-secs", "90000"],
+            "proxy.connect_timeout_secs: 90000 is out of range: a number of seconds greater than 0 and at most 86400",
+        ),
+    ] {
+        let out = run(&[
+            "agent",
+            "--once",
+            "--config",
+            cfg.to_str().unwrap(),
+            flag_or_env[0],
+            flag_or_env[1],
+        ]);
+        assert_eq!(out.status.code(), Some(64), "{}", err(&out));
+        assert!(err(&out).contains(expect), "wanted {expect:?} in: {}", err(&out));
+    }
+    let out = Command::new(SLIPWAY)
+        .args(["agent", "--once", "--config", cfg.to_str().unwrap()])
+        .env("SLIPWAY_LOG_FORMAT", "text")
+        .env("SLIPWAY_CACHE_MAX_BYTES", "0")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{}", err(&out));
+    assert!(
+        err(&out).contains("cache.max_bytes: 0 is out of range"),
+        "{}",
+        err(&out)
+    );
+    assert!(!d.path().join("certs.d").exists(), "something was written");
+}

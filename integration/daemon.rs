@@ -768,8 +768,9 @@ fn range_headers_and_auth_pass_through() {
 }
 
 /// Object-storage backends answer blob GETs with a redirect; the proxy
-/// follows it. Here nginx (serving TLS with a cluster-CA certificate)
-/// stands in front of the registry and redirects every blob to it.
+/// follows it to a host in `proxy.redirect_hosts` (#13). Here nginx (serving
+/// TLS with a cluster-CA certificate) stands in front of the registry and
+/// redirects every blob to it, at its IP literal, which is listed.
 #[test]
 fn upstream_redirects_are_followed() {
     if !prerequisites_with(&["nginx"]) {
@@ -820,7 +821,11 @@ http {{
         "https://registry.shared-services:1",
         Some(&front),
         &s.pki.ca(),
-        "",
+        &format!(
+            "redirect_hosts = [{:?}]\nredirect_ca_file = {:?}\n",
+            s.ns.ns_ip,
+            s.pki.ca().display().to_string()
+        ),
     );
     // The TLS name check still applies: the dial address is nginx.
     ctd.pull(&format!("{ALIAS}/app@{}", s.digest))

@@ -1166,7 +1166,8 @@ pub struct Agent {
 impl Agent {
     #[allow(clippy::too_many_arguments)]
     /// Start the agent with `extra` TOML appended to a base config, and wait
-    /// until its host configuration is written and /healthz answers.
+    /// until its host configuration is written and /healthz answers. Keys
+    /// in `extra` before its first table header go into `[proxy]`.
     pub fn start(
         dir: &Path,
         certs_dir: &Path,
@@ -1186,7 +1187,15 @@ impl Agent {
         if let Some(d) = dial {
             text = text.replacen("[registry]\n", &format!("[registry]\ndial = {d:?}\n"), 1);
         }
-        text.push_str(&format!("\n[proxy]\nlisten = \"127.0.0.1:0\"\nclient_header_timeout_secs = 1\nbody_idle_timeout_secs = 3\n\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"));
+        let header = extra
+            .match_indices('[')
+            .map(|(i, _)| i)
+            .find(|&i| i == 0 || extra.as_bytes()[i - 1] == b'\n');
+        let (proxy_keys, extra) = match header {
+            Some(i) => extra.split_at(i),
+            None => (extra, ""),
+        };
+        text.push_str(&format!("\n[proxy]\nlisten = \"127.0.0.1:0\"\nclient_header_timeout_secs = 1\nbody_idle_timeout_secs = 3\n{proxy_keys}\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"));
         fs::write(&config, text).unwrap();
         let mut cmd = Command::new(slipway_bin());
         cmd.args(["agent", "--config"])

@@ -6,6 +6,7 @@ mod daemon;
 mod hardening;
 mod harness;
 mod layouts;
+mod proxy_hardening;
 
 use std::fs;
 use std::path::Path;

@@ -5,6 +5,8 @@
 
 use std::sync::atomic::AtomicU64;
 
+use std::fmt::Write as _;
+
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -12,11 +14,96 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+/// One series per method, route class and status. Every value comes from
+/// a closed set (#13): any local process can send `M00000001 /v2/`, and a
+/// label copied from the request grew `/metrics` and memory without bound.
+/// `status` is hyper's, 100 to 999.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
-    pub method: String,
-    pub route: String,
+    pub method: MethodLabel,
+    pub route: RouteLabel,
     pub status: u16,
+}
+
+/// The `method` label: the methods of the registry API, `other` for the rest.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum MethodLabel {
+    Get,
+    Head,
+    Post,
+    Put,
+    Patch,
+    Delete,
+    Options,
+    Other,
+}
+
+impl MethodLabel {
+    pub fn of(m: &http::Method) -> MethodLabel {
+        match *m {
+            http::Method::GET => MethodLabel::Get,
+            http::Method::HEAD => MethodLabel::Head,
+            http::Method::POST => MethodLabel::Post,
+            http::Method::PUT => MethodLabel::Put,
+            http::Method::PATCH => MethodLabel::Patch,
+            http::Method::DELETE => MethodLabel::Delete,
+            http::Method::OPTIONS => MethodLabel::Options,
+            _ => MethodLabel::Other,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MethodLabel::Get => "GET",
+            MethodLabel::Head => "HEAD",
+            MethodLabel::Post => "POST",
+            MethodLabel::Put => "PUT",
+            MethodLabel::Patch => "PATCH",
+            MethodLabel::Delete => "DELETE",
+            MethodLabel::Options => "OPTIONS",
+            MethodLabel::Other => "other",
+        }
+    }
+}
+
+impl EncodeLabelValue for MethodLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+/// The `route` label: the proxy's route classes, and `refused`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum RouteLabel {
+    Base,
+    ManifestTag,
+    ManifestDigest,
+    Blob,
+    Refused,
+}
+
+impl RouteLabel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteLabel::Base => "base",
+            RouteLabel::ManifestTag => "manifest_tag",
+            RouteLabel::ManifestDigest => "manifest_digest",
+            RouteLabel::Blob => "blob",
+            RouteLabel::Refused => "refused",
+        }
+    }
+}
+
+impl std::fmt::Display for RouteLabel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl EncodeLabelValue for RouteLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -86,6 +173,7 @@ pub struct Metrics {
     pub config_path_covered: Gauge,
     pub ca_expiry: FGauge,
     pub build_info: Family<BuildLabels, Gauge>,
+    pub digest_mismatches: Counter,
 }
 
 impl Default for Metrics {
@@ -187,14 +275,20 @@ impl Metrics {
             "slipway build information",
             build_info.clone(),
         );
+        let digest_mismatches = Counter::default();
+        r.register(
+            "proxy_digest_mismatches",
+            "Responses for a digest whose content or length did not match; the client connection was aborted",
+            digest_mismatches.clone(),
+        );
         // Families print their HELP only once they have a series; create
         // the known ones so a fresh agent's /metrics lists every metric.
         for source in ["upstream", "cache"] {
             let _ = bytes.get_or_create(&SourceLabels { source });
         }
         let _ = requests.get_or_create(&RequestLabels {
-            method: "GET".into(),
-            route: "base".into(),
+            method: MethodLabel::Get,
+            route: RouteLabel::Base,
             status: 200,
         });
         build_info
@@ -219,6 +313,7 @@ impl Metrics {
             config_path_covered,
             ca_expiry,
             build_info,
+            digest_mismatches,
         }
     }
 
@@ -271,8 +366,8 @@ mod tests {
             .inc();
         m.requests
             .get_or_create(&RequestLabels {
-                method: "GET".into(),
-                route: "blob".into(),
+                method: MethodLabel::Get,
+                route: RouteLabel::Blob,
                 status: 200,
             })
             .inc();
@@ -293,6 +388,7 @@ mod tests {
             "slipway_containerd_config_path_covered",
             "slipway_ca_expiry_timestamp_seconds",
             "slipway_build_info",
+            "slipway_proxy_digest_mismatches",
         ] {
             assert!(
                 t.contains(&format!("# HELP {name} ")),
@@ -301,5 +397,32 @@ mod tests {
         }
         assert!(t.contains("slipway_hostconfig_state{alias=\"registry.shared-services:5000\",state=\"applied\"} 1"), "{t}");
         assert!(t.ends_with("# EOF\n"));
+        assert!(
+            t.contains(
+                "slipway_proxy_requests_total{method=\"GET\",route=\"blob\",status=\"200\"} 1"
+            ),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn made_up_methods_share_one_series() {
+        let m = Metrics::new();
+        for i in 0..2000 {
+            let method = http::Method::from_bytes(format!("M{i:08}").as_bytes()).unwrap();
+            m.requests
+                .get_or_create(&RequestLabels {
+                    method: MethodLabel::of(&method),
+                    route: RouteLabel::Refused,
+                    status: 405,
+                })
+                .inc();
+        }
+        let t = m.encode();
+        assert!(
+            t.contains("slipway_proxy_requests_total{method=\"other\",route=\"refused\",status=\"405\"} 2000"),
+            "{t}"
+        );
+        assert_eq!(MethodLabel::of(&http::Method::HEAD).as_str(), "HEAD");
     }
 }

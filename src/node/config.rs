@@ -25,6 +25,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::node::hostconfig::{Alias, AliasError};
+use crate::proxy::redirect::HostPattern;
 pub use crate::proxy::{Timeouts, Upstream};
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +93,8 @@ struct FileProxy {
     response_timeout_secs: Option<f64>,
     body_idle_timeout_secs: Option<f64>,
     client_header_timeout_secs: Option<f64>,
+    redirect_hosts: Option<Vec<String>>,
+    redirect_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -170,6 +173,12 @@ pub struct Overrides {
     /// proxy.client_header_timeout_secs: cut off clients that trickle a request head
     #[arg(long, env = "SLIPWAY_PROXY_CLIENT_HEADER_TIMEOUT_SECS")]
     pub proxy_client_header_timeout_secs: Option<f64>,
+    /// proxy.redirect_hosts: comma-separated hosts or *.suffix patterns upstream redirects may go to
+    #[arg(long, env = "SLIPWAY_PROXY_REDIRECT_HOSTS", value_delimiter = ',')]
+    pub proxy_redirect_hosts: Option<Vec<String>>,
+    /// proxy.redirect_ca_file: PEM CA bundle trusted for redirect hosts (unset: the system roots)
+    #[arg(long, env = "SLIPWAY_PROXY_REDIRECT_CA_FILE")]
+    pub proxy_redirect_ca_file: Option<PathBuf>,
     /// agent.reconcile_interval_secs: periodic re-check besides inotify
     #[arg(long, env = "SLIPWAY_AGENT_RECONCILE_INTERVAL_SECS")]
     pub agent_reconcile_interval_secs: Option<f64>,
@@ -299,7 +308,28 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
                 env: "SLIPWAY_REGISTRY_UPSTREAM",
             })?;
     let dial_raw = ov.registry_dial.clone().or(f.registry.dial);
-    let upstream = parse_upstream(&upstream_raw, dial_raw.as_deref())?;
+    let mut upstream = parse_upstream(&upstream_raw, dial_raw.as_deref())?;
+    let redirect_hosts = ov
+        .proxy_redirect_hosts
+        .clone()
+        .or(f.proxy.redirect_hosts)
+        .unwrap_or_default();
+    for (index, raw) in redirect_hosts.iter().enumerate() {
+        let pattern = HostPattern::parse(raw).map_err(|e| ConfigError::Invalid {
+            key: format!("proxy.redirect_hosts[{index}]"),
+            message: e.to_string(),
+        })?;
+        upstream.redirects.hosts.push(pattern);
+    }
+    // Relative to the config file, like registry.ca_file.
+    upstream.redirects.ca_file = ov
+        .proxy_redirect_ca_file
+        .clone()
+        .or(f.proxy.redirect_ca_file)
+        .map(|p| match path.and_then(|c| c.parent()) {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p,
+        });
 
     let ca_file =
         ov.registry_ca_file
@@ -365,13 +395,23 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
         .cache_max_bytes
         .or(f.cache.max_bytes)
         .unwrap_or(DEFAULT_CACHE_MAX_BYTES);
+    if cache_max_bytes == 0 {
+        // A cap of 0 evicts every blob as it lands (#13).
+        return Err(ConfigError::Invalid {
+            key: "cache.max_bytes".into(),
+            message: "0 is out of range: a size in bytes of at least 1".into(),
+        });
+    }
 
     let secs = |key: &str, v: Option<f64>, default: f64| -> Result<Duration, ConfigError> {
         let v = v.unwrap_or(default);
-        if !(v.is_finite() && v > 0.0 && v < 86_400.0) {
+        // The message states exactly the bounds checked (#13).
+        if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
             return Err(ConfigError::Invalid {
                 key: key.into(),
-                message: format!("{v} is not a number of seconds between 0 and 86400"),
+                message: format!(
+                    "{v} is out of range: a number of seconds greater than 0 and at most 86400"
+                ),
             });
         }
         Ok(Duration::from_secs_f64(v))
@@ -492,6 +532,7 @@ fn parse_upstream(raw: &str, dial: Option<&str>) -> Result<Upstream, ConfigError
         host: host.trim_matches(['[', ']']).to_string(),
         port,
         dial,
+        redirects: Default::default(),
     })
 }
 
@@ -596,6 +637,99 @@ ca_file = "ca.crt"
         assert_eq!(
             e.to_string(),
             "registry.aliases is not set: set it in the config file, with --registry-aliases, or with SLIPWAY_REGISTRY_ALIASES"
+        );
+    }
+
+    /// #13: `cache.max_bytes = 0` would evict every blob as it lands.
+    #[test]
+    fn zero_cache_max_bytes_is_refused() {
+        let e = AgentConfig::from_str(
+            p(),
+            &format!("{GOOD}\n[cache]\ndir = \"/c\"\nmax_bytes = 0\n"),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "cache.max_bytes: 0 is out of range: a size in bytes of at least 1"
+        );
+        let ov = Overrides {
+            cache_max_bytes: Some(0),
+            ..Default::default()
+        };
+        let e = AgentConfig::from_str(p(), GOOD, &ov).unwrap_err();
+        assert!(e.to_string().starts_with("cache.max_bytes: 0 "), "{e}");
+    }
+
+    /// #13: a range message states the bounds it checks
+    /// (it said `0 is not a number of seconds between 0 and 86400`).
+    #[test]
+    fn range_messages_state_their_real_bounds() {
+        for (v, shown) in [
+            ("0", "0"),
+            ("-1.5", "-1.5"),
+            ("86400.5", "86400.5"),
+            ("nan", "NaN"),
+        ] {
+            let e = AgentConfig::from_str(
+                p(),
+                &format!("{GOOD}\n[agent]\ngrace_period_secs = {v}\n"),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert_eq!(
+                e.to_string(),
+                format!("agent.grace_period_secs: {shown} is out of range: a number of seconds greater than 0 and at most 86400"),
+            );
+        }
+        let c = AgentConfig::from_str(
+            p(),
+            &format!("{GOOD}\n[agent]\ngrace_period_secs = 86400\n[proxy]\nconnect_timeout_secs = 0.001\n"),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(c.grace_period, Duration::from_secs(86_400));
+    }
+
+    #[test]
+    fn redirect_hosts_and_ca_file_from_file_flag_and_env_form() {
+        let c = AgentConfig::from_str(
+            p(),
+            &format!("{GOOD}\n[proxy]\nredirect_hosts = [\"*.s3.amazonaws.com\", \"10.1.2.3\"]\nredirect_ca_file = \"s3-ca.crt\"\n"),
+            &Overrides::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            c.upstream.redirects.hosts,
+            vec![
+                HostPattern::Suffix("s3.amazonaws.com".into()),
+                HostPattern::Ip("10.1.2.3".parse().unwrap())
+            ]
+        );
+        assert_eq!(
+            c.upstream.redirects.ca_file,
+            Some(PathBuf::from("/etc/slipway/s3-ca.crt"))
+        );
+        let ov = Overrides {
+            proxy_redirect_hosts: Some(vec!["storage.example".into()]),
+            ..Default::default()
+        };
+        let c = AgentConfig::from_str(p(), GOOD, &ov).unwrap();
+        assert_eq!(
+            c.upstream.redirects.hosts,
+            vec![HostPattern::Name("storage.example".into())]
+        );
+        assert_eq!(c.upstream.redirects.ca_file, None);
+        let e = AgentConfig::from_str(
+            p(),
+            &format!("{GOOD}\n[proxy]\nredirect_hosts = [\"ok.example\", \"https://bad\"]\n"),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("proxy.redirect_hosts[1]: \"https://bad\" is not a host name"),
+            "{e}"
         );
     }
 

@@ -6,6 +6,12 @@
 //! blob is committed (renamed into place) only after its sha256 and length
 //! match, so a transfer cut short never lands in the cache. A size cap
 //! evicts the least recently used entries (by mtime, touched on every hit).
+//!
+//! The size (and `slipway_cache_size_bytes`) counts content files only and
+//! changes only when an entry is created or removed (#13): it is measured
+//! from disk at start, a commit of a digest that is already cached is a
+//! no-op, and commits and evictions run under one lock so that the count
+//! and the directory never disagree.
 
 use std::fs;
 use std::io::{self, Write};
@@ -60,6 +66,9 @@ impl Cache {
         let mut size = 0;
         for e in fs::read_dir(dir.join("sha256")).map_err(io("cannot read"))? {
             let e = e.map_err(io("cannot read"))?;
+            if !is_content_name(&e.file_name()) {
+                continue; // `<hex>.type` and strays are not content
+            }
             if let Ok(m) = e.metadata() {
                 if m.is_file() {
                     size += m.len();
@@ -92,8 +101,16 @@ impl Cache {
     /// Look up a digest; a hit refreshes its LRU time.
     pub fn get(&self, d: &Digest) -> Option<Entry> {
         let path = self.path(d)?;
-        let f = fs::File::options().append(true).open(&path).ok()?;
-        let len = f.metadata().ok()?.len();
+        // Read-only (#13): opening for writing made every hit on a cache
+        // the agent may not write a miss and a refetch.
+        let f = fs::File::open(&path).ok()?;
+        let m = f.metadata().ok()?;
+        if !m.is_file() {
+            return None;
+        }
+        let len = m.len();
+        // futimens needs ownership, not a writable handle; where it is
+        // refused the entry only ages in the LRU order.
         let _ = f.set_modified(SystemTime::now());
         let content_type = fs::read_to_string(path.with_extension("type")).ok();
         Some(Entry {
@@ -122,7 +139,7 @@ impl Cache {
         })
     }
 
-    fn commit(&self, w: Writer) -> io::Result<bool> {
+    fn commit(&self, w: Writer) -> io::Result<Commit> {
         let Writer {
             digest,
             content_type,
@@ -133,39 +150,54 @@ impl Cache {
             ..
         } = w;
         if failed {
-            return Ok(false);
+            return Ok(Commit::Rejected);
         }
         let got = hex::encode(hasher.finalize());
         if got != digest.hex {
             tracing::warn!(%digest, actual = %got, "cache: content does not match its digest; not cached");
-            return Ok(false);
+            return Ok(Commit::Rejected);
         }
         file.flush()?;
         file.as_file().sync_all()?;
         let dest = self.path(&digest).expect("sha256");
-        if let Some(ct) = content_type {
-            crate::node::fs::write_atomic(&dest.with_extension("type"), ct.as_bytes(), 0o644)?;
-        }
-        file.persist(&dest).map_err(|e| e.error)?;
-        crate::node::fs::sync_dir(dest.parent().expect("has parent"))?;
-        let mut size = self.size.lock().expect("cache size lock");
-        *size += written;
-        self.metrics.cache_size.set(*size as i64);
-        if *size > self.max_bytes() {
-            *size = self.evict(*size);
+        {
+            // One lock over "is it there, create it, count it, evict": a
+            // concurrent commit of the same digest finds the entry and
+            // adds nothing (#13), and eviction never races a creation.
+            let mut size = self.size.lock().expect("cache size lock");
+            if fs::symlink_metadata(&dest).is_ok() {
+                return Ok(Commit::AlreadyCached);
+            }
+            if let Some(ct) = content_type {
+                crate::node::fs::write_atomic(&dest.with_extension("type"), ct.as_bytes(), 0o644)?;
+            }
+            match file.persist_noclobber(&dest) {
+                Ok(_) => {}
+                // Only another process could have created it meanwhile.
+                Err(e) if e.error.kind() == io::ErrorKind::AlreadyExists => {
+                    return Ok(Commit::AlreadyCached)
+                }
+                Err(e) => return Err(e.error),
+            }
+            *size += written;
+            if *size > self.max_bytes() {
+                *size = self.evict(*size);
+            }
             self.metrics.cache_size.set(*size as i64);
         }
-        Ok(true)
+        crate::node::fs::sync_dir(dest.parent().expect("has parent"))?;
+        Ok(Commit::Stored)
     }
 
     /// Remove least recently used entries until under 90% of the cap.
+    /// Called with the size lock held; subtracts only what it removed.
     fn evict(&self, mut size: u64) -> u64 {
         let target = self.max_bytes() / 10 * 9;
         let mut entries: Vec<(SystemTime, u64, PathBuf)> = fs::read_dir(self.dir.join("sha256"))
             .into_iter()
             .flatten()
             .flatten()
-            .filter(|e| e.path().extension().is_none())
+            .filter(|e| is_content_name(&e.file_name()))
             .filter_map(|e| {
                 let m = e.metadata().ok()?;
                 Some((m.modified().ok()?, m.len(), e.path()))
@@ -184,6 +216,26 @@ impl Cache {
         }
         size
     }
+}
+
+/// A content file's name: the 64 hex digits of its sha256, nothing else.
+fn is_content_name(name: &std::ffi::OsStr) -> bool {
+    name.to_str().is_some_and(|n| {
+        n.len() == 64
+            && n.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    })
+}
+
+/// What [`Writer::finish`] did with a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// Verified and renamed into place; the size grew by its length.
+    Stored,
+    /// Verified, but the digest was already cached: nothing changed.
+    AlreadyCached,
+    /// A failed write, or content that does not match its digest.
+    Rejected,
 }
 
 /// A blob being written to the cache while it streams to the client.
@@ -213,14 +265,14 @@ impl Writer {
 
     /// The body ended normally: verify and commit. Dropping a writer
     /// without finishing discards it (the temp file is removed).
-    pub fn finish(self) -> bool {
+    pub fn finish(self) -> Commit {
         let cache = self.cache.clone();
         let digest = self.digest.clone();
         match cache.commit(self) {
             Ok(done) => done,
             Err(e) => {
                 tracing::warn!(error = %e, %digest, "cache: commit failed");
-                false
+                Commit::Rejected
             }
         }
     }
@@ -249,11 +301,11 @@ mod tests {
         assert!(c.get(&da).is_none());
         let mut w = c.writer(&da, None).unwrap();
         w.write(&[2u8; 100]); // wrong content for this digest
-        assert!(!w.finish());
+        assert_eq!(w.finish(), Commit::Rejected);
         assert!(c.get(&da).is_none());
         let mut w = c.writer(&da, Some("x/y".into())).unwrap();
         w.write(&a);
-        assert!(w.finish());
+        assert_eq!(w.finish(), Commit::Stored);
         let e = c.get(&da).unwrap();
         assert_eq!((e.len, e.content_type.as_deref()), (100, Some("x/y")));
         assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
@@ -269,10 +321,142 @@ mod tests {
             let b = vec![fill; 100];
             let mut w = c.writer(&digest_of(&b), None).unwrap();
             w.write(&b);
-            assert!(w.finish());
+            assert_eq!(w.finish(), Commit::Stored);
         }
         assert!(c.get(&da).is_none(), "LRU entry not evicted");
         assert_eq!(m.cache_evictions.get(), 1);
         assert_eq!(m.cache_size.get(), 200);
+    }
+
+    /// Bytes of content entries on disk (what the gauge must say).
+    fn bytes_on_disk(dir: &Path) -> u64 {
+        fs::read_dir(dir.join("sha256"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_none())
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    }
+
+    /// #13: a second commit of a digest that is already cached must not add
+    /// its length again (the gauge said 64 MiB with 32 MiB on disk).
+    #[test]
+    fn concurrent_commits_of_one_digest_count_once() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::new());
+        let c = Arc::new(Cache::open(d.path(), 1 << 30, m.clone()).unwrap());
+        let b = vec![7u8; 4096];
+        let dg = digest_of(&b);
+        let writers: Vec<Writer> = (0..4)
+            .map(|_| {
+                let mut w = c.writer(&dg, Some("x/y".into())).unwrap();
+                w.write(&b);
+                w
+            })
+            .collect();
+        std::thread::scope(|s| {
+            for w in writers {
+                s.spawn(move || w.finish());
+            }
+        });
+        assert_eq!(m.cache_size.get(), 4096);
+        assert_eq!(bytes_on_disk(d.path()), 4096);
+        assert_eq!(fs::read_dir(d.path().join("tmp")).unwrap().count(), 0);
+        // Rebuilt from disk at start: content only, not the `.type` files.
+        let m2 = Arc::new(Metrics::new());
+        let _c2 = Cache::open(d.path(), 1 << 30, m2.clone()).unwrap();
+        assert_eq!(m2.cache_size.get(), 4096);
+    }
+
+    /// #13 property: after any interleaving of concurrent puts (right and
+    /// wrong content, repeated digests), hits and evictions, the gauge
+    /// equals the bytes on disk. A fixed-seed xorshift keeps it
+    /// reproducible; every loop is bounded.
+    #[test]
+    fn gauge_equals_bytes_on_disk_after_random_concurrent_sequences() {
+        for seed in 1..=20u64 {
+            let d = tempfile::tempdir().unwrap();
+            let m = Arc::new(Metrics::new());
+            // A small cap so that evictions happen in most sequences.
+            let c = Arc::new(Cache::open(d.path(), 3000, m.clone()).unwrap());
+            let blobs: Vec<Vec<u8>> = (0..6u8)
+                .map(|i| vec![i; 200 + 300 * usize::from(i)])
+                .collect();
+            std::thread::scope(|s| {
+                for t in 0..4u64 {
+                    let (c, blobs) = (c.clone(), &blobs);
+                    s.spawn(move || {
+                        let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ (t + 1);
+                        let mut next = move || {
+                            x ^= x << 13;
+                            x ^= x >> 7;
+                            x ^= x << 17;
+                            x
+                        };
+                        for _ in 0..40 {
+                            let b = &blobs[(next() % blobs.len() as u64) as usize];
+                            let dg = digest_of(b);
+                            match next() % 4 {
+                                0 | 1 => {
+                                    let mut w = c.writer(&dg, None).unwrap();
+                                    let half = b.len() / 2;
+                                    w.write(&b[..half]);
+                                    std::thread::yield_now();
+                                    w.write(&b[half..]);
+                                    w.finish();
+                                }
+                                2 => {
+                                    let mut w = c.writer(&dg, None).unwrap();
+                                    w.write(&b[1..]); // wrong content
+                                    w.finish();
+                                }
+                                _ => {
+                                    if let Some(e) = c.get(&dg) {
+                                        assert_eq!(e.len, b.len() as u64);
+                                    }
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            let disk = bytes_on_disk(d.path());
+            assert_eq!(m.cache_size.get() as u64, disk, "seed {seed}");
+            assert!(disk <= 3000, "seed {seed}: {disk} bytes over the cap");
+            let m2 = Arc::new(Metrics::new());
+            let _c2 = Cache::open(d.path(), 3000, m2.clone()).unwrap();
+            assert_eq!(m2.cache_size.get() as u64, disk, "seed {seed}: rebuilt");
+        }
+    }
+
+    /// #13: a hit opens the entry read-only, so a cache the agent may not
+    /// write (here: files owned by root, mode 0444, read with another
+    /// filesystem uid) still serves hits instead of refetching.
+    #[test]
+    fn hits_open_read_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::new());
+        let c = Arc::new(Cache::open(d.path(), 1 << 20, m).unwrap());
+        let b = vec![9u8; 100];
+        let dg = digest_of(&b);
+        let mut w = c.writer(&dg, None).unwrap();
+        w.write(&b);
+        w.finish();
+        let entry = c.get(&dg).expect("cached");
+        fs::set_permissions(&entry.path, fs::Permissions::from_mode(0o444)).unwrap();
+        fs::set_permissions(d.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let got = std::thread::spawn(move || {
+            // setfsuid is per thread on Linux; dropping to an unprivileged
+            // fsuid also drops CAP_DAC_OVERRIDE, so root sees what an
+            // unprivileged agent would.
+            if nix::unistd::Uid::effective().is_root() {
+                nix::unistd::setfsuid(nix::unistd::Uid::from_raw(65534));
+            }
+            c.get(&dg).map(|e| e.len)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(got, Some(100), "a read-only entry was not served");
     }
 }

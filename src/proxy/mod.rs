@@ -8,12 +8,15 @@
 //! Forwards only to `registry.upstream` (optionally dialled at
 //! `registry.dial`), over TLS verified with the cluster CA (rustls, no other
 //! roots). The client's URI authority, `Host` header and query never choose
-//! the destination. Bodies stream with backpressure and are never buffered
+//! the destination; upstream redirects are followed only as [`redirect`]
+//! allows. A whole response for a digest is hashed as it streams and its
+//! last chunk held back until it matches (#13). Bodies stream with backpressure and are never buffered
 //! whole; if the upstream fails mid-body the client connection is aborted
 //! (hyper closes it without completing the response), because containerd
 //! does not retry a truncated blob against the next host.
 
 pub mod cache;
+pub mod redirect;
 pub mod route;
 
 use std::convert::Infallible;
@@ -36,7 +39,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::admin::metrics::{Metrics, RequestLabels, SourceLabels};
+use crate::admin::metrics::{MethodLabel, Metrics, RequestLabels, RouteLabel, SourceLabels};
 use cache::Cache;
 use route::{Refusal, Route};
 
@@ -47,6 +50,18 @@ pub type ProxyBody = BoxBody<Bytes, BoxError>;
 pub enum ProxyError {
     #[error("registry.ca_file: cannot build a TLS trust store: {0}")]
     Tls(String),
+    #[error("proxy.redirect_ca_file {path}: {source}")]
+    RedirectCaRead {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("proxy.redirect_ca_file {path}: cannot build a TLS trust store: {message}")]
+    RedirectCa {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error("proxy.redirect_hosts is set, proxy.redirect_ca_file is not, and the system has no root certificates to trust those hosts with")]
+    NoSystemRoots,
     #[error("proxy.listen {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -65,6 +80,8 @@ pub struct Upstream {
     pub port: u16,
     /// Where to connect instead of resolving `host`.
     pub dial: Option<SocketAddr>,
+    /// Redirects to other origins (`proxy.redirect_hosts`, `proxy.redirect_ca_file`).
+    pub redirects: redirect::RedirectPolicy,
 }
 
 /// Timeouts that make a hung upstream fail fast: containerd does not move
@@ -123,36 +140,71 @@ impl tower_service::Service<Name> for DialResolver {
 /// The upstream registry as the proxy reaches it.
 pub struct UpstreamClient {
     client: HttpsClient,
-    redirect_client: HttpsClient,
+    /// For hosts in `proxy.redirect_hosts` (none when it is empty).
+    redirect_client: Option<HttpsClient>,
     /// `https://host:port` used in request URIs (port of `dial` if set).
     base: String,
     host: String,
+    /// The origins that are the upstream's own: as configured, and as
+    /// dialled (the port of `registry.dial`).
+    origins: Vec<redirect::Origin>,
+    redirects: redirect::RedirectPolicy,
 }
 
-fn tls_config(ca_pem: &[u8], extra_native_roots: bool) -> Result<rustls::ClientConfig, ProxyError> {
+fn roots_from_pem(pem: &[u8]) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
-    for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
-        let cert = cert.map_err(|e| ProxyError::Tls(e.to_string()))?;
-        roots
-            .add(cert)
-            .map_err(|e| ProxyError::Tls(e.to_string()))?;
-    }
-    if extra_native_roots {
-        // Redirect targets (cloud storage behind the registry) use public
-        // CAs; the registry itself is only ever trusted through the cluster CA.
-        for cert in rustls_native_certs::load_native_certs().certs {
-            let _ = roots.add(cert);
-        }
+    for cert in rustls_pemfile::certs(&mut &pem[..]) {
+        let cert = cert.map_err(|e| e.to_string())?;
+        roots.add(cert).map_err(|e| e.to_string())?;
     }
     if roots.is_empty() {
-        return Err(ProxyError::Tls("no certificates".into()));
+        return Err("no certificates".into());
     }
+    Ok(roots)
+}
+
+fn tls_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| ProxyError::Tls(e.to_string()))?
+        .map_err(|e| e.to_string())?
         .with_root_certificates(roots)
         .with_no_client_auth())
+}
+
+/// Trust for redirect targets: `proxy.redirect_ca_file` when set, else the
+/// system roots, never both and never the cluster CA by default (#13): the
+/// cluster CA says who the registry is, not who its storage is.
+fn redirect_tls(policy: &redirect::RedirectPolicy) -> Result<rustls::ClientConfig, ProxyError> {
+    let roots = match &policy.ca_file {
+        Some(path) => {
+            let pem = std::fs::read(path).map_err(|source| ProxyError::RedirectCaRead {
+                path: path.clone(),
+                source,
+            })?;
+            roots_from_pem(&pem).map_err(|message| ProxyError::RedirectCa {
+                path: path.clone(),
+                message,
+            })?
+        }
+        None => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls_native_certs::load_native_certs().certs {
+                let _ = roots.add(cert);
+            }
+            if roots.is_empty() {
+                return Err(ProxyError::NoSystemRoots);
+            }
+            roots
+        }
+    };
+    tls_config(roots).map_err(|message| match &policy.ca_file {
+        Some(path) => ProxyError::RedirectCa {
+            path: path.clone(),
+            message,
+        },
+        None => ProxyError::Tls(message),
+    })
 }
 
 fn https_client(tls: rustls::ClientConfig, dial: Option<SocketAddr>, t: &Timeouts) -> HttpsClient {
@@ -180,19 +232,34 @@ fn https_client(tls: rustls::ClientConfig, dial: Option<SocketAddr>, t: &Timeout
 
 impl UpstreamClient {
     pub fn new(up: &Upstream, ca_pem: &[u8], t: &Timeouts) -> Result<Self, ProxyError> {
-        let client = https_client(tls_config(ca_pem, false)?, up.dial, t);
-        let redirect_client = https_client(tls_config(ca_pem, true)?, None, t);
+        let tls = roots_from_pem(ca_pem)
+            .and_then(tls_config)
+            .map_err(ProxyError::Tls)?;
+        let client = https_client(tls, up.dial, t);
+        let redirect_client = if up.redirects.hosts.is_empty() {
+            None
+        } else {
+            Some(https_client(redirect_tls(&up.redirects)?, None, t))
+        };
         let host_in_uri = if up.host.contains(':') {
             format!("[{}]", up.host)
         } else {
             up.host.clone()
         };
         let port = up.dial.map(|d| d.port()).unwrap_or(up.port);
+        let base = format!("https://{host_in_uri}:{port}");
+        let origins = [format!("https://{host_in_uri}:{}", up.port), base.clone()]
+            .iter()
+            .filter_map(|u| url::Url::parse(u).ok())
+            .map(|u| redirect::Origin::of(&u))
+            .collect();
         Ok(UpstreamClient {
             client,
             redirect_client,
-            base: format!("https://{host_in_uri}:{port}"),
+            base,
             host: up.host.clone(),
+            origins,
+            redirects: up.redirects.clone(),
         })
     }
 }
@@ -318,7 +385,7 @@ pub async fn handle(
         classify(&state, &req)
     };
     let (resp, class) = match verdict {
-        Err(r) => (refusal_response(&r), "refused"),
+        Err(r) => (refusal_response(&r), RouteLabel::Refused),
         Ok(route) => {
             let class = route.class();
             (forward(&state, &method, route, req.headers()).await, class)
@@ -328,12 +395,12 @@ pub async fn handle(
         .metrics
         .requests
         .get_or_create(&RequestLabels {
-            method: method.as_str().into(),
-            route: class.into(),
+            method: MethodLabel::of(&method),
+            route: class,
             status: resp.status().as_u16(),
         })
         .inc();
-    debug!(%method, %path, route = class, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "proxied");
+    debug!(%method, %path, route = %class, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "proxied");
     Ok(resp)
 }
 
@@ -384,7 +451,8 @@ async fn forward(
     }
 
     let upstream = state.upstream.read().expect("upstream lock").clone();
-    let mut uri: Uri = match format!("{}{}", upstream.base, route.upstream_path()).parse() {
+    let mut current = match url::Url::parse(&format!("{}{}", upstream.base, route.upstream_path()))
+    {
         Ok(u) => u,
         Err(e) => return unavailable(format!("bad upstream uri: {e}")),
     };
@@ -392,6 +460,10 @@ async fn forward(
     let mut client = &upstream.client;
     let mut hops = 0;
     let resp = loop {
+        let uri: Uri = match current.as_str().parse() {
+            Ok(u) => u,
+            Err(e) => return unavailable(format!("bad upstream uri: {e}")),
+        };
         let mut b = Request::builder().method(method.clone()).uri(uri.clone());
         for h in REQUEST_HEADERS.iter() {
             if h == header::AUTHORIZATION {
@@ -424,31 +496,44 @@ async fn forward(
             state.upstream_seen.store(true, Ordering::Relaxed);
         }
         // Registries backed by object storage redirect blob GETs.
-        if resp.status().is_redirection() && hops < 5 {
-            if let Some(loc) = resp
-                .headers()
-                .get(header::LOCATION)
-                .and_then(|l| l.to_str().ok())
-            {
-                let next: Uri = match loc.parse::<Uri>() {
-                    Ok(u) if u.scheme().is_some() => u,
-                    Ok(u) => match format!("{}{}", upstream.base, u).parse() {
-                        Ok(u) => u,
-                        Err(_) => break resp,
-                    },
-                    Err(_) => break resp,
-                };
-                if next.host() != uri.host() {
-                    // Like Go's net/http: credentials stay with their host.
-                    auth = None;
-                    client = &upstream.redirect_client;
-                }
-                uri = next;
-                hops += 1;
-                continue;
+        let location = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|l| l.to_str().ok());
+        let Some(loc) = location.filter(|_| resp.status().is_redirection() && hops < 5) else {
+            break resp;
+        };
+        let hop = match upstream
+            .redirects
+            .next_hop(&upstream.origins, &current, loc)
+        {
+            Ok(h) => h,
+            Err(why) => {
+                // 503, like an unreachable upstream: containerd tries its
+                // next host instead of following the redirect itself.
+                warn!(route = %route.class(), "{why}; not followed");
+                return unavailable(why.to_string());
             }
+        };
+        if hop.same_origin {
+            // Back on the upstream: its client, and its dial address.
+            let mut u = hop.url;
+            if let Ok(base) = url::Url::parse(&upstream.base) {
+                let _ = u.set_port(base.port());
+            }
+            client = &upstream.client;
+            current = u;
+        } else {
+            // Like Go's net/http, credentials stay with their origin; unlike
+            // it, a change of port counts (#13).
+            auth = None;
+            client = match &upstream.redirect_client {
+                Some(c) => c,
+                None => return unavailable("no client for redirect hosts".into()),
+            };
+            current = hop.url;
         }
-        break resp;
+        hops += 1;
     };
 
     let status = resp.status();
@@ -471,9 +556,21 @@ async fn forward(
             .body(Empty::new().map_err(|never| match never {}).boxed())
             .expect("response");
     }
+    let whole_by_digest = status == StatusCode::OK && range.is_none();
     let writer = match (&state.cache, route.digest()) {
-        (Some(c), Some(d)) if status == StatusCode::OK && range.is_none() => {
-            c.writer(d, content_type)
+        (Some(c), Some(d)) if whole_by_digest => c.writer(d, content_type),
+        _ => None,
+    };
+    // A whole response for a digest is checked as it streams (#13): a
+    // Range response is a part and passes as it is.
+    let verify = match route.digest() {
+        Some(d) if whole_by_digest => {
+            let want_len = resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            Some(Verify::new(d.clone(), want_len))
         }
         _ => None,
     };
@@ -482,6 +579,9 @@ async fn forward(
         idle: state.timeouts().body_idle,
         sleep: Box::pin(tokio::time::sleep(state.timeouts().body_idle)),
         cache: writer,
+        verify,
+        tail: None,
+        done: false,
         metrics: state.metrics.clone(),
         bytes: state
             .metrics
@@ -584,12 +684,107 @@ async fn serve_cached(
     b.body(BodyExt::boxed(body)).ok()
 }
 
-/// An upstream body on its way to the client, teed into the cache.
+/// Hashes a response for a digest while it streams and holds back its last
+/// chunk, so that the client only ever completes a response whose digest
+/// and length were checked (#13). containerd verifies too, but only when
+/// it commits the content, after the fetch from this host has succeeded:
+/// a clean 200 with wrong bytes fails the pull instead of being retried.
+struct Verify {
+    want: route::Digest,
+    want_len: Option<u64>,
+    hasher: Hasher,
+    seen: u64,
+    held: Option<Bytes>,
+}
+
+enum Hasher {
+    Sha256(sha2::Sha256),
+    Sha512(sha2::Sha512),
+}
+
+/// Why a response for a digest was refused at its end.
+#[derive(Debug, thiserror::Error)]
+enum Mismatch {
+    #[error("upstream sent {got} bytes for {digest} with Content-Length {want}")]
+    Length {
+        digest: route::Digest,
+        got: u64,
+        want: u64,
+    },
+    #[error("upstream sent content with digest {algorithm}:{got} for {digest}")]
+    Digest {
+        digest: route::Digest,
+        algorithm: &'static str,
+        got: String,
+    },
+}
+
+impl Verify {
+    fn new(want: route::Digest, want_len: Option<u64>) -> Self {
+        use sha2::Digest as _;
+        let hasher = match want.algorithm {
+            "sha512" => Hasher::Sha512(sha2::Sha512::new()),
+            _ => Hasher::Sha256(sha2::Sha256::new()),
+        };
+        Verify {
+            want,
+            want_len,
+            hasher,
+            seen: 0,
+            held: None,
+        }
+    }
+
+    /// Take in a chunk; returns the chunk that may go out now.
+    fn push(&mut self, chunk: Bytes) -> Option<Bytes> {
+        use sha2::Digest as _;
+        match &mut self.hasher {
+            Hasher::Sha256(h) => h.update(&chunk),
+            Hasher::Sha512(h) => h.update(&chunk),
+        }
+        self.seen += chunk.len() as u64;
+        self.held.replace(chunk)
+    }
+
+    /// The body ended: the held-back chunk if everything matches.
+    fn finish(self) -> Result<Option<Bytes>, Mismatch> {
+        use sha2::Digest as _;
+        if let Some(want) = self.want_len {
+            if want != self.seen {
+                return Err(Mismatch::Length {
+                    digest: self.want,
+                    got: self.seen,
+                    want,
+                });
+            }
+        }
+        let got = match self.hasher {
+            Hasher::Sha256(h) => hex::encode(h.finalize()),
+            Hasher::Sha512(h) => hex::encode(h.finalize()),
+        };
+        if got != self.want.hex {
+            return Err(Mismatch::Digest {
+                algorithm: self.want.algorithm,
+                digest: self.want,
+                got,
+            });
+        }
+        Ok(self.held)
+    }
+}
+
+/// An upstream body on its way to the client, teed into the cache and,
+/// for a digest, verified before its last chunk goes out.
 struct Streamed {
     inner: Incoming,
     idle: Duration,
     sleep: Pin<Box<tokio::time::Sleep>>,
     cache: Option<cache::Writer>,
+    verify: Option<Verify>,
+    /// The verified last chunk, to send on the next poll.
+    tail: Option<Bytes>,
+    /// Everything has been handed to hyper.
+    done: bool,
     metrics: Arc<Metrics>,
     bytes: prometheus_client::metrics::counter::Counter,
     success: bool,
@@ -597,8 +792,10 @@ struct Streamed {
 }
 
 impl Streamed {
-    /// The whole body arrived: commit the cache entry and record the pull.
+    /// The whole body arrived (and was verified): commit the cache entry
+    /// and record the pull.
     fn finish(&mut self) {
+        self.done = true;
         if let Some(w) = self.cache.take() {
             // Verifying, fsync and rename can take a while under I/O load;
             // keep them off the runtime's worker threads.
@@ -607,6 +804,30 @@ impl Streamed {
         if std::mem::take(&mut self.success) {
             mark_pull(&self.metrics);
         }
+    }
+
+    fn send(&mut self, chunk: Bytes) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.bytes.inc_by(chunk.len() as u64);
+        Poll::Ready(Some(Ok(Frame::data(chunk))))
+    }
+
+    /// The upstream body ended: check it; the chunk still to send, if any.
+    fn end(&mut self) -> Result<Option<Bytes>, BoxError> {
+        let tail = match self.verify.take().map(Verify::finish) {
+            None => None,
+            Some(Ok(tail)) => tail,
+            Some(Err(e)) => {
+                // The error makes hyper abort the client connection; the
+                // cache writer is dropped, so nothing lands there either.
+                self.cache = None;
+                self.done = true;
+                self.metrics.digest_mismatches.inc();
+                warn!(error = %e, "digest mismatch; aborting the client connection");
+                return Err(Box::new(e));
+            }
+        };
+        self.finish();
+        Ok(tail.filter(|t| !t.is_empty()))
     }
 }
 
@@ -619,50 +840,85 @@ impl Body for Streamed {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(d) = frame.data_ref() {
+        if let Some(t) = this.tail.take() {
+            return this.send(t);
+        }
+        if this.done {
+            return Poll::Ready(None);
+        }
+        // Bounded: each turn consumes one upstream frame; it only repeats
+        // for a frame that is held back or empty.
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    this.sleep.as_mut().reset(deadline);
+                    let data = match frame.into_data() {
+                        Ok(d) => d,
+                        Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
+                    };
                     if let Some(w) = this.cache.as_mut() {
-                        w.write(d);
+                        w.write(&data);
                     }
-                    this.bytes.inc_by(d.len() as u64);
+                    let out = match this.verify.as_mut() {
+                        Some(v) => v.push(data),
+                        None => Some(data),
+                    };
+                    let out = out.filter(|c| !c.is_empty());
+                    // hyper stops polling once the body reports its end (all
+                    // of Content-Length delivered), so end here, not on `None`.
+                    if this.inner.is_end_stream() {
+                        let tail = match this.end() {
+                            Ok(t) => t,
+                            Err(e) => return Poll::Ready(Some(Err(e))),
+                        };
+                        return match (out, tail) {
+                            (Some(c), t) => {
+                                this.tail = t;
+                                this.send(c)
+                            }
+                            (None, Some(t)) => this.send(t),
+                            (None, None) => Poll::Ready(None),
+                        };
+                    }
+                    match out {
+                        Some(chunk) => return this.send(chunk),
+                        None => continue,
+                    }
                 }
-                // hyper stops polling once the body reports its end (all of
-                // Content-Length delivered), so finish here, not on `None`.
-                if this.inner.is_end_stream() {
-                    this.finish();
-                }
-                let deadline = tokio::time::Instant::now() + this.idle;
-                this.sleep.as_mut().reset(deadline);
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                // Discard the partial blob; the error makes hyper abort the
-                // client connection instead of ending the response.
-                this.cache = None;
-                warn!(error = %e, "upstream body failed mid-transfer; aborting the client connection");
-                Poll::Ready(Some(Err(Box::new(e))))
-            }
-            Poll::Ready(None) => {
-                this.finish();
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if this.sleep.as_mut().poll(cx).is_ready() {
+                Poll::Ready(Some(Err(e))) => {
+                    // Discard the partial blob; the error makes hyper abort the
+                    // client connection instead of ending the response.
                     this.cache = None;
-                    warn!(
-                        "upstream body stalled for {:?}; aborting the client connection",
-                        this.idle
-                    );
-                    return Poll::Ready(Some(Err("upstream body stalled".into())));
+                    this.verify = None;
+                    warn!(error = %e, "upstream body failed mid-transfer; aborting the client connection");
+                    return Poll::Ready(Some(Err(Box::new(e))));
                 }
-                Poll::Pending
+                Poll::Ready(None) => {
+                    return match this.end() {
+                        Ok(Some(t)) => this.send(t),
+                        Ok(None) => Poll::Ready(None),
+                        Err(e) => Poll::Ready(Some(Err(e))),
+                    }
+                }
+                Poll::Pending => {
+                    if this.sleep.as_mut().poll(cx).is_ready() {
+                        this.cache = None;
+                        this.verify = None;
+                        warn!(
+                            "upstream body stalled for {:?}; aborting the client connection",
+                            this.idle
+                        );
+                        return Poll::Ready(Some(Err("upstream body stalled".into())));
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.done && self.tail.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {

@@ -9,6 +9,8 @@ use std::sync::OnceLock;
 
 use regex::Regex;
 
+use crate::admin::metrics::RouteLabel;
+
 /// A request the proxy may forward.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
@@ -25,16 +27,16 @@ pub enum Route {
 }
 
 impl Route {
-    /// Low-cardinality label for metrics.
-    pub fn class(&self) -> &'static str {
+    /// The metrics label: a closed set, never text from the request (#13).
+    pub fn class(&self) -> RouteLabel {
         match self {
-            Route::Base => "base",
+            Route::Base => RouteLabel::Base,
             Route::Manifest {
                 reference: Reference::Tag(_),
                 ..
-            } => "manifest_tag",
-            Route::Manifest { .. } => "manifest_digest",
-            Route::Blob { .. } => "blob",
+            } => RouteLabel::ManifestTag,
+            Route::Manifest { .. } => RouteLabel::ManifestDigest,
+            Route::Blob { .. } => RouteLabel::Blob,
         }
     }
 
@@ -238,7 +240,7 @@ mod tests {
             &a(),
         )
         .unwrap();
-        assert_eq!(r.class(), "manifest_tag");
+        assert_eq!(r.class(), RouteLabel::ManifestTag);
         assert_eq!(r.upstream_path(), "/v2/team/app/manifests/v1.2");
         let r = classify("GET", &format!("/v2/app/blobs/{D}"), None, &a()).unwrap();
         assert_eq!(r.digest().unwrap().to_string(), D);
