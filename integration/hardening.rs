@@ -233,18 +233,23 @@ fn sighup_removing_an_alias_drops_its_series_and_its_directory() {
     let n = node(|_| {});
     let a = n.agent();
     wait_for("both aliases applied", Duration::from_secs(5), || {
-        a.metrics()
-            .contains(&format!("slipway_hostconfig_state{{alias=\"{OTHER}\",state=\"applied\"}} 1"))
+        a.metrics().contains(&format!(
+            "slipway_hostconfig_state{{alias=\"{OTHER}\",state=\"applied\"}} 1"
+        ))
     });
     let text = fs::read_to_string(&a.config).unwrap();
     let fewer = text.replace(&format!(", {OTHER:?}"), "");
     assert_ne!(text, fewer);
     fs::write(&a.config, fewer).unwrap();
     a.signal(nix::sys::signal::Signal::SIGHUP);
-    wait_for("the removed alias's series gone", Duration::from_secs(5), || {
-        let m = a.metrics();
-        !m.contains(OTHER) && m.contains(&format!("alias=\"{ALIAS}\""))
-    });
+    wait_for(
+        "the removed alias's series gone",
+        Duration::from_secs(5),
+        || {
+            let m = a.metrics();
+            !m.contains(OTHER) && m.contains(&format!("alias=\"{ALIAS}\""))
+        },
+    );
     assert!(!a.metrics().contains("no longer configured"));
     wait_for("its directory removed", Duration::from_secs(5), || {
         !n.certs.join(OTHER).exists()
