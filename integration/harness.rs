@@ -1178,6 +1178,33 @@ impl Agent {
         ca: &Path,
         extra: &str,
     ) -> Agent {
+        Self::start_env(
+            dir,
+            certs_dir,
+            config_file,
+            aliases,
+            upstream,
+            dial,
+            ca,
+            extra,
+            &[],
+        )
+    }
+
+    /// [`Agent::start`] with `SLIPWAY_*` variables set (keys of sections
+    /// the base config already has, e.g. `containerd.socket`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_env(
+        dir: &Path,
+        certs_dir: &Path,
+        config_file: &Path,
+        aliases: &[&str],
+        upstream: &str,
+        dial: Option<&str>,
+        ca: &Path,
+        extra: &str,
+        env: &[(&str, &str)],
+    ) -> Agent {
         // Port 0 for both listeners: the agent binds, then logs what it
         // bound ("slipway agent starting proxy=… admin=…") and writes that
         // proxy address into hosts.toml, so no port is picked and released
@@ -1201,7 +1228,8 @@ impl Agent {
         cmd.args(["agent", "--config"])
             .arg(&config)
             .env("SLIPWAY_LOG", "info,slipway=debug")
-            .env("SLIPWAY_LOG_FORMAT", "text");
+            .env("SLIPWAY_LOG_FORMAT", "text")
+            .envs(env.iter().copied());
         let proc = Proc::spawn(
             "slipway-agent",
             cmd,

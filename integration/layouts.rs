@@ -12,6 +12,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use crate::harness::*;
 use crate::{tls_setup, ALIAS};
@@ -720,5 +721,136 @@ fn finding_2_1_transfer_service_reads_a_list_config_path_as_one_directory() {
     eprintln!(
         "containerd {} single config_path, transfer service: pulled {r}",
         rel.name
+    );
+}
+
+/// #8 point 3: on 2.1 with the EKS list under the transfer service the pull
+/// fails, so the agent must not be ready: `/readyz` is 503 and names both
+/// fixes. `--fix-containerd-config` adds `use_local_image_pull = true` with a
+/// backup and leaves containerd running; after the restart the test does,
+/// the CRI pull works, through the agent's proxy, and `/readyz` is 200.
+#[test]
+fn eks_list_on_2_1_transfer_service_is_not_ready_until_fixed() {
+    if !prerequisites() {
+        return;
+    }
+    let rel = release("2.1").unwrap();
+    if let Err(e) = rel.check() {
+        panic!("{e}");
+    }
+    let s = tls_setup();
+    let other = s.dir.join("docker-certs.d");
+    fs::create_dir_all(&other).unwrap();
+    let mut list = String::new();
+    let mut ctd = Containerd::start_release(&s.dir, rel, |certs| {
+        list = format!("{}:{}", certs.display(), other.display());
+        CtdOpts {
+            config_path: Some(list.clone()),
+            extra: String::new(),
+        }
+    });
+    let upstream = format!("https://{}", s.registry.addr);
+    let start_agent = |ctd: &Containerd| {
+        Agent::start(
+            &s.dir,
+            &ctd.certs_dir,
+            &ctd.config_file,
+            &[ALIAS],
+            &upstream,
+            None,
+            &s.pki.ca(),
+            "",
+        )
+    };
+    let image = format!("{ALIAS}/app@{}", s.digest);
+    let mut agent = start_agent(&ctd);
+    let err = ctd
+        .pull(&image)
+        .expect_err("2.1 transfer mode pulled with a list config_path: containerd#12415 is fixed in this build; the agent must then report it covered");
+    assert!(err.contains("lookup registry.shared-services"), "{err}");
+    let certs = ctd.certs_dir.display().to_string();
+    let fix_line = format!(
+        "set config_path = {certs:?} under [plugins.\"io.containerd.cri.v1.images\".registry] in {}",
+        ctd.config_file.display()
+    );
+    let local_line =
+        "set use_local_image_pull = true under [plugins.\"io.containerd.cri.v1.images\"]";
+    let mut body = String::new();
+    wait_for("/readyz names the fix", Duration::from_secs(10), || {
+        let r = http(&agent.admin, "GET", "/readyz", &[]).unwrap();
+        body = String::from_utf8_lossy(&r.body).to_string();
+        r.status == 503 && body.contains(local_line)
+    });
+    eprintln!("containerd {} list config_path, /readyz:\n{body}", rel.name);
+    assert!(body.starts_with("not ready: "), "{body}");
+    assert!(
+        body.contains("containerd_config_path_covers_certs_dir: "),
+        "{body}"
+    );
+    assert!(body.contains(&fix_line), "{body}");
+    assert!(body.contains("containerd#12415"), "{body}");
+    let log = agent.proc.log_text();
+    assert!(log.contains(local_line) && log.contains(&fix_line), "{log}");
+    assert_eq!(agent.metric("slipway_containerd_config_path_covered"), 0.0);
+    agent.proc.stop();
+
+    // The fix: a backup, one added key, no restart.
+    let before = fs::read_to_string(&ctd.config_file).unwrap();
+    let ctd_pid = ctd.proc.child.id();
+    let out = slipway(&[
+        "agent",
+        "--once",
+        "--fix-containerd-config",
+        "--config",
+        agent.config.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("containerd must be restarted"), "{stderr}");
+    let after = fs::read_to_string(&ctd.config_file).unwrap();
+    assert!(after.contains("use_local_image_pull = true"), "{after}");
+    assert!(
+        after.contains(&format!("config_path = {list:?}")),
+        "{after}"
+    );
+    let backups: Vec<PathBuf> = fs::read_dir(&ctd.dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("config.toml.slipway-backup.")
+        })
+        .collect();
+    assert_eq!(backups.len(), 1, "{backups:?}");
+    assert_eq!(fs::read_to_string(&backups[0]).unwrap(), before);
+    assert!(
+        ctd.proc.child.try_wait().unwrap().is_none() && ctd.proc.child.id() == ctd_pid,
+        "slipway restarted or stopped containerd"
+    );
+    assert!(
+        ctd.pull(&image).is_err(),
+        "pulled before containerd restarted"
+    );
+
+    ctd.restart();
+    let agent = start_agent(&ctd);
+    wait_for("/readyz 200 after the fix", Duration::from_secs(10), || {
+        http(&agent.admin, "GET", "/readyz", &[])
+            .map(|r| r.status == 200)
+            .unwrap_or(false)
+    });
+    let served = agent.metric("slipway_last_successful_pull_timestamp_seconds");
+    let r = ctd
+        .pull(&image)
+        .unwrap_or_else(|e| panic!("after the fix and a restart: {e}"));
+    eprintln!(
+        "containerd {} list config_path + use_local_image_pull = true: pulled {r}",
+        rel.name
+    );
+    assert!(
+        agent.metric("slipway_last_successful_pull_timestamp_seconds") > served,
+        "the pull did not go through the agent's proxy"
     );
 }

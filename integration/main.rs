@@ -2,6 +2,7 @@
 //! kubelet path), the distribution registry with TLS from `slipway pki
 //! init`, skopeo and umoci. Run as root by `.ci/run`.
 
+mod canary;
 mod daemon;
 mod hardening;
 mod harness;

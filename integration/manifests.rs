@@ -155,6 +155,7 @@ fn every_kustomization_renders_into_the_namespace() {
         "daemonset/base",
         "daemonset/cleanup",
         "daemonset/config",
+        "daemonset/overlays/canary",
         "daemonset/overlays/fix-containerd-config",
         "daemonset/overlays/loadbalancer",
         "daemonset/overlays/prometheus",
@@ -525,6 +526,44 @@ fn overlays_and_cleanup() {
             ("/var/lib/slipway/cache", false),
         ])
     );
+}
+
+/// #8: the canary overlay mounts containerd's socket into the agent, names
+/// the canary by the digest the code builds, and pushes it with a Job.
+#[test]
+fn canary_overlay() {
+    let Some(k) = kubectl() else { return };
+    let objects = render(&k, "daemonset/overlays/canary");
+    let pod = pod_spec(find(&objects, "DaemonSet", "slipway-agent")).unwrap();
+    let env = &pod["containers"][0]["env"];
+    let var = |name: &str| {
+        env.as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not set: {env}"))["value"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let image = slipway::canary_image::build();
+    assert_eq!(
+        var("SLIPWAY_AGENT_CANARY_IMAGE"),
+        format!(
+            "registry.shared-services:5000/slipway/canary@{}",
+            image.index().digest()
+        )
+    );
+    assert_eq!(
+        var("SLIPWAY_CONTAINERD_SOCKET"),
+        "/run/containerd/containerd.sock"
+    );
+    assert!(host_paths(pod).contains(&("/run/containerd/containerd.sock".to_string(), false)));
+    let job = pod_spec(find(&objects, "Job", "slipway-canary-push")).unwrap();
+    let args = strs(&job["containers"][0]["args"]);
+    assert_eq!(&args[..2], ["canary", "push"]);
+    assert!(args.contains(&"registry.shared-services:5000"), "{args:?}");
+    assert_eq!(job["automountServiceAccountToken"], false);
 }
 
 /// A test that cannot run fails naming what is missing; only

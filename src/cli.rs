@@ -64,6 +64,11 @@ pub enum Cmd {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// The canary image the agent pulls to prove readiness
+    Canary {
+        #[command(subcommand)]
+        cmd: CanaryCmd,
+    },
     /// Build an image from a git revision in the cluster with Kaniko; prints REG/NAME@sha256:…
     Build(Box<crate::builds::BuildArgs>),
     /// List builds with their status, commit, digest and age
@@ -122,6 +127,27 @@ pub enum PkiCmd {
     },
 }
 
+#[derive(Subcommand)]
+pub enum CanaryCmd {
+    /// Push the tiny deterministic canary image; prints REG/REPO@sha256:…
+    /// (the same digest every time)
+    Push {
+        /// The registry, https://host[:port]
+        #[arg(long, env = "SLIPWAY_CANARY_UPSTREAM")]
+        upstream: String,
+        /// PEM CA bundle that signs the registry's certificate (the only roots trusted)
+        #[arg(long, env = "SLIPWAY_CANARY_CA_FILE")]
+        ca_file: PathBuf,
+        /// Repository to push to
+        #[arg(long, default_value = crate::canary_image::DEFAULT_REPO)]
+        repo: String,
+        /// Registry name to print instead of the upstream's host[:port]
+        /// (the alias nodes pull it under, for agent.canary_image)
+        #[arg(long)]
+        name_as: Option<String>,
+    },
+}
+
 /// Any command's failure.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -134,6 +160,8 @@ pub enum Error {
     Ensure(Box<EnsureError>),
     #[error(transparent)]
     Build(#[from] BuildError),
+    #[error(transparent)]
+    Canary(#[from] crate::canary_image::PushError),
     #[error("{what}: {source}")]
     Runtime {
         what: &'static str,
@@ -148,6 +176,7 @@ impl ExitStatus for Error {
             Error::Pki(e) => e.exit_code(),
             Error::Ensure(e) => EnsureError::exit_code(e),
             Error::Build(e) => ExitStatus::exit_code(e),
+            Error::Canary(e) => e.exit_code(),
             Error::Runtime { .. } => crate::EXIT_APPLY_FAILED,
         }
     }
@@ -284,6 +313,25 @@ pub fn run(cmd: Cmd) -> Result<u8, Error> {
         }
         Cmd::Builds { settings, output } => {
             runtime(true)?.block_on(crate::builds::run::cli_builds(&settings, output))?;
+            Ok(0)
+        }
+        Cmd::Canary {
+            cmd:
+                CanaryCmd::Push {
+                    upstream,
+                    ca_file,
+                    repo,
+                    name_as,
+                },
+        } => {
+            let args = crate::canary_image::PushArgs {
+                upstream,
+                ca_file,
+                repo,
+                name_as,
+            };
+            let reference = runtime(false)?.block_on(crate::canary_image::push(&args))?;
+            println!("{reference}");
             Ok(0)
         }
         Cmd::Logs { build, settings } => {

@@ -10,6 +10,7 @@
 //! | [`pki`] | `slipway pki` | certificates, the ensure plan | `pki init` files, `pki ensure` API calls |
 //! | [`builds`] | `slipway build`, `builds`, `logs` | Job, log and status readers | the build runner's API calls |
 //! | [`k8s`] | shared | name validators, labels, API error classes | |
+//! | [`canary_image`] | `slipway canary push` | the canary image's bytes | its registry API pushes |
 //! | [`cli`] | the command line | clap types | dispatch to the programs |
 //! | [`signal`] | shared | | one shutdown stream for the daemon and the build runner |
 //!
@@ -18,6 +19,7 @@
 
 pub(crate) mod admin;
 pub mod builds;
+pub mod canary_image;
 pub mod cli;
 pub(crate) mod k8s;
 pub mod node;

@@ -174,6 +174,8 @@ pub struct Metrics {
     pub ca_expiry: FGauge,
     pub build_info: Family<BuildLabels, Gauge>,
     pub digest_mismatches: Counter,
+    pub canary_pull: Histogram,
+    pub canary_last_success: FGauge,
 }
 
 impl Default for Metrics {
@@ -281,6 +283,20 @@ impl Metrics {
             "Responses for a digest whose content or length did not match; the client connection was aborted",
             digest_mismatches.clone(),
         );
+        // A canary pull is a whole image pull through containerd: 50 ms up
+        // to its deadline range (about 100 s).
+        let canary_pull = Histogram::new(exponential_buckets(0.05, 2.0, 12));
+        r.register(
+            "canary_pull_seconds",
+            "Duration of each canary pull through CRI PullImage, failed ones included",
+            canary_pull.clone(),
+        );
+        let canary_last_success = FGauge::default();
+        r.register(
+            "canary_last_success_timestamp_seconds",
+            "Unix time the last canary pull through CRI succeeded (0: never)",
+            canary_last_success.clone(),
+        );
         // Families print their HELP only once they have a series; create
         // the known ones so a fresh agent's /metrics lists every metric.
         for source in ["upstream", "cache"] {
@@ -314,6 +330,8 @@ impl Metrics {
             ca_expiry,
             build_info,
             digest_mismatches,
+            canary_pull,
+            canary_last_success,
         }
     }
 
@@ -389,6 +407,8 @@ mod tests {
             "slipway_ca_expiry_timestamp_seconds",
             "slipway_build_info",
             "slipway_proxy_digest_mismatches",
+            "slipway_canary_pull_seconds",
+            "slipway_canary_last_success_timestamp_seconds",
         ] {
             assert!(
                 t.contains(&format!("# HELP {name} ")),

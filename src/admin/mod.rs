@@ -138,6 +138,7 @@ mod tests {
         r.set(Check::HostconfigApplied, Ok(()));
         r.set(Check::ConfigPathCovered, Ok(()));
         r.set(Check::ProxyBound, Ok(()));
+        r.set(Check::Canary, Ok(()));
         let failing: Vec<Check> = r.failing().into_iter().map(|(c, _)| c).collect();
         assert_eq!(failing, vec![Check::UpstreamAnswered]);
         r.set(Check::UpstreamAnswered, Ok(()));

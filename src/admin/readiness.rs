@@ -3,7 +3,8 @@
 //!
 //! The node's checks are written by one writer, [`crate::node::status`]
 //! (from each pass's [`crate::node::reconcile::NodeStatus`]), and by the
-//! daemon for the proxy and the upstream probe.
+//! daemon for the proxy and the upstream probe, and by the canary
+//! ([`crate::node::canary`]) for the `canary` check.
 
 use std::fmt;
 use std::sync::RwLock;
@@ -19,14 +20,18 @@ pub enum Check {
     ProxyBound,
     /// The upstream registry answered `/v2/` at least once.
     UpstreamAnswered,
+    /// The latest canary pull through CRI succeeded (passes when no
+    /// canary is configured).
+    Canary,
 }
 
 impl Check {
-    pub const ALL: [Check; 4] = [
+    pub const ALL: [Check; 5] = [
         Check::HostconfigApplied,
         Check::ConfigPathCovered,
         Check::ProxyBound,
         Check::UpstreamAnswered,
+        Check::Canary,
     ];
 
     pub fn name(self) -> &'static str {
@@ -35,6 +40,7 @@ impl Check {
             Check::ConfigPathCovered => "containerd_config_path_covers_certs_dir",
             Check::ProxyBound => "proxy_bound",
             Check::UpstreamAnswered => "upstream_answered",
+            Check::Canary => "canary",
         }
     }
 
@@ -51,7 +57,7 @@ impl fmt::Display for Check {
 
 /// The checks and their state. Each starts failing with "not checked yet".
 pub struct Readiness {
-    checks: RwLock<[Option<String>; 4]>,
+    checks: RwLock<[Option<String>; Check::ALL.len()]>,
 }
 
 impl Default for Readiness {
@@ -100,7 +106,7 @@ mod tests {
     #[test]
     fn every_check_starts_failing_and_names_its_reason() {
         let r = Readiness::default();
-        assert_eq!(r.failing().len(), 4);
+        assert_eq!(r.failing().len(), 5);
         for c in Check::ALL {
             r.set(c, Ok(()));
         }

@@ -16,6 +16,11 @@
 //! host_root   = "/host"                 # where the host's / is mounted (default "/")
 //! certs_dir   = "/etc/containerd/certs.d"
 //! config_file = "/etc/containerd/config.toml"
+//! socket      = "/run/containerd/containerd.sock"  # optional: CRI socket for the canary
+//!
+//! [agent]
+//! canary_image = "registry.shared-services:5000/slipway/canary@sha256:…"  # optional
+//! canary_interval_secs = 300
 //! ```
 
 use std::net::SocketAddr;
@@ -82,6 +87,7 @@ struct FileContainerd {
     host_root: Option<PathBuf>,
     certs_dir: Option<PathBuf>,
     config_file: Option<PathBuf>,
+    socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -102,6 +108,8 @@ struct FileProxy {
 struct FileAgent {
     reconcile_interval_secs: Option<f64>,
     grace_period_secs: Option<f64>,
+    canary_image: Option<String>,
+    canary_interval_secs: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -141,6 +149,9 @@ pub struct Overrides {
     /// containerd.config_file: host path of containerd's config.toml
     #[arg(long, env = "SLIPWAY_CONTAINERD_CONFIG_FILE")]
     pub containerd_config_file: Option<PathBuf>,
+    /// containerd.socket: host path of containerd's CRI socket, for the canary pull (unset: no canary)
+    #[arg(long, env = "SLIPWAY_CONTAINERD_SOCKET")]
+    pub containerd_socket: Option<PathBuf>,
     /// proxy.listen: loopback address of the node-local pull proxy
     #[arg(long, env = "SLIPWAY_PROXY_LISTEN")]
     pub proxy_listen: Option<String>,
@@ -185,6 +196,12 @@ pub struct Overrides {
     /// agent.grace_period_secs: how long SIGTERM waits for in-flight transfers
     #[arg(long, env = "SLIPWAY_AGENT_GRACE_PERIOD_SECS")]
     pub agent_grace_period_secs: Option<f64>,
+    /// agent.canary_image: REG/REPO@sha256:… under an alias, pulled through CRI to prove readiness
+    #[arg(long, env = "SLIPWAY_AGENT_CANARY_IMAGE")]
+    pub agent_canary_image: Option<String>,
+    /// agent.canary_interval_secs: how often the canary is pulled again (default 300)
+    #[arg(long, env = "SLIPWAY_AGENT_CANARY_INTERVAL_SECS")]
+    pub agent_canary_interval_secs: Option<f64>,
 }
 
 /// Validated configuration.
@@ -203,6 +220,59 @@ pub struct AgentConfig {
     pub timeouts: Timeouts,
     pub reconcile_interval: Duration,
     pub grace_period: Duration,
+    /// Host path of containerd's CRI socket (`containerd.socket`).
+    pub containerd_socket: Option<PathBuf>,
+    pub canary_image: Option<CanaryImage>,
+    pub canary_interval: Duration,
+}
+
+/// `agent.canary_image`: a reference by digest whose registry is one of
+/// the aliases, so a pull of it goes containerd → hosts.toml → proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CanaryImage {
+    /// As written: `REG/REPO@sha256:<64 hex>`.
+    pub reference: String,
+    /// `REG`, the alias it is pulled through.
+    pub registry: String,
+}
+
+impl CanaryImage {
+    pub fn parse(raw: &str, aliases: &[Alias]) -> Result<CanaryImage, ConfigError> {
+        let bad = |message: String| ConfigError::Invalid {
+            key: "agent.canary_image".into(),
+            message,
+        };
+        let (name, digest) = raw.split_once("@sha256:").ok_or_else(|| {
+            bad(format!(
+                "{raw:?} is not a reference by digest (REG/REPO@sha256:…): a tag could move, and a pull by tag also needs resolve"
+            ))
+        })?;
+        if digest.len() != 64
+            || !digest
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(bad(format!(
+                "{raw:?}: the digest is not 64 lowercase hex digits"
+            )));
+        }
+        let (registry, repo) = name
+            .split_once('/')
+            .ok_or_else(|| bad(format!("{raw:?} has no registry: write REG/REPO@sha256:…")))?;
+        if repo.is_empty() || repo.contains(':') {
+            return Err(bad(format!("{raw:?}: bad repository {repo:?}")));
+        }
+        if !aliases.iter().any(|a| a.dir_name() == registry) {
+            return Err(bad(format!(
+                "{raw:?}: registry {registry:?} is not one of registry.aliases ({}); the canary must be pulled through slipway's host configuration",
+                aliases.iter().map(|a| a.dir_name()).collect::<Vec<_>>().join(", ")
+            )));
+        }
+        Ok(CanaryImage {
+            reference: raw.to_string(),
+            registry: registry.to_string(),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -380,6 +450,22 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
         }
     }
 
+    let containerd_socket = ov.containerd_socket.clone().or(f.containerd.socket);
+    if let Some(p) = &containerd_socket {
+        if !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
+            return Err(ConfigError::Invalid {
+                key: "containerd.socket".into(),
+                message: format!("{} must be an absolute path without '..'", p.display()),
+            });
+        }
+    }
+    let canary_image = ov
+        .agent_canary_image
+        .clone()
+        .or(f.agent.canary_image)
+        .map(|raw| CanaryImage::parse(&raw, &aliases))
+        .transpose()?;
+
     let proxy_listen = parse_addr(
         "proxy.listen",
         ov.proxy_listen.clone().or(f.proxy.listen).as_deref(),
@@ -453,6 +539,12 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
         ov.agent_grace_period_secs.or(f.agent.grace_period_secs),
         25.0,
     )?;
+    let canary_interval = secs(
+        "agent.canary_interval_secs",
+        ov.agent_canary_interval_secs
+            .or(f.agent.canary_interval_secs),
+        300.0,
+    )?;
 
     Ok(AgentConfig {
         source: path.map(Path::to_path_buf),
@@ -475,6 +567,9 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
         timeouts,
         reconcile_interval,
         grace_period,
+        containerd_socket,
+        canary_image,
+        canary_interval,
     })
 }
 
@@ -731,6 +826,57 @@ ca_file = "ca.crt"
                 .starts_with("proxy.redirect_hosts[1]: \"https://bad\" is not a host name"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn canary_image_is_by_digest_under_an_alias() {
+        let d = "0".repeat(64);
+        let good = format!("registry.shared-services:5000/slipway/canary@sha256:{d}");
+        let text = format!("{GOOD}\n[agent]\ncanary_image = {good:?}\n[containerd]\nsocket = \"/run/containerd/containerd.sock\"\n");
+        let c = AgentConfig::from_str(p(), &text, &Overrides::default()).unwrap();
+        assert_eq!(
+            c.canary_image.unwrap().registry,
+            "registry.shared-services:5000"
+        );
+        assert_eq!(
+            c.containerd_socket,
+            Some(PathBuf::from("/run/containerd/containerd.sock"))
+        );
+        assert_eq!(c.canary_interval, Duration::from_secs(300));
+        for (img, why) in [
+            (
+                "registry.shared-services:5000/slipway/canary:v1".to_string(),
+                "not a reference by digest",
+            ),
+            (
+                format!("docker.io/library/busybox@sha256:{d}"),
+                "is not one of registry.aliases",
+            ),
+            (
+                "registry.shared-services:5000/c@sha256:abc".to_string(),
+                "64 lowercase hex",
+            ),
+            (format!("canary@sha256:{d}"), "has no registry"),
+        ] {
+            let ov = Overrides {
+                agent_canary_image: Some(img.clone()),
+                ..Default::default()
+            };
+            let e = AgentConfig::from_str(p(), GOOD, &ov).unwrap_err();
+            let s = e.to_string();
+            assert!(s.starts_with("agent.canary_image: "), "{s}");
+            assert!(s.contains(why), "{img}: {s}");
+            assert_eq!(
+                crate::ExitStatus::exit_code(&crate::node::reconcile::AgentError::Config(e)),
+                64
+            );
+        }
+        let ov = Overrides {
+            containerd_socket: Some("run/containerd.sock".into()),
+            ..Default::default()
+        };
+        let e = AgentConfig::from_str(p(), GOOD, &ov).unwrap_err();
+        assert!(e.to_string().starts_with("containerd.socket: "), "{e}");
     }
 
     #[test]

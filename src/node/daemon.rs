@@ -15,7 +15,10 @@
 //! [`crate::node::status::StatusWriter`].
 //!
 //! Serves the proxy ([`crate::proxy`]) and the admin server
-//! ([`crate::admin`]). Needs no Kubernetes API access.
+//! ([`crate::admin`]). With `containerd.socket` and `agent.canary_image`,
+//! runs the canary ([`crate::node::canary`]): after the first pass, after a
+//! pass that changed something or followed a reload, and every
+//! `agent.canary_interval_secs`. Needs no Kubernetes API access.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -27,10 +30,11 @@ use tracing::{error, info, warn};
 
 use crate::admin::metrics::Metrics;
 use crate::admin::{self, Check, Readiness};
+use crate::node::canary::{self, Reason, Trigger};
 use crate::node::config::{AgentConfig, ConfigError, Overrides};
 use crate::node::fs::{NodeFs, RealFs};
 use crate::node::hostconfig::HostEntry;
-use crate::node::reconcile::{self, AgentError, Mode, NodePass, NodeStatus};
+use crate::node::reconcile::{self, AgentError, CaState, Fix, Mode, NodePass, NodeStatus};
 use crate::node::status::StatusWriter;
 use crate::proxy::cache::Cache;
 use crate::proxy::{self, ProxyState, UpstreamClient};
@@ -122,6 +126,7 @@ pub enum RestartKey {
     CacheDir,
     ContainerdPaths,
     GracePeriod,
+    Canary,
 }
 
 impl RestartKey {
@@ -133,6 +138,7 @@ impl RestartKey {
             RestartKey::CacheDir => "cache.dir",
             RestartKey::ContainerdPaths => "containerd.host_root/certs_dir/config_file",
             RestartKey::GracePeriod => "agent.grace_period_secs",
+            RestartKey::Canary => "containerd.socket/agent.canary_image/agent.canary_interval_secs",
         }
     }
 }
@@ -193,6 +199,21 @@ pub fn plan_reload(old: &AgentConfig, mut new: AgentConfig) -> Reload {
     keep!(cache_dir, RestartKey::CacheDir);
     keep!(containerd, RestartKey::ContainerdPaths);
     keep!(grace_period, RestartKey::GracePeriod);
+    // The canary task is built once, at start, from these three.
+    if (
+        &new.containerd_socket,
+        &new.canary_image,
+        new.canary_interval,
+    ) != (
+        &old.containerd_socket,
+        &old.canary_image,
+        old.canary_interval,
+    ) {
+        needs_restart.push(RestartKey::Canary);
+        new.containerd_socket = old.containerd_socket.clone();
+        new.canary_image = old.canary_image.clone();
+        new.canary_interval = old.canary_interval;
+    }
     let mut applied = Vec::new();
     let (o, n) = (&old.timeouts, &new.timeouts);
     for (changed, key) in [
@@ -318,6 +339,16 @@ pub struct LoopParts<'a> {
     pub reload: Box<dyn Fn() -> Result<AgentConfig, ConfigError> + Send + 'a>,
     /// Called after every pass (tests observe passes through it).
     pub after_pass: Box<dyn FnMut(&NodeStatus) + Send + 'a>,
+    /// Asks for a canary pull, when one is configured.
+    pub canary: Option<Trigger>,
+}
+
+/// Whether a pass changed what containerd reads: host files, its config, or
+/// the CA. A canary proves the node path again after each.
+fn changed_something(status: &NodeStatus) -> bool {
+    status.aliases.iter().any(|a| !a.changes().is_empty())
+        || matches!(status.fix, Some(Fix::Patched { .. }))
+        || matches!(status.ca, CaState::Rotated { .. })
 }
 
 /// Run passes as events, ticks and retries ask, until Terminate.
@@ -332,6 +363,8 @@ pub async fn event_loop(
     let mut reload_pending = false;
     let mut earliest = Instant::now();
     let mut retry = RETRY_MIN;
+    // The first pass writes the host files the first canary proves.
+    let mut canary_due = Some(Reason::Start);
     let mut next_tick = Instant::now()
         + node
             .as_ref()
@@ -341,6 +374,7 @@ pub async fn event_loop(
             reload_pending = false;
             reload(n, &parts);
             dirty = true;
+            canary_due = canary_due.or(Some(Reason::Reload));
         }
         if running.is_none() && dirty && Instant::now() >= earliest {
             let mut n = node.take().expect("node is home between passes");
@@ -377,6 +411,12 @@ pub async fn event_loop(
                     }
                 };
                 after(&n, &status, &mut parts);
+                if changed_something(&status) {
+                    canary_due = canary_due.or(Some(Reason::Changed));
+                }
+                if let (Some(r), Some(t)) = (canary_due.take(), &parts.canary) {
+                    t.ask(r);
+                }
                 if status.applied() {
                     retry = RETRY_MIN;
                 } else {
@@ -597,6 +637,29 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<u8, AgentErr
         grace,
     ));
 
+    let trigger = match (&cfg.containerd_socket, &cfg.canary_image) {
+        (Some(sock), Some(image)) => {
+            let (trigger, rx) = Trigger::channel();
+            let c = canary::Canary {
+                cri: Arc::new(canary::socket(&cfg.containerd.host_root, sock)),
+                image: image.reference.clone(),
+                interval: cfg.canary_interval,
+                deadline: canary::PULL_DEADLINE,
+                ready: ready.clone(),
+                metrics: metrics.clone(),
+            };
+            info!(image = %image.reference, socket = %sock.display(), interval_secs = cfg.canary_interval.as_secs_f64(), "canary pulls through CRI enabled");
+            tokio::spawn(c.run(rx));
+            Some(trigger)
+        }
+        (sock, image) => {
+            if sock.is_some() != image.is_some() {
+                warn!("the canary needs both containerd.socket and agent.canary_image; only one is set, so readiness is not proven by a pull");
+            }
+            ready.set(Check::Canary, Ok(()));
+            None
+        }
+    };
     let config_path = opts.config.clone();
     let overrides = opts.overrides.clone();
     let node = Node {
@@ -611,6 +674,7 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<u8, AgentErr
         watcher: watcher.as_ref(),
         reload: Box::new(move || AgentConfig::load(config_path.as_deref(), &overrides)),
         after_pass: Box::new(|_| {}),
+        canary: trigger,
     };
     match event_loop(node, parts, &mut rx).await {
         LoopEnd::Terminate => drain(stop_tx, server, &mut rx, grace).await,
@@ -683,6 +747,10 @@ mod tests {
     }
 
     fn start(fs: Arc<FakeFs>, text: &str, ca: &str) -> Harness {
+        start_with(fs, text, ca, None)
+    }
+
+    fn start_with(fs: Arc<FakeFs>, text: &str, ca: &str, canary: Option<Trigger>) -> Harness {
         let cfg = config(text);
         let metrics = Arc::new(Metrics::new());
         let cache_dir = tempfile::tempdir().unwrap();
@@ -737,6 +805,7 @@ mod tests {
                             .collect(),
                     )
                 }),
+                canary,
             };
             let node = Node {
                 cfg,
@@ -890,6 +959,56 @@ mod tests {
         assert_eq!(r.cfg.proxy_listen, old.proxy_listen);
         assert_eq!(r.cfg.containerd, old.containerd);
         assert_eq!(r.cfg.grace_period, old.grace_period);
+    }
+
+    /// #8: a canary after the first pass, after a pass that changed
+    /// something and after a reload; none after a pass that changed nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn canaries_are_asked_for_at_start_after_changes_and_reloads() {
+        let ca = ca_pem();
+        let fs = fake_node(&ca);
+        let (trigger, mut rx) = Trigger::channel();
+        let h = start_with(
+            fs.clone(),
+            &config_text(&[A], "[agent]\nreconcile_interval_secs = 3600\n"),
+            &ca,
+            Some(trigger),
+        );
+        let next = |rx: &mut mpsc::Receiver<Reason>| rx.try_recv().ok();
+        wait_passes(&h, 1).await;
+        assert_eq!(next(&mut rx), Some(Reason::Start));
+        // An event, nothing changed: no canary.
+        h.tx.send(Event::Changed).await.unwrap();
+        wait_passes(&h, 2).await;
+        assert_eq!(next(&mut rx), None);
+        // Drift restored: a canary.
+        fs.remove_file(&hosts(A)).unwrap();
+        h.tx.send(Event::Changed).await.unwrap();
+        wait_passes(&h, 3).await;
+        assert_eq!(next(&mut rx), Some(Reason::Changed));
+        // SIGHUP with the same config: the pass changes nothing, and still
+        // a canary, since a reload may change what the node pulls through.
+        h.tx.send(Event::Reload).await.unwrap();
+        wait_passes(&h, 4).await;
+        assert_eq!(next(&mut rx), Some(Reason::Reload));
+        assert_eq!(next(&mut rx), None);
+        h.task.abort();
+    }
+
+    #[test]
+    fn canary_keys_need_a_restart() {
+        let d = "0".repeat(64);
+        let old = config(&config_text(&[A], ""));
+        let r = plan_reload(
+            &old,
+            config(&config_text(
+                &[A],
+                &format!("[containerd]\nsocket = \"/run/containerd/containerd.sock\"\n[agent]\ncanary_image = \"{A}/slipway/canary@sha256:{d}\"\n"),
+            )),
+        );
+        assert_eq!(r.needs_restart, vec![RestartKey::Canary]);
+        assert_eq!(r.cfg.canary_image, None);
+        assert_eq!(r.cfg.containerd_socket, None);
     }
 
     /// #12: SIGHUP dropped timeout, cache and interval changes silently.

@@ -13,11 +13,13 @@
 //! | [`reconcile`] | shell | the one node pass: inspect → advise → fix → apply → status |
 //! | [`daemon`] | shell | the long-running agent's event loop |
 //! | [`status`] | core | the node status, and the one writer of readiness and metrics |
+//! | [`canary`] | shell | the canary pull through CRI, its readiness check and metrics |
 //!
 //! Data flows one way: config → plan → apply → report.
 
 pub mod apply;
 pub mod ca_bundle;
+pub mod canary;
 pub mod config;
 pub mod containerd;
 pub mod crio;
