@@ -34,6 +34,14 @@ const DIGEST: &str = "sha256:6f1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6071829
 const IMAGE: &str = "registry.shared-services:5000/app";
 const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
 
+const SA_URI: &str = "/api/v1/namespaces/shared-services/serviceaccounts/slipway-build";
+const CA_URI: &str = "/api/v1/namespaces/shared-services/configmaps/registry-ca";
+const TEAM_A_SA_URI: &str = "/api/v1/namespaces/team-a/serviceaccounts/slipway-build";
+const TEAM_A_CA_URI: &str = "/api/v1/namespaces/team-a/configmaps/registry-ca";
+const TEAM_A_CA_CREATE_URI: &str = "/api/v1/namespaces/team-a/configmaps?&fieldManager=slipway";
+const TEAM_A_CA_UPDATE_URI: &str =
+    "/api/v1/namespaces/team-a/configmaps/registry-ca?&fieldManager=slipway";
+
 fn plan_with(f: impl FnOnce(&mut BuildArgs)) -> Plan {
     let mut a = BuildArgs {
         git: "https://github.com/example/app.git".into(),
@@ -53,6 +61,17 @@ fn plan_with(f: impl FnOnce(&mut BuildArgs)) -> Plan {
 
 fn plan() -> Plan {
     plan_with(|_| {})
+}
+
+/// A detached build in team-a, whose registry CA is copied from
+/// shared-services.
+fn detached_in_team_a() -> (Plan, RunOptions) {
+    let mut o = opts(OutputFormat::Text);
+    o.detach = true;
+    (
+        plan_with(|a| a.settings.namespace = Some("team-a".into())),
+        o,
+    )
 }
 
 fn opts(output: OutputFormat) -> RunOptions {
@@ -110,6 +129,18 @@ async fn expect(h: &mut Handle, method: Method, uri: &str) -> Req {
         "unexpected request"
     );
     r
+}
+
+/// Takes the next request, checks its method and URI, and answers it.
+async fn answer(h: &mut Handle, method: Method, uri: &str, code: u16, body: Value) {
+    let r = expect(h, method, uri).await;
+    reply(r.send, code, body);
+}
+
+/// A client whose API server is the returned handle.
+fn mock_api() -> (Client, Handle) {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(svc, "default"), handle)
 }
 
 fn reply(send: Send, code: u16, body: Value) {
@@ -192,6 +223,46 @@ fn created_job(plan: &Plan) -> Value {
     j["metadata"]["resourceVersion"] = json!("90");
     j["metadata"]["creationTimestamp"] = json!("2025-01-01T00:00:00Z");
     j
+}
+
+/// The created Job with one condition of type `kind` in its status.
+fn job_with_condition(kind: &str, reason: &str, message: &str) -> Value {
+    let mut j = created_job(&plan());
+    j["status"] = json!({ "conditions": [{
+        "type": kind, "status": "True", "reason": reason, "message": message
+    }]});
+    j
+}
+
+/// The Job after a failed pod used up its retries.
+fn backoff_limit_job() -> Value {
+    job_with_condition(
+        "Failed",
+        "BackoffLimitExceeded",
+        "Job has reached the specified backoff limit",
+    )
+}
+
+/// The Job once its Foreground delete has been accepted at `at`.
+fn job_being_deleted(at: &str) -> Value {
+    let mut j = created_job(&plan());
+    j["metadata"]["deletionTimestamp"] = json!(at);
+    j["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+    j
+}
+
+/// A 409 on the `registry-ca` ConfigMap.
+fn ca_conflict(reason: &str, message: &str) -> Value {
+    status(
+        409,
+        reason,
+        message,
+        json!({ "name": "registry-ca", "kind": "configmaps" }),
+    )
+}
+
+fn job_uri() -> String {
+    format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}")
 }
 
 fn cs(name: &str, image: &str, state: Value) -> Value {
@@ -305,20 +376,75 @@ fn kaniko_ok() -> Value {
 
 /// Preflight in shared-services: the ServiceAccount and the CA ConfigMap.
 async fn preflight_in_place(h: &mut Handle) {
-    let r = expect(
+    answer(h, Method::GET, SA_URI, 200, service_account(NS)).await;
+    answer(h, Method::GET, CA_URI, 200, ca_configmap(NS, CA)).await;
+}
+
+/// Preflight in team-a up to the CA copy: the ServiceAccount, then the
+/// source ConfigMap in shared-services.
+async fn preflight_team_a_until_ca_copy(h: &mut Handle) {
+    answer(
         h,
         Method::GET,
-        "/api/v1/namespaces/shared-services/serviceaccounts/slipway-build",
+        TEAM_A_SA_URI,
+        200,
+        service_account("team-a"),
     )
     .await;
-    reply(r.send, 200, service_account(NS));
-    let r = expect(
+    answer(h, Method::GET, CA_URI, 200, ca_configmap(NS, CA)).await;
+}
+
+/// The ServiceAccount is not found in `ns`; the next request, returned
+/// unanswered, looks the namespace up.
+async fn service_account_not_found(h: &mut Handle, ns: &str) -> Req {
+    answer(
         h,
         Method::GET,
-        "/api/v1/namespaces/shared-services/configmaps/registry-ca",
+        &format!("/api/v1/namespaces/{ns}/serviceaccounts/slipway-build"),
+        404,
+        not_found("serviceaccounts", "slipway-build"),
     )
     .await;
-    reply(r.send, 200, ca_configmap(NS, CA));
+    expect(h, Method::GET, &format!("/api/v1/namespaces/{ns}")).await
+}
+
+/// The CA copy's create in team-a: the body is exactly the copied
+/// ConfigMap. Returned unanswered.
+async fn expect_ca_copy_create(h: &mut Handle) -> Req {
+    let r = expect(h, Method::POST, TEAM_A_CA_CREATE_URI).await;
+    assert_eq!(
+        r.json(),
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {
+                "name": "registry-ca", "namespace": "team-a",
+                "labels": {
+                    "app.kubernetes.io/managed-by": "slipway",
+                    "app.kubernetes.io/part-of": "slipway"
+                },
+                "annotations": { "slipway.dev/copied-from": "shared-services/registry-ca" }
+            },
+            "data": { "ca.crt": CA }
+        })
+    );
+    r
+}
+
+/// The conditional PUT of a stale CA copy in team-a: at resourceVersion
+/// `rv`, with `data`, still marked as a copy. Returned unanswered.
+async fn expect_ca_copy_update(h: &mut Handle, rv: &str, data: Value) -> Req {
+    let r = expect(h, Method::PUT, TEAM_A_CA_UPDATE_URI).await;
+    let body = r.json();
+    assert_eq!(body["data"], data);
+    assert_eq!(
+        body["metadata"]["resourceVersion"], rv,
+        "optimistic concurrency"
+    );
+    assert_eq!(
+        body["metadata"]["annotations"]["slipway.dev/copied-from"],
+        "shared-services/registry-ca"
+    );
+    r
 }
 
 /// The Job create: the body is exactly the planned Job.
@@ -350,6 +476,13 @@ async fn until_git_log(h: &mut Handle) {
     );
     let r = expect(h, Method::GET, &log_uri("git")).await;
     reply_text(r.send, GIT_LOG);
+}
+
+/// A build in shared-services, from the preflight to git's log.
+async fn start_build(h: &mut Handle) {
+    preflight_in_place(h).await;
+    create_job(h, &plan()).await;
+    until_git_log(h).await;
 }
 
 /// The commit label, once git has reported it.
@@ -395,12 +528,44 @@ async fn until_kaniko_log(h: &mut Handle, kaniko_log: &str) {
     reply_text(r.send, kaniko_log);
 }
 
-async fn kaniko_ends(h: &mut Handle, phase: &str, kaniko: Value) {
+/// The watch after Kaniko's log sees the pod `p` (Kaniko ended).
+async fn pod_ends(h: &mut Handle, p: Value) {
     let r = expect(h, Method::GET, &watch_uri(NS, "103")).await;
-    reply_events(
-        r.send,
-        &[("MODIFIED", pod(104, phase, git_ok(), Some(kaniko)))],
-    );
+    reply_events(r.send, &[("MODIFIED", p)]);
+}
+
+async fn kaniko_ends(h: &mut Handle, phase: &str, kaniko: Value) {
+    pod_ends(h, pod(104, phase, git_ok(), Some(kaniko))).await;
+}
+
+/// A build whose Kaniko container streams `log` and ends with `kaniko`;
+/// then, if given, the Job slipway reads to learn why it failed.
+async fn kaniko_streams(mut h: Handle, log: &'static str, kaniko: Value, then_job: Option<Value>) {
+    start_build(&mut h).await;
+    until_kaniko_log(&mut h, log).await;
+    let phase = if then_job.is_some() || kaniko["terminated"]["exitCode"] != 0 {
+        "Failed"
+    } else {
+        "Succeeded"
+    };
+    kaniko_ends(&mut h, phase, kaniko).await;
+    if let Some(j) = then_job {
+        answer(&mut h, Method::GET, &job_uri(), 200, j).await;
+    }
+    no_more(&mut h).await;
+}
+
+/// The Job delete that stops a build: Foreground, so that its pod goes
+/// too. Returned unanswered.
+async fn expect_foreground_delete(h: &mut Handle) -> Req {
+    let r = expect(
+        h,
+        Method::DELETE,
+        &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}?"),
+    )
+    .await;
+    assert_eq!(r.json(), json!({ "propagationPolicy": "Foreground" }));
+    r
 }
 
 /// After the result: no further request (the client is dropped when `run`
@@ -426,8 +591,7 @@ where
     F: FnOnce(Handle) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(svc, "default");
+    let (client, handle) = mock_api();
     let mut out = Vec::new();
     let mut progress = PlainProgress { w: Vec::new() };
     let (result, ()) = tokio::join!(
@@ -461,13 +625,8 @@ fn exit_code(r: &Ran) -> i32 {
 
 // ---- success ---------------------------------------------------------------
 
-async fn success_server(mut h: Handle) {
-    preflight_in_place(&mut h).await;
-    create_job(&mut h, &plan()).await;
-    until_git_log(&mut h).await;
-    until_kaniko_log(&mut h, KANIKO_LOG).await;
-    kaniko_ends(&mut h, "Succeeded", kaniko_ok()).await;
-    no_more(&mut h).await;
+async fn success_server(h: Handle) {
+    kaniko_streams(h, KANIKO_LOG, kaniko_ok(), None).await;
 }
 
 #[tokio::test]
@@ -535,9 +694,7 @@ async fn success_as_json() {
 
 /// The git container fails with `code` and `message`.
 async fn git_fails(mut h: Handle, code: i32, message: &'static str) {
-    preflight_in_place(&mut h).await;
-    create_job(&mut h, &plan()).await;
-    until_git_log(&mut h).await;
+    start_build(&mut h).await;
     let r = expect(&mut h, Method::GET, &watch_uri(NS, "101")).await;
     reply_events(
         r.send,
@@ -607,28 +764,11 @@ async fn dockerfile_not_found() {
     assert_eq!(v["exit_code"], 12);
 }
 
-/// Kaniko fails; `message` is what the kubelet put in the termination
-/// message (the log tail: FallbackToLogsOnError).
-async fn kaniko_fails(mut h: Handle, kaniko: Value, then_job: Option<Value>) {
-    preflight_in_place(&mut h).await;
-    create_job(&mut h, &plan()).await;
-    until_git_log(&mut h).await;
-    until_kaniko_log(
-        &mut h,
-        "\u{1b}[36mINFO\u{1b}[0m[0000] Resolved base name golang:1.22 to builder\n",
-    )
-    .await;
-    kaniko_ends(&mut h, "Failed", kaniko).await;
-    if let Some(j) = then_job {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"),
-        )
-        .await;
-        reply(r.send, 200, j);
-    }
-    no_more(&mut h).await;
+/// Kaniko fails after its first log line; its termination message is what
+/// the kubelet put there (the log tail: FallbackToLogsOnError).
+async fn kaniko_fails(h: Handle, kaniko: Value, then_job: Option<Value>) {
+    let log = "\u{1b}[36mINFO\u{1b}[0m[0000] Resolved base name golang:1.22 to builder\n";
+    kaniko_streams(h, log, kaniko, then_job).await;
 }
 
 #[tokio::test]
@@ -686,16 +826,11 @@ async fn oom_killed() {
 #[tokio::test]
 async fn a_failing_run_step_is_exit_1_and_not_the_deadline() {
     let tail = "error building image: error building stage: failed to execute command: waiting for process to exit: exit status 2\n";
-    let mut j = created_job(&plan());
-    j["status"] = json!({ "conditions": [{
-        "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-        "message": "Job has reached the specified backoff limit"
-    }]});
     let r = drive(plan(), opts(OutputFormat::Text), |h| {
         kaniko_fails(
             h,
             terminated(1, "Error", tail, "2025-01-01T00:00:40Z"),
-            Some(j),
+            Some(backoff_limit_job()),
         )
     })
     .await;
@@ -707,18 +842,14 @@ async fn a_failing_run_step_is_exit_1_and_not_the_deadline() {
 async fn deadline_exceeded() {
     // The Job controller kills the pod at activeDeadlineSeconds: Kaniko
     // ends with SIGTERM (143) on a pod being deleted, and the Job says why.
-    let mut j = created_job(&plan());
-    j["status"] = json!({ "conditions": [{
-        "type": "FailureTarget", "status": "True", "reason": "DeadlineExceeded",
-        "message": "Job was active longer than specified deadline"
-    }]});
-    let plan = plan();
-    let r = drive(plan, opts(OutputFormat::Text), |mut h| async move {
-        preflight_in_place(&mut h).await;
-        create_job(&mut h, &self::plan()).await;
-        until_git_log(&mut h).await;
+    let j = job_with_condition(
+        "FailureTarget",
+        "DeadlineExceeded",
+        "Job was active longer than specified deadline",
+    );
+    let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
+        start_build(&mut h).await;
         until_kaniko_log(&mut h, "").await;
-        let r = expect(&mut h, Method::GET, &watch_uri(NS, "103")).await;
         let mut p = pod(
             104,
             "Failed",
@@ -727,14 +858,8 @@ async fn deadline_exceeded() {
         );
         p["metadata"]["deletionTimestamp"] = json!("2025-01-01T01:00:00Z");
         p["metadata"]["deletionGracePeriodSeconds"] = json!(30);
-        reply_events(r.send, &[("MODIFIED", p)]);
-        let r = expect(
-            &mut h,
-            Method::GET,
-            &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"),
-        )
-        .await;
-        reply(r.send, 200, j);
+        pod_ends(&mut h, p).await;
+        answer(&mut h, Method::GET, &job_uri(), 200, j).await;
         no_more(&mut h).await;
     })
     .await;
@@ -745,11 +870,8 @@ async fn deadline_exceeded() {
 #[tokio::test]
 async fn evicted() {
     let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
-        preflight_in_place(&mut h).await;
-        create_job(&mut h, &plan()).await;
-        until_git_log(&mut h).await;
+        start_build(&mut h).await;
         until_kaniko_log(&mut h, "").await;
-        let r = expect(&mut h, Method::GET, &watch_uri(NS, "103")).await;
         let mut p = pod(
             104,
             "Failed",
@@ -759,7 +881,7 @@ async fn evicted() {
         p["status"]["reason"] = json!("Evicted");
         p["status"]["message"] =
             json!("The node was low on resource: ephemeral-storage. Threshold quantity: 1Gi, available: 512Mi.");
-        reply_events(r.send, &[("MODIFIED", p)]);
+        pod_ends(&mut h, p).await;
         no_more(&mut h).await;
     })
     .await;
@@ -774,9 +896,7 @@ async fn evicted() {
 #[tokio::test]
 async fn executor_image_cannot_be_pulled() {
     let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
-        preflight_in_place(&mut h).await;
-        create_job(&mut h, &plan()).await;
-        until_git_log(&mut h).await;
+        start_build(&mut h).await;
         let r = expect(&mut h, Method::GET, &watch_uri(NS, "101")).await;
         reply_events(
             r.send,
@@ -801,12 +921,8 @@ async fn executor_image_cannot_be_pulled() {
         );
         label_commit(&mut h).await;
         // Stuck until the deadline otherwise: slipway deletes the Job.
-        let r = expect(&mut h, Method::DELETE, &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}?")).await;
-        assert_eq!(r.json(), json!({ "propagationPolicy": "Foreground" }));
-        let mut j = created_job(&plan());
-        j["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:40Z");
-        j["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
-        reply(r.send, 200, j);
+        let r = expect_foreground_delete(&mut h).await;
+        reply(r.send, 200, job_being_deleted("2025-01-01T00:00:40Z"));
         no_more(&mut h).await;
     })
     .await;
@@ -822,14 +938,7 @@ async fn executor_image_cannot_be_pulled() {
 async fn namespace_missing() {
     let plan = plan_with(|a| a.settings.namespace = Some("team-x".into()));
     let r = drive(plan, opts(OutputFormat::Text), |mut h| async move {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-x/serviceaccounts/slipway-build",
-        )
-        .await;
-        reply(r.send, 404, not_found("serviceaccounts", "slipway-build"));
-        let r = expect(&mut h, Method::GET, "/api/v1/namespaces/team-x").await;
+        let r = service_account_not_found(&mut h, "team-x").await;
         reply(r.send, 404, not_found("namespaces", "team-x"));
         no_more(&mut h).await;
     })
@@ -846,14 +955,7 @@ async fn namespace_missing() {
 async fn service_account_missing() {
     let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
     let r = drive(plan, opts(OutputFormat::Text), |mut h| async move {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/serviceaccounts/slipway-build",
-        )
-        .await;
-        reply(r.send, 404, not_found("serviceaccounts", "slipway-build"));
-        let r = expect(&mut h, Method::GET, "/api/v1/namespaces/team-a").await;
+        let r = service_account_not_found(&mut h, "team-a").await;
         reply(
             r.send,
             200,
@@ -881,9 +983,10 @@ async fn the_job_controller_cannot_create_the_pod() {
     let mut o = opts(OutputFormat::Text);
     o.timing.quiet = Duration::from_millis(200);
     let r = drive(plan(), o, |mut h| async move {
-        let r = expect(&mut h, Method::GET, "/api/v1/namespaces/shared-services/serviceaccounts/slipway-build").await;
-        reply(
-            r.send,
+        answer(
+            &mut h,
+            Method::GET,
+            SA_URI,
             403,
             status(
                 403,
@@ -891,20 +994,16 @@ async fn the_job_controller_cannot_create_the_pod() {
                 "serviceaccounts \"slipway-build\" is forbidden: User \"dev\" cannot get resource \"serviceaccounts\" in API group \"\" in the namespace \"shared-services\"",
                 json!({ "name": "slipway-build", "kind": "serviceaccounts" }),
             ),
-        );
-        let r = expect(&mut h, Method::GET, "/api/v1/namespaces/shared-services/configmaps/registry-ca").await;
-        reply(r.send, 200, ca_configmap(NS, CA));
+        )
+        .await;
+        answer(&mut h, Method::GET, CA_URI, 200, ca_configmap(NS, CA)).await;
         create_job(&mut h, &plan()).await;
         // The watch gets no event; slipway looks at the Job's events.
         let _held = expect(&mut h, Method::GET, &watch_uri(NS, "0")).await;
-        let r = expect(
+        answer(
             &mut h,
             Method::GET,
             &format!("/api/v1/namespaces/{NS}/events?&fieldSelector=involvedObject.kind%3DJob%2CinvolvedObject.name%3D{JOB}"),
-        )
-        .await;
-        reply(
-            r.send,
             200,
             json!({
                 "apiVersion": "v1", "kind": "EventList", "metadata": { "resourceVersion": "120" },
@@ -916,9 +1015,9 @@ async fn the_job_controller_cannot_create_the_pod() {
                     "source": { "component": "job-controller" }
                 }]
             }),
-        );
-        let r = expect(&mut h, Method::DELETE, &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}?")).await;
-        assert_eq!(r.json(), json!({ "propagationPolicy": "Foreground" }));
+        )
+        .await;
+        let r = expect_foreground_delete(&mut h).await;
         reply(r.send, 200, created_job(&plan()));
         no_more(&mut h).await;
     })
@@ -934,8 +1033,7 @@ async fn the_job_controller_cannot_create_the_pod() {
 #[tokio::test]
 async fn ctrl_c_deletes_the_job_and_its_pod() {
     let plan = plan();
-    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(svc, "default");
+    let (client, mut h) = mock_api();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let mut out = Vec::new();
     let mut progress = PlainProgress { w: Vec::new() };
@@ -952,23 +1050,12 @@ async fn ctrl_c_deletes_the_job_and_its_pod() {
             &mut progress,
         ),
         async {
-            preflight_in_place(&mut h).await;
-            create_job(&mut h, &self::plan()).await;
-            until_git_log(&mut h).await;
+            start_build(&mut h).await;
             // The build goes on; the user presses Ctrl-C while slipway waits.
             let held = expect(&mut h, Method::GET, &watch_uri(NS, "101")).await;
             tx.send(()).unwrap();
-            let r = expect(
-                &mut h,
-                Method::DELETE,
-                &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}?"),
-            )
-            .await;
-            assert_eq!(r.json(), json!({ "propagationPolicy": "Foreground" }));
-            let mut j = created_job(&self::plan());
-            j["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:30Z");
-            j["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
-            reply(r.send, 200, j);
+            let r = expect_foreground_delete(&mut h).await;
+            reply(r.send, 200, job_being_deleted("2025-01-01T00:00:30Z"));
             drop(held);
             no_more(&mut h).await;
         }
@@ -995,13 +1082,14 @@ async fn detach_prints_the_build_name_after_copying_the_ca() {
     o.detach = true;
     let p2 = plan.clone();
     let r = drive(plan, o, |mut h| async move {
-        let r = expect(
+        answer(
             &mut h,
             Method::GET,
-            "/api/v1/namespaces/team-a/serviceaccounts/slipway-build",
+            TEAM_A_SA_URI,
+            200,
+            service_account("team-a"),
         )
         .await;
-        reply(r.send, 200, service_account("team-a"));
         let r = expect(
             &mut h,
             Method::GET,
@@ -1021,41 +1109,10 @@ async fn detach_prints_the_build_name_after_copying_the_ca() {
                 "metadata": { "name": "regcred", "namespace": "team-a" }
             }),
         );
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/shared-services/configmaps/registry-ca",
-        )
-        .await;
-        reply(r.send, 200, ca_configmap(NS, CA));
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca",
-        )
-        .await;
-        reply(r.send, 404, not_found("configmaps", "registry-ca"));
-        let r = expect(
-            &mut h,
-            Method::POST,
-            "/api/v1/namespaces/team-a/configmaps?&fieldManager=slipway",
-        )
-        .await;
-        assert_eq!(
-            r.json(),
-            json!({
-                "apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {
-                    "name": "registry-ca", "namespace": "team-a",
-                    "labels": {
-                        "app.kubernetes.io/managed-by": "slipway",
-                        "app.kubernetes.io/part-of": "slipway"
-                    },
-                    "annotations": { "slipway.dev/copied-from": "shared-services/registry-ca" }
-                },
-                "data": { "ca.crt": CA }
-            })
-        );
+        answer(&mut h, Method::GET, CA_URI, 200, ca_configmap(NS, CA)).await;
+        let copy_missing = not_found("configmaps", "registry-ca");
+        answer(&mut h, Method::GET, TEAM_A_CA_URI, 404, copy_missing).await;
+        let r = expect_ca_copy_create(&mut h).await;
         let mut cm = r.json();
         cm["metadata"]["resourceVersion"] = json!("300");
         reply(r.send, 201, cm);
@@ -1075,53 +1132,19 @@ async fn detach_prints_the_build_name_after_copying_the_ca() {
 
 #[tokio::test]
 async fn a_stale_ca_copy_is_updated() {
-    let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
-    let mut o = opts(OutputFormat::Text);
-    o.detach = true;
+    let (plan, o) = detached_in_team_a();
     let p2 = plan.clone();
     let r = drive(plan, o, |mut h| async move {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/serviceaccounts/slipway-build",
-        )
-        .await;
-        reply(r.send, 200, service_account("team-a"));
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/shared-services/configmaps/registry-ca",
-        )
-        .await;
-        reply(r.send, 200, ca_configmap(NS, CA));
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca",
-        )
-        .await;
+        preflight_team_a_until_ca_copy(&mut h).await;
         let mut old = ca_configmap(
             "team-a",
             "-----BEGIN CERTIFICATE-----\nOLD\n-----END CERTIFICATE-----\n",
         );
         old["data"]["other"] = json!("kept");
-        reply(r.send, 200, old);
-        let r = expect(
-            &mut h,
-            Method::PUT,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca?&fieldManager=slipway",
-        )
-        .await;
+        answer(&mut h, Method::GET, TEAM_A_CA_URI, 200, old).await;
+        let data = json!({ "ca.crt": CA, "other": "kept" });
+        let r = expect_ca_copy_update(&mut h, "11", data).await;
         let body = r.json();
-        assert_eq!(body["data"], json!({ "ca.crt": CA, "other": "kept" }));
-        assert_eq!(
-            body["metadata"]["resourceVersion"], "11",
-            "optimistic concurrency"
-        );
-        assert_eq!(
-            body["metadata"]["annotations"]["slipway.dev/copied-from"],
-            "shared-services/registry-ca"
-        );
         reply(r.send, 200, body);
         create_job(&mut h, &p2).await;
         no_more(&mut h).await;
@@ -1130,85 +1153,25 @@ async fn a_stale_ca_copy_is_updated() {
     assert!(r.result.is_ok(), "{:?}", r.result);
 }
 
-/// Preflight in team-a up to the CA copy: the ServiceAccount, then the
-/// source ConfigMap in shared-services.
-async fn preflight_team_a_until_ca_copy(h: &mut Handle) {
-    let r = expect(
-        h,
-        Method::GET,
-        "/api/v1/namespaces/team-a/serviceaccounts/slipway-build",
-    )
-    .await;
-    reply(r.send, 200, service_account("team-a"));
-    let r = expect(
-        h,
-        Method::GET,
-        "/api/v1/namespaces/shared-services/configmaps/registry-ca",
-    )
-    .await;
-    reply(r.send, 200, ca_configmap(NS, CA));
-}
-
 /// Issue #12, point 5: two builds start at once in a namespace that has no
 /// CA copy yet. Both read 404; the other build's POST lands first, so ours
 /// gets 409 AlreadyExists. The copy goes through the PKI planner: read
 /// again, find the CA it wanted already there, write nothing, and build.
 #[tokio::test]
 async fn two_builds_racing_to_copy_the_ca_both_succeed() {
-    let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
-    let mut o = opts(OutputFormat::Text);
-    o.detach = true;
+    let (plan, o) = detached_in_team_a();
     let p2 = plan.clone();
     let r = drive(plan, o, |mut h| async move {
         preflight_team_a_until_ca_copy(&mut h).await;
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca",
-        )
-        .await;
-        reply(r.send, 404, not_found("configmaps", "registry-ca"));
-        let r = expect(
-            &mut h,
-            Method::POST,
-            "/api/v1/namespaces/team-a/configmaps?&fieldManager=slipway",
-        )
-        .await;
-        assert_eq!(
-            r.json(),
-            json!({
-                "apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {
-                    "name": "registry-ca", "namespace": "team-a",
-                    "labels": {
-                        "app.kubernetes.io/managed-by": "slipway",
-                        "app.kubernetes.io/part-of": "slipway"
-                    },
-                    "annotations": { "slipway.dev/copied-from": "shared-services/registry-ca" }
-                },
-                "data": { "ca.crt": CA }
-            })
-        );
-        reply(
-            r.send,
-            409,
-            status(
-                409,
-                "AlreadyExists",
-                "configmaps \"registry-ca\" already exists",
-                json!({ "name": "registry-ca", "kind": "configmaps" }),
-            ),
-        );
+        let copy_missing = not_found("configmaps", "registry-ca");
+        answer(&mut h, Method::GET, TEAM_A_CA_URI, 404, copy_missing).await;
+        let r = expect_ca_copy_create(&mut h).await;
+        let exists = "configmaps \"registry-ca\" already exists";
+        reply(r.send, 409, ca_conflict("AlreadyExists", exists));
         // The winner's copy: the same CA. Nothing left to write.
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca",
-        )
-        .await;
         let mut theirs = ca_configmap("team-a", CA);
         theirs["metadata"]["resourceVersion"] = json!("400");
-        reply(r.send, 200, theirs);
+        answer(&mut h, Method::GET, TEAM_A_CA_URI, 200, theirs).await;
         create_job(&mut h, &p2).await;
         no_more(&mut h).await;
     })
@@ -1232,63 +1195,23 @@ async fn two_builds_racing_to_copy_the_ca_both_succeed() {
 /// the new resourceVersion; what the other writer added is kept.
 #[tokio::test]
 async fn a_ca_copy_replaced_under_us_is_read_again() {
-    let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
-    let mut o = opts(OutputFormat::Text);
-    o.detach = true;
+    let (plan, o) = detached_in_team_a();
     let p2 = plan.clone();
     let old = "-----BEGIN CERTIFICATE-----\nOLD\n-----END CERTIFICATE-----\n";
     let r = drive(plan, o, |mut h| async move {
         preflight_team_a_until_ca_copy(&mut h).await;
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca",
-        )
-        .await;
-        reply(r.send, 200, ca_configmap("team-a", old));
-        let r = expect(
-            &mut h,
-            Method::PUT,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca?&fieldManager=slipway",
-        )
-        .await;
+        answer(&mut h, Method::GET, TEAM_A_CA_URI, 200, ca_configmap("team-a", old)).await;
+        let r = expect(&mut h, Method::PUT, TEAM_A_CA_UPDATE_URI).await;
         assert_eq!(r.json()["metadata"]["resourceVersion"], "11");
-        reply(
-            r.send,
-            409,
-            status(
-                409,
-                "Conflict",
-                "Operation cannot be fulfilled on configmaps \"registry-ca\": the object has been modified",
-                json!({ "name": "registry-ca", "kind": "configmaps" }),
-            ),
-        );
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca",
-        )
-        .await;
+        let modified = "Operation cannot be fulfilled on configmaps \"registry-ca\": the object has been modified";
+        reply(r.send, 409, ca_conflict("Conflict", modified));
         let mut moved = ca_configmap("team-a", old);
         moved["metadata"]["resourceVersion"] = json!("12");
         moved["data"]["note"] = json!("added meanwhile");
-        reply(r.send, 200, moved);
-        let r = expect(
-            &mut h,
-            Method::PUT,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca?&fieldManager=slipway",
-        )
-        .await;
+        answer(&mut h, Method::GET, TEAM_A_CA_URI, 200, moved).await;
+        let data = json!({ "ca.crt": CA, "note": "added meanwhile" });
+        let r = expect_ca_copy_update(&mut h, "12", data).await;
         let body = r.json();
-        assert_eq!(body["metadata"]["resourceVersion"], "12");
-        assert_eq!(
-            body["data"],
-            json!({ "ca.crt": CA, "note": "added meanwhile" })
-        );
-        assert_eq!(
-            body["metadata"]["annotations"]["slipway.dev/copied-from"],
-            "shared-services/registry-ca"
-        );
         reply(r.send, 200, body);
         create_job(&mut h, &p2).await;
         no_more(&mut h).await;
@@ -1306,20 +1229,9 @@ async fn a_ca_copy_replaced_under_us_is_read_again() {
 #[tokio::test]
 async fn a_missing_registry_ca_is_reported_before_the_job() {
     let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/shared-services/serviceaccounts/slipway-build",
-        )
-        .await;
-        reply(r.send, 200, service_account(NS));
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/shared-services/configmaps/registry-ca",
-        )
-        .await;
-        reply(r.send, 404, not_found("configmaps", "registry-ca"));
+        answer(&mut h, Method::GET, SA_URI, 200, service_account(NS)).await;
+        let ca_missing = not_found("configmaps", "registry-ca");
+        answer(&mut h, Method::GET, CA_URI, 404, ca_missing).await;
         no_more(&mut h).await;
     })
     .await;
@@ -1335,8 +1247,7 @@ async fn a_missing_registry_ca_is_reported_before_the_job() {
 
 #[tokio::test]
 async fn builds_lists_status_commit_digest_and_age() {
-    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(svc, "default");
+    let (client, mut h) = mock_api();
     let now: Timestamp = "2025-01-01T00:10:00Z".parse().unwrap();
     let (rows, ()) = tokio::join!(run::list_builds(client, NS, now), async {
         let sel = "app.kubernetes.io%2Fmanaged-by%3Dslipway%2Cslipway.dev%2Fbuild-id";
@@ -1385,22 +1296,11 @@ async fn builds_lists_status_commit_digest_and_age() {
 
 #[tokio::test]
 async fn logs_shows_a_finished_build() {
-    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(svc, "default");
+    let (client, mut h) = mock_api();
     let mut out = Vec::new();
-    let timing = Timing {
-        quiet: Duration::from_secs(30),
-        log_retry: Duration::from_millis(5),
-        log_retries: 5,
-    };
+    let timing = opts(OutputFormat::Text).timing;
     let (r, ()) = tokio::join!(run::show_logs(client, NS, JOB, &timing, &mut out), async {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"),
-        )
-        .await;
-        reply(r.send, 200, created_job(&plan()));
+        answer(&mut h, Method::GET, &job_uri(), 200, created_job(&plan())).await;
         let r = expect(
             &mut h,
             Method::GET,
@@ -1415,13 +1315,8 @@ async fn logs_shows_a_finished_build() {
         );
         let r = expect(&mut h, Method::GET, &log_uri("git")).await;
         reply_text(r.send, GIT_LOG);
-        let r = expect(
-            &mut h,
-            Method::GET,
-            &format!("/api/v1/namespaces/{NS}/pods/{POD}"),
-        )
-        .await;
-        reply(r.send, 200, done);
+        let pod_uri = format!("/api/v1/namespaces/{NS}/pods/{POD}");
+        answer(&mut h, Method::GET, &pod_uri, 200, done).await;
         let r = expect(&mut h, Method::GET, &log_uri("kaniko")).await;
         reply_text(r.send, KANIKO_LOG);
     });
@@ -1436,20 +1331,21 @@ async fn logs_shows_a_finished_build() {
 
 #[tokio::test]
 async fn logs_of_an_unknown_build() {
-    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(svc, "default");
+    let (client, mut h) = mock_api();
     let mut out = Vec::new();
     let timing = Timing::default();
     let (r, ()) = tokio::join!(
         run::show_logs(client, NS, "nope", &timing, &mut out),
         async {
-            let r = expect(
+            let uri = format!("/apis/batch/v1/namespaces/{NS}/jobs/nope");
+            answer(
                 &mut h,
                 Method::GET,
-                &format!("/apis/batch/v1/namespaces/{NS}/jobs/nope"),
+                &uri,
+                404,
+                not_found("jobs.batch", "nope"),
             )
             .await;
-            reply(r.send, 404, not_found("jobs.batch", "nope"));
         }
     );
     let e = r.unwrap_err();
@@ -1478,39 +1374,6 @@ fn kubelet_tail(log: &str) -> String {
         }
     }
     tail
-}
-
-/// A build whose Kaniko container streams `log` and ends with `kaniko`.
-async fn kaniko_streams(mut h: Handle, log: &'static str, kaniko: Value, then_job: Option<Value>) {
-    preflight_in_place(&mut h).await;
-    create_job(&mut h, &plan()).await;
-    until_git_log(&mut h).await;
-    until_kaniko_log(&mut h, log).await;
-    let phase = if then_job.is_some() || kaniko["terminated"]["exitCode"] != 0 {
-        "Failed"
-    } else {
-        "Succeeded"
-    };
-    kaniko_ends(&mut h, phase, kaniko).await;
-    if let Some(j) = then_job {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"),
-        )
-        .await;
-        reply(r.send, 200, j);
-    }
-    no_more(&mut h).await;
-}
-
-fn backoff_limit_job() -> Value {
-    let mut j = created_job(&plan());
-    j["status"] = json!({ "conditions": [{
-        "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-        "message": "Job has reached the specified backoff limit"
-    }]});
-    j
 }
 
 #[tokio::test]
