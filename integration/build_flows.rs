@@ -623,15 +623,31 @@ fn exit_code(r: &Ran) -> i32 {
     }
 }
 
+/// The build failed with exit code `code`: its error message.
+fn failed_with(r: &Ran, code: i32) -> String {
+    assert_eq!(exit_code(r), code, "{:?}", r.result);
+    r.result.as_ref().unwrap_err().to_string()
+}
+
 // ---- success ---------------------------------------------------------------
 
-async fn success_server(h: Handle) {
-    kaniko_streams(h, KANIKO_LOG, kaniko_ok(), None).await;
+/// `slipway build` with `output` against a server whose Kaniko streams
+/// `log` and ends with `kaniko` (see `kaniko_streams`).
+async fn build_with_kaniko(
+    output: OutputFormat,
+    log: &'static str,
+    kaniko: Value,
+    then_job: Option<Value>,
+) -> Ran {
+    drive(plan(), opts(output), |h| {
+        kaniko_streams(h, log, kaniko, then_job)
+    })
+    .await
 }
 
 #[tokio::test]
 async fn success_prints_the_pullable_digest_last() {
-    let r = drive(plan(), opts(OutputFormat::Text), success_server).await;
+    let r = build_with_kaniko(OutputFormat::Text, KANIKO_LOG, kaniko_ok(), None).await;
     let Ok(Outcome::Built(report)) = &r.result else {
         panic!("{:?}\n{}", r.result, r.stderr);
     };
@@ -674,7 +690,7 @@ async fn success_prints_the_pullable_digest_last() {
 
 #[tokio::test]
 async fn success_as_json() {
-    let r = drive(plan(), opts(OutputFormat::Json), success_server).await;
+    let r = build_with_kaniko(OutputFormat::Json, KANIKO_LOG, kaniko_ok(), None).await;
     assert!(r.result.is_ok(), "{:?}", r.result);
     assert_eq!(r.stdout.lines().count(), 1);
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
@@ -692,37 +708,28 @@ async fn success_as_json() {
 
 // ---- failures --------------------------------------------------------------
 
-/// The git container fails with `code` and `message`.
-async fn git_fails(mut h: Handle, code: i32, message: &'static str) {
-    start_build(&mut h).await;
-    let r = expect(&mut h, Method::GET, &watch_uri(NS, "101")).await;
-    reply_events(
-        r.send,
-        &[(
-            "MODIFIED",
-            pod(
-                102,
-                "Failed",
-                terminated(code, "Error", message, "2025-01-01T00:00:09Z"),
-                None,
-            ),
-        )],
-    );
-    no_more(&mut h).await;
+/// `slipway build` with `output` where the git container fails with
+/// `code` and `message`.
+async fn build_where_git_fails(output: OutputFormat, code: i32, message: &'static str) -> Ran {
+    drive(plan(), opts(output), |mut h| async move {
+        start_build(&mut h).await;
+        let r = expect(&mut h, Method::GET, &watch_uri(NS, "101")).await;
+        let git = terminated(code, "Error", message, "2025-01-01T00:00:09Z");
+        reply_events(r.send, &[("MODIFIED", pod(102, "Failed", git, None))]);
+        no_more(&mut h).await;
+    })
+    .await
 }
 
 #[tokio::test]
 async fn git_auth_failed() {
-    let r = drive(plan(), opts(OutputFormat::Text), |h| {
-        git_fails(
-            h,
-            10,
-            "slipway-git git-auth-failed\nfatal: Authentication failed for 'https://github.com/example/app.git/'\n",
-        )
-    })
+    let r = build_where_git_fails(
+        OutputFormat::Text,
+        10,
+        "slipway-git git-auth-failed\nfatal: Authentication failed for 'https://github.com/example/app.git/'\n",
+    )
     .await;
-    assert_eq!(exit_code(&r), 10, "{:?}", r.result);
-    let msg = r.result.unwrap_err().to_string();
+    let msg = failed_with(&r, 10);
     assert!(
         msg.starts_with("git auth failed for https://github.com/example/app.git"),
         "{msg}"
@@ -732,16 +739,13 @@ async fn git_auth_failed() {
 
 #[tokio::test]
 async fn revision_not_found() {
-    let r = drive(plan(), opts(OutputFormat::Text), |h| {
-        git_fails(
-            h,
-            11,
-            "slipway-git revision-not-found\nno branch or tag named main in https://github.com/example/app.git\n",
-        )
-    })
+    let r = build_where_git_fails(
+        OutputFormat::Text,
+        11,
+        "slipway-git revision-not-found\nno branch or tag named main in https://github.com/example/app.git\n",
+    )
     .await;
-    assert_eq!(exit_code(&r), 11, "{:?}", r.result);
-    let msg = r.result.unwrap_err().to_string();
+    let msg = failed_with(&r, 11);
     assert!(
         msg.starts_with("revision not found: no branch or tag named main"),
         "{msg}"
@@ -750,13 +754,11 @@ async fn revision_not_found() {
 
 #[tokio::test]
 async fn dockerfile_not_found() {
-    let r = drive(plan(), opts(OutputFormat::Json), |h| {
-        git_fails(
-            h,
-            12,
-            "slipway-git dockerfile-not-found\nDockerfile does not exist at commit 3f786850e387550fdab836ed7e6dc881de23001b\n",
-        )
-    })
+    let r = build_where_git_fails(
+        OutputFormat::Json,
+        12,
+        "slipway-git dockerfile-not-found\nDockerfile does not exist at commit 3f786850e387550fdab836ed7e6dc881de23001b\n",
+    )
     .await;
     assert_eq!(exit_code(&r), 12, "{:?}", r.result);
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
@@ -764,26 +766,20 @@ async fn dockerfile_not_found() {
     assert_eq!(v["exit_code"], 12);
 }
 
-/// Kaniko fails after its first log line; its termination message is what
-/// the kubelet put there (the log tail: FallbackToLogsOnError).
-async fn kaniko_fails(h: Handle, kaniko: Value, then_job: Option<Value>) {
+/// `slipway build` where Kaniko fails after its first log line; its
+/// termination message is what the kubelet put there (the log tail:
+/// FallbackToLogsOnError).
+async fn build_where_kaniko_fails(kaniko: Value, then_job: Option<Value>) -> Ran {
     let log = "\u{1b}[36mINFO\u{1b}[0m[0000] Resolved base name golang:1.22 to builder\n";
-    kaniko_streams(h, log, kaniko, then_job).await;
+    build_with_kaniko(OutputFormat::Text, log, kaniko, then_job).await
 }
 
 #[tokio::test]
 async fn push_denied() {
     let tail = "\u{1b}[31mERRO\u{1b}[0m[0000] Error: error checking push permissions -- make sure you entered the correct tag name, and that you are authenticated correctly, and try again: checking push permission for \"registry.shared-services:5000/app:3f78685\": POST https://registry.shared-services:5000/v2/app/blobs/uploads/: UNAUTHORIZED: authentication required; [map[Action:push Class: Name:app Type:repository]]\n";
-    let r = drive(plan(), opts(OutputFormat::Text), |h| {
-        kaniko_fails(
-            h,
-            terminated(1, "Error", tail, "2025-01-01T00:00:30Z"),
-            None,
-        )
-    })
-    .await;
-    assert_eq!(exit_code(&r), 13, "{:?}", r.result);
-    let msg = r.result.unwrap_err().to_string();
+    let r =
+        build_where_kaniko_fails(terminated(1, "Error", tail, "2025-01-01T00:00:30Z"), None).await;
+    let msg = failed_with(&r, 13);
     assert!(
         msg.starts_with("push denied by registry.shared-services:5000"),
         "{msg}"
@@ -793,30 +789,19 @@ async fn push_denied() {
 #[tokio::test]
 async fn certificate_error() {
     let tail = "error building image: error checking push permissions: Get \"https://registry.shared-services:5000/v2/\": tls: failed to verify certificate: x509: certificate signed by unknown authority\n";
-    let r = drive(plan(), opts(OutputFormat::Text), |h| {
-        kaniko_fails(
-            h,
-            terminated(1, "Error", tail, "2025-01-01T00:00:30Z"),
-            None,
-        )
-    })
-    .await;
-    assert_eq!(exit_code(&r), 14, "{:?}", r.result);
-    assert!(r.result.unwrap_err().to_string().contains("x509"));
+    let r =
+        build_where_kaniko_fails(terminated(1, "Error", tail, "2025-01-01T00:00:30Z"), None).await;
+    assert!(failed_with(&r, 14).contains("x509"));
 }
 
 #[tokio::test]
 async fn oom_killed() {
-    let r = drive(plan(), opts(OutputFormat::Text), |h| {
-        kaniko_fails(
-            h,
-            terminated(137, "OOMKilled", "", "2025-01-01T00:00:40Z"),
-            None,
-        )
-    })
+    let r = build_where_kaniko_fails(
+        terminated(137, "OOMKilled", "", "2025-01-01T00:00:40Z"),
+        None,
+    )
     .await;
-    assert_eq!(exit_code(&r), 15, "{:?}", r.result);
-    let msg = r.result.unwrap_err().to_string();
+    let msg = failed_with(&r, 15);
     assert!(
         msg.contains("OOMKilled at its memory limit 2Gi: raise --memory"),
         "{msg}"
@@ -826,16 +811,12 @@ async fn oom_killed() {
 #[tokio::test]
 async fn a_failing_run_step_is_exit_1_and_not_the_deadline() {
     let tail = "error building image: error building stage: failed to execute command: waiting for process to exit: exit status 2\n";
-    let r = drive(plan(), opts(OutputFormat::Text), |h| {
-        kaniko_fails(
-            h,
-            terminated(1, "Error", tail, "2025-01-01T00:00:40Z"),
-            Some(backoff_limit_job()),
-        )
-    })
+    let r = build_where_kaniko_fails(
+        terminated(1, "Error", tail, "2025-01-01T00:00:40Z"),
+        Some(backoff_limit_job()),
+    )
     .await;
-    assert_eq!(exit_code(&r), 1, "{:?}", r.result);
-    assert!(r.result.unwrap_err().to_string().contains("exit status 2"));
+    assert!(failed_with(&r, 1).contains("exit status 2"));
 }
 
 #[tokio::test]
@@ -863,8 +844,7 @@ async fn deadline_exceeded() {
         no_more(&mut h).await;
     })
     .await;
-    assert_eq!(exit_code(&r), 16, "{:?}", r.result);
-    assert!(r.result.unwrap_err().to_string().contains("--timeout 1h"));
+    assert!(failed_with(&r, 16).contains("--timeout 1h"));
 }
 
 #[tokio::test]
@@ -885,12 +865,7 @@ async fn evicted() {
         no_more(&mut h).await;
     })
     .await;
-    assert_eq!(exit_code(&r), 17, "{:?}", r.result);
-    assert!(r
-        .result
-        .unwrap_err()
-        .to_string()
-        .contains("low on resource: ephemeral-storage"));
+    assert!(failed_with(&r, 17).contains("low on resource: ephemeral-storage"));
 }
 
 #[tokio::test]
@@ -926,8 +901,7 @@ async fn executor_image_cannot_be_pulled() {
         no_more(&mut h).await;
     })
     .await;
-    assert_eq!(exit_code(&r), 18, "{:?}", r.result);
-    let msg = r.result.unwrap_err().to_string();
+    let msg = failed_with(&r, 18);
     assert!(
         msg.contains("cannot pull image ghcr.io/osscontainertools/kaniko:v1.27.6-debug for container kaniko: ImagePullBackOff"),
         "{msg}"
@@ -943,12 +917,7 @@ async fn namespace_missing() {
         no_more(&mut h).await;
     })
     .await;
-    assert_eq!(exit_code(&r), 19, "{:?}", r.result);
-    assert!(r
-        .result
-        .unwrap_err()
-        .to_string()
-        .starts_with("namespace team-x does not exist"));
+    assert!(failed_with(&r, 19).starts_with("namespace team-x does not exist"));
 }
 
 #[tokio::test]
@@ -964,8 +933,7 @@ async fn service_account_missing() {
         no_more(&mut h).await;
     })
     .await;
-    assert_eq!(exit_code(&r), 19, "{:?}", r.result);
-    let msg = r.result.unwrap_err().to_string();
+    let msg = failed_with(&r, 19);
     assert!(
         msg.starts_with("ServiceAccount slipway-build not found in namespace team-a"),
         "{msg}"
@@ -1235,12 +1203,7 @@ async fn a_missing_registry_ca_is_reported_before_the_job() {
         no_more(&mut h).await;
     })
     .await;
-    assert_eq!(exit_code(&r), 19, "{:?}", r.result);
-    assert!(r
-        .result
-        .unwrap_err()
-        .to_string()
-        .contains("published by slipway pki"));
+    assert!(failed_with(&r, 19).contains("published by slipway pki"));
 }
 
 // ---- builds and logs -------------------------------------------------------
@@ -1379,14 +1342,12 @@ fn kubelet_tail(log: &str) -> String {
 #[tokio::test]
 async fn real_kaniko_run_step_failure_names_the_step_and_its_exit_code() {
     let tail = kubelet_tail(FIXTURE_RUN_FAIL);
-    let r = drive(plan(), opts(OutputFormat::Json), |h| {
-        kaniko_streams(
-            h,
-            FIXTURE_RUN_FAIL,
-            terminated(1, "Error", &tail, "2025-01-01T00:00:40Z"),
-            Some(backoff_limit_job()),
-        )
-    })
+    let r = build_with_kaniko(
+        OutputFormat::Json,
+        FIXTURE_RUN_FAIL,
+        terminated(1, "Error", &tail, "2025-01-01T00:00:40Z"),
+        Some(backoff_limit_job()),
+    )
     .await;
     println!("{}", r.stderr);
     assert_eq!(exit_code(&r), 1, "{:?}", r.result);
@@ -1404,14 +1365,12 @@ async fn real_kaniko_run_step_failure_names_the_step_and_its_exit_code() {
 #[tokio::test]
 async fn real_kaniko_push_check_failure_is_a_push_failure() {
     let tail = kubelet_tail(FIXTURE_PUSH_FAIL);
-    let r = drive(plan(), opts(OutputFormat::Text), |h| {
-        kaniko_streams(
-            h,
-            FIXTURE_PUSH_FAIL,
-            terminated(1, "Error", &tail, "2025-01-01T00:00:05Z"),
-            None,
-        )
-    })
+    let r = build_with_kaniko(
+        OutputFormat::Text,
+        FIXTURE_PUSH_FAIL,
+        terminated(1, "Error", &tail, "2025-01-01T00:00:05Z"),
+        None,
+    )
     .await;
     println!("{}", r.stderr);
     // `error checking push permissions: … POST …/v2/app/blobs/uploads/:
@@ -1429,10 +1388,7 @@ async fn real_kaniko_push_check_failure_is_a_push_failure() {
 
 #[tokio::test]
 async fn real_kaniko_cache_upload_failures_are_warnings_with_retries() {
-    let r = drive(plan(), opts(OutputFormat::Json), |h| {
-        kaniko_streams(h, FIXTURE_CACHE_FAIL, kaniko_ok(), None)
-    })
-    .await;
+    let r = build_with_kaniko(OutputFormat::Json, FIXTURE_CACHE_FAIL, kaniko_ok(), None).await;
     println!("{}", r.stderr);
     assert!(r.result.is_ok(), "{:?}", r.result);
     // Six `Retrying operation after {1,2,4}s due to POST …/v2/cache/app/
