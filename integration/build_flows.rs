@@ -63,17 +63,6 @@ fn plan() -> Plan {
     plan_with(|_| {})
 }
 
-/// A detached build in team-a, whose registry CA is copied from
-/// shared-services.
-fn detached_in_team_a() -> (Plan, RunOptions) {
-    let mut o = opts(OutputFormat::Text);
-    o.detach = true;
-    (
-        plan_with(|a| a.settings.namespace = Some("team-a".into())),
-        o,
-    )
-}
-
 fn opts(output: OutputFormat) -> RunOptions {
     RunOptions {
         detach: false,
@@ -431,8 +420,8 @@ async fn expect_ca_copy_create(h: &mut Handle) -> Req {
 }
 
 /// The conditional PUT of a stale CA copy in team-a: at resourceVersion
-/// `rv`, with `data`, still marked as a copy. Returned unanswered.
-async fn expect_ca_copy_update(h: &mut Handle, rv: &str, data: Value) -> Req {
+/// `rv`, with `data`, still marked as a copy. The server takes it.
+async fn ca_copy_updated(h: &mut Handle, rv: &str, data: Value) {
     let r = expect(h, Method::PUT, TEAM_A_CA_UPDATE_URI).await;
     let body = r.json();
     assert_eq!(body["data"], data);
@@ -444,7 +433,7 @@ async fn expect_ca_copy_update(h: &mut Handle, rv: &str, data: Value) -> Req {
         body["metadata"]["annotations"]["slipway.dev/copied-from"],
         "shared-services/registry-ca"
     );
-    r
+    reply(r.send, 200, body);
 }
 
 /// The Job create: the body is exactly the planned Job.
@@ -613,6 +602,34 @@ where
         result,
         stdout: String::from_utf8(out).unwrap(),
         stderr: String::from_utf8(progress.w).unwrap(),
+    }
+}
+
+/// A detached build in team-a: the preflight reads the ServiceAccount and
+/// the source CA, `copy` plays the CA copy's requests, then the Job is
+/// created and nothing follows.
+async fn detached_build_in_team_a<F, Fut>(copy: F) -> Ran
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: std::future::Future<Output = Handle>,
+{
+    let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
+    let mut o = opts(OutputFormat::Text);
+    o.detach = true;
+    let p2 = plan.clone();
+    drive(plan, o, |mut h| async move {
+        preflight_team_a_until_ca_copy(&mut h).await;
+        let mut h = copy(h).await;
+        create_job(&mut h, &p2).await;
+        no_more(&mut h).await;
+    })
+    .await
+}
+
+fn detached_to_team_a() -> Outcome {
+    Outcome::Detached {
+        build: JOB.into(),
+        namespace: "team-a".into(),
     }
 }
 
@@ -1088,34 +1105,21 @@ async fn detach_prints_the_build_name_after_copying_the_ca() {
         no_more(&mut h).await;
     })
     .await;
-    assert_eq!(
-        r.result.unwrap(),
-        Outcome::Detached {
-            build: JOB.into(),
-            namespace: "team-a".into()
-        }
-    );
+    assert_eq!(r.result.unwrap(), detached_to_team_a());
     assert_eq!(r.stdout, format!("{JOB}\n"));
 }
 
 #[tokio::test]
 async fn a_stale_ca_copy_is_updated() {
-    let (plan, o) = detached_in_team_a();
-    let p2 = plan.clone();
-    let r = drive(plan, o, |mut h| async move {
-        preflight_team_a_until_ca_copy(&mut h).await;
+    let r = detached_build_in_team_a(|mut h| async move {
         let mut old = ca_configmap(
             "team-a",
             "-----BEGIN CERTIFICATE-----\nOLD\n-----END CERTIFICATE-----\n",
         );
         old["data"]["other"] = json!("kept");
         answer(&mut h, Method::GET, TEAM_A_CA_URI, 200, old).await;
-        let data = json!({ "ca.crt": CA, "other": "kept" });
-        let r = expect_ca_copy_update(&mut h, "11", data).await;
-        let body = r.json();
-        reply(r.send, 200, body);
-        create_job(&mut h, &p2).await;
-        no_more(&mut h).await;
+        ca_copy_updated(&mut h, "11", json!({ "ca.crt": CA, "other": "kept" })).await;
+        h
     })
     .await;
     assert!(r.result.is_ok(), "{:?}", r.result);
@@ -1127,10 +1131,7 @@ async fn a_stale_ca_copy_is_updated() {
 /// again, find the CA it wanted already there, write nothing, and build.
 #[tokio::test]
 async fn two_builds_racing_to_copy_the_ca_both_succeed() {
-    let (plan, o) = detached_in_team_a();
-    let p2 = plan.clone();
-    let r = drive(plan, o, |mut h| async move {
-        preflight_team_a_until_ca_copy(&mut h).await;
+    let r = detached_build_in_team_a(|mut h| async move {
         let copy_missing = not_found("configmaps", "registry-ca");
         answer(&mut h, Method::GET, TEAM_A_CA_URI, 404, copy_missing).await;
         let r = expect_ca_copy_create(&mut h).await;
@@ -1140,17 +1141,10 @@ async fn two_builds_racing_to_copy_the_ca_both_succeed() {
         let mut theirs = ca_configmap("team-a", CA);
         theirs["metadata"]["resourceVersion"] = json!("400");
         answer(&mut h, Method::GET, TEAM_A_CA_URI, 200, theirs).await;
-        create_job(&mut h, &p2).await;
-        no_more(&mut h).await;
+        h
     })
     .await;
-    assert_eq!(
-        r.result.unwrap(),
-        Outcome::Detached {
-            build: JOB.into(),
-            namespace: "team-a".into()
-        }
-    );
+    assert_eq!(r.result.unwrap(), detached_to_team_a());
     assert!(
         !r.stderr.contains("copied the registry CA"),
         "the other build made the copy: {}",
@@ -1163,11 +1157,8 @@ async fn two_builds_racing_to_copy_the_ca_both_succeed() {
 /// the new resourceVersion; what the other writer added is kept.
 #[tokio::test]
 async fn a_ca_copy_replaced_under_us_is_read_again() {
-    let (plan, o) = detached_in_team_a();
-    let p2 = plan.clone();
     let old = "-----BEGIN CERTIFICATE-----\nOLD\n-----END CERTIFICATE-----\n";
-    let r = drive(plan, o, |mut h| async move {
-        preflight_team_a_until_ca_copy(&mut h).await;
+    let r = detached_build_in_team_a(|mut h| async move {
         answer(&mut h, Method::GET, TEAM_A_CA_URI, 200, ca_configmap("team-a", old)).await;
         let r = expect(&mut h, Method::PUT, TEAM_A_CA_UPDATE_URI).await;
         assert_eq!(r.json()["metadata"]["resourceVersion"], "11");
@@ -1178,11 +1169,8 @@ async fn a_ca_copy_replaced_under_us_is_read_again() {
         moved["data"]["note"] = json!("added meanwhile");
         answer(&mut h, Method::GET, TEAM_A_CA_URI, 200, moved).await;
         let data = json!({ "ca.crt": CA, "note": "added meanwhile" });
-        let r = expect_ca_copy_update(&mut h, "12", data).await;
-        let body = r.json();
-        reply(r.send, 200, body);
-        create_job(&mut h, &p2).await;
-        no_more(&mut h).await;
+        ca_copy_updated(&mut h, "12", data).await;
+        h
     })
     .await;
     assert!(r.result.is_ok(), "{:?}", r.result);
