@@ -369,17 +369,15 @@ async fn preflight_in_place(h: &mut Handle) {
     answer(h, Method::GET, CA_URI, 200, ca_configmap(NS, CA)).await;
 }
 
+async fn team_a_service_account_found(h: &mut Handle) {
+    let sa = service_account("team-a");
+    answer(h, Method::GET, TEAM_A_SA_URI, 200, sa).await;
+}
+
 /// Preflight in team-a up to the CA copy: the ServiceAccount, then the
 /// source ConfigMap in shared-services.
 async fn preflight_team_a_until_ca_copy(h: &mut Handle) {
-    answer(
-        h,
-        Method::GET,
-        TEAM_A_SA_URI,
-        200,
-        service_account("team-a"),
-    )
-    .await;
+    team_a_service_account_found(h).await;
     answer(h, Method::GET, CA_URI, 200, ca_configmap(NS, CA)).await;
 }
 
@@ -517,31 +515,35 @@ async fn until_kaniko_log(h: &mut Handle, kaniko_log: &str) {
     reply_text(r.send, kaniko_log);
 }
 
-/// The watch after Kaniko's log sees the pod `p` (Kaniko ended).
-async fn pod_ends(h: &mut Handle, p: Value) {
-    let r = expect(h, Method::GET, &watch_uri(NS, "103")).await;
-    reply_events(r.send, &[("MODIFIED", p)]);
-}
-
-async fn kaniko_ends(h: &mut Handle, phase: &str, kaniko: Value) {
-    pod_ends(h, pod(104, phase, git_ok(), Some(kaniko))).await;
+/// A build whose Kaniko container streams `log`, until the watch sees the
+/// pod `ended`; then, if given, the Job slipway reads to learn why it
+/// failed.
+async fn kaniko_streams_until(
+    mut h: Handle,
+    log: &'static str,
+    ended: Value,
+    then_job: Option<Value>,
+) {
+    start_build(&mut h).await;
+    until_kaniko_log(&mut h, log).await;
+    let r = expect(&mut h, Method::GET, &watch_uri(NS, "103")).await;
+    reply_events(r.send, &[("MODIFIED", ended)]);
+    if let Some(j) = then_job {
+        answer(&mut h, Method::GET, &job_uri(), 200, j).await;
+    }
+    no_more(&mut h).await;
 }
 
 /// A build whose Kaniko container streams `log` and ends with `kaniko`;
 /// then, if given, the Job slipway reads to learn why it failed.
-async fn kaniko_streams(mut h: Handle, log: &'static str, kaniko: Value, then_job: Option<Value>) {
-    start_build(&mut h).await;
-    until_kaniko_log(&mut h, log).await;
+async fn kaniko_streams(h: Handle, log: &'static str, kaniko: Value, then_job: Option<Value>) {
     let phase = if then_job.is_some() || kaniko["terminated"]["exitCode"] != 0 {
         "Failed"
     } else {
         "Succeeded"
     };
-    kaniko_ends(&mut h, phase, kaniko).await;
-    if let Some(j) = then_job {
-        answer(&mut h, Method::GET, &job_uri(), 200, j).await;
-    }
-    no_more(&mut h).await;
+    let ended = pod(104, phase, git_ok(), Some(kaniko));
+    kaniko_streams_until(h, log, ended, then_job).await;
 }
 
 /// The Job delete that stops a build: Foreground, so that its pod goes
@@ -845,20 +847,16 @@ async fn deadline_exceeded() {
         "DeadlineExceeded",
         "Job was active longer than specified deadline",
     );
-    let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
-        start_build(&mut h).await;
-        until_kaniko_log(&mut h, "").await;
-        let mut p = pod(
-            104,
-            "Failed",
-            git_ok(),
-            Some(terminated(143, "Error", "", "2025-01-01T01:00:00Z")),
-        );
-        p["metadata"]["deletionTimestamp"] = json!("2025-01-01T01:00:00Z");
-        p["metadata"]["deletionGracePeriodSeconds"] = json!(30);
-        pod_ends(&mut h, p).await;
-        answer(&mut h, Method::GET, &job_uri(), 200, j).await;
-        no_more(&mut h).await;
+    let mut p = pod(
+        104,
+        "Failed",
+        git_ok(),
+        Some(terminated(143, "Error", "", "2025-01-01T01:00:00Z")),
+    );
+    p["metadata"]["deletionTimestamp"] = json!("2025-01-01T01:00:00Z");
+    p["metadata"]["deletionGracePeriodSeconds"] = json!(30);
+    let r = drive(plan(), opts(OutputFormat::Text), |h| {
+        kaniko_streams_until(h, "", p, Some(j))
     })
     .await;
     assert!(failed_with(&r, 16).contains("--timeout 1h"));
@@ -866,20 +864,22 @@ async fn deadline_exceeded() {
 
 #[tokio::test]
 async fn evicted() {
-    let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
-        start_build(&mut h).await;
-        until_kaniko_log(&mut h, "").await;
-        let mut p = pod(
-            104,
-            "Failed",
-            git_ok(),
-            Some(terminated(137, "ContainerStatusUnknown", "", "2025-01-01T00:00:50Z")),
-        );
-        p["status"]["reason"] = json!("Evicted");
-        p["status"]["message"] =
-            json!("The node was low on resource: ephemeral-storage. Threshold quantity: 1Gi, available: 512Mi.");
-        pod_ends(&mut h, p).await;
-        no_more(&mut h).await;
+    let mut p = pod(
+        104,
+        "Failed",
+        git_ok(),
+        Some(terminated(
+            137,
+            "ContainerStatusUnknown",
+            "",
+            "2025-01-01T00:00:50Z",
+        )),
+    );
+    p["status"]["reason"] = json!("Evicted");
+    p["status"]["message"] =
+        json!("The node was low on resource: ephemeral-storage. Threshold quantity: 1Gi, available: 512Mi.");
+    let r = drive(plan(), opts(OutputFormat::Text), |h| {
+        kaniko_streams_until(h, "", p, None)
     })
     .await;
     assert!(failed_with(&r, 17).contains("low on resource: ephemeral-storage"));
@@ -1067,14 +1067,7 @@ async fn detach_prints_the_build_name_after_copying_the_ca() {
     o.detach = true;
     let p2 = plan.clone();
     let r = drive(plan, o, |mut h| async move {
-        answer(
-            &mut h,
-            Method::GET,
-            TEAM_A_SA_URI,
-            200,
-            service_account("team-a"),
-        )
-        .await;
+        team_a_service_account_found(&mut h).await;
         let r = expect(
             &mut h,
             Method::GET,
