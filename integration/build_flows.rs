@@ -34,6 +34,14 @@ const DIGEST: &str = "sha256:6f1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f6071829
 const IMAGE: &str = "registry.shared-services:5000/app";
 const CA: &str = "-----BEGIN CERTIFICATE-----\nMIIBfake\n-----END CERTIFICATE-----\n";
 
+const SA_URI: &str = "/api/v1/namespaces/shared-services/serviceaccounts/slipway-build";
+const CA_URI: &str = "/api/v1/namespaces/shared-services/configmaps/registry-ca";
+const TEAM_A_SA_URI: &str = "/api/v1/namespaces/team-a/serviceaccounts/slipway-build";
+const TEAM_A_CA_URI: &str = "/api/v1/namespaces/team-a/configmaps/registry-ca";
+const TEAM_A_CA_CREATE_URI: &str = "/api/v1/namespaces/team-a/configmaps?&fieldManager=slipway";
+const TEAM_A_CA_UPDATE_URI: &str =
+    "/api/v1/namespaces/team-a/configmaps/registry-ca?&fieldManager=slipway";
+
 fn plan_with(f: impl FnOnce(&mut BuildArgs)) -> Plan {
     let mut a = BuildArgs {
         git: "https://github.com/example/app.git".into(),
@@ -110,6 +118,18 @@ async fn expect(h: &mut Handle, method: Method, uri: &str) -> Req {
         "unexpected request"
     );
     r
+}
+
+/// Takes the next request, checks its method and URI, and answers it.
+async fn answer(h: &mut Handle, method: Method, uri: &str, code: u16, body: Value) {
+    let r = expect(h, method, uri).await;
+    reply(r.send, code, body);
+}
+
+/// A client whose API server is the returned handle.
+fn mock_api() -> (Client, Handle) {
+    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(svc, "default"), handle)
 }
 
 fn reply(send: Send, code: u16, body: Value) {
@@ -192,6 +212,46 @@ fn created_job(plan: &Plan) -> Value {
     j["metadata"]["resourceVersion"] = json!("90");
     j["metadata"]["creationTimestamp"] = json!("2025-01-01T00:00:00Z");
     j
+}
+
+/// The created Job with one condition of type `kind` in its status.
+fn job_with_condition(kind: &str, reason: &str, message: &str) -> Value {
+    let mut j = created_job(&plan());
+    j["status"] = json!({ "conditions": [{
+        "type": kind, "status": "True", "reason": reason, "message": message
+    }]});
+    j
+}
+
+/// The Job after a failed pod used up its retries.
+fn backoff_limit_job() -> Value {
+    job_with_condition(
+        "Failed",
+        "BackoffLimitExceeded",
+        "Job has reached the specified backoff limit",
+    )
+}
+
+/// The Job once its Foreground delete has been accepted at `at`.
+fn job_being_deleted(at: &str) -> Value {
+    let mut j = created_job(&plan());
+    j["metadata"]["deletionTimestamp"] = json!(at);
+    j["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
+    j
+}
+
+/// A 409 on the `registry-ca` ConfigMap.
+fn ca_conflict(reason: &str, message: &str) -> Value {
+    status(
+        409,
+        reason,
+        message,
+        json!({ "name": "registry-ca", "kind": "configmaps" }),
+    )
+}
+
+fn job_uri() -> String {
+    format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}")
 }
 
 fn cs(name: &str, image: &str, state: Value) -> Value {
@@ -305,20 +365,73 @@ fn kaniko_ok() -> Value {
 
 /// Preflight in shared-services: the ServiceAccount and the CA ConfigMap.
 async fn preflight_in_place(h: &mut Handle) {
-    let r = expect(
+    answer(h, Method::GET, SA_URI, 200, service_account(NS)).await;
+    answer(h, Method::GET, CA_URI, 200, ca_configmap(NS, CA)).await;
+}
+
+async fn team_a_service_account_found(h: &mut Handle) {
+    let sa = service_account("team-a");
+    answer(h, Method::GET, TEAM_A_SA_URI, 200, sa).await;
+}
+
+/// Preflight in team-a up to the CA copy: the ServiceAccount, then the
+/// source ConfigMap in shared-services.
+async fn preflight_team_a_until_ca_copy(h: &mut Handle) {
+    team_a_service_account_found(h).await;
+    answer(h, Method::GET, CA_URI, 200, ca_configmap(NS, CA)).await;
+}
+
+/// The ServiceAccount is not found in `ns`; the next request, returned
+/// unanswered, looks the namespace up.
+async fn service_account_not_found(h: &mut Handle, ns: &str) -> Req {
+    answer(
         h,
         Method::GET,
-        "/api/v1/namespaces/shared-services/serviceaccounts/slipway-build",
+        &format!("/api/v1/namespaces/{ns}/serviceaccounts/slipway-build"),
+        404,
+        not_found("serviceaccounts", "slipway-build"),
     )
     .await;
-    reply(r.send, 200, service_account(NS));
-    let r = expect(
-        h,
-        Method::GET,
-        "/api/v1/namespaces/shared-services/configmaps/registry-ca",
-    )
-    .await;
-    reply(r.send, 200, ca_configmap(NS, CA));
+    expect(h, Method::GET, &format!("/api/v1/namespaces/{ns}")).await
+}
+
+/// The CA copy's create in team-a: the body is exactly the copied
+/// ConfigMap. Returned unanswered.
+async fn expect_ca_copy_create(h: &mut Handle) -> Req {
+    let r = expect(h, Method::POST, TEAM_A_CA_CREATE_URI).await;
+    assert_eq!(
+        r.json(),
+        json!({
+            "apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {
+                "name": "registry-ca", "namespace": "team-a",
+                "labels": {
+                    "app.kubernetes.io/managed-by": "slipway",
+                    "app.kubernetes.io/part-of": "slipway"
+                },
+                "annotations": { "slipway.dev/copied-from": "shared-services/registry-ca" }
+            },
+            "data": { "ca.crt": CA }
+        })
+    );
+    r
+}
+
+/// The conditional PUT of a stale CA copy in team-a: at resourceVersion
+/// `rv`, with `data`, still marked as a copy. The server takes it.
+async fn ca_copy_updated(h: &mut Handle, rv: &str, data: Value) {
+    let r = expect(h, Method::PUT, TEAM_A_CA_UPDATE_URI).await;
+    let body = r.json();
+    assert_eq!(body["data"], data);
+    assert_eq!(
+        body["metadata"]["resourceVersion"], rv,
+        "optimistic concurrency"
+    );
+    assert_eq!(
+        body["metadata"]["annotations"]["slipway.dev/copied-from"],
+        "shared-services/registry-ca"
+    );
+    reply(r.send, 200, body);
 }
 
 /// The Job create: the body is exactly the planned Job.
@@ -350,6 +463,13 @@ async fn until_git_log(h: &mut Handle) {
     );
     let r = expect(h, Method::GET, &log_uri("git")).await;
     reply_text(r.send, GIT_LOG);
+}
+
+/// A build in shared-services, from the preflight to git's log.
+async fn start_build(h: &mut Handle) {
+    preflight_in_place(h).await;
+    create_job(h, &plan()).await;
+    until_git_log(h).await;
 }
 
 /// The commit label, once git has reported it.
@@ -395,12 +515,48 @@ async fn until_kaniko_log(h: &mut Handle, kaniko_log: &str) {
     reply_text(r.send, kaniko_log);
 }
 
-async fn kaniko_ends(h: &mut Handle, phase: &str, kaniko: Value) {
-    let r = expect(h, Method::GET, &watch_uri(NS, "103")).await;
-    reply_events(
-        r.send,
-        &[("MODIFIED", pod(104, phase, git_ok(), Some(kaniko)))],
-    );
+/// A build whose Kaniko container streams `log`, until the watch sees the
+/// pod `ended`; then, if given, the Job slipway reads to learn why it
+/// failed.
+async fn kaniko_streams_until(
+    mut h: Handle,
+    log: &'static str,
+    ended: Value,
+    then_job: Option<Value>,
+) {
+    start_build(&mut h).await;
+    until_kaniko_log(&mut h, log).await;
+    let r = expect(&mut h, Method::GET, &watch_uri(NS, "103")).await;
+    reply_events(r.send, &[("MODIFIED", ended)]);
+    if let Some(j) = then_job {
+        answer(&mut h, Method::GET, &job_uri(), 200, j).await;
+    }
+    no_more(&mut h).await;
+}
+
+/// A build whose Kaniko container streams `log` and ends with `kaniko`;
+/// then, if given, the Job slipway reads to learn why it failed.
+async fn kaniko_streams(h: Handle, log: &'static str, kaniko: Value, then_job: Option<Value>) {
+    let phase = if then_job.is_some() || kaniko["terminated"]["exitCode"] != 0 {
+        "Failed"
+    } else {
+        "Succeeded"
+    };
+    let ended = pod(104, phase, git_ok(), Some(kaniko));
+    kaniko_streams_until(h, log, ended, then_job).await;
+}
+
+/// The Job delete that stops a build: Foreground, so that its pod goes
+/// too. Returned unanswered.
+async fn expect_foreground_delete(h: &mut Handle) -> Req {
+    let r = expect(
+        h,
+        Method::DELETE,
+        &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}?"),
+    )
+    .await;
+    assert_eq!(r.json(), json!({ "propagationPolicy": "Foreground" }));
+    r
 }
 
 /// After the result: no further request (the client is dropped when `run`
@@ -426,8 +582,7 @@ where
     F: FnOnce(Handle) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    let (svc, handle) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(svc, "default");
+    let (client, handle) = mock_api();
     let mut out = Vec::new();
     let mut progress = PlainProgress { w: Vec::new() };
     let (result, ()) = tokio::join!(
@@ -452,6 +607,34 @@ where
     }
 }
 
+/// A detached build in team-a: the preflight reads the ServiceAccount and
+/// the source CA, `copy` plays the CA copy's requests, then the Job is
+/// created and nothing follows.
+async fn detached_build_in_team_a<F, Fut>(copy: F) -> Ran
+where
+    F: FnOnce(Handle) -> Fut,
+    Fut: std::future::Future<Output = Handle>,
+{
+    let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
+    let mut o = opts(OutputFormat::Text);
+    o.detach = true;
+    let p2 = plan.clone();
+    drive(plan, o, |mut h| async move {
+        preflight_team_a_until_ca_copy(&mut h).await;
+        let mut h = copy(h).await;
+        create_job(&mut h, &p2).await;
+        no_more(&mut h).await;
+    })
+    .await
+}
+
+fn detached_to_team_a() -> Outcome {
+    Outcome::Detached {
+        build: JOB.into(),
+        namespace: "team-a".into(),
+    }
+}
+
 fn exit_code(r: &Ran) -> i32 {
     match &r.result {
         Ok(_) => 0,
@@ -459,20 +642,31 @@ fn exit_code(r: &Ran) -> i32 {
     }
 }
 
+/// The build failed with exit code `code`: its error message.
+fn failed_with(r: &Ran, code: i32) -> String {
+    assert_eq!(exit_code(r), code, "{:?}", r.result);
+    r.result.as_ref().unwrap_err().to_string()
+}
+
 // ---- success ---------------------------------------------------------------
 
-async fn success_server(mut h: Handle) {
-    preflight_in_place(&mut h).await;
-    create_job(&mut h, &plan()).await;
-    until_git_log(&mut h).await;
-    until_kaniko_log(&mut h, KANIKO_LOG).await;
-    kaniko_ends(&mut h, "Succeeded", kaniko_ok()).await;
-    no_more(&mut h).await;
+/// `slipway build` with `output` against a server whose Kaniko streams
+/// `log` and ends with `kaniko` (see `kaniko_streams`).
+async fn build_with_kaniko(
+    output: OutputFormat,
+    log: &'static str,
+    kaniko: Value,
+    then_job: Option<Value>,
+) -> Ran {
+    drive(plan(), opts(output), |h| {
+        kaniko_streams(h, log, kaniko, then_job)
+    })
+    .await
 }
 
 #[tokio::test]
 async fn success_prints_the_pullable_digest_last() {
-    let r = drive(plan(), opts(OutputFormat::Text), success_server).await;
+    let r = build_with_kaniko(OutputFormat::Text, KANIKO_LOG, kaniko_ok(), None).await;
     let Ok(Outcome::Built(report)) = &r.result else {
         panic!("{:?}\n{}", r.result, r.stderr);
     };
@@ -515,7 +709,7 @@ async fn success_prints_the_pullable_digest_last() {
 
 #[tokio::test]
 async fn success_as_json() {
-    let r = drive(plan(), opts(OutputFormat::Json), success_server).await;
+    let r = build_with_kaniko(OutputFormat::Json, KANIKO_LOG, kaniko_ok(), None).await;
     assert!(r.result.is_ok(), "{:?}", r.result);
     assert_eq!(r.stdout.lines().count(), 1);
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
@@ -533,39 +727,28 @@ async fn success_as_json() {
 
 // ---- failures --------------------------------------------------------------
 
-/// The git container fails with `code` and `message`.
-async fn git_fails(mut h: Handle, code: i32, message: &'static str) {
-    preflight_in_place(&mut h).await;
-    create_job(&mut h, &plan()).await;
-    until_git_log(&mut h).await;
-    let r = expect(&mut h, Method::GET, &watch_uri(NS, "101")).await;
-    reply_events(
-        r.send,
-        &[(
-            "MODIFIED",
-            pod(
-                102,
-                "Failed",
-                terminated(code, "Error", message, "2025-01-01T00:00:09Z"),
-                None,
-            ),
-        )],
-    );
-    no_more(&mut h).await;
+/// `slipway build` with `output` where the git container fails with
+/// `code` and `message`.
+async fn build_where_git_fails(output: OutputFormat, code: i32, message: &'static str) -> Ran {
+    drive(plan(), opts(output), |mut h| async move {
+        start_build(&mut h).await;
+        let r = expect(&mut h, Method::GET, &watch_uri(NS, "101")).await;
+        let git = terminated(code, "Error", message, "2025-01-01T00:00:09Z");
+        reply_events(r.send, &[("MODIFIED", pod(102, "Failed", git, None))]);
+        no_more(&mut h).await;
+    })
+    .await
 }
 
 #[tokio::test]
 async fn git_auth_failed() {
-    let r = drive(plan(), opts(OutputFormat::Text), |h| {
-        git_fails(
-            h,
-            10,
-            "slipway-git git-auth-failed\nfatal: Authentication failed for 'https://github.com/example/app.git/'\n",
-        )
-    })
+    let r = build_where_git_fails(
+        OutputFormat::Text,
+        10,
+        "slipway-git git-auth-failed\nfatal: Authentication failed for 'https://github.com/example/app.git/'\n",
+    )
     .await;
-    assert_eq!(exit_code(&r), 10, "{:?}", r.result);
-    let msg = r.result.unwrap_err().to_string();
+    let msg = failed_with(&r, 10);
     assert!(
         msg.starts_with("git auth failed for https://github.com/example/app.git"),
         "{msg}"
@@ -575,16 +758,13 @@ async fn git_auth_failed() {
 
 #[tokio::test]
 async fn revision_not_found() {
-    let r = drive(plan(), opts(OutputFormat::Text), |h| {
-        git_fails(
-            h,
-            11,
-            "slipway-git revision-not-found\nno branch or tag named main in https://github.com/example/app.git\n",
-        )
-    })
+    let r = build_where_git_fails(
+        OutputFormat::Text,
+        11,
+        "slipway-git revision-not-found\nno branch or tag named main in https://github.com/example/app.git\n",
+    )
     .await;
-    assert_eq!(exit_code(&r), 11, "{:?}", r.result);
-    let msg = r.result.unwrap_err().to_string();
+    let msg = failed_with(&r, 11);
     assert!(
         msg.starts_with("revision not found: no branch or tag named main"),
         "{msg}"
@@ -593,13 +773,11 @@ async fn revision_not_found() {
 
 #[tokio::test]
 async fn dockerfile_not_found() {
-    let r = drive(plan(), opts(OutputFormat::Json), |h| {
-        git_fails(
-            h,
-            12,
-            "slipway-git dockerfile-not-found\nDockerfile does not exist at commit 3f786850e387550fdab836ed7e6dc881de23001b\n",
-        )
-    })
+    let r = build_where_git_fails(
+        OutputFormat::Json,
+        12,
+        "slipway-git dockerfile-not-found\nDockerfile does not exist at commit 3f786850e387550fdab836ed7e6dc881de23001b\n",
+    )
     .await;
     assert_eq!(exit_code(&r), 12, "{:?}", r.result);
     let v: Value = serde_json::from_str(&r.stdout).unwrap();
@@ -607,43 +785,20 @@ async fn dockerfile_not_found() {
     assert_eq!(v["exit_code"], 12);
 }
 
-/// Kaniko fails; `message` is what the kubelet put in the termination
-/// message (the log tail: FallbackToLogsOnError).
-async fn kaniko_fails(mut h: Handle, kaniko: Value, then_job: Option<Value>) {
-    preflight_in_place(&mut h).await;
-    create_job(&mut h, &plan()).await;
-    until_git_log(&mut h).await;
-    until_kaniko_log(
-        &mut h,
-        "\u{1b}[36mINFO\u{1b}[0m[0000] Resolved base name golang:1.22 to builder\n",
-    )
-    .await;
-    kaniko_ends(&mut h, "Failed", kaniko).await;
-    if let Some(j) = then_job {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"),
-        )
-        .await;
-        reply(r.send, 200, j);
-    }
-    no_more(&mut h).await;
+/// `slipway build` where Kaniko fails after its first log line; its
+/// termination message is what the kubelet put there (the log tail:
+/// FallbackToLogsOnError).
+async fn build_where_kaniko_fails(kaniko: Value, then_job: Option<Value>) -> Ran {
+    let log = "\u{1b}[36mINFO\u{1b}[0m[0000] Resolved base name golang:1.22 to builder\n";
+    build_with_kaniko(OutputFormat::Text, log, kaniko, then_job).await
 }
 
 #[tokio::test]
 async fn push_denied() {
     let tail = "\u{1b}[31mERRO\u{1b}[0m[0000] Error: error checking push permissions -- make sure you entered the correct tag name, and that you are authenticated correctly, and try again: checking push permission for \"registry.shared-services:5000/app:3f78685\": POST https://registry.shared-services:5000/v2/app/blobs/uploads/: UNAUTHORIZED: authentication required; [map[Action:push Class: Name:app Type:repository]]\n";
-    let r = drive(plan(), opts(OutputFormat::Text), |h| {
-        kaniko_fails(
-            h,
-            terminated(1, "Error", tail, "2025-01-01T00:00:30Z"),
-            None,
-        )
-    })
-    .await;
-    assert_eq!(exit_code(&r), 13, "{:?}", r.result);
-    let msg = r.result.unwrap_err().to_string();
+    let r =
+        build_where_kaniko_fails(terminated(1, "Error", tail, "2025-01-01T00:00:30Z"), None).await;
+    let msg = failed_with(&r, 13);
     assert!(
         msg.starts_with("push denied by registry.shared-services:5000"),
         "{msg}"
@@ -653,30 +808,19 @@ async fn push_denied() {
 #[tokio::test]
 async fn certificate_error() {
     let tail = "error building image: error checking push permissions: Get \"https://registry.shared-services:5000/v2/\": tls: failed to verify certificate: x509: certificate signed by unknown authority\n";
-    let r = drive(plan(), opts(OutputFormat::Text), |h| {
-        kaniko_fails(
-            h,
-            terminated(1, "Error", tail, "2025-01-01T00:00:30Z"),
-            None,
-        )
-    })
-    .await;
-    assert_eq!(exit_code(&r), 14, "{:?}", r.result);
-    assert!(r.result.unwrap_err().to_string().contains("x509"));
+    let r =
+        build_where_kaniko_fails(terminated(1, "Error", tail, "2025-01-01T00:00:30Z"), None).await;
+    assert!(failed_with(&r, 14).contains("x509"));
 }
 
 #[tokio::test]
 async fn oom_killed() {
-    let r = drive(plan(), opts(OutputFormat::Text), |h| {
-        kaniko_fails(
-            h,
-            terminated(137, "OOMKilled", "", "2025-01-01T00:00:40Z"),
-            None,
-        )
-    })
+    let r = build_where_kaniko_fails(
+        terminated(137, "OOMKilled", "", "2025-01-01T00:00:40Z"),
+        None,
+    )
     .await;
-    assert_eq!(exit_code(&r), 15, "{:?}", r.result);
-    let msg = r.result.unwrap_err().to_string();
+    let msg = failed_with(&r, 15);
     assert!(
         msg.contains("OOMKilled at its memory limit 2Gi: raise --memory"),
         "{msg}"
@@ -686,97 +830,65 @@ async fn oom_killed() {
 #[tokio::test]
 async fn a_failing_run_step_is_exit_1_and_not_the_deadline() {
     let tail = "error building image: error building stage: failed to execute command: waiting for process to exit: exit status 2\n";
-    let mut j = created_job(&plan());
-    j["status"] = json!({ "conditions": [{
-        "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-        "message": "Job has reached the specified backoff limit"
-    }]});
-    let r = drive(plan(), opts(OutputFormat::Text), |h| {
-        kaniko_fails(
-            h,
-            terminated(1, "Error", tail, "2025-01-01T00:00:40Z"),
-            Some(j),
-        )
-    })
+    let r = build_where_kaniko_fails(
+        terminated(1, "Error", tail, "2025-01-01T00:00:40Z"),
+        Some(backoff_limit_job()),
+    )
     .await;
-    assert_eq!(exit_code(&r), 1, "{:?}", r.result);
-    assert!(r.result.unwrap_err().to_string().contains("exit status 2"));
+    assert!(failed_with(&r, 1).contains("exit status 2"));
 }
 
 #[tokio::test]
 async fn deadline_exceeded() {
     // The Job controller kills the pod at activeDeadlineSeconds: Kaniko
     // ends with SIGTERM (143) on a pod being deleted, and the Job says why.
-    let mut j = created_job(&plan());
-    j["status"] = json!({ "conditions": [{
-        "type": "FailureTarget", "status": "True", "reason": "DeadlineExceeded",
-        "message": "Job was active longer than specified deadline"
-    }]});
-    let plan = plan();
-    let r = drive(plan, opts(OutputFormat::Text), |mut h| async move {
-        preflight_in_place(&mut h).await;
-        create_job(&mut h, &self::plan()).await;
-        until_git_log(&mut h).await;
-        until_kaniko_log(&mut h, "").await;
-        let r = expect(&mut h, Method::GET, &watch_uri(NS, "103")).await;
-        let mut p = pod(
-            104,
-            "Failed",
-            git_ok(),
-            Some(terminated(143, "Error", "", "2025-01-01T01:00:00Z")),
-        );
-        p["metadata"]["deletionTimestamp"] = json!("2025-01-01T01:00:00Z");
-        p["metadata"]["deletionGracePeriodSeconds"] = json!(30);
-        reply_events(r.send, &[("MODIFIED", p)]);
-        let r = expect(
-            &mut h,
-            Method::GET,
-            &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"),
-        )
-        .await;
-        reply(r.send, 200, j);
-        no_more(&mut h).await;
+    let j = job_with_condition(
+        "FailureTarget",
+        "DeadlineExceeded",
+        "Job was active longer than specified deadline",
+    );
+    let mut p = pod(
+        104,
+        "Failed",
+        git_ok(),
+        Some(terminated(143, "Error", "", "2025-01-01T01:00:00Z")),
+    );
+    p["metadata"]["deletionTimestamp"] = json!("2025-01-01T01:00:00Z");
+    p["metadata"]["deletionGracePeriodSeconds"] = json!(30);
+    let r = drive(plan(), opts(OutputFormat::Text), |h| {
+        kaniko_streams_until(h, "", p, Some(j))
     })
     .await;
-    assert_eq!(exit_code(&r), 16, "{:?}", r.result);
-    assert!(r.result.unwrap_err().to_string().contains("--timeout 1h"));
+    assert!(failed_with(&r, 16).contains("--timeout 1h"));
 }
 
 #[tokio::test]
 async fn evicted() {
-    let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
-        preflight_in_place(&mut h).await;
-        create_job(&mut h, &plan()).await;
-        until_git_log(&mut h).await;
-        until_kaniko_log(&mut h, "").await;
-        let r = expect(&mut h, Method::GET, &watch_uri(NS, "103")).await;
-        let mut p = pod(
-            104,
-            "Failed",
-            git_ok(),
-            Some(terminated(137, "ContainerStatusUnknown", "", "2025-01-01T00:00:50Z")),
-        );
-        p["status"]["reason"] = json!("Evicted");
-        p["status"]["message"] =
-            json!("The node was low on resource: ephemeral-storage. Threshold quantity: 1Gi, available: 512Mi.");
-        reply_events(r.send, &[("MODIFIED", p)]);
-        no_more(&mut h).await;
+    let mut p = pod(
+        104,
+        "Failed",
+        git_ok(),
+        Some(terminated(
+            137,
+            "ContainerStatusUnknown",
+            "",
+            "2025-01-01T00:00:50Z",
+        )),
+    );
+    p["status"]["reason"] = json!("Evicted");
+    p["status"]["message"] =
+        json!("The node was low on resource: ephemeral-storage. Threshold quantity: 1Gi, available: 512Mi.");
+    let r = drive(plan(), opts(OutputFormat::Text), |h| {
+        kaniko_streams_until(h, "", p, None)
     })
     .await;
-    assert_eq!(exit_code(&r), 17, "{:?}", r.result);
-    assert!(r
-        .result
-        .unwrap_err()
-        .to_string()
-        .contains("low on resource: ephemeral-storage"));
+    assert!(failed_with(&r, 17).contains("low on resource: ephemeral-storage"));
 }
 
 #[tokio::test]
 async fn executor_image_cannot_be_pulled() {
     let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
-        preflight_in_place(&mut h).await;
-        create_job(&mut h, &plan()).await;
-        until_git_log(&mut h).await;
+        start_build(&mut h).await;
         let r = expect(&mut h, Method::GET, &watch_uri(NS, "101")).await;
         reply_events(
             r.send,
@@ -801,17 +913,12 @@ async fn executor_image_cannot_be_pulled() {
         );
         label_commit(&mut h).await;
         // Stuck until the deadline otherwise: slipway deletes the Job.
-        let r = expect(&mut h, Method::DELETE, &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}?")).await;
-        assert_eq!(r.json(), json!({ "propagationPolicy": "Foreground" }));
-        let mut j = created_job(&plan());
-        j["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:40Z");
-        j["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
-        reply(r.send, 200, j);
+        let r = expect_foreground_delete(&mut h).await;
+        reply(r.send, 200, job_being_deleted("2025-01-01T00:00:40Z"));
         no_more(&mut h).await;
     })
     .await;
-    assert_eq!(exit_code(&r), 18, "{:?}", r.result);
-    let msg = r.result.unwrap_err().to_string();
+    let msg = failed_with(&r, 18);
     assert!(
         msg.contains("cannot pull image ghcr.io/osscontainertools/kaniko:v1.27.6-debug for container kaniko: ImagePullBackOff"),
         "{msg}"
@@ -822,38 +929,19 @@ async fn executor_image_cannot_be_pulled() {
 async fn namespace_missing() {
     let plan = plan_with(|a| a.settings.namespace = Some("team-x".into()));
     let r = drive(plan, opts(OutputFormat::Text), |mut h| async move {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-x/serviceaccounts/slipway-build",
-        )
-        .await;
-        reply(r.send, 404, not_found("serviceaccounts", "slipway-build"));
-        let r = expect(&mut h, Method::GET, "/api/v1/namespaces/team-x").await;
+        let r = service_account_not_found(&mut h, "team-x").await;
         reply(r.send, 404, not_found("namespaces", "team-x"));
         no_more(&mut h).await;
     })
     .await;
-    assert_eq!(exit_code(&r), 19, "{:?}", r.result);
-    assert!(r
-        .result
-        .unwrap_err()
-        .to_string()
-        .starts_with("namespace team-x does not exist"));
+    assert!(failed_with(&r, 19).starts_with("namespace team-x does not exist"));
 }
 
 #[tokio::test]
 async fn service_account_missing() {
     let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
     let r = drive(plan, opts(OutputFormat::Text), |mut h| async move {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/serviceaccounts/slipway-build",
-        )
-        .await;
-        reply(r.send, 404, not_found("serviceaccounts", "slipway-build"));
-        let r = expect(&mut h, Method::GET, "/api/v1/namespaces/team-a").await;
+        let r = service_account_not_found(&mut h, "team-a").await;
         reply(
             r.send,
             200,
@@ -862,8 +950,7 @@ async fn service_account_missing() {
         no_more(&mut h).await;
     })
     .await;
-    assert_eq!(exit_code(&r), 19, "{:?}", r.result);
-    let msg = r.result.unwrap_err().to_string();
+    let msg = failed_with(&r, 19);
     assert!(
         msg.starts_with("ServiceAccount slipway-build not found in namespace team-a"),
         "{msg}"
@@ -881,9 +968,10 @@ async fn the_job_controller_cannot_create_the_pod() {
     let mut o = opts(OutputFormat::Text);
     o.timing.quiet = Duration::from_millis(200);
     let r = drive(plan(), o, |mut h| async move {
-        let r = expect(&mut h, Method::GET, "/api/v1/namespaces/shared-services/serviceaccounts/slipway-build").await;
-        reply(
-            r.send,
+        answer(
+            &mut h,
+            Method::GET,
+            SA_URI,
             403,
             status(
                 403,
@@ -891,20 +979,16 @@ async fn the_job_controller_cannot_create_the_pod() {
                 "serviceaccounts \"slipway-build\" is forbidden: User \"dev\" cannot get resource \"serviceaccounts\" in API group \"\" in the namespace \"shared-services\"",
                 json!({ "name": "slipway-build", "kind": "serviceaccounts" }),
             ),
-        );
-        let r = expect(&mut h, Method::GET, "/api/v1/namespaces/shared-services/configmaps/registry-ca").await;
-        reply(r.send, 200, ca_configmap(NS, CA));
+        )
+        .await;
+        answer(&mut h, Method::GET, CA_URI, 200, ca_configmap(NS, CA)).await;
         create_job(&mut h, &plan()).await;
         // The watch gets no event; slipway looks at the Job's events.
         let _held = expect(&mut h, Method::GET, &watch_uri(NS, "0")).await;
-        let r = expect(
+        answer(
             &mut h,
             Method::GET,
             &format!("/api/v1/namespaces/{NS}/events?&fieldSelector=involvedObject.kind%3DJob%2CinvolvedObject.name%3D{JOB}"),
-        )
-        .await;
-        reply(
-            r.send,
             200,
             json!({
                 "apiVersion": "v1", "kind": "EventList", "metadata": { "resourceVersion": "120" },
@@ -916,9 +1000,9 @@ async fn the_job_controller_cannot_create_the_pod() {
                     "source": { "component": "job-controller" }
                 }]
             }),
-        );
-        let r = expect(&mut h, Method::DELETE, &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}?")).await;
-        assert_eq!(r.json(), json!({ "propagationPolicy": "Foreground" }));
+        )
+        .await;
+        let r = expect_foreground_delete(&mut h).await;
         reply(r.send, 200, created_job(&plan()));
         no_more(&mut h).await;
     })
@@ -934,8 +1018,7 @@ async fn the_job_controller_cannot_create_the_pod() {
 #[tokio::test]
 async fn ctrl_c_deletes_the_job_and_its_pod() {
     let plan = plan();
-    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(svc, "default");
+    let (client, mut h) = mock_api();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let mut out = Vec::new();
     let mut progress = PlainProgress { w: Vec::new() };
@@ -952,23 +1035,12 @@ async fn ctrl_c_deletes_the_job_and_its_pod() {
             &mut progress,
         ),
         async {
-            preflight_in_place(&mut h).await;
-            create_job(&mut h, &self::plan()).await;
-            until_git_log(&mut h).await;
+            start_build(&mut h).await;
             // The build goes on; the user presses Ctrl-C while slipway waits.
             let held = expect(&mut h, Method::GET, &watch_uri(NS, "101")).await;
             tx.send(()).unwrap();
-            let r = expect(
-                &mut h,
-                Method::DELETE,
-                &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}?"),
-            )
-            .await;
-            assert_eq!(r.json(), json!({ "propagationPolicy": "Foreground" }));
-            let mut j = created_job(&self::plan());
-            j["metadata"]["deletionTimestamp"] = json!("2025-01-01T00:00:30Z");
-            j["metadata"]["finalizers"] = json!(["foregroundDeletion"]);
-            reply(r.send, 200, j);
+            let r = expect_foreground_delete(&mut h).await;
+            reply(r.send, 200, job_being_deleted("2025-01-01T00:00:30Z"));
             drop(held);
             no_more(&mut h).await;
         }
@@ -995,13 +1067,7 @@ async fn detach_prints_the_build_name_after_copying_the_ca() {
     o.detach = true;
     let p2 = plan.clone();
     let r = drive(plan, o, |mut h| async move {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/serviceaccounts/slipway-build",
-        )
-        .await;
-        reply(r.send, 200, service_account("team-a"));
+        team_a_service_account_found(&mut h).await;
         let r = expect(
             &mut h,
             Method::GET,
@@ -1021,41 +1087,10 @@ async fn detach_prints_the_build_name_after_copying_the_ca() {
                 "metadata": { "name": "regcred", "namespace": "team-a" }
             }),
         );
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/shared-services/configmaps/registry-ca",
-        )
-        .await;
-        reply(r.send, 200, ca_configmap(NS, CA));
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca",
-        )
-        .await;
-        reply(r.send, 404, not_found("configmaps", "registry-ca"));
-        let r = expect(
-            &mut h,
-            Method::POST,
-            "/api/v1/namespaces/team-a/configmaps?&fieldManager=slipway",
-        )
-        .await;
-        assert_eq!(
-            r.json(),
-            json!({
-                "apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {
-                    "name": "registry-ca", "namespace": "team-a",
-                    "labels": {
-                        "app.kubernetes.io/managed-by": "slipway",
-                        "app.kubernetes.io/part-of": "slipway"
-                    },
-                    "annotations": { "slipway.dev/copied-from": "shared-services/registry-ca" }
-                },
-                "data": { "ca.crt": CA }
-            })
-        );
+        answer(&mut h, Method::GET, CA_URI, 200, ca_configmap(NS, CA)).await;
+        let copy_missing = not_found("configmaps", "registry-ca");
+        answer(&mut h, Method::GET, TEAM_A_CA_URI, 404, copy_missing).await;
+        let r = expect_ca_copy_create(&mut h).await;
         let mut cm = r.json();
         cm["metadata"]["resourceVersion"] = json!("300");
         reply(r.send, 201, cm);
@@ -1063,90 +1098,24 @@ async fn detach_prints_the_build_name_after_copying_the_ca() {
         no_more(&mut h).await;
     })
     .await;
-    assert_eq!(
-        r.result.unwrap(),
-        Outcome::Detached {
-            build: JOB.into(),
-            namespace: "team-a".into()
-        }
-    );
+    assert_eq!(r.result.unwrap(), detached_to_team_a());
     assert_eq!(r.stdout, format!("{JOB}\n"));
 }
 
 #[tokio::test]
 async fn a_stale_ca_copy_is_updated() {
-    let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
-    let mut o = opts(OutputFormat::Text);
-    o.detach = true;
-    let p2 = plan.clone();
-    let r = drive(plan, o, |mut h| async move {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/serviceaccounts/slipway-build",
-        )
-        .await;
-        reply(r.send, 200, service_account("team-a"));
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/shared-services/configmaps/registry-ca",
-        )
-        .await;
-        reply(r.send, 200, ca_configmap(NS, CA));
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca",
-        )
-        .await;
+    let r = detached_build_in_team_a(|mut h| async move {
         let mut old = ca_configmap(
             "team-a",
             "-----BEGIN CERTIFICATE-----\nOLD\n-----END CERTIFICATE-----\n",
         );
         old["data"]["other"] = json!("kept");
-        reply(r.send, 200, old);
-        let r = expect(
-            &mut h,
-            Method::PUT,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca?&fieldManager=slipway",
-        )
-        .await;
-        let body = r.json();
-        assert_eq!(body["data"], json!({ "ca.crt": CA, "other": "kept" }));
-        assert_eq!(
-            body["metadata"]["resourceVersion"], "11",
-            "optimistic concurrency"
-        );
-        assert_eq!(
-            body["metadata"]["annotations"]["slipway.dev/copied-from"],
-            "shared-services/registry-ca"
-        );
-        reply(r.send, 200, body);
-        create_job(&mut h, &p2).await;
-        no_more(&mut h).await;
+        answer(&mut h, Method::GET, TEAM_A_CA_URI, 200, old).await;
+        ca_copy_updated(&mut h, "11", json!({ "ca.crt": CA, "other": "kept" })).await;
+        h
     })
     .await;
     assert!(r.result.is_ok(), "{:?}", r.result);
-}
-
-/// Preflight in team-a up to the CA copy: the ServiceAccount, then the
-/// source ConfigMap in shared-services.
-async fn preflight_team_a_until_ca_copy(h: &mut Handle) {
-    let r = expect(
-        h,
-        Method::GET,
-        "/api/v1/namespaces/team-a/serviceaccounts/slipway-build",
-    )
-    .await;
-    reply(r.send, 200, service_account("team-a"));
-    let r = expect(
-        h,
-        Method::GET,
-        "/api/v1/namespaces/shared-services/configmaps/registry-ca",
-    )
-    .await;
-    reply(r.send, 200, ca_configmap(NS, CA));
 }
 
 /// Issue #12, point 5: two builds start at once in a namespace that has no
@@ -1155,71 +1124,20 @@ async fn preflight_team_a_until_ca_copy(h: &mut Handle) {
 /// again, find the CA it wanted already there, write nothing, and build.
 #[tokio::test]
 async fn two_builds_racing_to_copy_the_ca_both_succeed() {
-    let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
-    let mut o = opts(OutputFormat::Text);
-    o.detach = true;
-    let p2 = plan.clone();
-    let r = drive(plan, o, |mut h| async move {
-        preflight_team_a_until_ca_copy(&mut h).await;
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca",
-        )
-        .await;
-        reply(r.send, 404, not_found("configmaps", "registry-ca"));
-        let r = expect(
-            &mut h,
-            Method::POST,
-            "/api/v1/namespaces/team-a/configmaps?&fieldManager=slipway",
-        )
-        .await;
-        assert_eq!(
-            r.json(),
-            json!({
-                "apiVersion": "v1", "kind": "ConfigMap",
-                "metadata": {
-                    "name": "registry-ca", "namespace": "team-a",
-                    "labels": {
-                        "app.kubernetes.io/managed-by": "slipway",
-                        "app.kubernetes.io/part-of": "slipway"
-                    },
-                    "annotations": { "slipway.dev/copied-from": "shared-services/registry-ca" }
-                },
-                "data": { "ca.crt": CA }
-            })
-        );
-        reply(
-            r.send,
-            409,
-            status(
-                409,
-                "AlreadyExists",
-                "configmaps \"registry-ca\" already exists",
-                json!({ "name": "registry-ca", "kind": "configmaps" }),
-            ),
-        );
+    let r = detached_build_in_team_a(|mut h| async move {
+        let copy_missing = not_found("configmaps", "registry-ca");
+        answer(&mut h, Method::GET, TEAM_A_CA_URI, 404, copy_missing).await;
+        let r = expect_ca_copy_create(&mut h).await;
+        let exists = "configmaps \"registry-ca\" already exists";
+        reply(r.send, 409, ca_conflict("AlreadyExists", exists));
         // The winner's copy: the same CA. Nothing left to write.
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca",
-        )
-        .await;
         let mut theirs = ca_configmap("team-a", CA);
         theirs["metadata"]["resourceVersion"] = json!("400");
-        reply(r.send, 200, theirs);
-        create_job(&mut h, &p2).await;
-        no_more(&mut h).await;
+        answer(&mut h, Method::GET, TEAM_A_CA_URI, 200, theirs).await;
+        h
     })
     .await;
-    assert_eq!(
-        r.result.unwrap(),
-        Outcome::Detached {
-            build: JOB.into(),
-            namespace: "team-a".into()
-        }
-    );
+    assert_eq!(r.result.unwrap(), detached_to_team_a());
     assert!(
         !r.stderr.contains("copied the registry CA"),
         "the other build made the copy: {}",
@@ -1232,66 +1150,20 @@ async fn two_builds_racing_to_copy_the_ca_both_succeed() {
 /// the new resourceVersion; what the other writer added is kept.
 #[tokio::test]
 async fn a_ca_copy_replaced_under_us_is_read_again() {
-    let plan = plan_with(|a| a.settings.namespace = Some("team-a".into()));
-    let mut o = opts(OutputFormat::Text);
-    o.detach = true;
-    let p2 = plan.clone();
     let old = "-----BEGIN CERTIFICATE-----\nOLD\n-----END CERTIFICATE-----\n";
-    let r = drive(plan, o, |mut h| async move {
-        preflight_team_a_until_ca_copy(&mut h).await;
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca",
-        )
-        .await;
-        reply(r.send, 200, ca_configmap("team-a", old));
-        let r = expect(
-            &mut h,
-            Method::PUT,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca?&fieldManager=slipway",
-        )
-        .await;
+    let r = detached_build_in_team_a(|mut h| async move {
+        answer(&mut h, Method::GET, TEAM_A_CA_URI, 200, ca_configmap("team-a", old)).await;
+        let r = expect(&mut h, Method::PUT, TEAM_A_CA_UPDATE_URI).await;
         assert_eq!(r.json()["metadata"]["resourceVersion"], "11");
-        reply(
-            r.send,
-            409,
-            status(
-                409,
-                "Conflict",
-                "Operation cannot be fulfilled on configmaps \"registry-ca\": the object has been modified",
-                json!({ "name": "registry-ca", "kind": "configmaps" }),
-            ),
-        );
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca",
-        )
-        .await;
+        let modified = "Operation cannot be fulfilled on configmaps \"registry-ca\": the object has been modified";
+        reply(r.send, 409, ca_conflict("Conflict", modified));
         let mut moved = ca_configmap("team-a", old);
         moved["metadata"]["resourceVersion"] = json!("12");
         moved["data"]["note"] = json!("added meanwhile");
-        reply(r.send, 200, moved);
-        let r = expect(
-            &mut h,
-            Method::PUT,
-            "/api/v1/namespaces/team-a/configmaps/registry-ca?&fieldManager=slipway",
-        )
-        .await;
-        let body = r.json();
-        assert_eq!(body["metadata"]["resourceVersion"], "12");
-        assert_eq!(
-            body["data"],
-            json!({ "ca.crt": CA, "note": "added meanwhile" })
-        );
-        assert_eq!(
-            body["metadata"]["annotations"]["slipway.dev/copied-from"],
-            "shared-services/registry-ca"
-        );
-        reply(r.send, 200, body);
-        create_job(&mut h, &p2).await;
-        no_more(&mut h).await;
+        answer(&mut h, Method::GET, TEAM_A_CA_URI, 200, moved).await;
+        let data = json!({ "ca.crt": CA, "note": "added meanwhile" });
+        ca_copy_updated(&mut h, "12", data).await;
+        h
     })
     .await;
     assert!(r.result.is_ok(), "{:?}", r.result);
@@ -1306,37 +1178,20 @@ async fn a_ca_copy_replaced_under_us_is_read_again() {
 #[tokio::test]
 async fn a_missing_registry_ca_is_reported_before_the_job() {
     let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/shared-services/serviceaccounts/slipway-build",
-        )
-        .await;
-        reply(r.send, 200, service_account(NS));
-        let r = expect(
-            &mut h,
-            Method::GET,
-            "/api/v1/namespaces/shared-services/configmaps/registry-ca",
-        )
-        .await;
-        reply(r.send, 404, not_found("configmaps", "registry-ca"));
+        answer(&mut h, Method::GET, SA_URI, 200, service_account(NS)).await;
+        let ca_missing = not_found("configmaps", "registry-ca");
+        answer(&mut h, Method::GET, CA_URI, 404, ca_missing).await;
         no_more(&mut h).await;
     })
     .await;
-    assert_eq!(exit_code(&r), 19, "{:?}", r.result);
-    assert!(r
-        .result
-        .unwrap_err()
-        .to_string()
-        .contains("published by slipway pki"));
+    assert!(failed_with(&r, 19).contains("published by slipway pki"));
 }
 
 // ---- builds and logs -------------------------------------------------------
 
 #[tokio::test]
 async fn builds_lists_status_commit_digest_and_age() {
-    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(svc, "default");
+    let (client, mut h) = mock_api();
     let now: Timestamp = "2025-01-01T00:10:00Z".parse().unwrap();
     let (rows, ()) = tokio::join!(run::list_builds(client, NS, now), async {
         let sel = "app.kubernetes.io%2Fmanaged-by%3Dslipway%2Cslipway.dev%2Fbuild-id";
@@ -1385,22 +1240,11 @@ async fn builds_lists_status_commit_digest_and_age() {
 
 #[tokio::test]
 async fn logs_shows_a_finished_build() {
-    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(svc, "default");
+    let (client, mut h) = mock_api();
     let mut out = Vec::new();
-    let timing = Timing {
-        quiet: Duration::from_secs(30),
-        log_retry: Duration::from_millis(5),
-        log_retries: 5,
-    };
+    let timing = opts(OutputFormat::Text).timing;
     let (r, ()) = tokio::join!(run::show_logs(client, NS, JOB, &timing, &mut out), async {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"),
-        )
-        .await;
-        reply(r.send, 200, created_job(&plan()));
+        answer(&mut h, Method::GET, &job_uri(), 200, created_job(&plan())).await;
         let r = expect(
             &mut h,
             Method::GET,
@@ -1415,13 +1259,8 @@ async fn logs_shows_a_finished_build() {
         );
         let r = expect(&mut h, Method::GET, &log_uri("git")).await;
         reply_text(r.send, GIT_LOG);
-        let r = expect(
-            &mut h,
-            Method::GET,
-            &format!("/api/v1/namespaces/{NS}/pods/{POD}"),
-        )
-        .await;
-        reply(r.send, 200, done);
+        let pod_uri = format!("/api/v1/namespaces/{NS}/pods/{POD}");
+        answer(&mut h, Method::GET, &pod_uri, 200, done).await;
         let r = expect(&mut h, Method::GET, &log_uri("kaniko")).await;
         reply_text(r.send, KANIKO_LOG);
     });
@@ -1436,20 +1275,21 @@ async fn logs_shows_a_finished_build() {
 
 #[tokio::test]
 async fn logs_of_an_unknown_build() {
-    let (svc, mut h) = mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(svc, "default");
+    let (client, mut h) = mock_api();
     let mut out = Vec::new();
     let timing = Timing::default();
     let (r, ()) = tokio::join!(
         run::show_logs(client, NS, "nope", &timing, &mut out),
         async {
-            let r = expect(
+            let uri = format!("/apis/batch/v1/namespaces/{NS}/jobs/nope");
+            answer(
                 &mut h,
                 Method::GET,
-                &format!("/apis/batch/v1/namespaces/{NS}/jobs/nope"),
+                &uri,
+                404,
+                not_found("jobs.batch", "nope"),
             )
             .await;
-            reply(r.send, 404, not_found("jobs.batch", "nope"));
         }
     );
     let e = r.unwrap_err();
@@ -1480,50 +1320,15 @@ fn kubelet_tail(log: &str) -> String {
     tail
 }
 
-/// A build whose Kaniko container streams `log` and ends with `kaniko`.
-async fn kaniko_streams(mut h: Handle, log: &'static str, kaniko: Value, then_job: Option<Value>) {
-    preflight_in_place(&mut h).await;
-    create_job(&mut h, &plan()).await;
-    until_git_log(&mut h).await;
-    until_kaniko_log(&mut h, log).await;
-    let phase = if then_job.is_some() || kaniko["terminated"]["exitCode"] != 0 {
-        "Failed"
-    } else {
-        "Succeeded"
-    };
-    kaniko_ends(&mut h, phase, kaniko).await;
-    if let Some(j) = then_job {
-        let r = expect(
-            &mut h,
-            Method::GET,
-            &format!("/apis/batch/v1/namespaces/{NS}/jobs/{JOB}"),
-        )
-        .await;
-        reply(r.send, 200, j);
-    }
-    no_more(&mut h).await;
-}
-
-fn backoff_limit_job() -> Value {
-    let mut j = created_job(&plan());
-    j["status"] = json!({ "conditions": [{
-        "type": "Failed", "status": "True", "reason": "BackoffLimitExceeded",
-        "message": "Job has reached the specified backoff limit"
-    }]});
-    j
-}
-
 #[tokio::test]
 async fn real_kaniko_run_step_failure_names_the_step_and_its_exit_code() {
     let tail = kubelet_tail(FIXTURE_RUN_FAIL);
-    let r = drive(plan(), opts(OutputFormat::Json), |h| {
-        kaniko_streams(
-            h,
-            FIXTURE_RUN_FAIL,
-            terminated(1, "Error", &tail, "2025-01-01T00:00:40Z"),
-            Some(backoff_limit_job()),
-        )
-    })
+    let r = build_with_kaniko(
+        OutputFormat::Json,
+        FIXTURE_RUN_FAIL,
+        terminated(1, "Error", &tail, "2025-01-01T00:00:40Z"),
+        Some(backoff_limit_job()),
+    )
     .await;
     println!("{}", r.stderr);
     assert_eq!(exit_code(&r), 1, "{:?}", r.result);
@@ -1541,14 +1346,12 @@ async fn real_kaniko_run_step_failure_names_the_step_and_its_exit_code() {
 #[tokio::test]
 async fn real_kaniko_push_check_failure_is_a_push_failure() {
     let tail = kubelet_tail(FIXTURE_PUSH_FAIL);
-    let r = drive(plan(), opts(OutputFormat::Text), |h| {
-        kaniko_streams(
-            h,
-            FIXTURE_PUSH_FAIL,
-            terminated(1, "Error", &tail, "2025-01-01T00:00:05Z"),
-            None,
-        )
-    })
+    let r = build_with_kaniko(
+        OutputFormat::Text,
+        FIXTURE_PUSH_FAIL,
+        terminated(1, "Error", &tail, "2025-01-01T00:00:05Z"),
+        None,
+    )
     .await;
     println!("{}", r.stderr);
     // `error checking push permissions: … POST …/v2/app/blobs/uploads/:
@@ -1566,10 +1369,7 @@ async fn real_kaniko_push_check_failure_is_a_push_failure() {
 
 #[tokio::test]
 async fn real_kaniko_cache_upload_failures_are_warnings_with_retries() {
-    let r = drive(plan(), opts(OutputFormat::Json), |h| {
-        kaniko_streams(h, FIXTURE_CACHE_FAIL, kaniko_ok(), None)
-    })
-    .await;
+    let r = build_with_kaniko(OutputFormat::Json, FIXTURE_CACHE_FAIL, kaniko_ok(), None).await;
     println!("{}", r.stderr);
     assert!(r.result.is_ok(), "{:?}", r.result);
     // Six `Retrying operation after {1,2,4}s due to POST …/v2/cache/app/

@@ -134,8 +134,9 @@ fn cases() -> Vec<(&'static str, &'static str, Vec<String>)> {
     ]
 }
 
-fn render(id: &str, args: &[String]) -> String {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_slipway"));
+/// `<bin> build --render --build-id <id> --config /dev/null <args>`.
+fn render_command(bin: impl AsRef<std::ffi::OsStr>, id: &str, args: &[String]) -> Command {
+    let mut cmd = Command::new(bin);
     cmd.args([
         "build",
         "--render",
@@ -145,6 +146,30 @@ fn render(id: &str, args: &[String]) -> String {
         "/dev/null",
     ])
     .args(args);
+    cmd
+}
+
+/// `slipway build --render --config /dev/null` of the example app at
+/// `rev`, with no build id.
+fn render_app_at(rev: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_slipway"));
+    cmd.args([
+        "build",
+        "--render",
+        "--config",
+        "/dev/null",
+        "--git",
+        "https://github.com/example/app.git",
+        "--rev",
+        rev,
+        "--repo",
+        "app",
+    ]);
+    cmd
+}
+
+fn render(id: &str, args: &[String]) -> String {
+    let mut cmd = render_command(env!("CARGO_BIN_EXE_slipway"), id, args);
     for (k, _) in std::env::vars_os() {
         if k.to_string_lossy().starts_with("SLIPWAY_") {
             cmd.env_remove(k);
@@ -431,19 +456,7 @@ fn render_makes_no_api_call() {
         "apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n",
     )
     .unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_slipway"))
-        .args([
-            "build",
-            "--render",
-            "--config",
-            "/dev/null",
-            "--git",
-            "https://github.com/example/app.git",
-            "--rev",
-            "main",
-            "--repo",
-            "app",
-        ])
+    let out = render_app_at("main")
         .env("KUBECONFIG", &kc)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .output()
@@ -458,21 +471,7 @@ fn render_makes_no_api_call() {
 
 #[test]
 fn bad_options_exit_64_before_anything() {
-    let out = Command::new(env!("CARGO_BIN_EXE_slipway"))
-        .args([
-            "build",
-            "--render",
-            "--config",
-            "/dev/null",
-            "--git",
-            "https://github.com/example/app.git",
-            "--rev",
-            "a..b",
-            "--repo",
-            "app",
-        ])
-        .output()
-        .unwrap();
+    let out = render_app_at("a..b").output().unwrap();
     assert_eq!(out.status.code(), Some(64));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("invalid revision"), "{err}");
@@ -492,18 +491,7 @@ fn works_as_a_kubectl_plugin() {
     let help = String::from_utf8_lossy(&out.stdout);
     assert!(help.contains("Usage: kubectl slipway build"), "{help}");
     let (_, id, args) = cases().into_iter().next().unwrap();
-    let out = Command::new(&link)
-        .args([
-            "build",
-            "--render",
-            "--build-id",
-            id,
-            "--config",
-            "/dev/null",
-        ])
-        .args(&args)
-        .output()
-        .unwrap();
+    let out = render_command(&link, id, &args).output().unwrap();
     assert_eq!(
         String::from_utf8(out.stdout).unwrap(),
         fs::read_to_string(dir().join("branch.yaml")).unwrap()

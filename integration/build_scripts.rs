@@ -144,6 +144,21 @@ fn input<'a>(url: &str, revision: &'a str, kind: &'a str) -> GitInput<'a> {
     }
 }
 
+/// `GIT_CONFIG_*` variables that set the one git config `key` to `value`.
+fn git_config_env<'a>(key: &'a str, value: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("GIT_CONFIG_COUNT", "1"),
+        ("GIT_CONFIG_KEY_0", key),
+        ("GIT_CONFIG_VALUE_0", value),
+    ]
+}
+
+/// The git container in a pod whose emptyDirs are fresh.
+fn run_git_in_fresh_pod(bed: &Bed, i: &GitInput) -> GitRun {
+    bed.fresh_pod_dirs();
+    run_git(bed, i)
+}
+
 fn run_git(bed: &Bed, i: &GitInput) -> GitRun {
     let script = bed.rewrite(GIT_SCRIPT);
     let mut cmd = Command::new(&bed.busybox);
@@ -269,8 +284,7 @@ fn git_script_resolves_branches_tags_and_commits() {
         ("refs/heads/dup", "ref", o.c2.clone(), "refs/heads/dup"),
     ];
     for (rev, kind, commit, r) in cases {
-        bed.fresh_pod_dirs();
-        let run = run_git(&bed, &input(&o.url, rev, kind));
+        let run = run_git_in_fresh_pod(&bed, &input(&o.url, rev, kind));
         assert_eq!(run.code, 0, "{rev}: {}", run.stderr);
         assert_eq!(run.message, ok_message(&commit, r), "{rev}");
         let written = std::fs::read_to_string(bed.path("slipway/out/commit")).unwrap();
@@ -282,8 +296,7 @@ fn git_script_resolves_branches_tags_and_commits() {
         );
     }
     // The branch checkout is shallow: one commit fetched, not the history.
-    bed.fresh_pod_dirs();
-    let run = run_git(&bed, &input(&o.url, "main", "ref"));
+    let run = run_git_in_fresh_pod(&bed, &input(&o.url, "main", "ref"));
     assert!(
         !run.stderr.contains("fetching all branches"),
         "{}",
@@ -296,8 +309,7 @@ fn git_script_fetches_a_commit_directly_or_falls_back() {
     let Some(bed) = Bed::new() else { return };
     let o = origin(&bed);
     // A commit that is no branch tip, fetched by itself (protocol v2).
-    bed.fresh_pod_dirs();
-    let run = run_git(&bed, &input(&o.url, &o.c1, "commit"));
+    let run = run_git_in_fresh_pod(&bed, &input(&o.url, &o.c1, "commit"));
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(run.message, ok_message(&o.c1, "-"));
     assert!(
@@ -307,14 +319,9 @@ fn git_script_fetches_a_commit_directly_or_falls_back() {
     );
     // A server that refuses a sha in `want` (protocol v0 without
     // uploadpack.allowReachableSHA1InWant): the full fetch finds it.
-    bed.fresh_pod_dirs();
     let mut i = input(&o.url, &o.c1, "commit");
-    i.extra_env = vec![
-        ("GIT_CONFIG_COUNT", "1"),
-        ("GIT_CONFIG_KEY_0", "protocol.version"),
-        ("GIT_CONFIG_VALUE_0", "0"),
-    ];
-    let run = run_git(&bed, &i);
+    i.extra_env = git_config_env("protocol.version", "0");
+    let run = run_git_in_fresh_pod(&bed, &i);
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(run.message, ok_message(&o.c1, "-"));
     assert!(run.stderr.contains("would not send"), "{}", run.stderr);
@@ -324,9 +331,8 @@ fn git_script_fetches_a_commit_directly_or_falls_back() {
         run.stderr
     );
     // A short sha: the full fetch, then git expands it.
-    bed.fresh_pod_dirs();
     let short = &o.feature[..8];
-    let run = run_git(&bed, &input(&o.url, short, "short-commit"));
+    let run = run_git_in_fresh_pod(&bed, &input(&o.url, short, "short-commit"));
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(run.message, ok_message(&o.feature, "-"));
 }
@@ -349,8 +355,7 @@ fn git_script_reports_missing_revisions_and_dockerfiles() {
         ),
     ];
     for (rev, kind, want) in missing {
-        bed.fresh_pod_dirs();
-        let run = run_git(&bed, &input(&o.url, &rev, kind));
+        let run = run_git_in_fresh_pod(&bed, &input(&o.url, &rev, kind));
         assert_eq!(run.code, 11, "{rev}: {}", run.stderr);
         assert!(
             run.message.starts_with("slipway-git revision-not-found\n"),
@@ -361,11 +366,10 @@ fn git_script_reports_missing_revisions_and_dockerfiles() {
     }
     // The Dockerfile is checked at the resolved commit: services/api only
     // exists from c2 on.
-    bed.fresh_pod_dirs();
     let mut i = input(&o.url, &o.c1, "commit");
     i.context_dir = Some("services/api");
     i.dockerfile = "services/api/Dockerfile";
-    let run = run_git(&bed, &i);
+    let run = run_git_in_fresh_pod(&bed, &i);
     assert_eq!(run.code, 12, "{}", run.stderr);
     assert!(
         run.message.starts_with(
@@ -374,16 +378,14 @@ fn git_script_reports_missing_revisions_and_dockerfiles() {
         "{}",
         run.message
     );
-    bed.fresh_pod_dirs();
     let mut i = input(&o.url, "main", "ref");
     i.context_dir = Some("services/api");
     i.dockerfile = "services/api/Dockerfile";
-    let run = run_git(&bed, &i);
+    let run = run_git_in_fresh_pod(&bed, &i);
     assert_eq!(run.code, 0, "{}", run.stderr);
-    bed.fresh_pod_dirs();
     let mut i = input(&o.url, "main", "ref");
     i.dockerfile = "docker/Dockerfile.prod";
-    let run = run_git(&bed, &i);
+    let run = run_git_in_fresh_pod(&bed, &i);
     assert_eq!(run.code, 12);
     assert_eq!(
         run.message,
@@ -391,37 +393,39 @@ fn git_script_reports_missing_revisions_and_dockerfiles() {
     );
 }
 
+/// A repository `sub` with `lib.txt`, and a repository `super` with
+/// `dockerfile` and `sub`, fetched from `sub_url`, as submodule vendor/sub.
+fn repos_with_submodule(sub: &Path, sup: &Path, sub_url: &str, dockerfile: &str) {
+    std::fs::create_dir_all(sub).unwrap();
+    git(sub, &["init", "-q", "-b", "main"]);
+    std::fs::write(sub.join("lib.txt"), "lib\n").unwrap();
+    git(sub, &["add", "."]);
+    git(sub, &["commit", "-qm", "lib"]);
+    std::fs::create_dir_all(sup).unwrap();
+    git(sup, &["init", "-q", "-b", "main"]);
+    std::fs::write(sup.join("Dockerfile"), dockerfile).unwrap();
+    git(sup, &["submodule", "-q", "add", sub_url, "vendor/sub"]);
+    git(sup, &["add", "."]);
+    git(sup, &["commit", "-qm", "with submodule"]);
+}
+
 #[test]
 fn git_script_checks_out_submodules() {
     let Some(bed) = Bed::new() else { return };
     let sub = bed.path("sub");
-    std::fs::create_dir_all(&sub).unwrap();
-    git(&sub, &["init", "-q", "-b", "main"]);
-    std::fs::write(sub.join("lib.txt"), "lib\n").unwrap();
-    git(&sub, &["add", "."]);
-    git(&sub, &["commit", "-qm", "lib"]);
     let sup = bed.path("super");
-    std::fs::create_dir_all(&sup).unwrap();
-    git(&sup, &["init", "-q", "-b", "main"]);
-    std::fs::write(
-        sup.join("Dockerfile"),
-        "FROM scratch\nCOPY vendor/sub/lib.txt /\n",
-    )
-    .unwrap();
     let sub_url = format!("file://{}", sub.display());
-    git(&sup, &["submodule", "-q", "add", &sub_url, "vendor/sub"]);
-    git(&sup, &["add", "."]);
-    git(&sup, &["commit", "-qm", "with submodule"]);
-    bed.fresh_pod_dirs();
+    repos_with_submodule(
+        &sub,
+        &sup,
+        &sub_url,
+        "FROM scratch\nCOPY vendor/sub/lib.txt /\n",
+    );
     let mut i = input(&format!("file://{}", sup.display()), "main", "ref");
     // The file transport is off for submodules by default (CVE-2022-39253);
     // real submodules use https or ssh.
-    i.extra_env = vec![
-        ("GIT_CONFIG_COUNT", "1"),
-        ("GIT_CONFIG_KEY_0", "protocol.file.allow"),
-        ("GIT_CONFIG_VALUE_0", "always"),
-    ];
-    let run = run_git(&bed, &i);
+    i.extra_env = git_config_env("protocol.file.allow", "always");
+    let run = run_git_in_fresh_pod(&bed, &i);
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(
         std::fs::read_to_string(bed.path("slipway/context/vendor/sub/lib.txt")).unwrap(),
@@ -465,8 +469,7 @@ fn git_script_reports_auth_failures_and_sends_the_secret() {
     let Some(bed) = Bed::new() else { return };
     let (url, seen) = auth_server();
     // No credentials.
-    bed.fresh_pod_dirs();
-    let run = run_git(&bed, &input(&url, "main", "ref"));
+    let run = run_git_in_fresh_pod(&bed, &input(&url, "main", "ref"));
     assert_eq!(run.code, 10, "{}", run.stderr);
     assert!(
         run.message.starts_with("slipway-git git-auth-failed\n"),
@@ -521,8 +524,7 @@ fn git_script_reports_an_unreachable_remote_as_a_fetch_failure() {
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/x.git", l.local_addr().unwrap());
     drop(l);
-    bed.fresh_pod_dirs();
-    let run = run_git(&bed, &input(&url, "main", "ref"));
+    let run = run_git_in_fresh_pod(&bed, &input(&url, "main", "ref"));
     assert_eq!(run.code, 13, "{}", run.stderr);
     assert!(
         run.message.starts_with("slipway-git fetch-failed\n"),
@@ -726,6 +728,24 @@ fn objects(secrets: &[(&str, &[(&str, &str)])]) -> BTreeMap<String, BTreeMap<Str
     o
 }
 
+/// The rendered Job's git container, run in its pod with the registry CA
+/// and `secrets`.
+fn git_container_in_pod(job: &Job, secrets: &[(&str, &[(&str, &str)])]) -> (Pod, kubelet::Run) {
+    let pod = Pod::new(job, &objects(secrets));
+    let image = kubelet::git_image(&pod.dir.path().join("image-git"));
+    let run = pod.run(GIT_CONTAINER, &image);
+    (pod, run)
+}
+
+/// The origin repository (see `origin`) under a `git daemon` on loopback,
+/// and the temporary directory that holds it.
+fn origin_on_git_daemon() -> (tempfile::TempDir, Origin, GitDaemon) {
+    let repos = tempfile::tempdir().unwrap();
+    let origin = origin_in(&repos.path().join("origin"));
+    let daemon = GitDaemon::start(repos.path());
+    (repos, origin, daemon)
+}
+
 /// The sandbox itself: the git container's user, groups, volume ownership,
 /// read-only root and writable termination log are what a kubelet gives it.
 #[test]
@@ -759,9 +779,7 @@ fn kubelet_sandbox_runs_the_git_container_as_a_node_would() {
 #[test]
 fn kubelet_git_container_checks_out_branch_tag_commit_and_short_commit() {
     kubelet::require();
-    let repos = tempfile::tempdir().unwrap();
-    let o = origin_in(&repos.path().join("origin"));
-    let daemon = GitDaemon::start(repos.path());
+    let (_repos, o, daemon) = origin_on_git_daemon();
     let url = daemon.url("origin");
     let short = o.feature[..8].to_string();
     let cases: Vec<(&str, &str, &str)> = vec![
@@ -773,9 +791,7 @@ fn kubelet_git_container_checks_out_branch_tag_commit_and_short_commit() {
     ];
     for (rev, commit, r) in cases {
         let (_, job) = rendered(&url, rev, None);
-        let pod = Pod::new(&job, &objects(&[]));
-        let image = kubelet::git_image(&pod.dir.path().join("image-git"));
-        let run = pod.run(GIT_CONTAINER, &image);
+        let (pod, run) = git_container_in_pod(&job, &[]);
         assert_eq!(run.code, 0, "{rev}: {run:?}");
         assert_eq!(run.message, ok_message(commit, r), "{rev}");
         let written = std::fs::read_to_string(pod.volume("out").join("commit")).unwrap();
@@ -787,9 +803,7 @@ fn kubelet_git_container_checks_out_branch_tag_commit_and_short_commit() {
     // `slipway: revision-not-found: no branch or tag named nosuchbranch in
     // git://127.0.0.1:9418/app.git`, exit 11.
     let (_, job) = rendered(&url, "nosuchbranch", None);
-    let pod = Pod::new(&job, &objects(&[]));
-    let image = kubelet::git_image(&pod.dir.path().join("image-git"));
-    let run = pod.run(GIT_CONTAINER, &image);
+    let (_pod, run) = git_container_in_pod(&job, &[]);
     assert_eq!(run.code, 11, "{run:?}");
     assert!(
         run.stderr.ends_with(&format!(
@@ -840,9 +854,7 @@ fn kubelet_git_container_authenticates_to_http_backend() {
         let (mut plan, _) = rendered("https://example.com/team/app.git", "main", Some("git-cred"));
         plan.spec.git_url = server.url("origin");
         let job = job::job(&plan.spec);
-        let pod = Pod::new(&job, &objects(&[("git-cred", &files)]));
-        let image = kubelet::git_image(&pod.dir.path().join("image-git"));
-        let run = pod.run(GIT_CONTAINER, &image);
+        let (_pod, run) = git_container_in_pod(&job, &[("git-cred", &files)]);
         if ok {
             assert_eq!(run.code, 0, "{files:?}: {run:?}");
             assert_eq!(run.message, ok_message(&o.c3, "refs/heads/main"));
@@ -884,14 +896,10 @@ done
 #[test]
 fn kubelet_pod_runs_git_then_the_kaniko_wrapper() {
     kubelet::require();
-    let repos = tempfile::tempdir().unwrap();
-    let o = origin_in(&repos.path().join("origin"));
-    let daemon = GitDaemon::start(repos.path());
+    let (_repos, o, daemon) = origin_on_git_daemon();
     let url = daemon.url("origin");
     let (plan, job) = rendered(&url, "main", None);
-    let pod = Pod::new(&job, &objects(&[]));
-    let git_image = kubelet::git_image(&pod.dir.path().join("image-git"));
-    let run = pod.run(GIT_CONTAINER, &git_image);
+    let (pod, run) = git_container_in_pod(&job, &[]);
     assert_eq!(run.code, 0, "{run:?}");
     drop(daemon);
 
@@ -933,26 +941,14 @@ fn kubelet_git_container_checks_out_submodules() {
     kubelet::require();
     let repos = tempfile::tempdir().unwrap();
     let daemon = GitDaemon::start(repos.path());
-    let sub = repos.path().join("sub");
-    std::fs::create_dir_all(&sub).unwrap();
-    git(&sub, &["init", "-q", "-b", "main"]);
-    std::fs::write(sub.join("lib.txt"), "lib\n").unwrap();
-    git(&sub, &["add", "."]);
-    git(&sub, &["commit", "-qm", "lib"]);
-    let sup = repos.path().join("super");
-    std::fs::create_dir_all(&sup).unwrap();
-    git(&sup, &["init", "-q", "-b", "main"]);
-    std::fs::write(sup.join("Dockerfile"), "FROM scratch\n").unwrap();
-    git(
-        &sup,
-        &["submodule", "-q", "add", &daemon.url("sub"), "vendor/sub"],
+    repos_with_submodule(
+        &repos.path().join("sub"),
+        &repos.path().join("super"),
+        &daemon.url("sub"),
+        "FROM scratch\n",
     );
-    git(&sup, &["add", "."]);
-    git(&sup, &["commit", "-qm", "with submodule"]);
     let (_, job) = rendered(&daemon.url("super"), "main", None);
-    let pod = Pod::new(&job, &objects(&[]));
-    let image = kubelet::git_image(&pod.dir.path().join("image-git"));
-    let run = pod.run(GIT_CONTAINER, &image);
+    let (pod, run) = git_container_in_pod(&job, &[]);
     assert_eq!(run.code, 0, "{run:?}");
     let ctx = pod.volume("context");
     assert_eq!(

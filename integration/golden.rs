@@ -72,8 +72,9 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, (Vec<u8>, u32)> {
     out
 }
 
-fn layout_names() -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(root().join("layouts"))
+/// The names in `host-config/<dir>`, sorted.
+fn names_in(dir: &str) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(root().join(dir))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
         .collect();
@@ -81,9 +82,18 @@ fn layout_names() -> Vec<String> {
     v
 }
 
+/// An agent config for `aliases` and `upstream` whose host root is `host`,
+/// reading containerd's config from `/LAYOUT/config.toml` there.
+fn layout_agent_config(host: &Path, aliases: &str, upstream: &str) -> AgentConfig {
+    let text = format!(
+        "[registry]\naliases = [{aliases:?}]\nupstream = {upstream:?}\nca_file = \"/ca.crt\"\n[containerd]\nhost_root = {host:?}\nconfig_file = \"/LAYOUT/config.toml\"\n"
+    );
+    AgentConfig::from_str(Path::new("/agent.toml"), &text, &Overrides::default()).unwrap()
+}
+
 #[test]
 fn every_layout_is_inspected_as_expected() {
-    let names = layout_names();
+    let names = names_in("layouts");
     assert!(names.len() >= 10, "layouts missing: {names:?}");
     for name in names {
         let src = root().join("layouts").join(&name);
@@ -91,12 +101,11 @@ fn every_layout_is_inspected_as_expected() {
         // which is how the fixtures write their `imports`.
         let host = tempfile::tempdir().unwrap();
         copy_tree(&src, &host.path().join("LAYOUT"));
-        let text = format!(
-            "[registry]\naliases = [\"registry.shared-services:5000\"]\nupstream = \"https://registry.shared-services.svc.cluster.local:5000\"\nca_file = \"/ca.crt\"\n[containerd]\nhost_root = {:?}\nconfig_file = \"/LAYOUT/config.toml\"\n",
-            host.path()
+        let cfg = layout_agent_config(
+            host.path(),
+            "registry.shared-services:5000",
+            "https://registry.shared-services.svc.cluster.local:5000",
         );
-        let cfg =
-            AgentConfig::from_str(Path::new("/agent.toml"), &text, &Overrides::default()).unwrap();
         let (insp, fix_text) = slipway::node::reconcile::inspect_containerd(&RealFs, &cfg)
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let mut out = String::new();
@@ -154,15 +163,6 @@ fn every_layout_is_inspected_as_expected() {
     }
 }
 
-fn foreign_cases() -> Vec<String> {
-    let mut v: Vec<String> = fs::read_dir(root().join("foreign"))
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
-        .collect();
-    v.sort();
-    v
-}
-
 const UPSTREAM: &str = "https://10.96.0.20:5000";
 
 fn ca_content() -> String {
@@ -176,7 +176,7 @@ fn ca_content() -> String {
 /// then clean up and require the tree to be byte-identical to the input.
 #[test]
 fn foreign_hosts_files_merge_as_expected_and_cleanup_restores_them() {
-    let cases = foreign_cases();
+    let cases = names_in("foreign");
     assert!(cases.len() >= 7, "{cases:?}");
     let alias = Alias::parse("registry.shared-services:5000").unwrap();
     for case in cases {
@@ -193,14 +193,17 @@ fn foreign_hosts_files_merge_as_expected_and_cleanup_restores_them() {
         }
         let before = snapshot(&certs);
         let hosts = [HostEntry::upstream(UPSTREAM)];
-        let report = apply::apply_all(
-            &RealFs,
-            &certs,
-            std::slice::from_ref(&alias),
-            &hosts,
-            &ca_content(),
-        )
-        .unwrap();
+        let apply = || {
+            apply::apply_all(
+                &RealFs,
+                &certs,
+                std::slice::from_ref(&alias),
+                &hosts,
+                &ca_content(),
+            )
+            .unwrap()
+        };
+        let report = apply();
         assert_eq!(report.len(), 1, "{case}");
         let a = &report[0];
         let dir_name = a.dir.file_name().unwrap().to_string_lossy().to_string();
@@ -240,14 +243,7 @@ fn foreign_hosts_files_merge_as_expected_and_cleanup_restores_them() {
                     .unwrap_or(usize::MAX)
         );
         // Idempotent: a second apply changes nothing.
-        let again = apply::apply_all(
-            &RealFs,
-            &certs,
-            std::slice::from_ref(&alias),
-            &hosts,
-            &ca_content(),
-        )
-        .unwrap();
+        let again = apply();
         assert_eq!(
             again[0].result.as_ref().unwrap().changes,
             Vec::<String>::new(),
@@ -379,12 +375,7 @@ fn unmounted_imports_directory_is_reported() {
         layout.join("config.toml"),
     )
     .unwrap();
-    let text = format!(
-        "[registry]\naliases = [\"r:5000\"]\nupstream = \"https://r:5000\"\nca_file = \"/ca.crt\"\n[containerd]\nhost_root = {:?}\nconfig_file = \"/LAYOUT/config.toml\"\n",
-        host.path()
-    );
-    let cfg =
-        AgentConfig::from_str(Path::new("/agent.toml"), &text, &Overrides::default()).unwrap();
+    let cfg = layout_agent_config(host.path(), "r:5000", "https://r:5000");
     let e = slipway::node::reconcile::inspect_containerd(&RealFs, &cfg)
         .unwrap_err()
         .to_string();

@@ -10,19 +10,32 @@ mod layouts;
 mod proxy_hardening;
 
 use std::fs;
-use std::path::Path;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 use std::time::Duration;
 
 use harness::*;
 
 pub(crate) const ALIAS: &str = "registry.shared-services:5000";
 
-fn stdout(o: &std::process::Output) -> String {
+fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).to_string()
 }
-fn stderr(o: &std::process::Output) -> String {
+fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// `slipway agent --once <flags> --config <cfg>`.
+fn agent_once(cfg: &Path, flags: &[&str]) -> Output {
+    let mut args = vec!["agent", "--once"];
+    args.extend_from_slice(flags);
+    args.extend(["--config", cfg.to_str().unwrap()]);
+    slipway(&args)
+}
+
+/// The run failed as a whole: exit code 1.
+fn assert_exit_1(out: &Output) {
+    assert_eq!(out.status.code(), Some(1), "{}{}", stdout(out), stderr(out));
 }
 
 /// A TLS registry inside a network namespace, reachable at a non-loopback
@@ -59,6 +72,43 @@ pub(crate) fn tls_setup() -> TlsSetup {
         registry,
         digest,
     }
+}
+
+impl TlsSetup {
+    /// The TLS registry at its IP, as an agent's upstream.
+    fn upstream(&self) -> String {
+        format!("https://{}", self.registry.addr)
+    }
+
+    /// An agent config for `aliases` on `ctd`, to `upstream` with this CA.
+    fn agent_config(&self, ctd: &Containerd, aliases: &[&str], upstream: &str) -> PathBuf {
+        agent_config(
+            &self.dir,
+            &ctd.certs_dir,
+            &ctd.config_file,
+            aliases,
+            upstream,
+            &self.pki.ca(),
+        )
+    }
+}
+
+/// A scratch directory, a PKI for the cluster name in it, and an agent
+/// config there that applies ALIAS and 203.0.113.7:5000 under `certs` (a
+/// path made from the scratch directory) with no containerd config.
+fn two_alias_setup(certs: impl FnOnce(&Path) -> PathBuf) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let pki = Pki::new(&tmp.path().join("pki"), &["registry.shared-services"], &[]);
+    let certs = certs(tmp.path());
+    let cfg = agent_config(
+        tmp.path(),
+        &certs,
+        &tmp.path().join("none.toml"),
+        &[ALIAS, "203.0.113.7:5000"],
+        "https://registry.shared-services:5000",
+        &pki.ca(),
+    );
+    (tmp, certs, cfg)
 }
 
 /// (a) The seed's first failure: with no slipway config, containerd cannot
@@ -108,15 +158,8 @@ fn b_agent_once_makes_cluster_name_and_ip_alias_pullable() {
     let err = ctd.pull(&ip_image).expect_err("unknown CA must fail");
     assert!(err.contains("x509") || err.contains("certificate"), "{err}");
 
-    let cfg = agent_config(
-        &s.dir,
-        &ctd.certs_dir,
-        &ctd.config_file,
-        &[ALIAS, &ip_alias],
-        &format!("https://{}", s.registry.addr),
-        &s.pki.ca(),
-    );
-    let out = slipway(&["agent", "--config", cfg.to_str().unwrap(), "--once"]);
+    let cfg = s.agent_config(&ctd, &[ALIAS, &ip_alias], &s.upstream());
+    let out = agent_once(&cfg, &[]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert!(
         stdout(&out).contains(&format!("{ALIAS}: changed (owned)")),
@@ -140,7 +183,7 @@ fn b_agent_once_makes_cluster_name_and_ip_alias_pullable() {
     ctd.pull(&format!("{ALIAS}/app:v1")).unwrap();
 
     // Idempotent: a second run changes nothing.
-    let out = slipway(&["agent", "--config", cfg.to_str().unwrap(), "--once"]);
+    let out = agent_once(&cfg, &[]);
     assert!(out.status.success());
     assert!(
         stdout(&out).contains(&format!("{ALIAS}: unchanged")),
@@ -178,15 +221,8 @@ fn c_foreign_files_are_identical_after_cleanup() {
     fs::write(ctd.certs_dir.join("README"), "admin notes\n").unwrap();
     let before = snapshot(&ctd.certs_dir);
 
-    let cfg = agent_config(
-        &s.dir,
-        &ctd.certs_dir,
-        &ctd.config_file,
-        &[ALIAS],
-        &format!("https://{}", s.registry.addr),
-        &s.pki.ca(),
-    );
-    let out = slipway(&["agent", "--config", cfg.to_str().unwrap(), "--once"]);
+    let cfg = s.agent_config(&ctd, &[ALIAS], &s.upstream());
+    let out = agent_once(&cfg, &[]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert!(stdout(&out).contains("(merged)"), "{}", stdout(&out));
     let merged = fs::read_to_string(admin.join("hosts.toml")).unwrap();
@@ -219,7 +255,7 @@ fn d_sigkill_during_rewrites_never_leaves_a_partial_file() {
     }
     let s = tls_setup();
     let ctd = Containerd::start(&s.dir);
-    let good = format!("https://{}", s.registry.addr);
+    let good = s.upstream();
     // Two configs whose output differs, so every run rewrites the files.
     let aliases = [
         ALIAS,
@@ -227,31 +263,17 @@ fn d_sigkill_during_rewrites_never_leaves_a_partial_file() {
         "203.0.113.7:5000",
     ];
     let cfgs = [
-        agent_config(
-            &s.dir,
-            &ctd.certs_dir,
-            &ctd.config_file,
-            &aliases,
-            &good,
-            &s.pki.ca(),
-        ),
-        agent_config(
-            &s.dir,
-            &ctd.certs_dir,
-            &ctd.config_file,
+        s.agent_config(&ctd, &aliases, &good),
+        s.agent_config(
+            &ctd,
             &aliases,
             "https://registry.shared-services.svc.cluster.local:5443",
-            &s.pki.ca(),
         ),
     ];
     // Time a full run so kill points spread over all of it.
     let t = std::time::Instant::now();
     for c in &cfgs {
-        assert!(
-            slipway(&["agent", "--once", "--config", c.to_str().unwrap()])
-                .status
-                .success()
-        );
+        assert!(agent_once(c, &[]).status.success());
     }
     let full = (t.elapsed() / 2).as_micros() as u64;
     let mut seed: u64 = std::time::SystemTime::now()
@@ -304,7 +326,7 @@ fn d_sigkill_during_rewrites_never_leaves_a_partial_file() {
     eprintln!("{killed} of 150 runs were killed mid-flight");
     assert!(killed > 10, "the loop never interrupted a run ({killed})");
     // A clean run repairs everything and removes stray temp files.
-    let out = slipway(&["agent", "--once", "--config", cfgs[0].to_str().unwrap()]);
+    let out = agent_once(&cfgs[0], &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     for a in aliases {
         for e in fs::read_dir(ctd.certs_dir.join(a)).unwrap() {
@@ -325,9 +347,7 @@ fn read_only_certs_dir_fails_cleanly() {
     if !prerequisites() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&tmp.path().join("pki"), &["registry.shared-services"], &[]);
-    let ro = tmp.path().join("ro");
+    let (_tmp, ro, cfg) = two_alias_setup(|tmp| tmp.join("ro"));
     fs::create_dir_all(&ro).unwrap();
     run_ok(
         Command::new("mount")
@@ -341,22 +361,8 @@ fn read_only_certs_dir_fails_cleanly() {
         }
     }
     let _guard = Unmount(&ro);
-    let cfg = agent_config(
-        tmp.path(),
-        &ro,
-        &tmp.path().join("none.toml"),
-        &[ALIAS, "203.0.113.7:5000"],
-        "https://registry.shared-services:5000",
-        &pki.ca(),
-    );
-    let out = slipway(&["agent", "--once", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    let out = agent_once(&cfg, &[]);
+    assert_exit_1(&out);
     let o = stdout(&out);
     assert!(
         o.contains(&format!(
@@ -381,22 +387,12 @@ fn unreadable_alias_dir_fails_alone() {
     if !prerequisites() {
         return;
     }
-    let tmp = tempfile::tempdir().unwrap();
-    let pki = Pki::new(&tmp.path().join("pki"), &["registry.shared-services"], &[]);
-    let certs = tmp.path().join("certs.d");
+    let (_tmp, certs, cfg) = two_alias_setup(|tmp| tmp.join("certs.d"));
     let locked = certs.join(ALIAS);
     fs::create_dir_all(&locked).unwrap();
     fs::write(locked.join("hosts.toml"), "server = \"https://x:1\"\n").unwrap();
     use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o000)).unwrap();
-    let cfg = agent_config(
-        tmp.path(),
-        &certs,
-        &tmp.path().join("none.toml"),
-        &[ALIAS, "203.0.113.7:5000"],
-        "https://registry.shared-services:5000",
-        &pki.ca(),
-    );
     // Root would read a 0000 directory anyway; drop the capabilities that
     // let it (a non-root agent, or an LSM denial, looks the same).
     let out = run(Command::new("setpriv")
@@ -408,13 +404,7 @@ fn unreadable_alias_dir_fails_alone() {
         .arg(slipway_bin())
         .args(["agent", "--once", "--config", cfg.to_str().unwrap()]));
     fs::set_permissions(&locked, fs::Permissions::from_mode(0o755)).unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}{}",
-        stdout(&out),
-        stderr(&out)
-    );
+    assert_exit_1(&out);
     let o = stdout(&out);
     assert!(
         o.contains(&format!(
@@ -442,15 +432,8 @@ fn fix_containerd_config_adds_config_path_with_backup() {
     let s = tls_setup();
     let mut ctd = Containerd::start_opts(&s.dir, false);
     let original = fs::read(&ctd.config_file).unwrap();
-    let cfg = agent_config(
-        &s.dir,
-        &ctd.certs_dir,
-        &ctd.config_file,
-        &[ALIAS],
-        &format!("https://{}", s.registry.addr),
-        &s.pki.ca(),
-    );
-    let out = slipway(&["agent", "--once", "--config", cfg.to_str().unwrap()]);
+    let cfg = s.agent_config(&ctd, &[ALIAS], &s.upstream());
+    let out = agent_once(&cfg, &[]);
     assert!(out.status.success(), "{}", stderr(&out));
     let advice = format!(
         "containerd does not read {certs}: {file} has no config_path; set config_path = \"{certs}\" under [{section}] in {file}, then restart containerd",
@@ -472,13 +455,7 @@ fn fix_containerd_config_adds_config_path_with_backup() {
     );
 
     let pid = ctd.proc.child.id();
-    let out = slipway(&[
-        "agent",
-        "--once",
-        "--fix-containerd-config",
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let out = agent_once(&cfg, &["--fix-containerd-config"]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(
         stderr(&out).contains("containerd must be restarted"),
@@ -519,13 +496,7 @@ fn fix_containerd_config_adds_config_path_with_backup() {
     ctd.pull(&image)
         .unwrap_or_else(|e| panic!("after restart: {e}\n{patched}"));
     // Now covered: a further run reports it and does not touch the file.
-    let out = slipway(&[
-        "agent",
-        "--once",
-        "--fix-containerd-config",
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let out = agent_once(&cfg, &["--fix-containerd-config"]);
     assert!(
         stderr(&out).contains("containerd reads"),
         "{}",
