@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::harness::*;
-use crate::{tls_setup, ALIAS};
+use crate::{tls_setup, TlsSetup, ALIAS};
 
 fn layouts_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("host-config/layouts")
@@ -608,6 +608,28 @@ fn containerd_1_7_imports_on_2_1() {
     });
 }
 
+/// containerd 2.1 (transfer service at its default) with an EKS-style list
+/// `config_path = "<certs_dir>:<dir>/docker-certs.d"`: the release, the
+/// registry, the list and the running containerd.
+fn eks_list_on_2_1() -> (&'static Release, TlsSetup, String, Containerd) {
+    let rel = release("2.1").unwrap();
+    if let Err(e) = rel.check() {
+        panic!("{e}");
+    }
+    let s = tls_setup();
+    let other = s.dir.join("docker-certs.d");
+    fs::create_dir_all(&other).unwrap();
+    let mut list = String::new();
+    let ctd = Containerd::start_release(&s.dir, rel, |certs| {
+        list = format!("{}:{}", certs.display(), other.display());
+        CtdOpts {
+            config_path: Some(list.clone()),
+            extra: String::new(),
+        }
+    });
+    (rel, s, list, ctd)
+}
+
 /// FINDING (containerd 2.1.9, containerd#12415), asserted as containerd
 /// behaves, not as slipway would like: with an EKS-style list
 /// `config_path = "A:B"` and CRI pulls through the transfer service (2.1's
@@ -626,21 +648,7 @@ fn finding_2_1_transfer_service_reads_a_list_config_path_as_one_directory() {
     if !prerequisites() {
         return;
     }
-    let rel = release("2.1").unwrap();
-    if let Err(e) = rel.check() {
-        panic!("{e}");
-    }
-    let s = tls_setup();
-    let other = s.dir.join("docker-certs.d");
-    fs::create_dir_all(&other).unwrap();
-    let mut list = String::new();
-    let mut ctd = Containerd::start_release(&s.dir, rel, |certs| {
-        list = format!("{}:{}", certs.display(), other.display());
-        CtdOpts {
-            config_path: Some(list.clone()),
-            extra: String::new(),
-        }
-    });
+    let (rel, s, list, mut ctd) = eks_list_on_2_1();
     let cfg = agent_config(
         &s.dir,
         &ctd.certs_dir,
@@ -734,21 +742,7 @@ fn eks_list_on_2_1_transfer_service_is_not_ready_until_fixed() {
     if !prerequisites() {
         return;
     }
-    let rel = release("2.1").unwrap();
-    if let Err(e) = rel.check() {
-        panic!("{e}");
-    }
-    let s = tls_setup();
-    let other = s.dir.join("docker-certs.d");
-    fs::create_dir_all(&other).unwrap();
-    let mut list = String::new();
-    let mut ctd = Containerd::start_release(&s.dir, rel, |certs| {
-        list = format!("{}:{}", certs.display(), other.display());
-        CtdOpts {
-            config_path: Some(list.clone()),
-            extra: String::new(),
-        }
-    });
+    let (rel, s, list, mut ctd) = eks_list_on_2_1();
     let upstream = format!("https://{}", s.registry.addr);
     let start_agent = |ctd: &Containerd| {
         Agent::start(
