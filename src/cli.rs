@@ -52,6 +52,15 @@ pub enum Cmd {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Run the registry's TLS front: reads pass, writes need a push
+    /// account, the certificate reloads without a restart (#10)
+    Gateway {
+        /// Gateway config file (TOML, a [gateway] table)
+        #[arg(long, env = "SLIPWAY_GATEWAY_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: crate::gateway::config::GatewayOverrides,
+    },
     /// Make the registry CA and TLS certificate
     Pki {
         #[command(subcommand)]
@@ -134,6 +143,8 @@ pub enum Error {
     Ensure(Box<EnsureError>),
     #[error(transparent)]
     Build(#[from] BuildError),
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::GatewayError),
     #[error("{what}: {source}")]
     Runtime {
         what: &'static str,
@@ -148,6 +159,7 @@ impl ExitStatus for Error {
             Error::Pki(e) => e.exit_code(),
             Error::Ensure(e) => EnsureError::exit_code(e),
             Error::Build(e) => ExitStatus::exit_code(e),
+            Error::Gateway(e) => e.exit_code(),
             Error::Runtime { .. } => crate::EXIT_APPLY_FAILED,
         }
     }
@@ -233,6 +245,7 @@ pub fn run(cmd: Cmd) -> Result<u8, Error> {
             };
             one_shot(&cfg, &mode)
         }
+        Cmd::Gateway { config, overrides } => Ok(crate::gateway::run(config, overrides)?),
         Cmd::Cleanup { config, overrides } => {
             let cfg = AgentConfig::load(config.as_deref(), &overrides).map_err(AgentError::from)?;
             one_shot(&cfg, &Mode::Cleanup)
