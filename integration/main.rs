@@ -3,6 +3,7 @@
 //! init`, skopeo and umoci. Run as root by `.ci/run`.
 
 mod daemon;
+mod gateway;
 mod hardening;
 mod harness;
 mod layouts;
