@@ -4,6 +4,7 @@
 
 mod canary;
 mod daemon;
+mod gateway;
 mod hardening;
 mod harness;
 mod layouts;

@@ -52,6 +52,15 @@ pub enum Cmd {
         #[command(flatten)]
         overrides: Overrides,
     },
+    /// Run the registry's TLS front: reads pass, writes need a push
+    /// account, the certificate reloads without a restart (#10)
+    Gateway {
+        /// Gateway config file (TOML, a [gateway] table)
+        #[arg(long, env = "SLIPWAY_GATEWAY_CONFIG")]
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        overrides: crate::gateway::config::GatewayOverrides,
+    },
     /// Make the registry CA and TLS certificate
     Pki {
         #[command(subcommand)]
@@ -162,6 +171,8 @@ pub enum Error {
     Build(#[from] BuildError),
     #[error(transparent)]
     Canary(#[from] crate::canary_image::PushError),
+    #[error(transparent)]
+    Gateway(#[from] crate::gateway::GatewayError),
     #[error("{what}: {source}")]
     Runtime {
         what: &'static str,
@@ -177,6 +188,7 @@ impl ExitStatus for Error {
             Error::Ensure(e) => EnsureError::exit_code(e),
             Error::Build(e) => ExitStatus::exit_code(e),
             Error::Canary(e) => e.exit_code(),
+            Error::Gateway(e) => e.exit_code(),
             Error::Runtime { .. } => crate::EXIT_APPLY_FAILED,
         }
     }
@@ -262,6 +274,7 @@ pub fn run(cmd: Cmd) -> Result<u8, Error> {
             };
             one_shot(&cfg, &mode)
         }
+        Cmd::Gateway { config, overrides } => Ok(crate::gateway::run(config, overrides)?),
         Cmd::Cleanup { config, overrides } => {
             let cfg = AgentConfig::load(config.as_deref(), &overrides).map_err(AgentError::from)?;
             one_shot(&cfg, &Mode::Cleanup)

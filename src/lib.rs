@@ -7,6 +7,7 @@
 //! | [`node`] | `slipway agent`, `slipway cleanup` | config, hostconfig, containerd and CRI-O inspection, CA bundle, status | host files, apply, the node pass, the daemon loop |
 //! | [`proxy`] | the agent's pull-through proxy | route classification | forwarding, the blob cache |
 //! | [`admin`] | the agent's admin server | readiness, metrics | `/metrics`, `/healthz`, `/readyz` |
+//! | [`gateway`] | `slipway gateway` | the write guard, htpasswd, config | the TLS server, relay, certificate reload |
 //! | [`pki`] | `slipway pki` | certificates, the ensure plan | `pki init` files, `pki ensure` API calls |
 //! | [`builds`] | `slipway build`, `builds`, `logs` | Job, log and status readers | the build runner's API calls |
 //! | [`k8s`] | shared | name validators, labels, API error classes | |
@@ -21,6 +22,7 @@ pub(crate) mod admin;
 pub mod builds;
 pub mod canary_image;
 pub mod cli;
+pub mod gateway;
 pub(crate) mod k8s;
 pub mod node;
 pub mod pki;

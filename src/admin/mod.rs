@@ -5,6 +5,9 @@
 //! (ready only when the host configuration is applied, containerd's
 //! `config_path` covers our directory, the proxy is bound, and the upstream
 //! has answered at least once). Probes are not access-logged.
+//!
+//! The gateway (#10) serves the same endpoints with its own metrics and
+//! checks: [`serve`] takes any [`Exposition`] and [`ReadyCheck`] set.
 
 pub mod metrics;
 pub mod readiness;
@@ -22,7 +25,18 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 
 use crate::admin::metrics::Metrics;
-pub use crate::admin::readiness::{Check, Readiness};
+pub use crate::admin::readiness::{Check, Readiness, ReadyCheck};
+
+/// What `/metrics` prints: a program's OpenMetrics text.
+pub trait Exposition: Send + Sync + 'static {
+    fn encode(&self) -> String;
+}
+
+impl Exposition for Metrics {
+    fn encode(&self) -> String {
+        Metrics::encode(self)
+    }
+}
 
 fn text(status: StatusCode, body: String, content_type: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -34,7 +48,11 @@ fn text(status: StatusCode, body: String, content_type: &'static str) -> Respons
     r
 }
 
-pub fn respond(path: &str, metrics: &Metrics, ready: &Readiness) -> Response<Full<Bytes>> {
+pub fn respond<C: ReadyCheck>(
+    path: &str,
+    metrics: &impl Exposition,
+    ready: &Readiness<C>,
+) -> Response<Full<Bytes>> {
     match path {
         "/healthz" => text(StatusCode::OK, "ok\n".into(), "text/plain"),
         "/readyz" => match ready.report() {
@@ -94,7 +112,11 @@ impl Accept for TcpListener {
 }
 
 /// Serve until the task is dropped.
-pub async fn serve(listener: impl Accept, metrics: Arc<Metrics>, ready: Arc<Readiness>) {
+pub async fn serve<C: ReadyCheck>(
+    listener: impl Accept,
+    metrics: Arc<impl Exposition>,
+    ready: Arc<Readiness<C>>,
+) {
     let mut backoff = AcceptBackoff::new();
     loop {
         let stream = match listener.accept().await {
@@ -112,7 +134,7 @@ pub async fn serve(listener: impl Accept, metrics: Arc<Metrics>, ready: Arc<Read
         let (m, r) = (metrics.clone(), ready.clone());
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let resp = respond(req.uri().path(), &m, &r);
+                let resp = respond(req.uri().path(), &*m, &r);
                 async move { Ok::<_, Infallible>(resp) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
@@ -132,7 +154,7 @@ mod tests {
     #[test]
     fn readyz_names_what_is_missing() {
         let m = Metrics::new();
-        let r = Readiness::default();
+        let r: Readiness = Readiness::default();
         let resp = respond("/readyz", &m, &r);
         assert_eq!(resp.status(), 503);
         r.set(Check::HostconfigApplied, Ok(()));
@@ -164,7 +186,7 @@ mod tests {
         let task = tokio::spawn(serve(
             Emfile(calls.clone()),
             Arc::new(Metrics::new()),
-            Arc::new(Readiness::default()),
+            Arc::new(Readiness::<Check>::default()),
         ));
         tokio::time::sleep(Duration::from_millis(500)).await;
         task.abort();

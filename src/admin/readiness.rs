@@ -4,7 +4,8 @@
 //! The node's checks are written by one writer, [`crate::node::status`]
 //! (from each pass's [`crate::node::reconcile::NodeStatus`]), and by the
 //! daemon for the proxy and the upstream probe, and by the canary
-//! ([`crate::node::canary`]) for the `canary` check.
+//! ([`crate::node::canary`]) for the `canary` check. Another program (the
+//! gateway, #10) brings its own set of checks through [`ReadyCheck`].
 
 use std::fmt;
 use std::sync::RwLock;
@@ -43,9 +44,26 @@ impl Check {
             Check::Canary => "canary",
         }
     }
+}
 
+/// A program's set of readiness checks: a closed enum whose names are
+/// part of its `/readyz` body contract.
+pub trait ReadyCheck: Copy + Eq + fmt::Display + Send + Sync + 'static {
+    /// Every check, in the order `/readyz` lists them.
+    const ALL: &'static [Self];
+    fn name(self) -> &'static str;
     fn index(self) -> usize {
-        self as usize
+        Self::ALL
+            .iter()
+            .position(|c| *c == self)
+            .expect("a check is in ALL")
+    }
+}
+
+impl ReadyCheck for Check {
+    const ALL: &'static [Check] = &Check::ALL;
+    fn name(self) -> &'static str {
+        Check::name(self)
     }
 }
 
@@ -56,28 +74,35 @@ impl fmt::Display for Check {
 }
 
 /// The checks and their state. Each starts failing with "not checked yet".
-pub struct Readiness {
-    checks: RwLock<[Option<String>; Check::ALL.len()]>,
+pub struct Readiness<C: ReadyCheck = Check> {
+    checks: RwLock<Vec<Option<String>>>,
+    _checks: std::marker::PhantomData<C>,
 }
 
-impl Default for Readiness {
+impl<C: ReadyCheck> Default for Readiness<C> {
     fn default() -> Self {
         Readiness {
-            checks: RwLock::new(std::array::from_fn(|_| Some("not checked yet".into()))),
+            checks: RwLock::new(
+                C::ALL
+                    .iter()
+                    .map(|_| Some("not checked yet".into()))
+                    .collect(),
+            ),
+            _checks: std::marker::PhantomData,
         }
     }
 }
 
-impl Readiness {
+impl<C: ReadyCheck> Readiness<C> {
     /// Record a check: `Ok` passes, `Err` fails with the reason.
-    pub fn set(&self, check: Check, result: Result<(), String>) {
+    pub fn set(&self, check: C, result: Result<(), String>) {
         self.checks.write().expect("readiness lock")[check.index()] = result.err();
     }
 
     /// The failing checks with their reasons, in [`Check::ALL`] order.
-    pub fn failing(&self) -> Vec<(Check, String)> {
+    pub fn failing(&self) -> Vec<(C, String)> {
         let checks = self.checks.read().expect("readiness lock");
-        Check::ALL
+        C::ALL
             .iter()
             .filter_map(|c| checks[c.index()].clone().map(|r| (*c, r)))
             .collect()
@@ -105,7 +130,7 @@ mod tests {
 
     #[test]
     fn every_check_starts_failing_and_names_its_reason() {
-        let r = Readiness::default();
+        let r: Readiness = Readiness::default();
         assert_eq!(r.failing().len(), 5);
         for c in Check::ALL {
             r.set(c, Ok(()));

@@ -569,7 +569,7 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<u8, AgentErr
         None => None,
     };
     let upstream = UpstreamClient::new(&cfg.upstream, ca.pem.as_bytes(), &cfg.timeouts)?;
-    let ready = Arc::new(Readiness::default());
+    let ready: Arc<Readiness> = Arc::new(Readiness::default());
     let upstream_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let state = Arc::new(ProxyState {
         upstream: RwLock::new(Arc::new(upstream)),

@@ -1,0 +1,157 @@
+//! The gateway's Prometheus/OpenMetrics metrics (prometheus-client), served
+//! on `gateway.admin_listen` `/metrics` by [`crate::admin::serve`].
+//!
+//! Owns every `slipway_gateway_*` series: requests by method class and
+//! guard outcome (#10: a refused push is counted, never logged with its
+//! password), relayed bytes, upstream failures, certificate reloads and
+//! the served certificate's expiry.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use super::guard::{MethodClass, Outcome};
+use crate::admin::metrics::FGauge;
+
+impl EncodeLabelValue for MethodClass {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+impl EncodeLabelValue for Outcome {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub class: MethodClass,
+    pub result: Outcome,
+}
+
+/// Whether a certificate reload took the new files.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Reload {
+    Applied,
+    Rejected,
+}
+
+impl EncodeLabelValue for Reload {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(
+            encoder,
+            match self {
+                Reload::Applied => "applied",
+                Reload::Rejected => "rejected",
+            },
+        )
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: Reload,
+}
+
+pub struct GatewayMetrics {
+    registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub upstream_errors: Counter,
+    pub certificate_expiry: FGauge,
+    pub certificate_reloads: Family<ReloadLabels, Counter>,
+}
+
+impl Default for GatewayMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl GatewayMetrics {
+    pub fn new() -> Self {
+        let mut r = Registry::with_prefix("slipway_gateway");
+        let requests = Family::<RequestLabels, Counter>::default();
+        r.register(
+            "requests",
+            "Gateway requests by method class (read, write) and result (allowed, unauthenticated, denied)",
+            requests.clone(),
+        );
+        let upstream_errors = Counter::default();
+        r.register(
+            "upstream_errors",
+            "Allowed requests the upstream registry did not answer",
+            upstream_errors.clone(),
+        );
+        let certificate_expiry = FGauge::default();
+        r.register(
+            "certificate_expiry_timestamp_seconds",
+            "Unix time the served TLS certificate expires",
+            certificate_expiry.clone(),
+        );
+        let certificate_reloads = Family::<ReloadLabels, Counter>::default();
+        r.register(
+            "certificate_reloads",
+            "Changes of the TLS files: applied (a new valid pair) or rejected (kept the old one)",
+            certificate_reloads.clone(),
+        );
+        // Every series exists from the start, so a fresh gateway's /metrics
+        // lists them all and a rate() over a first refusal works.
+        for class in MethodClass::ALL {
+            for result in Outcome::ALL {
+                let _ = requests.get_or_create(&RequestLabels { class, result });
+            }
+        }
+        for result in [Reload::Applied, Reload::Rejected] {
+            let _ = certificate_reloads.get_or_create(&ReloadLabels { result });
+        }
+        GatewayMetrics {
+            registry: r,
+            requests,
+            upstream_errors,
+            certificate_expiry,
+            certificate_reloads,
+        }
+    }
+
+    pub fn count(&self, class: MethodClass, result: Outcome) {
+        self.requests
+            .get_or_create(&RequestLabels { class, result })
+            .inc();
+    }
+}
+
+impl crate::admin::Exposition for GatewayMetrics {
+    fn encode(&self) -> String {
+        let mut s = String::new();
+        prometheus_client::encoding::text::encode(&mut s, &self.registry)
+            .expect("writing to a String");
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admin::Exposition;
+
+    #[test]
+    fn series_are_named_by_class_and_result() {
+        let m = GatewayMetrics::new();
+        m.count(MethodClass::Write, Outcome::Denied);
+        m.certificate_expiry.set(1_900_000_000.0);
+        let t = m.encode();
+        assert!(
+            t.contains("slipway_gateway_requests_total{class=\"write\",result=\"denied\"} 1"),
+            "{t}"
+        );
+        assert!(t.contains("slipway_gateway_requests_total{class=\"read\",result=\"allowed\"} 0"));
+        assert!(
+            t.contains("slipway_gateway_certificate_expiry_timestamp_seconds 1900000000"),
+            "{t}"
+        );
+        assert!(t.ends_with("# EOF\n"));
+    }
+}

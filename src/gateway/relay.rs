@@ -1,0 +1,480 @@
+//! The gateway's TLS server and its relay to the upstream registry (the
+//! thin async shell around [`super::guard`]).
+//!
+//! Endpoint: every path on `gateway.listen`, over TLS from
+//! [`super::tls::CertStore`]. `GET`/`HEAD` pulls are relayed as they come;
+//! any other method (and the `/v2/` ping, see [`super::guard`]) first needs
+//! Basic credentials that [`Verifier`] accepts, else `401` with
+//! [`CHALLENGE`] and a registry-style JSON error.
+//!
+//! Bodies stream both ways through hyper with backpressure, so a chunked
+//! `PATCH`, a monolithic `PUT` and a cross-repository mount
+//! (`POST …/blobs/uploads/?mount=…&from=…`) hold at most a few buffers of a
+//! layer, never the whole of it. The hardening is the agent proxy's
+//! ([`crate::proxy`]): header size and read-time limits, a TLS handshake
+//! deadline, bodies that stall for `body_idle_timeout_secs` are aborted,
+//! absolute-form requests are refused, and the destination is always
+//! `gateway.upstream`: the client's URI, `Host` and query never choose it.
+
+use std::convert::Infallible;
+use std::future::Future as _;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{combinators::BoxBody, BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tracing::{debug, info, warn};
+
+use super::config::Upstream;
+use super::guard::{self, MethodClass, Outcome, Verdict, CHALLENGE};
+use super::htpasswd::Verifier;
+use super::metrics::GatewayMetrics;
+use crate::admin::AcceptBackoff;
+use crate::proxy::route::Refusal;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type GatewayBody = BoxBody<Bytes, BoxError>;
+type UpstreamClient = Client<HttpConnector, Idle<Incoming>>;
+
+/// The same limit as the agent proxy's: registry clients send well under
+/// 4 KiB of headers.
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+
+/// Shared state of the relay.
+pub struct Relay {
+    upstream: Upstream,
+    client: UpstreamClient,
+    verifier: Arc<Verifier>,
+    metrics: Arc<GatewayMetrics>,
+    body_idle: Duration,
+    /// The upstream answered at least once (readiness).
+    pub upstream_seen: AtomicBool,
+}
+
+impl Relay {
+    pub fn new(
+        upstream: Upstream,
+        verifier: Arc<Verifier>,
+        metrics: Arc<GatewayMetrics>,
+        body_idle: Duration,
+    ) -> Relay {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(Duration::from_secs(3)));
+        http.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .http1_max_buf_size(64 * 1024)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(32)
+            .pool_timer(TokioTimer::new())
+            .build(http);
+        Relay {
+            upstream,
+            client,
+            verifier,
+            metrics,
+            body_idle,
+            upstream_seen: AtomicBool::new(false),
+        }
+    }
+
+    pub fn upstream_authority(&self) -> &str {
+        &self.upstream.authority
+    }
+
+    /// `GET /v2/` once; true if the upstream answered with any status.
+    pub async fn probe(&self) -> bool {
+        let Ok(uri) = format!("http://{}/v2/", self.upstream.authority).parse::<Uri>() else {
+            return false;
+        };
+        let req = Request::get(uri)
+            .body(Idle::empty(self.body_idle))
+            .expect("valid request");
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(5), self.client.request(req)).await,
+            Ok(Ok(_))
+        );
+        if ok {
+            self.upstream_seen.store(true, Ordering::Relaxed);
+        }
+        ok
+    }
+}
+
+fn json_error(status: StatusCode, code: &'static str, message: String) -> Response<GatewayBody> {
+    let body = Refusal {
+        status: status.as_u16(),
+        code,
+        message,
+    }
+    .body();
+    let mut r = Response::new(full(body));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+fn full(s: String) -> GatewayBody {
+    Full::new(Bytes::from(s))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn unauthorized(outcome: Outcome) -> Response<GatewayBody> {
+    let mut r = Response::new(full(guard::unauthorized_body(outcome)));
+    *r.status_mut() = StatusCode::UNAUTHORIZED;
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    h.insert(
+        header::WWW_AUTHENTICATE,
+        HeaderValue::from_static(CHALLENGE),
+    );
+    // As distribution answers: clients check it before they believe the
+    // challenge is a registry's.
+    h.insert(
+        "docker-distribution-api-version",
+        HeaderValue::from_static("registry/2.0"),
+    );
+    r
+}
+
+/// Headers that belong to one hop (RFC 9110 §7.6.1) and are never relayed.
+fn hop_by_hop(name: &HeaderName, connection: &HeaderMap) -> bool {
+    const HOP: [&str; 9] = [
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    ];
+    HOP.contains(&name.as_str())
+        || connection
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(name.as_str()))
+}
+
+/// Handle one client request.
+pub async fn handle(
+    relay: Arc<Relay>,
+    req: Request<Incoming>,
+) -> Result<Response<GatewayBody>, Infallible> {
+    let method = req.method().clone();
+    let class = MethodClass::of(&method);
+    let head_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum();
+    if head_bytes > MAX_HEADER_BYTES {
+        return Ok(json_error(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "UNSUPPORTED",
+            format!(
+                "request headers are {head_bytes} bytes; at most {MAX_HEADER_BYTES} are accepted"
+            ),
+        ));
+    }
+    // An absolute-form request line is how clients use an open forward
+    // proxy; the gateway relays to its one upstream only.
+    if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        return Ok(json_error(
+            StatusCode::BAD_REQUEST,
+            "UNSUPPORTED",
+            "absolute-form requests are not served: this is not a forward proxy".into(),
+        ));
+    }
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    match guard::decide(&method, req.uri().path(), auth) {
+        Verdict::Pass => {}
+        Verdict::Unauthenticated => {
+            relay.metrics.count(class, Outcome::Unauthenticated);
+            // The ping without credentials is every client's first request,
+            // not an attempt worth a log line.
+            if class == MethodClass::Write {
+                info!(%method, path = req.uri().path(), "gateway: write without credentials refused");
+            }
+            return Ok(unauthorized(Outcome::Unauthenticated));
+        }
+        Verdict::Check(creds) => {
+            if !relay.verifier.verify(&creds).await {
+                relay.metrics.count(class, Outcome::Denied);
+                // The user name only: the password is never logged (#10).
+                warn!(%method, path = req.uri().path(), user = %creds.user, "gateway: wrong credentials refused");
+                return Ok(unauthorized(Outcome::Denied));
+            }
+        }
+    }
+    relay.metrics.count(class, Outcome::Allowed);
+    Ok(forward(&relay, req).await)
+}
+
+async fn forward(relay: &Relay, req: Request<Incoming>) -> Response<GatewayBody> {
+    let (parts, body) = req.into_parts();
+    let pq = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let uri: Uri = match format!("http://{}{pq}", relay.upstream.authority).parse() {
+        Ok(u) => u,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "UNSUPPORTED",
+                format!("bad request target: {e}"),
+            )
+        }
+    };
+    let mut b = Request::builder().method(parts.method.clone()).uri(uri);
+    for (name, value) in &parts.headers {
+        if hop_by_hop(name, &parts.headers)
+            || name == header::AUTHORIZATION
+            || name == header::EXPECT
+            || name == header::FORWARDED
+            || name.as_str().starts_with("x-forwarded-")
+        {
+            continue;
+        }
+        b = b.header(name, value);
+    }
+    // distribution builds the absolute `Location` of an upload from these
+    // (registry/api/v2/urls.go), so the client's next PATCH/PUT comes back
+    // to the gateway over https, not to 127.0.0.1:5001.
+    b = b.header("x-forwarded-proto", "https");
+    if let Some(h) = parts.headers.get(header::HOST) {
+        b = b.header("x-forwarded-host", h);
+    }
+    let upstream_req = match b.body(Idle::new(body, relay.body_idle)) {
+        Ok(r) => r,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "UNSUPPORTED",
+                format!("bad request: {e}"),
+            )
+        }
+    };
+    let resp = match relay.client.request(upstream_req).await {
+        Ok(r) => r,
+        Err(e) => {
+            relay.metrics.upstream_errors.inc();
+            warn!(method = %parts.method, path = parts.uri.path(), error = %e, "gateway: upstream request failed");
+            return json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "UNAVAILABLE",
+                format!("upstream registry: {e}"),
+            );
+        }
+    };
+    relay.upstream_seen.store(true, Ordering::Relaxed);
+    let (rparts, rbody) = resp.into_parts();
+    debug!(method = %parts.method, path = parts.uri.path(), status = rparts.status.as_u16(), "gateway: relayed");
+    let mut out = Response::builder().status(rparts.status);
+    for (name, value) in &rparts.headers {
+        if !hop_by_hop(name, &rparts.headers) {
+            out = out.header(name, value);
+        }
+    }
+    out.body(Idle::new(rbody, relay.body_idle).boxed())
+        .unwrap_or_else(|_| {
+            json_error(
+                StatusCode::BAD_GATEWAY,
+                "UNAVAILABLE",
+                "bad upstream response".into(),
+            )
+        })
+}
+
+/// A body relayed with a stall deadline: no frame for `idle` ends it with
+/// an error, which makes hyper abort that side's connection rather than
+/// leave a half-pushed blob's upload open for ever.
+pub struct Idle<B> {
+    inner: Option<B>,
+    idle: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl<B> Idle<B> {
+    pub fn new(inner: B, idle: Duration) -> Idle<B> {
+        Idle {
+            inner: Some(inner),
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
+    fn empty(idle: Duration) -> Idle<B> {
+        Idle {
+            inner: None,
+            idle,
+            sleep: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+}
+
+impl<B> Body for Idle<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let deadline = tokio::time::Instant::now() + this.idle;
+                this.sleep.as_mut().reset(deadline);
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                if this.sleep.as_mut().poll(cx).is_ready() {
+                    warn!("gateway: a body stalled for {:?}; aborting", this.idle);
+                    return Poll::Ready(Some(Err("body stalled".into())));
+                }
+                Poll::Pending
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map(|b| b.size_hint())
+            .unwrap_or_else(|| SizeHint::with_exact(0))
+    }
+}
+
+/// Serve TLS until `shutdown` resolves, then stop accepting and let
+/// in-flight transfers finish for up to `grace`. Returns whether all did.
+pub async fn serve(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    relay: Arc<Relay>,
+    client_header: Duration,
+    shutdown: impl std::future::Future<Output = ()>,
+    grace: Duration,
+) -> bool {
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut backoff = AcceptBackoff::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((s, _)) => { backoff.succeeded(); s }
+                    Err(e) => {
+                        let pause = backoff.failed();
+                        warn!(error = %e, pause_ms = pause.as_millis() as u64, "gateway: accept failed");
+                        tokio::time::sleep(pause).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let (acceptor, relay, watcher) = (acceptor.clone(), relay.clone(), graceful.watcher());
+                tokio::spawn(async move {
+                    // A client that never finishes its handshake is cut off
+                    // like one that trickles its request head (slowloris).
+                    let tls = match tokio::time::timeout(client_header, acceptor.accept(stream)).await {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => { debug!(error = %e, "gateway: TLS handshake failed"); return; }
+                        Err(_) => { debug!("gateway: TLS handshake timed out"); return; }
+                    };
+                    let mut builder = hyper::server::conn::http1::Builder::new();
+                    builder
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(client_header)
+                        .max_buf_size(64 * 1024)
+                        .keep_alive(true);
+                    let conn = builder.serve_connection(
+                        TokioIo::new(tls),
+                        hyper::service::service_fn(move |req| handle(relay.clone(), req)),
+                    );
+                    if let Err(e) = watcher.watch(conn).await {
+                        debug!(error = %e, "gateway: client connection ended with an error");
+                    }
+                });
+            }
+            _ = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => true,
+        _ = tokio::time::sleep(grace) => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        for n in ["transfer-encoding", "connection", "x-secret", "upgrade"] {
+            assert!(hop_by_hop(&HeaderName::from_static(n), &h), "{n}");
+        }
+        for n in [
+            "content-length",
+            "content-type",
+            "docker-content-digest",
+            "range",
+        ] {
+            assert!(!hop_by_hop(&HeaderName::from_static(n), &h), "{n}");
+        }
+    }
+
+    #[test]
+    fn a_refused_write_carries_the_challenge() {
+        let r = unauthorized(Outcome::Denied);
+        assert_eq!(r.status(), 401);
+        assert_eq!(
+            r.headers()[header::WWW_AUTHENTICATE],
+            "Basic realm=\"slipway-registry\""
+        );
+    }
+}
