@@ -18,13 +18,19 @@
 //! controller's NoExecute taints, a cordon) is never overwritten. On 409 or
 //! 422 the Node is read again and the patch rebuilt, at most
 //! [`MAX_ATTEMPTS`] times.
+//!
+//! The daemon runs [`when_ready`]: it waits until every `/readyz` check
+//! passes, the canary included, then removes the taint once.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use crate::admin::Readiness;
 use crate::k8s::{api_code, FIELD_MANAGER};
+use crate::node::config::StartupTaint;
 
 /// Rounds of read → patch before giving up on a contended Node.
 pub const MAX_ATTEMPTS: usize = 5;
@@ -178,6 +184,73 @@ pub async fn remove_startup_taint(
         attempts: MAX_ATTEMPTS,
         last,
     })
+}
+
+/// How often [`when_ready`] looks at readiness.
+const READY_POLL: Duration = Duration::from_secs(1);
+/// The longest pause between failed removals.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+/// Wait until every readiness check passes (polled every second), then
+/// remove the startup taint once. A failure (no API access yet, RBAC
+/// missing, contention) is logged and retried with a pause doubling from
+/// 1 s to 60 s: the node stays tainted, so no pod that needs the registry
+/// is scheduled on it, which is the safe side. Readiness is not looked at
+/// again after removal: a taint is a gate at startup, and a node that turns
+/// unready later shows that in `/readyz` (re-tainting would need update
+/// rights on nodes the agent does not ask for, #8).
+pub(crate) async fn when_ready(taint: StartupTaint, ready: Arc<Readiness>) {
+    let mut waited = false;
+    loop {
+        let failing = ready.failing();
+        if failing.is_empty() {
+            break;
+        }
+        if !waited {
+            let names: Vec<&str> = failing.iter().map(|(c, _)| c.name()).collect();
+            info!(node = %taint.node, taint = %taint.key, failing = %names.join(", "), "startup taint stays until the node is ready");
+            waited = true;
+        }
+        tokio::time::sleep(READY_POLL).await;
+    }
+    let mut pause = Duration::from_secs(1);
+    loop {
+        let result = match kube::Client::try_default().await {
+            Ok(client) => remove_startup_taint(&client, &taint.node, &taint.key)
+                .await
+                .map_err(|e| chain(&e)),
+            Err(e) => Err(format!(
+                "cannot configure a Kubernetes client (in-cluster service account): {}",
+                chain(&e)
+            )),
+        };
+        match result {
+            Ok(Outcome::Removed { attempts }) => {
+                info!(node = %taint.node, taint = %taint.key, attempts, "node ready: startup taint removed");
+                return;
+            }
+            Ok(Outcome::Absent) => {
+                info!(node = %taint.node, taint = %taint.key, "node ready: startup taint already absent");
+                return;
+            }
+            Err(e) => {
+                warn!(node = %taint.node, taint = %taint.key, retry_secs = pause.as_secs_f64(), error = %e, "cannot remove the startup taint; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
 }
 
 #[cfg(test)]
