@@ -211,6 +211,15 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// unready later shows that in `/readyz` (re-tainting would need update
 /// rights on nodes the agent does not ask for, #8).
 pub(crate) async fn when_ready(taint: StartupTaint, ready: Arc<Readiness>) {
+    when_ready_with(taint, ready, kube::Client::try_default).await
+}
+
+/// [`when_ready`] with the client made by `connect` (tests inject the mock).
+async fn when_ready_with<F, Fut>(taint: StartupTaint, ready: Arc<Readiness>, connect: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = kube::Result<kube::Client>>,
+{
     let mut waited = false;
     loop {
         let failing = ready.failing();
@@ -226,7 +235,7 @@ pub(crate) async fn when_ready(taint: StartupTaint, ready: Arc<Readiness>) {
     }
     let mut pause = Duration::from_secs(1);
     loop {
-        let result = match kube::Client::try_default().await {
+        let result = match connect().await {
             Ok(client) => remove_startup_taint(&client, &taint.node, &taint.key)
                 .await
                 .map_err(|e| chain(&e)),
@@ -288,6 +297,50 @@ mod tests {
         let taints = json!([{"key": KEY, "value": "", "effect": "NoSchedule"}]);
         let patch = removal(&node(taints), KEY).unwrap();
         assert_eq!(patch[1]["value"], json!([]));
+    }
+
+    /// Nothing is sent while a check fails; once all pass, one GET (and
+    /// here, the taint being gone, nothing else).
+    #[tokio::test]
+    async fn waits_for_every_check_then_removes_once() {
+        use crate::admin::Check;
+        use http::{Request, Response};
+        use kube::client::Body;
+
+        let ready = Arc::new(Readiness::default());
+        for c in Check::ALL {
+            ready.set(c, Ok(()));
+        }
+        ready.set(Check::Canary, Err("no canary pull yet".into()));
+        let (svc, mut h) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(svc, "default");
+        let taint = StartupTaint {
+            key: KEY.into(),
+            node: "n1".into(),
+        };
+        let task = tokio::spawn(when_ready_with(taint, ready.clone(), move || {
+            let c = client.clone();
+            async move { Ok(c) }
+        }));
+        let early = tokio::time::timeout(Duration::from_millis(2500), h.next_request()).await;
+        assert!(early.is_err(), "a request before the canary passed");
+        ready.set(Check::Canary, Ok(()));
+        let (req, send) = tokio::time::timeout(Duration::from_secs(5), h.next_request())
+            .await
+            .expect("no request once ready")
+            .unwrap();
+        assert_eq!(req.method(), http::Method::GET);
+        assert_eq!(req.uri().path(), "/api/v1/nodes/n1");
+        send.send_response(
+            Response::builder()
+                .status(200)
+                .body(Body::from(serde_json::to_vec(&node(json!([]))).unwrap()))
+                .unwrap(),
+        );
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the task ends after the removal")
+            .unwrap();
     }
 
     #[test]
