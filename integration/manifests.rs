@@ -159,6 +159,7 @@ fn every_kustomization_renders_into_the_namespace() {
         "daemonset/overlays/fix-containerd-config",
         "daemonset/overlays/loadbalancer",
         "daemonset/overlays/prometheus",
+        "daemonset/overlays/startup-taint",
     ] {
         assert!(
             dirs.iter().any(|d| d == expected),
@@ -171,7 +172,10 @@ fn every_kustomization_renders_into_the_namespace() {
         for o in &objects {
             let name = o["metadata"]["name"].as_str().unwrap_or_default();
             assert!(!name.is_empty(), "{d}: object without a name: {o}");
-            if o["kind"] != "Namespace" {
+            // Cluster-scoped kinds have no namespace.
+            if !["Namespace", "ClusterRole", "ClusterRoleBinding"]
+                .contains(&o["kind"].as_str().unwrap_or_default())
+            {
                 assert_eq!(o["metadata"]["namespace"], NS, "{d}: {} {name}", o["kind"]);
             }
         }
@@ -564,6 +568,54 @@ fn canary_overlay() {
     assert_eq!(&args[..2], ["canary", "push"]);
     assert!(args.contains(&"registry.shared-services:5000"), "{args:?}");
     assert_eq!(job["automountServiceAccountToken"], false);
+}
+
+/// #8 point 6: the startup-taint overlay gives the agent its Node's name,
+/// the taint key, its token, and get and patch on nodes, nothing more.
+#[test]
+fn startup_taint_overlay() {
+    let Some(k) = kubectl() else { return };
+    let objects = render(&k, "daemonset/overlays/startup-taint");
+    let pod = pod_spec(find(&objects, "DaemonSet", "slipway-agent")).unwrap();
+    assert_eq!(pod["automountServiceAccountToken"], true);
+    let env = pod["containers"][0]["env"].as_array().unwrap();
+    let var = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not set"))
+    };
+    assert_eq!(
+        var("SLIPWAY_AGENT_STARTUP_TAINT")["value"],
+        "slipway.dev/registry-unready"
+    );
+    assert_eq!(
+        var("NODE_NAME")["valueFrom"]["fieldRef"]["fieldPath"],
+        "spec.nodeName"
+    );
+    // The agent must start on the node it untaints.
+    assert_eq!(
+        pod["tolerations"],
+        serde_json::json!([{"operator": "Exists"}])
+    );
+    let role = find(&objects, "ClusterRole", "slipway-agent-startup-taint");
+    assert_eq!(
+        role["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}])
+    );
+    let binding = find(
+        &objects,
+        "ClusterRoleBinding",
+        "slipway-agent-startup-taint",
+    );
+    assert_eq!(binding["roleRef"]["name"], "slipway-agent-startup-taint");
+    assert_eq!(
+        binding["subjects"],
+        serde_json::json!([{"kind": "ServiceAccount", "name": "slipway-agent", "namespace": "shared-services"}])
+    );
+    assert_eq!(
+        find(&objects, "ServiceAccount", "slipway-agent")["automountServiceAccountToken"],
+        true
+    );
 }
 
 /// A test that cannot run fails naming what is missing; only

@@ -70,6 +70,36 @@ pub fn check_subdomain(what: &str, v: &str) -> Result<(), NameError> {
     Ok(())
 }
 
+/// A Kubernetes qualified name (label and taint keys): an optional DNS
+/// subdomain prefix and '/', then a name of 1 to 63 characters, letters,
+/// digits, '-', '_' and '.', starting and ending with a letter or digit
+/// (apimachinery `validation.IsQualifiedName`).
+pub fn check_qualified_name(what: &str, v: &str) -> Result<(), NameError> {
+    let (prefix, name) = match v.split_once('/') {
+        Some((p, n)) => (Some(p), n),
+        None => (None, v),
+    };
+    if let Some(p) = prefix {
+        check_subdomain(&format!("{what} prefix"), p).map_err(|e| name_error(what, v, e.reason))?;
+    }
+    if name.is_empty() || name.len() > 63 {
+        return Err(name_error(what, v, "name part must be 1 to 63 characters"));
+    }
+    let ok = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+        && name.as_bytes()[0].is_ascii_alphanumeric()
+        && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric();
+    if !ok {
+        return Err(name_error(
+            what,
+            v,
+            "name part must be letters, digits, '-', '_' and '.', starting and ending with a letter or digit, after an optional DNS subdomain prefix and '/'",
+        ));
+    }
+    Ok(())
+}
+
 /// What an API error means to a caller that must decide what to do next.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApiClass {

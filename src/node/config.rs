@@ -21,7 +21,12 @@
 //! [agent]
 //! canary_image = "registry.shared-services:5000/slipway/canary@sha256:…"  # optional
 //! canary_interval_secs = 300
+//! startup_taint = "slipway.dev/registry-unready"  # optional; needs NODE_NAME
 //! ```
+//!
+//! Besides the file it reads one variable that is not a `SLIPWAY_*` key:
+//! `NODE_NAME` (or `--node-name`), the downward API's `spec.nodeName`, which
+//! only `agent.startup_taint` needs.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -110,6 +115,7 @@ struct FileAgent {
     grace_period_secs: Option<f64>,
     canary_image: Option<String>,
     canary_interval_secs: Option<f64>,
+    startup_taint: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -202,6 +208,12 @@ pub struct Overrides {
     /// agent.canary_interval_secs: how often the canary is pulled again (default 300)
     #[arg(long, env = "SLIPWAY_AGENT_CANARY_INTERVAL_SECS")]
     pub agent_canary_interval_secs: Option<f64>,
+    /// agent.startup_taint: NoSchedule taint key removed from this Node once it is ready (needs NODE_NAME)
+    #[arg(long, env = "SLIPWAY_AGENT_STARTUP_TAINT")]
+    pub agent_startup_taint: Option<String>,
+    /// This Node's name, from the downward API (`spec.nodeName`); only agent.startup_taint needs it
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
 }
 
 /// Validated configuration.
@@ -224,6 +236,38 @@ pub struct AgentConfig {
     pub containerd_socket: Option<PathBuf>,
     pub canary_image: Option<CanaryImage>,
     pub canary_interval: Duration,
+    pub startup_taint: Option<StartupTaint>,
+}
+
+/// `agent.startup_taint` and the Node it is removed from (#8 point 6).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StartupTaint {
+    /// The taint key, a Kubernetes qualified name; its effect is NoSchedule.
+    pub key: String,
+    /// `NODE_NAME`: the agent's own Node.
+    pub node: String,
+}
+
+impl StartupTaint {
+    fn parse(key: Option<String>, node: Option<String>) -> Result<Option<Self>, ConfigError> {
+        let Some(key) = key else { return Ok(None) };
+        // The API server refuses a taint key that is not a qualified name
+        // (ValidateTaintsInNodeAnnotations / validation.IsQualifiedName), so
+        // a typo here could never match a taint on the Node.
+        crate::k8s::check_qualified_name("taint key", &key).map_err(|e| ConfigError::Invalid {
+            key: "agent.startup_taint".into(),
+            message: e.to_string(),
+        })?;
+        let node = node.filter(|n| !n.is_empty()).ok_or_else(|| ConfigError::Invalid {
+            key: "NODE_NAME".into(),
+            message: "not set, and agent.startup_taint needs it: set NODE_NAME from the downward API (fieldRef spec.nodeName), or pass --node-name".into(),
+        })?;
+        crate::k8s::check_subdomain("NODE_NAME", &node).map_err(|e| ConfigError::Invalid {
+            key: "NODE_NAME".into(),
+            message: e.to_string(),
+        })?;
+        Ok(Some(StartupTaint { key, node }))
+    }
 }
 
 /// `agent.canary_image`: a reference by digest whose registry is one of
@@ -545,6 +589,10 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
             .or(f.agent.canary_interval_secs),
         300.0,
     )?;
+    let startup_taint = StartupTaint::parse(
+        ov.agent_startup_taint.clone().or(f.agent.startup_taint),
+        ov.node_name.clone(),
+    )?;
 
     Ok(AgentConfig {
         source: path.map(Path::to_path_buf),
@@ -570,6 +618,7 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
         containerd_socket,
         canary_image,
         canary_interval,
+        startup_taint,
     })
 }
 
@@ -877,6 +926,62 @@ ca_file = "ca.crt"
         };
         let e = AgentConfig::from_str(p(), GOOD, &ov).unwrap_err();
         assert!(e.to_string().starts_with("containerd.socket: "), "{e}");
+    }
+
+    #[test]
+    fn startup_taint_is_a_qualified_name_and_needs_node_name() {
+        let c = AgentConfig::from_str(p(), GOOD, &Overrides::default()).unwrap();
+        assert_eq!(c.startup_taint, None, "opt-in");
+        let text = format!("{GOOD}\n[agent]\nstartup_taint = \"slipway.dev/registry-unready\"\n");
+        let ov = Overrides {
+            node_name: Some("worker-1".into()),
+            ..Default::default()
+        };
+        let c = AgentConfig::from_str(p(), &text, &ov).unwrap();
+        assert_eq!(
+            c.startup_taint,
+            Some(StartupTaint {
+                key: "slipway.dev/registry-unready".into(),
+                node: "worker-1".into()
+            })
+        );
+        let e = AgentConfig::from_str(p(), &text, &Overrides::default()).unwrap_err();
+        assert!(e.to_string().starts_with("NODE_NAME: not set"), "{e}");
+        assert_eq!(
+            crate::ExitStatus::exit_code(&crate::node::reconcile::AgentError::Config(e)),
+            64
+        );
+        for bad in [
+            "",
+            "slipway.dev/",
+            "/x",
+            "Slipway.dev/x",
+            "a/b/c",
+            "-x",
+            "x y",
+            &"a".repeat(64),
+        ] {
+            let ov = Overrides {
+                agent_startup_taint: Some(bad.into()),
+                node_name: Some("worker-1".into()),
+                ..Default::default()
+            };
+            let e = AgentConfig::from_str(p(), GOOD, &ov).unwrap_err();
+            assert!(
+                e.to_string().starts_with("agent.startup_taint: "),
+                "{bad:?}: {e}"
+            );
+            assert_eq!(
+                crate::ExitStatus::exit_code(&crate::node::reconcile::AgentError::Config(e)),
+                64
+            );
+        }
+        for good in ["registry-unready", "Unready_1.x", "example.com/x"] {
+            assert!(
+                StartupTaint::parse(Some(good.into()), Some("n".into())).is_ok(),
+                "{good}"
+            );
+        }
     }
 
     #[test]

@@ -18,7 +18,10 @@
 //! ([`crate::admin`]). With `containerd.socket` and `agent.canary_image`,
 //! runs the canary ([`crate::node::canary`]): after the first pass, after a
 //! pass that changed something or followed a reload, and every
-//! `agent.canary_interval_secs`. Needs no Kubernetes API access.
+//! `agent.canary_interval_secs`. Needs no Kubernetes API access, except
+//! with `agent.startup_taint`: then, once every readiness check passes, it
+//! removes that taint from its own Node ([`crate::node::taint`]: get and
+//! patch on nodes).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
@@ -127,6 +130,7 @@ pub enum RestartKey {
     ContainerdPaths,
     GracePeriod,
     Canary,
+    StartupTaint,
 }
 
 impl RestartKey {
@@ -139,6 +143,7 @@ impl RestartKey {
             RestartKey::ContainerdPaths => "containerd.host_root/certs_dir/config_file",
             RestartKey::GracePeriod => "agent.grace_period_secs",
             RestartKey::Canary => "containerd.socket/agent.canary_image/agent.canary_interval_secs",
+            RestartKey::StartupTaint => "agent.startup_taint/NODE_NAME",
         }
     }
 }
@@ -199,6 +204,8 @@ pub fn plan_reload(old: &AgentConfig, mut new: AgentConfig) -> Reload {
     keep!(cache_dir, RestartKey::CacheDir);
     keep!(containerd, RestartKey::ContainerdPaths);
     keep!(grace_period, RestartKey::GracePeriod);
+    // The taint task is started once, at start, and removes the taint once.
+    keep!(startup_taint, RestartKey::StartupTaint);
     // The canary task is built once, at start, from these three.
     if (
         &new.containerd_socket,
@@ -660,6 +667,10 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<u8, AgentErr
             None
         }
     };
+    if let Some(taint) = cfg.startup_taint.clone() {
+        info!(node = %taint.node, taint = %taint.key, "the startup taint is removed from this node once it is ready");
+        tokio::spawn(crate::node::taint::when_ready(taint, ready.clone()));
+    }
     let config_path = opts.config.clone();
     let overrides = opts.overrides.clone();
     let node = Node {

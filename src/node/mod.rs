@@ -14,6 +14,7 @@
 //! | [`daemon`] | shell | the long-running agent's event loop |
 //! | [`status`] | core | the node status, and the one writer of readiness and metrics |
 //! | [`canary`] | shell | the canary pull through CRI, its readiness check and metrics |
+//! | [`taint`] | core + shell | the startup taint's JSON patch, and its removal from our Node |
 //!
 //! Data flows one way: config → plan → apply → report.
 
@@ -28,3 +29,4 @@ pub mod fs;
 pub mod hostconfig;
 pub mod reconcile;
 pub(crate) mod status;
+pub mod taint;
