@@ -283,7 +283,8 @@ impl Pki {
 // ------------------------------------------------------------------ netns
 
 /// A network namespace joined to the host by a veth pair, with a /30 from
-/// TEST-NET-1: the host side gets .1, the namespace .2. Removed on drop.
+/// [`TEST_NET`] that the host does not use: the host side gets .1, the
+/// namespace .2. Removed on drop.
 ///
 /// The namespace and interface names carry the pid (`slipway-it-<pid>-<n>`),
 /// so test processes never delete or reuse each other's. The host side's /30
@@ -299,24 +300,80 @@ pub struct NetNs {
     _subnet: nix::fcntl::Flock<fs::File>,
 }
 
-/// Lock one free /30 of 192.0.2.0/24; its base address and the lock.
+/// The test hosts' range: RFC 2544's benchmarking block, never routed on
+/// the Internet. TEST-NET-1 (192.0.2.0/24) was used before, until a machine
+/// turned up whose own eth0 and default gateway were 192.0.2.2 and .1: the
+/// first /30 then shadowed the gateway and reused the host's own address.
+const TEST_NET: [u8; 3] = [198, 18, 0];
+
+/// IPv4 prefixes the host already uses (its addresses, routes and
+/// gateways), as (network, prefix length).
+fn host_prefixes() -> Vec<(u32, u32)> {
+    let mut v = Vec::new();
+    let parse = |s: &str| -> Option<(u32, u32)> {
+        let (ip, len) = s.split_once('/').unwrap_or((s, "32"));
+        let ip: std::net::Ipv4Addr = ip.parse().ok()?;
+        Some((u32::from(ip), len.parse().ok()?))
+    };
+    let addrs = run(Command::new("ip").args(["-4", "-o", "addr", "show"]));
+    for line in String::from_utf8_lossy(&addrs.stdout).lines() {
+        let mut it = line.split_whitespace();
+        while let Some(w) = it.next() {
+            if w == "inet" {
+                v.extend(it.next().and_then(parse));
+            }
+        }
+    }
+    let routes = run(Command::new("ip").args(["-4", "route", "show", "table", "all"]));
+    for line in String::from_utf8_lossy(&routes.stdout).lines() {
+        let mut it = line.split_whitespace();
+        while let Some(w) = it.next() {
+            if w.contains('/') || w.parse::<std::net::Ipv4Addr>().is_ok() {
+                v.extend(parse(w));
+            } else if w == "via" {
+                v.extend(it.next().and_then(parse));
+            }
+        }
+    }
+    v
+}
+
+/// Whether the /30 at `base` overlaps any of `prefixes`.
+fn overlaps(base: u32, prefixes: &[(u32, u32)]) -> bool {
+    prefixes.iter().any(|&(net, len)| {
+        let len = len.min(30);
+        let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+        (base & mask) == (net & mask)
+    })
+}
+
+/// Lock one free /30 of the test range that the host does not use; its
+/// last octet and the lock.
 fn lock_subnet() -> (u32, nix::fcntl::Flock<fs::File>) {
     let dir = std::env::temp_dir().join("slipway-it-subnets");
     fs::create_dir_all(&dir).unwrap();
+    let used = host_prefixes();
+    let [a, b, c] = TEST_NET;
+    let net = u32::from(std::net::Ipv4Addr::new(a, b, c, 0));
     let start = std::process::id() % 64;
     for i in 0..64 {
         let block = (start + i) % 64;
+        // A /30 that another process holds shows up as a route too; skip
+        // it without touching its lock.
+        if overlaps(net + block * 4, &used) {
+            continue;
+        }
         let f = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(dir.join(format!("192.0.2.{}.lock", block * 4)))
+            .open(dir.join(format!("{a}.{b}.{c}.{}.lock", block * 4)))
             .unwrap();
         if let Ok(lock) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
             return (block * 4, lock);
         }
     }
-    panic!("all 64 /30s of 192.0.2.0/24 are held by running tests");
+    panic!("no free /30 in {a}.{b}.{c}.0/24: all are held by running tests or used by the host");
 }
 
 /// Namespaces (and their veths) left by test processes that were killed
@@ -356,8 +413,9 @@ impl NetNs {
         let host_if = format!("sw{pid}h{n}");
         let ns_if = format!("sw{pid}n{n}");
         let (base, lock) = lock_subnet();
-        let host_ip = format!("192.0.2.{}", base + 1);
-        let ns_ip = format!("192.0.2.{}", base + 2);
+        let [a, b, c] = TEST_NET;
+        let host_ip = format!("{a}.{b}.{c}.{}", base + 1);
+        let ns_ip = format!("{a}.{b}.{c}.{}", base + 2);
         run_ok(Command::new("ip").args(["netns", "add", &name]));
         let ns = NetNs {
             name: name.clone(),
