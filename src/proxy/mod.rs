@@ -937,15 +937,22 @@ pub async fn serve(
     grace: Duration,
 ) -> bool {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut backoff = crate::admin::AcceptBackoff::new();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, _) = match accepted {
-                    Ok(s) => s,
+                    Ok(s) => {
+                        backoff.succeeded();
+                        s
+                    }
                     Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        // The same doubling pause as the admin server: at
+                        // the fd limit accept fails at once, again and again.
+                        let pause = backoff.failed();
+                        warn!(error = %e, pause_ms = pause.as_millis() as u64, "accept failed");
+                        tokio::time::sleep(pause).await;
                         continue;
                     }
                 };
