@@ -53,6 +53,9 @@ fn plan_with(f: impl FnOnce(&mut BuildArgs)) -> Plan {
             config: Some(PathBuf::from("/dev/null")),
             namespace: None,
         },
+        // The flows here are about the Job, the CA and the follower; the
+        // push Secret's preflight (on by default, #10) has its own tests.
+        no_push_secret: true,
         ..Default::default()
     };
     f(&mut a);
@@ -961,6 +964,36 @@ async fn service_account_missing() {
     );
 }
 
+/// #10: by default a build pushes with `registry-push`. In a namespace that
+/// has no copy of it the build stops before creating anything, instead of
+/// leaving a pod in ContainerCreating, and says how to get one.
+#[tokio::test]
+async fn a_missing_push_secret_stops_the_build_with_how_to_copy_it() {
+    let plan = plan_with(|a| {
+        a.settings.namespace = Some("team-a".into());
+        a.no_push_secret = false;
+    });
+    let r = drive(plan, opts(OutputFormat::Text), |mut h| async move {
+        team_a_service_account_found(&mut h).await;
+        let r = expect(
+            &mut h,
+            Method::GET,
+            "/api/v1/namespaces/team-a/secrets/registry-push",
+        )
+        .await;
+        reply(r.send, 404, not_found("secrets", "registry-push"));
+        no_more(&mut h).await;
+    })
+    .await;
+    let msg = failed_with(&r, 19);
+    assert!(
+        msg.starts_with("Secret registry-push (--push-secret) not found in namespace team-a"),
+        "{msg}"
+    );
+    assert!(msg.contains("Pushing from another namespace"), "{msg}");
+    assert!(msg.contains("--no-push-secret"), "{msg}");
+}
+
 #[tokio::test]
 async fn the_job_controller_cannot_create_the_pod() {
     // The ServiceAccount check was not allowed (403), and the pod never
@@ -1061,6 +1094,7 @@ async fn detach_prints_the_build_name_after_copying_the_ca() {
     let plan = plan_with(|a| {
         a.settings.namespace = Some("team-a".into());
         a.push_secret = Some("regcred".into());
+        a.no_push_secret = false;
         a.detach = true;
     });
     let mut o = opts(OutputFormat::Text);

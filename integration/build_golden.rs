@@ -114,6 +114,8 @@ fn cases() -> Vec<(&'static str, &'static str, Vec<String>)> {
                 "1.4.0",
                 "--push-secret",
                 "regcred",
+                "--push-secret-key",
+                ".dockerconfigjson",
                 "--namespace",
                 "team-a",
                 "--registry-ca-file",

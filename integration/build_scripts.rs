@@ -706,16 +706,35 @@ fn rendered(git: &str, rev: &str, git_secret: Option<&str>) -> (Plan, Job) {
     (plan, job)
 }
 
+/// The push Secret's `config.json` in these pods, and its password.
+const PUSH_PASSWORD: &str = "pw-only-in-the-mounted-file";
+fn push_config() -> String {
+    let auth =
+        base64::engine::general_purpose::STANDARD.encode(format!("slipway-push:{PUSH_PASSWORD}"));
+    format!("{{\"auths\":{{\"registry.shared-services:5000\":{{\"auth\":\"{auth}\"}}}}}}\n")
+}
+
 /// What the API server holds for the pod's volumes: the registry CA
-/// ConfigMap, and `secrets`.
+/// ConfigMap, the push Secret `registry-push` as `slipway pki ensure` makes
+/// it (#10), and `secrets`.
 fn objects(secrets: &[(&str, &[(&str, &str)])]) -> BTreeMap<String, BTreeMap<String, Vec<u8>>> {
-    let mut o = BTreeMap::from([(
-        "registry-ca".to_string(),
-        BTreeMap::from([(
-            "ca.crt".to_string(),
-            b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".to_vec(),
-        )]),
-    )]);
+    let mut o = BTreeMap::from([
+        (
+            "registry-ca".to_string(),
+            BTreeMap::from([(
+                "ca.crt".to_string(),
+                b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n".to_vec(),
+            )]),
+        ),
+        (
+            "registry-push".to_string(),
+            BTreeMap::from([
+                ("config.json".to_string(), push_config().into_bytes()),
+                ("password".to_string(), PUSH_PASSWORD.as_bytes().to_vec()),
+                ("htpasswd".to_string(), b"slipway-push:$2b$10$x\n".to_vec()),
+            ]),
+        ),
+    ]);
     for (name, files) in secrets {
         o.insert(
             name.to_string(),
@@ -880,6 +899,10 @@ fn kubelet_git_container_authenticates_to_http_backend() {
 /// CA it is given, and writes the two files as Kaniko does.
 const SANDBOX_EXECUTOR: &str = r#"#!/busybox/sh
 printf '%s\n' "$@" >/kaniko/argv
+env >/kaniko/env
+# Kaniko reads its push credentials from $DOCKER_CONFIG or /kaniko/.docker.
+cat /kaniko/.docker/config.json >/kaniko/seen-config.json || exit 2
+ls -A /kaniko/.docker >/kaniko/seen-docker-dir
 for a; do
   case "$a" in
     --dockerfile=*) [ -r "${a#*=}" ] || { echo "cannot read ${a#*=}" >&2; exit 2; } ;;
@@ -926,6 +949,23 @@ fn kubelet_pod_runs_git_then_the_kaniko_wrapper() {
         &o.c3[..7]
     ));
     assert_eq!(argv, want);
+    // #10: the push credential reaches Kaniko as the mounted config.json
+    // only, the Secret's other keys do not, and neither args nor
+    // environment carry it.
+    let seen = |f: &str| std::fs::read_to_string(kaniko_image.root.join("kaniko").join(f)).unwrap();
+    assert_eq!(seen("seen-config.json"), push_config());
+    let dir = seen("seen-docker-dir");
+    assert!(dir.lines().any(|l| l == "config.json"), "{dir}");
+    assert!(
+        !dir.contains("password") && !dir.contains("htpasswd"),
+        "{dir}"
+    );
+    let auth =
+        base64::engine::general_purpose::STANDARD.encode(format!("slipway-push:{PUSH_PASSWORD}"));
+    for f in ["argv", "env"] {
+        assert!(!seen(f).contains(PUSH_PASSWORD), "{f} has the password");
+        assert!(!seen(f).contains(&auth), "{f} has the auth");
+    }
     let d = format!("sha256:{:064}", 7);
     assert_eq!(
         run.message,

@@ -319,16 +319,25 @@ fn lines(seen: &[Seen]) -> Vec<String> {
     seen.iter().map(Seen::line).collect()
 }
 
-const GETS_404: [&str; 3] = [
+/// The reads of one round: the CA Secret, the TLS Secret, the CA
+/// ConfigMap, the push Secret (#10).
+const READS: usize = 4;
+const GETS_404: [&str; READS] = [
     "GET /api/v1/namespaces/shared-services/secrets/registry-ca 404",
     "GET /api/v1/namespaces/shared-services/secrets/registry-tls 404",
     "GET /api/v1/namespaces/shared-services/configmaps/registry-ca 404",
+    "GET /api/v1/namespaces/shared-services/secrets/registry-push 404",
 ];
-const GETS_200: [&str; 3] = [
+const GETS_200: [&str; READS] = [
     "GET /api/v1/namespaces/shared-services/secrets/registry-ca 200",
     "GET /api/v1/namespaces/shared-services/secrets/registry-tls 200",
     "GET /api/v1/namespaces/shared-services/configmaps/registry-ca 200",
+    "GET /api/v1/namespaces/shared-services/secrets/registry-push 200",
 ];
+const POST_SECRET: &str =
+    "POST /api/v1/namespaces/shared-services/secrets?fieldManager=slipway 201";
+const PUT_PUSH: &str =
+    "PUT /api/v1/namespaces/shared-services/secrets/registry-push?fieldManager=slipway 200";
 
 fn concat(parts: &[&[&str]]) -> Vec<String> {
     parts
@@ -397,7 +406,46 @@ fn assert_consistent(api: &ApiServer, sans: &pki::Sans) -> String {
     let cm = api.get("configmaps", "registry-ca");
     assert_eq!(cm["data"], json!({"ca.crt": ca_pem}));
     assert!(cm.get("binaryData").is_none());
+
+    assert_push_secret(api, &pki::push::registries(sans, 5000));
     ca_pem
+}
+
+/// The push Secret holds a password, an htpasswd line whose bcrypt hash
+/// verifies it (checked here with the bcrypt crate, not slipway's code),
+/// and a config.json whose `auth` for each registry decodes to
+/// `user:password`. Returns the password.
+fn assert_push_secret(api: &ApiServer, registries: &[String]) -> String {
+    let push = api.get("secrets", "registry-push");
+    assert_eq!(push["type"], "Opaque");
+    assert_eq!(
+        data_keys(push),
+        ["config.json", "htpasswd", "password", "username"]
+    );
+    let user = secret_value(push, "username");
+    let password = secret_value(push, "password");
+    assert_eq!(user, "slipway-push");
+    assert!(password.len() >= 32, "{}", password.len());
+    let htpasswd = secret_value(push, "htpasswd");
+    let (u, hash) = htpasswd.trim_end().split_once(':').unwrap();
+    assert_eq!(u, user);
+    assert!(bcrypt::verify(&password, hash).unwrap());
+    let config: Value = serde_json::from_str(&secret_value(push, "config.json")).unwrap();
+    let auths = config["auths"].as_object().unwrap();
+    assert_eq!(
+        auths.keys().collect::<Vec<_>>(),
+        registries.iter().collect::<Vec<_>>()
+    );
+    for a in auths.values() {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(a["auth"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(
+            String::from_utf8(decoded).unwrap(),
+            format!("{user}:{password}")
+        );
+    }
+    password
 }
 
 /// An empty namespace: three GETs answer 404, then the CA Secret, the TLS
@@ -418,14 +466,15 @@ async fn first_ensure_creates_everything() {
                 "POST /api/v1/namespaces/shared-services/secrets?fieldManager=slipway 201",
                 "POST /api/v1/namespaces/shared-services/secrets?fieldManager=slipway 201",
                 "POST /api/v1/namespaces/shared-services/configmaps?fieldManager=slipway 201",
+                POST_SECRET,
             ],
         ])
     );
-    for s in &seen[..3] {
+    for s in &seen[..READS] {
         assert!(s.body.is_none() && s.query.is_none());
     }
     // Bodies as sent.
-    let ca = seen[3].body.as_ref().unwrap();
+    let ca = seen[READS].body.as_ref().unwrap();
     assert_eq!(ca["kind"], "Secret");
     assert_eq!(ca["metadata"]["name"], "registry-ca");
     assert_eq!(ca["metadata"]["namespace"], NS);
@@ -435,10 +484,10 @@ async fn first_ensure_creates_everything() {
     );
     assert!(ca["metadata"].get("resourceVersion").is_none());
     assert_eq!(ca["type"], "Opaque");
-    let tls = seen[4].body.as_ref().unwrap();
+    let tls = seen[READS + 1].body.as_ref().unwrap();
     assert_eq!(tls["metadata"]["name"], "registry-tls");
     assert_eq!(tls["type"], "kubernetes.io/tls");
-    let cm = seen[5].body.as_ref().unwrap();
+    let cm = seen[READS + 2].body.as_ref().unwrap();
     assert_eq!(cm["kind"], "ConfigMap");
     assert_eq!(cm["metadata"]["name"], "registry-ca");
     assert!(!cm.to_string().contains("PRIVATE KEY"));
@@ -461,6 +510,22 @@ async fn first_ensure_creates_everything() {
             ("secret registry-ca".into(), Change::Created(Why::Absent)),
             ("secret registry-tls".into(), Change::Created(Why::Absent)),
             ("configmap registry-ca".into(), Change::Created(Why::Absent)),
+            ("secret registry-push".into(), Change::Created(Why::Absent)),
+        ]
+    );
+    let push = seen[READS + 3].body.as_ref().unwrap();
+    assert_eq!(push["metadata"]["name"], "registry-push");
+    assert_eq!(
+        push["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "slipway"
+    );
+    assert_eq!(
+        r.registries,
+        [
+            "registry.shared-services.svc.cluster.local:5000",
+            "registry.shared-services.svc:5000",
+            "registry.shared-services:5000",
+            "registry:5000",
         ]
     );
 }
@@ -510,7 +575,7 @@ async fn renewal_near_expiry_replaces_the_tls_secret() {
             &["PUT /api/v1/namespaces/shared-services/secrets/registry-tls?fieldManager=slipway 200"],
         ])
     );
-    let put = seen[3].body.as_ref().unwrap();
+    let put = seen[READS].body.as_ref().unwrap();
     assert_eq!(put["metadata"]["resourceVersion"], json!(tls_rv));
     assert_eq!(put["metadata"]["name"], "registry-tls");
     assert_eq!(put["type"], "kubernetes.io/tls");
@@ -544,6 +609,7 @@ async fn san_change_reissues_from_the_same_ca() {
         &["203.0.113.7".into()],
     )
     .unwrap();
+    let password = assert_push_secret(&api, &wanted().registries);
     let (r, seen) = api.ensure(&w, t).await;
     let r = r.unwrap();
     assert_eq!(
@@ -551,13 +617,25 @@ async fn san_change_reissues_from_the_same_ca() {
         concat(&[
             &GETS_200,
             &["PUT /api/v1/namespaces/shared-services/secrets/registry-tls?fieldManager=slipway 200"],
+            &[PUT_PUSH],
         ])
     );
     assert_eq!(
-        seen[3].body.as_ref().unwrap()["metadata"]["resourceVersion"],
+        seen[READS].body.as_ref().unwrap()["metadata"]["resourceVersion"],
         json!(tls_rv)
     );
     assert_consistent(&api, &w.sans);
+    // The new names reach config.json; the password running pushes use
+    // stays.
+    assert!(w.registries.contains(&"203.0.113.7:5000".to_string()));
+    assert!(w
+        .registries
+        .contains(&"registry.example.com:5000".to_string()));
+    assert_eq!(assert_push_secret(&api, &w.registries), password);
+    assert_eq!(
+        r.outcomes[3].change,
+        Change::Replaced(Why::Push(pki::push::PushWhy::StaleDockerConfig))
+    );
     assert!(r.tls.sans.dns.contains("registry.example.com"));
     assert!(r.tls.sans.ips.contains(&"203.0.113.7".parse().unwrap()));
     assert_eq!(r.ca.fingerprint(), first.ca.fingerprint());
@@ -580,7 +658,7 @@ async fn create_conflict_rereads_and_uses_the_other_ca() {
     let t = OffsetDateTime::now_utc();
     let other = pki::issue_ca(t).unwrap();
     let (task, mut h) = spawn_ensure(&w, t);
-    for _ in 0..3 {
+    for _ in 0..READS {
         assert!(api.serve_one(&mut h).await);
     }
     api.objects.insert(
@@ -598,17 +676,19 @@ async fn create_conflict_rereads_and_uses_the_other_ca() {
                 "GET /api/v1/namespaces/shared-services/secrets/registry-ca 200",
                 "GET /api/v1/namespaces/shared-services/secrets/registry-tls 404",
                 "GET /api/v1/namespaces/shared-services/configmaps/registry-ca 404",
+                "GET /api/v1/namespaces/shared-services/secrets/registry-push 404",
                 "POST /api/v1/namespaces/shared-services/secrets?fieldManager=slipway 201",
                 "POST /api/v1/namespaces/shared-services/configmaps?fieldManager=slipway 201",
+                POST_SECRET,
             ],
         ])
     );
     assert_eq!(
-        api.seen[3].body.as_ref().unwrap()["metadata"]["name"],
+        api.seen[READS].body.as_ref().unwrap()["metadata"]["name"],
         "registry-ca"
     );
     assert_eq!(
-        api.seen[7].body.as_ref().unwrap()["metadata"]["name"],
+        api.seen[2 * READS + 1].body.as_ref().unwrap()["metadata"]["name"],
         "registry-tls"
     );
     let ca_pem = assert_consistent(&api, &w.sans);
@@ -645,10 +725,10 @@ async fn two_racing_ensures_end_with_one_ca() {
     let t = OffsetDateTime::now_utc();
     let (task_a, mut a) = spawn_ensure(&w, t);
     let (task_b, mut b) = spawn_ensure(&w, t);
-    for _ in 0..3 {
+    for _ in 0..READS {
         assert!(api.serve_one(&mut a).await);
     }
-    for _ in 0..3 {
+    for _ in 0..READS {
         assert!(api.serve_one(&mut b).await);
     }
     api.serve(&mut a).await;
@@ -657,14 +737,19 @@ async fn two_racing_ensures_end_with_one_ca() {
     let ra = task_a.await.unwrap().unwrap();
     let rb = task_b.await.unwrap().unwrap();
 
-    assert_eq!(lines(&api.seen[..3]), concat(&[&GETS_404]), "A reads");
-    assert_eq!(lines(&api.seen[3..6]), concat(&[&GETS_404]), "B reads");
+    assert_eq!(lines(&api.seen[..READS]), concat(&[&GETS_404]), "A reads");
     assert_eq!(
-        lines(&api.seen[6..seen_a]),
+        lines(&api.seen[READS..2 * READS]),
+        concat(&[&GETS_404]),
+        "B reads"
+    );
+    assert_eq!(
+        lines(&api.seen[2 * READS..seen_a]),
         [
             "POST /api/v1/namespaces/shared-services/secrets?fieldManager=slipway 201",
             "POST /api/v1/namespaces/shared-services/secrets?fieldManager=slipway 201",
             "POST /api/v1/namespaces/shared-services/configmaps?fieldManager=slipway 201",
+            POST_SECRET,
         ],
         "A writes"
     );
@@ -697,7 +782,7 @@ async fn conflict_after_a_successful_write_keeps_its_outcome() {
     let w = wanted();
     let t = OffsetDateTime::now_utc();
     let (task, mut h) = spawn_ensure(&w, t);
-    for _ in 0..4 {
+    for _ in 0..READS + 1 {
         assert!(api.serve_one(&mut h).await);
     }
     let ca_secret = api.get("secrets", "registry-ca").clone();
@@ -733,7 +818,9 @@ async fn conflict_after_a_successful_write_keeps_its_outcome() {
                 "GET /api/v1/namespaces/shared-services/secrets/registry-ca 200",
                 "GET /api/v1/namespaces/shared-services/secrets/registry-tls 200",
                 "GET /api/v1/namespaces/shared-services/configmaps/registry-ca 404",
+                "GET /api/v1/namespaces/shared-services/secrets/registry-push 404",
                 "POST /api/v1/namespaces/shared-services/configmaps?fieldManager=slipway 201",
+                POST_SECRET,
             ],
         ])
     );
@@ -745,6 +832,7 @@ async fn conflict_after_a_successful_write_keeps_its_outcome() {
             ("secret registry-ca".into(), Change::Created(Why::Absent)),
             ("secret registry-tls".into(), Change::Unchanged),
             ("configmap registry-ca".into(), Change::Created(Why::Absent)),
+            ("secret registry-push".into(), Change::Created(Why::Absent)),
         ]
     );
     assert_eq!(r.attempts, 2);
@@ -767,7 +855,7 @@ async fn replace_conflict_rereads_and_replans() {
     .unwrap();
 
     let (task, mut h) = spawn_ensure(&w, t);
-    for _ in 0..3 {
+    for _ in 0..READS {
         assert!(api.serve_one(&mut h).await);
     }
     let start_other = api.seen.len();
@@ -778,7 +866,7 @@ async fn replace_conflict_rereads_and_replans() {
     let r = task.await.unwrap().unwrap();
 
     assert_eq!(
-        lines(&api.seen[start_other..start_ours])[3],
+        lines(&api.seen[start_other..start_ours])[READS],
         "PUT /api/v1/namespaces/shared-services/secrets/registry-tls?fieldManager=slipway 200"
     );
     assert_eq!(
@@ -983,7 +1071,7 @@ async fn logs_name_objects_and_fingerprints_never_keys() {
     let t = OffsetDateTime::now_utc();
     let first = api.ensure(&wanted(), t).await.0.unwrap();
     let (task, mut h) = spawn_ensure(&wanted(), t + Duration::days(300));
-    for _ in 0..3 {
+    for _ in 0..READS {
         assert!(api.serve_one(&mut h).await);
     }
     // Someone else touches registry-tls: our replace conflicts.
@@ -1001,6 +1089,18 @@ async fn logs_name_objects_and_fingerprints_never_keys() {
     assert!(logs.contains(&renewed.tls.fingerprint()), "{logs}");
     assert!(logs.contains("registry-tls"), "{logs}");
     assert!(logs.contains("409 Conflict"), "{logs}");
+    let password = assert_push_secret(&api, &wanted().registries);
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    assert!(!logs.contains(&password), "logs contain the push password");
+    assert!(
+        !logs.contains(&b64(&password)),
+        "logs contain the push password"
+    );
+    assert!(
+        !logs.contains(&b64(&format!("slipway-push:{password}"))),
+        "logs contain the push auth"
+    );
+    assert!(!logs.contains("$2b$"), "logs contain the bcrypt hash");
     for bad in [
         "PRIVATE KEY",
         "BEGIN",
@@ -1174,6 +1274,11 @@ current-context: loopback
             "configmap shared-services/registry-ca: created (absent)",
         ]
     );
+    assert_eq!(
+        out[3],
+        "secret shared-services/registry-push: created (absent)"
+    );
+    let out = &out[1..];
     let ca_pem = assert_consistent(&api.lock().unwrap(), &wanted().sans);
     assert!(
         out[3].starts_with(&format!("ca {} ", fingerprint(&ca_pem))),
@@ -1187,21 +1292,30 @@ current-context: loopback
         ),
         "{stdout}"
     );
-    assert_eq!(api.lock().unwrap().seen.len(), 6);
+    assert_eq!(
+        stdout.lines().last(),
+        Some(
+            "push shared-services/registry-push user slipway-push for \
+             registry.shared-services.svc.cluster.local:5000, registry.shared-services.svc:5000, \
+             registry.shared-services:5000, registry:5000"
+        )
+    );
+    assert_eq!(api.lock().unwrap().seen.len(), 2 * READS);
 
     // Again: only reads.
     let (code, stdout, _) = run(&[]);
     assert_eq!(code, Some(0));
     assert_eq!(
-        stdout.lines().take(3).collect::<Vec<_>>(),
+        stdout.lines().take(4).collect::<Vec<_>>(),
         [
             "secret shared-services/registry-ca: unchanged",
             "secret shared-services/registry-tls: unchanged",
             "configmap shared-services/registry-ca: unchanged",
+            "secret shared-services/registry-push: unchanged",
         ]
     );
     let seen = api.lock().unwrap().seen.clone();
-    assert_eq!(lines(&seen[6..]), concat(&[&GETS_200]));
+    assert_eq!(lines(&seen[2 * READS..]), concat(&[&GETS_200]));
 
     // A LoadBalancer IP through the environment.
     let (code, stdout, _) = run(&[("SLIPWAY_PKI_IPS", "203.0.113.7")]);
@@ -1210,10 +1324,12 @@ current-context: loopback
         stdout.lines().nth(1),
         Some("secret shared-services/registry-tls: replaced (its SAN list differs from the wanted one)")
     );
-    assert!(
-        stdout.contains(", 203.0.113.7\n") || stdout.ends_with(", 203.0.113.7\n"),
-        "{stdout}"
+    assert_eq!(
+        stdout.lines().nth(3),
+        Some("secret shared-services/registry-push: replaced (config.json does not name the registry's current addresses)")
     );
+    assert!(stdout.contains(", 203.0.113.7\n"), "{stdout}");
+    assert!(stdout.trim_end().ends_with(", registry:5000"), "{stdout}");
 
     // The service account token went with every request.
     let auth = auth.lock().unwrap();

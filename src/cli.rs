@@ -112,8 +112,9 @@ pub enum PkiCmd {
         #[arg(long)]
         force: bool,
     },
-    /// Create or renew the CA and TLS Secrets and the public CA ConfigMap
-    /// in a namespace (run by the pki Job); idempotent
+    /// Create or renew the CA and TLS Secrets, the public CA ConfigMap and
+    /// the push Secret in a namespace (run by the pki Job and CronJob);
+    /// idempotent
     Ensure {
         /// Namespace of the registry; its Service names are always SANs
         #[arg(long, env = "SLIPWAY_PKI_NAMESPACE", default_value = "shared-services")]
@@ -133,6 +134,13 @@ pub enum PkiCmd {
         /// ConfigMap with the public CA certificate (ca.crt)
         #[arg(long, default_value = "registry-ca")]
         configmap: String,
+        /// Secret with the push account: password, htpasswd (for the
+        /// gateway) and config.json (for Kaniko)
+        #[arg(long, env = "SLIPWAY_PKI_PUSH_SECRET", default_value = "registry-push")]
+        push_secret: String,
+        /// The registry's port, as the names in config.json carry it
+        #[arg(long, env = "SLIPWAY_PKI_REGISTRY_PORT", default_value_t = crate::pki::push::DEFAULT_REGISTRY_PORT)]
+        registry_port: u16,
     },
 }
 
@@ -303,10 +311,14 @@ pub fn run(cmd: Cmd) -> Result<u8, Error> {
                     ca_secret,
                     tls_secret,
                     configmap,
+                    push_secret,
+                    registry_port,
                 },
         } => {
             let wanted = Names::new(&namespace, &ca_secret, &tls_secret, &configmap)
+                .and_then(|names| names.with_push_secret(&push_secret))
                 .and_then(|names| Wanted::new(names, &dns, &ips))
+                .map(|w| w.with_registry_port(registry_port))
                 .map_err(EnsureError::from)?;
             let report = runtime(false)?.block_on(crate::pki::ensure::ensure_default(&wanted))?;
             println!("{report}");

@@ -20,7 +20,11 @@
 //! | `/slipway/home` | `$HOME` of the git container (git config, SSH key copy, credential helper) |
 //! | `/slipway/git-secret` | the `--git-secret` Secret, read-only files |
 //! | `/slipway/ca/ca.crt` | the registry CA, for `--registry-certificate` |
-//! | `/kaniko/.docker/config.json` | the `--push-secret` (`.dockerconfigjson`) |
+//! | `/kaniko/.docker/config.json` | key `config.json` of the push Secret `registry-push` (or `--push-secret`/`--push-secret-key`), read-only |
+//!
+//! The push credential is only ever a mounted file, never an argument or an
+//! environment variable: both are readable by anyone who can `get` the Job
+//! or the pod (#10).
 //!
 //! None of these is under `/workspace`: Kaniko leaves mounted paths out of
 //! every snapshot, so a Dockerfile that COPYs into `/workspace` (Kaniko's
@@ -64,6 +68,18 @@ pub const GIT_SECRET_DIR: &str = "/slipway/git-secret";
 pub const CA_DIR: &str = "/slipway/ca";
 pub const CA_KEY: &str = "ca.crt";
 pub const DOCKER_CONFIG_DIR: &str = "/kaniko/.docker";
+/// The Secret `slipway pki ensure` makes with the push account (#10).
+pub const DEFAULT_PUSH_SECRET: &str = crate::pki::push::DEFAULT_PUSH_SECRET;
+/// Its key that holds the Docker `config.json`.
+pub const DEFAULT_PUSH_SECRET_KEY: &str = crate::pki::push::KEY_DOCKER_CONFIG;
+
+/// Where Kaniko's push credentials come from: one key of a Secret in the
+/// build namespace, mounted as `/kaniko/.docker/config.json`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushSecret {
+    pub name: String,
+    pub key: String,
+}
 
 /// `nobody` in Alpine's /etc/passwd. The git container runs as a user that
 /// exists there because OpenSSH refuses to run for a uid without a passwd
@@ -386,7 +402,8 @@ pub struct BuildSpec {
     pub cpu: String,
     pub memory: String,
     pub git_secret: Option<String>,
-    pub push_secret: Option<String>,
+    /// `None`: `--no-push-secret`.
+    pub push_secret: Option<PushSecret>,
 }
 
 impl BuildSpec {
@@ -736,9 +753,11 @@ pub fn job(spec: &BuildSpec) -> Job {
         volumes.push(Volume {
             name: "docker-config".into(),
             secret: Some(SecretVolumeSource {
-                secret_name: Some(s.clone()),
+                secret_name: Some(s.name.clone()),
+                // Only the config.json: the push Secret also holds the
+                // password and its htpasswd entry, which Kaniko never needs.
                 items: Some(vec![KeyToPath {
-                    key: ".dockerconfigjson".into(),
+                    key: s.key.clone(),
                     path: "config.json".into(),
                     ..Default::default()
                 }]),
@@ -844,8 +863,11 @@ pub fn render(spec: &BuildSpec, ca: RenderCa<'_>) -> Result<String, serde_yaml::
         "# Needs in namespace {}: ServiceAccount {}",
         spec.namespace, spec.service_account
     ));
-    for secret in [&spec.git_secret, &spec.push_secret].into_iter().flatten() {
+    if let Some(secret) = &spec.git_secret {
         s.push_str(&format!(", Secret {secret}"));
+    }
+    if let Some(p) = &spec.push_secret {
+        s.push_str(&format!(", Secret {} (key {})", p.name, p.key));
     }
     if matches!(ca, RenderCa::InPlace | RenderCa::CopyNeeded { .. }) {
         s.push_str(&format!(", ConfigMap {} (key {CA_KEY})", spec.ca_configmap));

@@ -299,9 +299,18 @@ pub struct BuildArgs {
     /// Secret with git credentials: token, or username+password, or ssh-privatekey (+known_hosts)
     #[arg(long)]
     pub git_secret: Option<String>,
-    /// kubernetes.io/dockerconfigjson Secret for pushing
-    #[arg(long)]
+    /// Secret with the Docker config.json Kaniko pushes with, in the build
+    /// namespace [default: registry-push, made by `slipway pki ensure`]
+    #[arg(long, conflicts_with = "no_push_secret")]
     pub push_secret: Option<String>,
+    /// Key of --push-secret that holds the config.json (a
+    /// kubernetes.io/dockerconfigjson Secret: .dockerconfigjson)
+    /// [default: config.json]
+    #[arg(long, conflicts_with = "no_push_secret")]
+    pub push_secret_key: Option<String>,
+    /// Push without credentials (a registry without slipway's gateway)
+    #[arg(long)]
+    pub no_push_secret: bool,
     /// Do not use the registry layer cache
     #[arg(long)]
     pub no_cache: bool,
@@ -763,13 +772,34 @@ impl BuildArgs {
             }
             build_args.push((k.to_string(), v.to_string()));
         }
+        // With slipway's gateway in front of the registry every push needs
+        // credentials (#10): the push Secret is on unless turned off.
+        let push_secret = match (&self.push_secret, self.no_push_secret) {
+            (_, true) => None,
+            (Some(s), false) => Some(s.clone()),
+            (None, false) => Some(crate::builds::job::DEFAULT_PUSH_SECRET.to_string()),
+        };
         for (what, s) in [
             ("--git-secret", &self.git_secret),
-            ("--push-secret", &self.push_secret),
+            ("--push-secret", &push_secret),
         ] {
             if let Some(s) = s {
                 check_dns_subdomain(what, s)?;
             }
+        }
+        let key = self
+            .push_secret_key
+            .as_deref()
+            .unwrap_or(job::DEFAULT_PUSH_SECRET_KEY);
+        let key_ok = !key.is_empty()
+            && key.len() <= 253
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b));
+        if !key_ok {
+            return Err(bad(format!(
+                "--push-secret-key {key:?} is not a Secret key (letters, digits, '-', '_', '.')"
+            )));
         }
         let build_id = match &self.build_id {
             Some(id) => {
@@ -813,7 +843,10 @@ impl BuildArgs {
                 cpu,
                 memory,
                 git_secret: self.git_secret.clone(),
-                push_secret: self.push_secret.clone(),
+                push_secret: push_secret.map(|name| job::PushSecret {
+                    name,
+                    key: key.to_string(),
+                }),
             },
             ca,
             timeout,

@@ -445,19 +445,26 @@ async fn preflight<P: Progress>(
     }
 
     let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
-    for (flag, s) in [
-        ("--git-secret", &spec.git_secret),
-        ("--push-secret", &spec.push_secret),
-    ] {
+    let push = spec.push_secret.as_ref().map(|p| p.name.clone());
+    for (flag, s) in [("--git-secret", &spec.git_secret), ("--push-secret", &push)] {
         let Some(s) = s else { continue };
         match secrets.get_metadata_opt(s).await {
             Ok(Some(_)) => {}
             Ok(None) => {
+                // A missing Secret volume leaves the pod in ContainerCreating
+                // with no error the follower could report: say it now.
+                let hint = if flag == "--push-secret" {
+                    "`slipway pki ensure` makes registry-push in the registry's namespace; to \
+                     build in another namespace copy it there (README, \"Pushing from another \
+                     namespace\"), or pass --no-push-secret for a registry without slipway's \
+                     gateway"
+                } else {
+                    "create it in the build namespace (see README, \"Build an image\")"
+                };
                 return Err(BuildError::Missing {
                     what: format!("Secret {s} ({flag}) not found in namespace {ns}"),
-                    hint: "create it in the build namespace (see README, \"Build an image\")"
-                        .into(),
-                })
+                    hint: hint.into(),
+                });
             }
             Err(e) if k8s::classify(&e) == ApiClass::Denied => progress.warn(&format!(
                 "cannot check Secret {ns}/{s} (forbidden); continuing"

@@ -7,10 +7,11 @@
 //! | --- | --- |
 //! | `GET /api/v1/namespaces/NS/secrets/NAME` | Secret `registry-ca`, then Secret `registry-tls` |
 //! | `GET /api/v1/namespaces/NS/configmaps/NAME` | ConfigMap `registry-ca` |
+//! | `GET /api/v1/namespaces/NS/secrets/NAME` | Secret `registry-push` (#10) |
 //! | `POST /api/v1/namespaces/NS/{secrets,configmaps}?fieldManager=slipway` | an absent object |
 //! | `PUT /api/v1/namespaces/NS/{secrets,configmaps}/NAME?fieldManager=slipway` | a replacement, with the `metadata.resourceVersion` that was read |
 //!
-//! Idempotent: when everything is right it makes the three GETs and no write.
+//! Idempotent: when everything is right it makes the four GETs and no write.
 //!
 //! Races: two ensures (a Job retried while its first pod still runs, two
 //! installs) must end with one CA. Every write is conditional: a create
@@ -21,7 +22,7 @@
 //! the CA Secret uses the winner's CA. At most [`MAX_ATTEMPTS`] rounds.
 //!
 //! Logs and reports name objects and certificate fingerprints (sha256 of the
-//! DER), never key material: Secrets are only ever held in types whose
+//! DER), never key material or the push password: Secrets are only ever held in types whose
 //! `Debug` leaves their data out.
 
 use std::collections::BTreeMap;
@@ -117,10 +118,13 @@ pub struct Report {
     pub namespace: String,
     /// Rounds of read → plan → apply it took (more than 1 after a race).
     pub attempts: usize,
-    /// CA Secret, TLS Secret, ConfigMap, in that order.
+    /// CA Secret, TLS Secret, ConfigMap, push Secret, in that order.
     pub outcomes: Vec<Outcome>,
     pub ca: CertInfo,
     pub tls: CertInfo,
+    /// The push Secret's name, and the registries its `config.json` names.
+    pub push_secret: String,
+    pub registries: Vec<String>,
 }
 
 impl fmt::Display for Report {
@@ -135,11 +139,19 @@ impl fmt::Display for Report {
         let until = OffsetDateTime::from_unix_timestamp(self.tls.not_after)
             .map(|t| t.date().to_string())
             .unwrap_or_default();
-        write!(
+        writeln!(
             f,
             "tls {} until {until} for {}",
             self.tls.fingerprint(),
             names.join(", ")
+        )?;
+        write!(
+            f,
+            "push {}/{} user {} for {}",
+            self.namespace,
+            self.push_secret,
+            crate::pki::push::PUSH_USER,
+            self.registries.join(", ")
         )
     }
 }
@@ -171,6 +183,7 @@ pub async fn ensure(
         (names.ca_secret.as_str(), "secret", Change::Unchanged),
         (names.tls_secret.as_str(), "secret", Change::Unchanged),
         (names.configmap.as_str(), "configmap", Change::Unchanged),
+        (names.push_secret.as_str(), "secret", Change::Unchanged),
     ];
     for attempt in 1..=MAX_ATTEMPTS {
         let observed = read(&secrets, &configmaps, names).await?;
@@ -180,18 +193,22 @@ pub async fn ensure(
             match write(&secrets, &configmaps, &pp, action).await {
                 Ok(()) => {
                     // The certificate the object now holds: the server's in
-                    // the TLS Secret, the CA's in the other two.
-                    let cert = if action.kind() == "secret" && action.name() == names.tls_secret {
-                        &plan.tls
+                    // the TLS Secret, none in the push Secret, the CA's in
+                    // the other two.
+                    let is_secret = action.kind() == "secret";
+                    let cert = if is_secret && action.name() == names.tls_secret {
+                        plan.tls.fingerprint()
+                    } else if is_secret && action.name() == names.push_secret {
+                        String::new()
                     } else {
-                        &plan.ca
+                        plan.ca.fingerprint()
                     };
                     info!(
                         namespace = %names.namespace,
                         kind = action.kind(),
                         name = action.name(),
                         keys = ?action.keys(),
-                        cert = %cert.fingerprint(),
+                        cert = %cert,
                         reason = %action.why(),
                         "{}d",
                         action.verb()
@@ -260,6 +277,8 @@ pub async fn ensure(
                 .collect(),
             ca: plan.ca,
             tls: plan.tls,
+            push_secret: names.push_secret.clone(),
+            registries: wanted.registries.clone(),
         });
     }
     let (kind, name) = last_race.unwrap_or(("secret", names.ca_secret.clone()));
@@ -385,6 +404,10 @@ async fn read(
             .get_opt(&names.configmap)
             .await
             .map_err(get_err("configmap", &names.configmap))?,
+        push_secret: secrets
+            .get_opt(&names.push_secret)
+            .await
+            .map_err(get_err("secret", &names.push_secret))?,
     })
 }
 

@@ -11,7 +11,8 @@
 //! and [`plan`] turns what a cluster holds into the writes `slipway pki
 //! ensure` makes. The shells are [`write_files`] (`slipway pki init`, writes
 //! `ca.crt`, `ca.key`, `tls.crt`, `tls.key`) and [`crate::pki::ensure`]
-//! (`slipway pki ensure`, writes two Secrets and a ConfigMap).
+//! (`slipway pki ensure`, writes three Secrets and a ConfigMap; the push
+//! Secret's contents are [`push`]'s).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -27,6 +28,7 @@ use x509_parser::prelude::*;
 
 pub mod ensure;
 pub mod plan;
+pub mod push;
 
 /// SANs the registry's certificate carries unless configured otherwise: the
 /// names of the Service `registry` in `shared-services` (see [`default_dns`]).

@@ -12,10 +12,14 @@
 //!   or `ca.crt` is wrong.
 //! - ConfigMap `registry-ca`, key `ca.crt`: the public CA certificate, which
 //!   everything else (node agents, build pods) reads. Never the key.
+//! - Secret `registry-push`, type `Opaque`: the push account for the
+//!   gateway (`htpasswd`) and Kaniko (`config.json`), see [`super::push`]
+//!   (#10). Created when absent; its password is kept, the rest rewritten
+//!   when stale.
 //!
 //! [`plan`] returns [`Action`]s in the order they must be applied: CA Secret,
-//! TLS Secret, ConfigMap, so that nothing is signed by, or published for, a CA
-//! that is not stored yet. Replacements carry the observed
+//! TLS Secret, ConfigMap, push Secret, so that nothing is signed by, or
+//! published for, a CA that is not stored yet. Replacements carry the observed
 //! `metadata.resourceVersion`: the API server refuses them (409 Conflict) if
 //! another writer changed the object since it was read.
 //!
@@ -31,6 +35,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::ByteString;
 
+use super::push::{self, PushError, PushWhy};
 use super::{
     inspect, issue_ca, issue_server, needs_reissue, CertInfo, Pair, PkiError, Reissue, Sans,
 };
@@ -39,6 +44,7 @@ pub const DEFAULT_NAMESPACE: &str = "shared-services";
 pub const DEFAULT_CA_SECRET: &str = "registry-ca";
 pub const DEFAULT_TLS_SECRET: &str = "registry-tls";
 pub const DEFAULT_CONFIGMAP: &str = "registry-ca";
+pub use super::push::{DEFAULT_PUSH_SECRET, DEFAULT_REGISTRY_PORT};
 
 pub const KEY_CA_CRT: &str = "ca.crt";
 pub const KEY_CA_KEY: &str = "ca.key";
@@ -56,6 +62,23 @@ pub enum PlanError {
     Pki(#[from] PkiError),
     #[error(transparent)]
     Name(#[from] crate::k8s::NameError),
+    #[error("secret {namespace}/{name}: {source}")]
+    Push {
+        namespace: String,
+        name: String,
+        source: PushError,
+    },
+    /// The push Secret is slipway's only if it is `Opaque`: a
+    /// `kubernetes.io/dockerconfigjson` one was made by someone else.
+    #[error(
+        "secret {namespace}/{name} has type {found:?}, not {TYPE_OPAQUE:?}; slipway does not \
+         take over a Secret it did not make: rename it, or give --push-secret another name"
+    )]
+    PushSecretType {
+        namespace: String,
+        name: String,
+        found: String,
+    },
     /// The CA Secret exists but cannot sign. slipway never replaces a CA on
     /// its own: every node and build pod trusts the one that is there.
     #[error(
@@ -97,6 +120,7 @@ pub struct Names {
     pub ca_secret: String,
     pub tls_secret: String,
     pub configmap: String,
+    pub push_secret: String,
 }
 
 impl Names {
@@ -126,7 +150,22 @@ impl Names {
             ca_secret: ca_secret.into(),
             tls_secret: tls_secret.into(),
             configmap: configmap.into(),
+            push_secret: DEFAULT_PUSH_SECRET.into(),
         })
+    }
+
+    /// The same names with the push Secret called `name`.
+    pub fn with_push_secret(mut self, name: &str) -> Result<Self, PlanError> {
+        crate::k8s::check_subdomain("Secret name", name)?;
+        if name == self.ca_secret || name == self.tls_secret {
+            return Err(PlanError::Name(crate::k8s::NameError {
+                what: "Secret name".into(),
+                value: name.into(),
+                reason: "the push Secret needs a name of its own",
+            }));
+        }
+        self.push_secret = name.into();
+        Ok(self)
     }
 
     /// The default object names in `namespace`.
@@ -146,6 +185,9 @@ pub struct Wanted {
     pub names: Names,
     /// The registry Service's names in the namespace, plus the extra ones.
     pub sans: Sans,
+    /// Every `host:port` of the registry: the SANs with its port; the
+    /// push Secret's `config.json` names each.
+    pub registries: Vec<String>,
 }
 
 impl Wanted {
@@ -158,16 +200,28 @@ impl Wanted {
         };
         let ips = Sans::parse_ips(&given(ips))?;
         let sans = Sans::for_namespace(&names.namespace, &given(dns), &ips)?;
-        Ok(Wanted { names, sans })
+        let registries = push::registries(&sans, DEFAULT_REGISTRY_PORT);
+        Ok(Wanted {
+            names,
+            sans,
+            registries,
+        })
+    }
+
+    /// The same, for a registry on `port` instead of 5000.
+    pub fn with_registry_port(mut self, port: u16) -> Self {
+        self.registries = push::registries(&self.sans, port);
+        self
     }
 }
 
-/// The three objects as the API server returned them (`None`: 404).
+/// The four objects as the API server returned them (`None`: 404).
 #[derive(Clone, Default)]
 pub struct Observed {
     pub ca_secret: Option<Secret>,
     pub tls_secret: Option<Secret>,
     pub configmap: Option<ConfigMap>,
+    pub push_secret: Option<Secret>,
 }
 
 impl fmt::Debug for Observed {
@@ -186,6 +240,10 @@ impl fmt::Debug for Observed {
                 "configmap",
                 &rv(self.configmap.as_ref().map(|c| &c.metadata)),
             )
+            .field(
+                "push_secret",
+                &rv(self.push_secret.as_ref().map(|s| &s.metadata)),
+            )
             .finish()
     }
 }
@@ -202,6 +260,8 @@ pub enum Why {
     KeyMismatch,
     /// `ca.crt` is not the CA's certificate.
     StaleCa,
+    /// The push Secret's contents (#10).
+    Push(PushWhy),
 }
 
 impl fmt::Display for Why {
@@ -220,6 +280,7 @@ impl fmt::Display for Why {
             Why::UnreadableCert(e) => write!(f, "{KEY_TLS_CRT} unreadable: {e}"),
             Why::KeyMismatch => write!(f, "{KEY_TLS_KEY} missing or not the key of {KEY_TLS_CRT}"),
             Why::StaleCa => write!(f, "{KEY_CA_CRT} is not the CA's certificate"),
+            Why::Push(w) => w.fmt(f),
         }
     }
 }
@@ -394,12 +455,43 @@ pub fn plan(observed: &Observed, wanted: &Wanted, now: OffsetDateTime) -> Result
         &ca.cert_pem,
         &BTreeMap::new(),
     ));
+    actions.extend(plan_push(names, observed.push_secret.as_ref(), wanted)?);
 
     Ok(Plan {
         actions,
         ca: ca_info,
         tls,
     })
+}
+
+/// The write, if any, that makes the push Secret hold a password, its
+/// htpasswd entry and a `config.json` for `wanted.registries`.
+fn plan_push(
+    names: &Names,
+    observed: Option<&Secret>,
+    wanted: &Wanted,
+) -> Result<Option<Action>, PlanError> {
+    let push_err = |source| PlanError::Push {
+        namespace: names.namespace.clone(),
+        name: names.push_secret.clone(),
+        source,
+    };
+    let Some(s) = observed else {
+        let data = push::new_data(&wanted.registries).map_err(push_err)?;
+        let secret = new_secret(names, &names.push_secret, TYPE_OPAQUE, data);
+        return Ok(Some(Action::CreateSecret(secret, Why::Absent)));
+    };
+    let found = s.type_.as_deref().unwrap_or(TYPE_OPAQUE);
+    if found != TYPE_OPAQUE {
+        return Err(PlanError::PushSecretType {
+            namespace: names.namespace.clone(),
+            name: names.push_secret.clone(),
+            found: found.into(),
+        });
+    }
+    Ok(push::assess(s, &wanted.registries)
+        .map_err(push_err)?
+        .map(|(data, why)| Action::ReplaceSecret(replaced_secret(s, data), Why::Push(why))))
 }
 
 /// A new ConfigMap `namespace/name` holding `ca_pem` as `ca.crt`, with
@@ -606,10 +698,10 @@ mod tests {
                 Action::CreateSecret(s, _) | Action::ReplaceSecret(s, _) => {
                     let mut s = s.clone();
                     s.metadata.resource_version = rv;
-                    if s.metadata.name.as_deref() == Some(DEFAULT_CA_SECRET) {
-                        out.ca_secret = Some(s);
-                    } else {
-                        out.tls_secret = Some(s);
+                    match s.metadata.name.as_deref() {
+                        Some(DEFAULT_CA_SECRET) => out.ca_secret = Some(s),
+                        Some(DEFAULT_PUSH_SECRET) => out.push_secret = Some(s),
+                        _ => out.tls_secret = Some(s),
                     }
                 }
                 Action::CreateConfigMap(c, _) | Action::ReplaceConfigMap(c, _) => {
@@ -638,8 +730,17 @@ mod tests {
             [
                 "create secret registry-ca",
                 "create secret registry-tls",
-                "create configmap registry-ca"
+                "create configmap registry-ca",
+                "create secret registry-push"
             ]
+        );
+        let Action::CreateSecret(push, _) = &p.actions[3] else {
+            panic!()
+        };
+        assert_eq!(push.type_.as_deref(), Some(TYPE_OPAQUE));
+        assert_eq!(
+            push.data.as_ref().unwrap().keys().collect::<Vec<_>>(),
+            ["config.json", "htpasswd", "password", "username"]
         );
         let Action::CreateSecret(ca, _) = &p.actions[0] else {
             panic!()
@@ -705,7 +806,14 @@ mod tests {
 
         let more = Wanted::new(w.names.clone(), &[], &["203.0.113.7".into()]).unwrap();
         let p = plan(&cluster, &more, t0).unwrap();
-        assert_eq!(verbs(&p), ["replace secret registry-tls"]);
+        // The new address also reaches the push Secret's config.json.
+        assert_eq!(
+            verbs(&p),
+            [
+                "replace secret registry-tls",
+                "replace secret registry-push"
+            ]
+        );
         assert_eq!(p.actions[0].why(), &Why::Reissue(Reissue::SansChanged));
         assert!(p.tls.sans.ips.contains(&"203.0.113.7".parse().unwrap()));
     }
@@ -918,5 +1026,49 @@ mod tests {
         let key = &s.data.as_ref().unwrap()[KEY_CA_KEY].0;
         let as_numbers = format!("{:?}", &key[..8]);
         assert!(!format!("{:?}", p.actions).contains(&as_numbers[1..as_numbers.len() - 1]));
+    }
+
+    #[test]
+    fn a_push_secret_slipway_did_not_make_is_refused_not_taken_over() {
+        let w = wanted();
+        let first = plan(&Observed::default(), &w, now()).unwrap();
+        let mut c = applied(&Observed::default(), &first);
+        c.push_secret.as_mut().unwrap().type_ = Some("kubernetes.io/dockerconfigjson".into());
+        let e = plan(&c, &w, now()).unwrap_err();
+        assert!(matches!(e, PlanError::PushSecretType { .. }), "{e}");
+        assert!(
+            e.to_string().starts_with(
+                "secret shared-services/registry-push has type \"kubernetes.io/dockerconfigjson\""
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_new_lb_address_rewrites_only_config_json_beside_the_reissue() {
+        let w = wanted();
+        let t = now();
+        let first = plan(&Observed::default(), &w, t).unwrap();
+        let c = applied(&Observed::default(), &first);
+        let w2 = Wanted::new(w.names.clone(), &[], &["203.0.113.7".into()])
+            .unwrap()
+            .with_registry_port(5443);
+        let p = plan(&c, &w2, t).unwrap();
+        assert_eq!(
+            verbs(&p),
+            [
+                "replace secret registry-tls",
+                "replace secret registry-push"
+            ]
+        );
+        let Action::ReplaceSecret(s, Why::Push(PushWhy::StaleDockerConfig)) = &p.actions[1] else {
+            panic!("{p:?}")
+        };
+        let before = c.push_secret.as_ref().unwrap().data.as_ref().unwrap();
+        let after = s.data.as_ref().unwrap();
+        assert_eq!(after["password"], before["password"]);
+        let config = std::str::from_utf8(&after["config.json"].0).unwrap();
+        assert!(config.contains("\"203.0.113.7:5443\""), "{config}");
+        assert!(!config.contains(":5000\""), "{config}");
     }
 }
