@@ -351,27 +351,48 @@ fn ca_private_key_is_mounted_nowhere() {
                     (Some("Deployment"), Some("registry")),
                     "{what}"
                 );
-                assert_eq!(secrets, ["registry-tls"], "{what}");
+                assert_eq!(secrets, ["registry-tls", "registry-push"], "{what}");
+                // The gateway gets the push account's htpasswd line, never
+                // the password or the config.json beside it (#10).
+                let push = pod["volumes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .find(|v| v["secret"]["secretName"] == "registry-push")
+                    .unwrap();
+                assert_eq!(
+                    push["secret"]["items"],
+                    json!([{"key": "htpasswd", "path": "htpasswd"}]),
+                    "{what}"
+                );
             }
         }
     }
 }
 
-/// The pki Job runs `slipway pki ensure` for this namespace, with a Role
-/// that reaches exactly its three objects.
+/// The pki Job and the renewal CronJob run `slipway pki ensure` for this
+/// namespace, with a Role that reaches exactly its four objects.
 #[test]
 fn pki_job_and_its_role() {
     let Some(k) = kubectl() else { return };
     let objects = render(&k, "daemonset");
     let job = find(&objects, "Job", "slipway-pki");
-    let pod = pod_spec(job).unwrap();
-    assert_eq!(pod["serviceAccountName"], "slipway-pki");
-    assert_eq!(pod["restartPolicy"], "Never");
-    let c = &pod["containers"][0];
-    assert_eq!(strs(&c["args"])[..4], ["pki", "ensure", "--namespace", NS]);
-    assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
-    assert_eq!(c["securityContext"]["runAsNonRoot"], true);
-    assert!(secret_volumes(pod).is_empty());
+    let cron = find(&objects, "CronJob", "slipway-pki-renew");
+    // #10: renewal on a schedule, never two at once.
+    assert!(cron["spec"]["schedule"].is_string());
+    assert_eq!(cron["spec"]["concurrencyPolicy"], "Forbid");
+    let cron_pod = &cron["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+    for pod in [pod_spec(job).unwrap(), cron_pod] {
+        assert_eq!(pod["serviceAccountName"], "slipway-pki");
+        assert_eq!(pod["restartPolicy"], "Never");
+        let c = &pod["containers"][0];
+        assert_eq!(strs(&c["args"])[..4], ["pki", "ensure", "--namespace", NS]);
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["securityContext"]["runAsNonRoot"], true);
+        assert!(secret_volumes(pod).is_empty());
+    }
+    // The CronJob runs what the Job runs.
+    assert_eq!(&job["spec"]["template"]["spec"], cron_pod);
 
     let role = find(&objects, "Role", "slipway-pki");
     let mut named = Vec::new();
@@ -397,6 +418,7 @@ fn pki_job_and_its_role() {
         [
             "configmaps/registry-ca",
             "secrets/registry-ca",
+            "secrets/registry-push",
             "secrets/registry-tls"
         ]
     );
@@ -421,9 +443,33 @@ fn namespace_registry_and_build_access() {
         );
     }
 
-    // registry:2, pinned, TLS from registry-tls, on a PVC, Service port 5000.
+    // registry:2, pinned, plain HTTP on the pod's loopback, on a PVC; the
+    // gateway (the slipway image) serves TLS from registry-tls on the
+    // Service's port 5000 (#10).
     let dep = find(&objects, "Deployment", "registry");
     let pod = pod_spec(dep).unwrap();
+    let env_of = |c: &Value| -> Vec<(String, String)> {
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["name"].as_str().unwrap().to_string(),
+                    e["value"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    let has =
+        |env: &[(String, String)], k: &str, v: &str| env.iter().any(|(a, b)| a == k && b == v);
+    let names: Vec<&str> = pod["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["registry", "gateway"]);
     let c = &pod["containers"][0];
     let image = c["image"].as_str().unwrap();
     let tag = image
@@ -433,23 +479,67 @@ fn namespace_registry_and_build_access() {
         tag.starts_with("2.") && tag.matches('.').count() == 2,
         "registry image not pinned to a 2.x.y tag: {image}"
     );
-    assert!(c["readinessProbe"]["httpGet"].is_object());
-    assert!(c["livenessProbe"]["httpGet"].is_object());
     assert!(c["resources"]["limits"]["memory"].is_string());
-    let env: Vec<(&str, &str)> = c["env"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| {
-            (
-                e["name"].as_str().unwrap(),
-                e["value"].as_str().unwrap_or(""),
-            )
-        })
-        .collect();
-    assert!(env.contains(&("REGISTRY_HTTP_TLS_CERTIFICATE", "/certs/tls.crt")));
-    assert!(env.contains(&("REGISTRY_HTTP_TLS_KEY", "/certs/tls.key")));
-    assert_eq!(secret_volumes(pod), ["registry-tls"]);
+    let env = env_of(c);
+    assert!(has(&env, "REGISTRY_HTTP_ADDR", "127.0.0.1:5001"), "{env:?}");
+    assert!(
+        !env.iter().any(|(k, _)| k.starts_with("REGISTRY_HTTP_TLS")),
+        "{env:?}"
+    );
+    assert!(c["ports"].is_null(), "distribution declares no port");
+    let g = &pod["containers"][1];
+    assert!(
+        g["image"]
+            .as_str()
+            .unwrap()
+            .starts_with("ghcr.io/slipway/slipway:"),
+        "{}",
+        g["image"]
+    );
+    assert_eq!(strs(&g["args"]), ["gateway"]);
+    let genv = env_of(g);
+    for (k, v) in [
+        ("SLIPWAY_GATEWAY_LISTEN", "0.0.0.0:5000"),
+        ("SLIPWAY_GATEWAY_UPSTREAM", "http://127.0.0.1:5001"),
+        ("SLIPWAY_GATEWAY_TLS_CERT", "/etc/slipway/tls/tls.crt"),
+        ("SLIPWAY_GATEWAY_TLS_KEY", "/etc/slipway/tls/tls.key"),
+        (
+            "SLIPWAY_GATEWAY_PUSH_HTPASSWD",
+            "/etc/slipway/push/htpasswd",
+        ),
+        ("SLIPWAY_GATEWAY_ADMIN_LISTEN", "0.0.0.0:9465"),
+    ] {
+        assert!(has(&genv, k, v), "{k}={v} not in {genv:?}");
+    }
+    assert_eq!(g["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(g["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert!(g["resources"]["limits"]["memory"].is_string());
+    assert_eq!(g["securityContext"]["readOnlyRootFilesystem"], true);
+    // Both containers are probed: distribution from inside, over loopback.
+    assert!(c["readinessProbe"]["exec"].is_object());
+    assert!(c["livenessProbe"]["exec"].is_object());
+    // Secret volumes, not subPath: the kubelet updates those in place,
+    // which is how a renewed certificate reaches the gateway.
+    for m in g["volumeMounts"].as_array().unwrap() {
+        assert!(m.get("subPath").is_none(), "{m}");
+    }
+    assert_eq!(secret_volumes(pod), ["registry-tls", "registry-push"]);
+    let port = &g["ports"][0];
+    assert_eq!(
+        (port["name"].as_str(), port["containerPort"].as_u64()),
+        (Some("registry"), Some(5000))
+    );
+    // Only 5000 reaches the pod.
+    let np = find(&objects, "NetworkPolicy", "registry");
+    assert_eq!(
+        np["spec"]["podSelector"]["matchLabels"],
+        dep["spec"]["selector"]["matchLabels"]
+    );
+    assert_eq!(strs(&np["spec"]["policyTypes"]), ["Ingress"]);
+    assert_eq!(
+        np["spec"]["ingress"],
+        json!([{"ports": [{"port": 5000, "protocol": "TCP"}]}])
+    );
     let claim = pod["volumes"]
         .as_array()
         .unwrap()
