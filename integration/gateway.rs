@@ -42,13 +42,18 @@ pub(crate) fn htpasswd(dir: &Path) -> PathBuf {
 
 impl Gateway {
     pub(crate) fn start(dir: &Path, upstream: &str, pki: &Pki) -> Gateway {
+        let pw = htpasswd(dir);
+        Gateway::start_with(dir, upstream, pki, &pw)
+    }
+
+    /// With the push accounts in the htpasswd file `pw`.
+    pub(crate) fn start_with(dir: &Path, upstream: &str, pki: &Pki, pw: &Path) -> Gateway {
         // Copies, so a test can replace them without touching the Pki.
         let tls = dir.join("gateway-tls");
         fs::create_dir_all(&tls).unwrap();
         let (cert, key) = (tls.join("tls.crt"), tls.join("tls.key"));
         fs::copy(pki.dir.join("tls.crt"), &cert).unwrap();
         fs::copy(pki.dir.join("tls.key"), &key).unwrap();
-        let pw = htpasswd(dir);
         let mut cmd = Command::new(slipway_bin());
         cmd.arg("gateway")
             .args(["--gateway-listen", "127.0.0.1:0"])
@@ -59,7 +64,7 @@ impl Gateway {
             .arg("--gateway-tls-key")
             .arg(&key)
             .arg("--gateway-push-htpasswd")
-            .arg(&pw)
+            .arg(pw)
             .env("SLIPWAY_LOG", "info,slipway=debug")
             .env("SLIPWAY_LOG_FORMAT", "text");
         let mut proc = Proc::spawn("slipway-gateway", cmd, dir.join("gateway.log"));
@@ -447,6 +452,99 @@ fn writes_need_the_push_account_and_reads_need_nothing() {
         );
         assert!(out.stdout == *want, "{repo}/{d} differs on read-back");
     }
+}
+
+/// The push Secret `slipway pki ensure` makes (#10, point 4), used as the
+/// registry pod and a build pod use it: the gateway reads its `htpasswd`,
+/// and a Docker-config client (skopeo `--authfile`, which reads the same
+/// `auths` map Kaniko does) pushes with its `config.json`, found by the
+/// registry's `host:port`. The Secret's data goes through `assess`, as a
+/// rerun of ensure does once the registry's address is known.
+#[test]
+fn the_push_secret_from_pki_ensure_lets_a_docker_config_client_push() {
+    use k8s_openapi::api::core::v1::Secret;
+    use slipway::pki::push;
+
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pki = gateway_pki(dir);
+    let registry = Registry::start(dir, "127.0.0.1:0", None, None);
+    let data = push::new_data(&[]).unwrap();
+    let key =
+        |d: &std::collections::BTreeMap<String, k8s_openapi::ByteString>, k: &str| d[k].0.clone();
+    let pw = dir.join("push-htpasswd");
+    fs::write(&pw, key(&data, push::KEY_HTPASSWD)).unwrap();
+    let gw = Gateway::start_with(dir, &registry.addr, &pki, &pw);
+
+    let sans = slipway::pki::Sans::new(
+        &["registry.shared-services".into(), "localhost".into()],
+        &["127.0.0.1".parse().unwrap()],
+    )
+    .unwrap();
+    let port: u16 = gw.port().parse().unwrap();
+    let secret = |d| Secret {
+        data: Some(d),
+        ..Secret::default()
+    };
+    let (data, why) = push::assess(&secret(data), &push::registries(&sans, port))
+        .unwrap()
+        .expect("config.json names no registry yet");
+    assert_eq!(why, push::PushWhy::StaleDockerConfig);
+    let authfile = dir.join("config.json");
+    fs::write(&authfile, key(&data, push::KEY_DOCKER_CONFIG)).unwrap();
+    let config = fs::read_to_string(&authfile).unwrap();
+    assert!(
+        config.contains(&format!("\"127.0.0.1:{port}\"")),
+        "{config}"
+    );
+    let password = String::from_utf8(key(&data, push::KEY_PASSWORD)).unwrap();
+
+    let push_with = |authfile: &Path, tag: &str| {
+        run(Command::new("skopeo")
+            .args(["copy", "--quiet", "--retry-times", "0", "--dest-cert-dir"])
+            .arg(pki.trust_dir())
+            .arg("--dest-authfile")
+            .arg(authfile)
+            .arg(format!("oci:{}:app", oci_layout().display()))
+            .arg(format!("docker://127.0.0.1:{port}/app:{tag}")))
+    };
+    let ok = push_with(&authfile, "from-secret");
+    assert!(
+        ok.status.success(),
+        "push with the Secret's config.json failed: {}\n{}",
+        String::from_utf8_lossy(&ok.stderr),
+        gw.proc.log_text()
+    );
+    assert!(!registry_writes(&registry).is_empty());
+    let log = gw.proc.log_text();
+    assert!(
+        !log.contains(&password),
+        "the push password reached the log"
+    );
+
+    // A config.json for another port has no entry for this registry:
+    // nothing is sent, and the push is refused.
+    let other = dir.join("other-port.json");
+    let wrong_port = if port == 5000 { 5001 } else { 5000 };
+    fs::write(
+        &other,
+        push::docker_config(
+            push::PUSH_USER,
+            &password,
+            &push::registries(&sans, wrong_port),
+        ),
+    )
+    .unwrap();
+    let writes = registry_writes(&registry).len();
+    let refused = push_with(&other, "other-port");
+    assert!(
+        !refused.status.success(),
+        "push without a matching entry succeeded"
+    );
+    assert_eq!(registry_writes(&registry).len(), writes);
 }
 
 #[test]
