@@ -13,6 +13,7 @@
 //! | [`k8s`] | shared | name validators, labels, API error classes | |
 //! | [`canary_image`] | `slipway canary push` | the canary image's bytes | its registry API pushes |
 //! | [`cli`] | the command line | clap types | dispatch to the programs |
+//! | [`serve`] | shared | | the accept loop and HTTP/1 settings of the proxy and the gateway |
 //! | [`signal`] | shared | | one shutdown stream for the daemon and the build runner |
 //!
 //! Data flows one way: config → plan → apply → report.
@@ -27,6 +28,7 @@ pub(crate) mod k8s;
 pub mod node;
 pub mod pki;
 pub mod proxy;
+pub(crate) mod serve;
 pub(crate) mod signal;
 
 /// Exit code for bad configuration (sysexits.h `EX_CONFIG` is 78, but the

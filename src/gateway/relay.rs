@@ -39,7 +39,6 @@ use super::config::Upstream;
 use super::guard::{self, MethodClass, Outcome, Verdict, CHALLENGE};
 use super::htpasswd::Verifier;
 use super::metrics::GatewayMetrics;
-use crate::admin::AcceptBackoff;
 use crate::proxy::route::Refusal;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -394,54 +393,32 @@ pub async fn serve(
     grace: Duration,
 ) -> bool {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut backoff = AcceptBackoff::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let stream = match accepted {
-                    Ok((s, _)) => { backoff.succeeded(); s }
-                    Err(e) => {
-                        let pause = backoff.failed();
-                        warn!(error = %e, pause_ms = pause.as_millis() as u64, "gateway: accept failed");
-                        tokio::time::sleep(pause).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                let (acceptor, relay, watcher) = (acceptor.clone(), relay.clone(), graceful.watcher());
-                tokio::spawn(async move {
-                    // A client that never finishes its handshake is cut off
-                    // like one that trickles its request head (slowloris).
-                    let tls = match tokio::time::timeout(client_header, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => { debug!(error = %e, "gateway: TLS handshake failed"); return; }
-                        Err(_) => { debug!("gateway: TLS handshake timed out"); return; }
-                    };
-                    let mut builder = hyper::server::conn::http1::Builder::new();
-                    builder
-                        .timer(TokioTimer::new())
-                        .header_read_timeout(client_header)
-                        .max_buf_size(64 * 1024)
-                        .keep_alive(true);
-                    let conn = builder.serve_connection(
-                        TokioIo::new(tls),
-                        hyper::service::service_fn(move |req| handle(relay.clone(), req)),
-                    );
-                    if let Err(e) = watcher.watch(conn).await {
-                        debug!(error = %e, "gateway: client connection ended with an error");
-                    }
-                });
+    crate::serve::serve_connections(listener, "gateway", shutdown, grace, |stream, watcher| {
+        let (acceptor, relay) = (acceptor.clone(), relay.clone());
+        tokio::spawn(async move {
+            // A client that never finishes its handshake is cut off like one
+            // that trickles its request head (slowloris).
+            let tls = match tokio::time::timeout(client_header, acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    debug!(error = %e, "gateway: TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    debug!("gateway: TLS handshake timed out");
+                    return;
+                }
+            };
+            let conn = crate::serve::http1_builder(client_header).serve_connection(
+                TokioIo::new(tls),
+                hyper::service::service_fn(move |req| handle(relay.clone(), req)),
+            );
+            if let Err(e) = watcher.watch(conn).await {
+                debug!(error = %e, "gateway: client connection ended with an error");
             }
-            _ = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => true,
-        _ = tokio::time::sleep(grace) => false,
-    }
+        });
+    })
+    .await
 }
 
 #[cfg(test)]

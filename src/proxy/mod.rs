@@ -936,55 +936,21 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
     grace: Duration,
 ) -> bool {
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut backoff = crate::admin::AcceptBackoff::new();
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(s) => {
-                        backoff.succeeded();
-                        s
-                    }
-                    Err(e) => {
-                        // The same doubling pause as the admin server: at
-                        // the fd limit accept fails at once, again and again.
-                        let pause = backoff.failed();
-                        warn!(error = %e, pause_ms = pause.as_millis() as u64, "accept failed");
-                        tokio::time::sleep(pause).await;
-                        continue;
-                    }
-                };
-                let _ = stream.set_nodelay(true);
-                // Built per connection: client_header is reloadable (#12).
-                let mut builder = hyper::server::conn::http1::Builder::new();
-                builder
-                    .timer(TokioTimer::new())
-                    // Slowloris: a client that trickles its request head is cut off.
-                    .header_read_timeout(state.timeouts().client_header)
-                    .max_buf_size(64 * 1024)
-                    .keep_alive(true);
-                let st = state.clone();
-                let conn = builder.serve_connection(
-                    TokioIo::new(stream),
-                    hyper::service::service_fn(move |req| handle(st.clone(), req)),
-                );
-                let conn = graceful.watch(conn);
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        debug!(error = %e, "client connection ended with an error");
-                    }
-                });
+    crate::serve::serve_connections(listener, "proxy", shutdown, grace, |stream, watcher| {
+        // Built per connection: client_header is reloadable (#12).
+        let builder = crate::serve::http1_builder(state.timeouts().client_header);
+        let st = state.clone();
+        let conn = builder.serve_connection(
+            TokioIo::new(stream),
+            hyper::service::service_fn(move |req| handle(st.clone(), req)),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = watcher.watch(conn).await {
+                debug!(error = %e, "client connection ended with an error");
             }
-            _ = &mut shutdown => break,
-        }
-    }
-    drop(listener);
-    tokio::select! {
-        _ = graceful.shutdown() => true,
-        _ = tokio::time::sleep(grace) => false,
-    }
+        });
+    })
+    .await
 }
 
 /// Bind the proxy listener, refusing non-loopback addresses unless allowed:
