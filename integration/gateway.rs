@@ -180,6 +180,14 @@ pub(crate) fn gateway_pki(dir: &Path) -> Pki {
     )
 }
 
+/// The gateway's certificate and the plain-HTTP registry behind it, as in
+/// the registry pod.
+fn pki_and_registry(dir: &Path) -> (Pki, Registry) {
+    let pki = gateway_pki(dir);
+    let registry = Registry::start(dir, "127.0.0.1:0", None, None);
+    (pki, registry)
+}
+
 #[test]
 fn writes_need_the_push_account_and_reads_need_nothing() {
     if !prerequisites_with(&["curl"]) {
@@ -187,8 +195,7 @@ fn writes_need_the_push_account_and_reads_need_nothing() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let pki = gateway_pki(dir);
-    let registry = Registry::start(dir, "127.0.0.1:0", None, None);
+    let (pki, registry) = pki_and_registry(dir);
     let gw = Gateway::start(dir, &registry.addr, &pki);
     let layout = oci_layout();
 
@@ -470,8 +477,7 @@ fn the_push_secret_from_pki_ensure_lets_a_docker_config_client_push() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let pki = gateway_pki(dir);
-    let registry = Registry::start(dir, "127.0.0.1:0", None, None);
+    let (pki, registry) = pki_and_registry(dir);
     let data = push::new_data(&[]).unwrap();
     let key =
         |d: &std::collections::BTreeMap<String, k8s_openapi::ByteString>, k: &str| d[k].0.clone();
@@ -554,8 +560,7 @@ fn the_certificate_renews_without_a_restart_and_an_invalid_pair_is_kept_out() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let pki = gateway_pki(dir);
-    let registry = Registry::start(dir, "127.0.0.1:0", None, None);
+    let (pki, registry) = pki_and_registry(dir);
     let mut gw = Gateway::start(dir, &registry.addr, &pki);
     let pid = gw.proc.child.id();
     let first = served_serial(&gw, &pki).expect("first certificate");
@@ -631,8 +636,7 @@ fn cri_pulls_by_digest_through_the_agent_without_credentials() {
     }
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let pki = gateway_pki(dir);
-    let registry = Registry::start(dir, "127.0.0.1:0", None, None);
+    let (pki, registry) = pki_and_registry(dir);
     let gw = Gateway::start(dir, &registry.addr, &pki);
     let ok = skopeo_push(
         oci_layout(),
