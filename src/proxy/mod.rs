@@ -14,6 +14,12 @@
 //! whole; if the upstream fails mid-body the client connection is aborted
 //! (hyper closes it without completing the response), because containerd
 //! does not retry a truncated blob against the next host.
+//!
+//! A whole `GET` of an uncached blob goes through [`coalesce`]: one download
+//! per digest however many clients ask, from the blob's owner among the
+//! [`peers`] when node-to-node sharing is on, else from upstream. The peer
+//! port ([`serve_peers`], `peers.listen`) serves `GET`/`HEAD` of blobs by
+//! digest only, from the cache or upstream, never from another peer.
 
 pub mod cache;
 pub mod coalesce;
