@@ -179,6 +179,85 @@ fn eight_concurrent_gets_of_one_blob_make_one_upstream_get() {
     );
 }
 
+/// #11: Range requests for a blob being downloaded: a range already
+/// released is served from the download, one that is not yet there goes
+/// upstream. A client that reads 1 MiB and stops keeps the download in
+/// progress (it runs at most 8 MiB ahead of its fastest client).
+#[test]
+fn range_requests_during_a_download_are_served_from_it_when_there() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    let s = single();
+    let layout = big_layout(32);
+    push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
+    let (layers, _, _) = layout_image(&layout);
+    let (layer, size) = layers[0].clone();
+    let blob = layout_blob(&layout, &layer);
+    s.ns.rate_limit(RATE_MBIT);
+    let ctd = Containerd::start(&s.dir);
+    let agent = Agent::start(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        UPSTREAM,
+        Some(&s.registry.addr),
+        &s.pki.ca(),
+        &cache_toml(&s.dir),
+    );
+    let path = format!("/v2/big/blobs/{layer}");
+    let mut slow = std::net::TcpStream::connect(&agent.proxy).unwrap();
+    write!(
+        slow,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    while got.len() < (1 << 20) + 4096 {
+        let n = slow.read(&mut buf).unwrap();
+        assert!(n > 0, "the response ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // The registry logs a request when it has sent all of it: the
+    // download in progress is not in the log yet.
+    let head = http(&agent.proxy, "GET", &path, &[("Range", "bytes=0-1023")]).unwrap();
+    assert_eq!(head.status, 206);
+    assert_eq!(head.body, blob[..1024]);
+    assert_eq!(
+        head.header("content-range"),
+        Some(format!("bytes 0-1023/{size}").as_str())
+    );
+    assert_eq!(
+        registry_blob_gets(&s.registry, &layer).0,
+        0,
+        "a released range went upstream"
+    );
+    let tail_range = format!("bytes={}-{}", size - 1024, size - 1);
+    let tail = http(&agent.proxy, "GET", &path, &[("Range", &tail_range)]).unwrap();
+    assert_eq!(tail.status, 206);
+    assert_eq!(tail.body, blob[blob.len() - 1024..]);
+    assert_eq!(
+        registry_blob_gets(&s.registry, &layer).0,
+        1,
+        "a range not yet downloaded was not fetched upstream"
+    );
+    // The slow client still gets the whole blob.
+    loop {
+        let n = slow.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let body = parse_response(&got).unwrap().body;
+    assert_eq!(format!("sha256:{}", sha256_hex(&body)), layer);
+    assert_eq!(registry_blob_gets(&s.registry, &layer).0, 2);
+}
+
 /// A cluster: the registry and `n` nodes on one [`Lan`], each node with
 /// its containerd and agent, every agent sharing with all the others.
 // Fields drop in order: nodes and servers first, the scratch directory

@@ -36,7 +36,11 @@
 //! once. `HEAD` requests and manifests go upstream as before.
 //!
 //! Needs `cache.dir` (the file is the cache's temp file, committed when the
-//! download verifies). Writes only through [`super::cache`].
+//! download verifies). Writes only through [`super::cache`]. Clients read
+//! the download from that file, so a write that fails (a full disk) fails
+//! the download; for [`BYPASS_AFTER_WRITE_FAILURE`] after that, requests
+//! stream as before coalescing, uncached when the disk stays full, so that
+//! a full disk costs one retry, not every pull.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -60,6 +64,8 @@ use crate::admin::metrics::{PeerResult, SourceLabel};
 
 /// How far a download may run ahead of its fastest client.
 pub const AHEAD: u64 = 8 << 20;
+/// How long requests skip coalescing after a cache write failed.
+pub const BYPASS_AFTER_WRITE_FAILURE: Duration = Duration::from_secs(60);
 /// The largest chunk a client is sent at once.
 const CHUNK: u64 = 256 << 10;
 
@@ -163,6 +169,8 @@ impl Download {
 #[derive(Default)]
 pub struct Downloads {
     map: Mutex<HashMap<Digest, Arc<Download>>>,
+    /// Until when requests skip coalescing (a cache write failed).
+    bypass_until: Mutex<Option<std::time::Instant>>,
 }
 
 /// A client of a download; dropping it lets the download notice when every
@@ -225,6 +233,20 @@ impl Downloads {
         true
     }
 
+    /// A cache write failed: skip coalescing for a while.
+    pub fn bypass(&self) {
+        *self.bypass_until.lock().expect("bypass lock") =
+            Some(std::time::Instant::now() + BYPASS_AFTER_WRITE_FAILURE);
+    }
+
+    /// Whether requests skip coalescing now.
+    pub fn bypassing(&self) -> bool {
+        self.bypass_until
+            .lock()
+            .expect("bypass lock")
+            .is_some_and(|t| t > std::time::Instant::now())
+    }
+
     pub fn len(&self) -> usize {
         self.map.lock().expect("downloads lock").len()
     }
@@ -259,6 +281,9 @@ pub async fn serve(
     via_peer: bool,
 ) -> Option<Response<ProxyBody>> {
     let digest = route.digest()?.clone();
+    if state.downloads.bypassing() {
+        return None;
+    }
     let (reader, leader) = state.downloads.join(&digest);
     let dl = reader.0.clone();
     if leader {
@@ -675,6 +700,7 @@ impl Task {
                     let before = self.writer.len();
                     self.writer.write(&data);
                     if self.writer.failed() {
+                        self.state.downloads.bypass();
                         return Err(CoalesceError::File {
                             digest: self.digest.clone(),
                             message: "a write failed".into(),
@@ -852,5 +878,8 @@ mod tests {
         // After it is gone, the next client leads a new download.
         let (c, lead_c) = d.join(&digest());
         assert!(lead_c && !Arc::ptr_eq(&c.0, &dl));
+        assert!(!d.bypassing());
+        d.bypass();
+        assert!(d.bypassing());
     }
 }
