@@ -1,7 +1,9 @@
 //! Test harness over real components: containerd (with its CRI plugin and
 //! `config_path`), the distribution registry serving TLS with a certificate
 //! from `slipway pki init`, skopeo and umoci for images, and network
-//! namespaces for non-loopback registry addresses.
+//! namespaces for non-loopback registry addresses, or, as a [`Lan`], for
+//! nodes of their own (each with its containerd and agent) on a bridge that
+//! is joined to nothing else.
 //!
 //! Every process a test starts is owned by a guard that kills and reaps it
 //! on drop; every wait is bounded. containerd runs in a private mount
