@@ -494,9 +494,19 @@ fn owner_killed_mid_pull_leaves_the_other_pulls_complete() {
     assert!(failed >= 1.0, "no node saw the owner's body break off");
 }
 
-/// A stand-in peer: serves `blob` (for a GET naming `digest`) with its
-/// last byte flipped and the right length, 404 for anything else; counts
-/// requests. Stopped on drop.
+/// What a stand-in peer does with a request.
+#[derive(Clone)]
+enum Behaviour {
+    /// Serves the blob (for a GET naming its digest) with its last byte
+    /// flipped and the right length; 404 for anything else.
+    Corrupt { digest: String, blob: Vec<u8> },
+    /// Accepts, reads the request, never answers.
+    Hang,
+    /// Answers every request with this status.
+    Status(u16),
+}
+
+/// A stand-in peer on loopback; counts requests. Stopped on drop.
 struct BadPeer {
     addr: String,
     requests: Arc<AtomicUsize>,
@@ -505,10 +515,15 @@ struct BadPeer {
 }
 
 impl BadPeer {
-    fn start(digest: &str, mut blob: Vec<u8>) -> BadPeer {
-        let wanted = format!("/blobs/{digest} ");
-        let last = blob.len() - 1;
-        blob[last] ^= 0xff;
+    fn start(behaviour: Behaviour) -> BadPeer {
+        let behaviour = match behaviour {
+            Behaviour::Corrupt { digest, mut blob } => {
+                let last = blob.len() - 1;
+                blob[last] ^= 0xff;
+                Behaviour::Corrupt { digest, blob }
+            }
+            b => b,
+        };
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         l.set_nonblocking(true).unwrap();
         let addr = l.local_addr().unwrap().to_string();
@@ -516,6 +531,8 @@ impl BadPeer {
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (r, st) = (requests.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
+            // Connections held open without an answer, until the stop.
+            let mut held = Vec::new();
             while !st.load(Ordering::SeqCst) {
                 let Ok((mut c, _)) = l.accept() else {
                     std::thread::sleep(Duration::from_millis(10));
@@ -532,19 +549,28 @@ impl BadPeer {
                         _ => break,
                     }
                 }
-                if !String::from_utf8_lossy(&head).contains(&wanted) {
+                let status = |c: &mut std::net::TcpStream, code: u16| {
                     let _ = write!(
                         c,
-                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                        "HTTP/1.1 {code} Stand-in\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
                     );
-                    continue;
+                };
+                match &behaviour {
+                    Behaviour::Hang => held.push(c),
+                    Behaviour::Status(code) => status(&mut c, *code),
+                    Behaviour::Corrupt { digest, blob } => {
+                        if !String::from_utf8_lossy(&head).contains(&format!("/blobs/{digest} ")) {
+                            status(&mut c, 404);
+                            continue;
+                        }
+                        let _ = write!(
+                            c,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+                            blob.len()
+                        );
+                        let _ = c.write_all(blob);
+                    }
                 }
-                let _ = write!(
-                    c,
-                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
-                    blob.len()
-                );
-                let _ = c.write_all(&blob);
             }
         });
         BadPeer {
@@ -565,6 +591,66 @@ impl Drop for BadPeer {
     }
 }
 
+/// #11: a peer that accepts and never answers, and one that refuses (503),
+/// are skipped within the peer deadlines and counted; the pull completes
+/// from upstream.
+#[test]
+fn hanging_and_refusing_peers_are_skipped() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    let s = single();
+    let layout = big_layout(32);
+    push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
+    let (layers, config, _) = layout_image(&layout);
+    s.ns.rate_limit(RATE_MBIT);
+    let hang = BadPeer::start(Behaviour::Hang);
+    let refuse = BadPeer::start(Behaviour::Status(503));
+    let ctd = Containerd::start(&s.dir);
+    let agent = Agent::start(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        UPSTREAM,
+        Some(&s.registry.addr),
+        &s.pki.ca(),
+        &format!(
+            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{:?}, {:?}]\n",
+            cache_toml(&s.dir),
+            hang.addr,
+            refuse.addr
+        ),
+    );
+    let got = ctd.pull(&image_ref(&layout));
+    assert_eq!(
+        got.as_deref(),
+        Ok(config.0.as_str()),
+        "{}",
+        agent.proc.log_text()
+    );
+    let timeouts = agent.metric("slipway_peer_requests_total{result=\"timeout\"}");
+    let refused = agent.metric("slipway_peer_requests_total{result=\"refused\"}");
+    eprintln!("timeouts {timeouts}, refused {refused}");
+    assert!(
+        hang.requests.load(Ordering::SeqCst) >= 1,
+        "the hanging peer was not asked"
+    );
+    assert!(
+        refuse.requests.load(Ordering::SeqCst) >= 1,
+        "the refusing peer was not asked"
+    );
+    assert!(timeouts >= 1.0 && refused >= 1.0, "{}", agent.metrics());
+    // Every blob came from upstream, once.
+    for (digest, _) in layers.iter().chain([&config]) {
+        assert_eq!(registry_blob_gets(&s.registry, digest).0, 1, "{digest}");
+    }
+    assert_eq!(
+        agent.metric("slipway_proxy_bytes_total{source=\"peer\"}"),
+        0.0
+    );
+}
+
 /// #11: a peer that serves corrupted bytes is detected, skipped and
 /// counted, and the pull succeeds from upstream. The peer port serves
 /// only blobs, and never relays to another peer.
@@ -579,7 +665,10 @@ fn corrupt_peer_is_skipped_and_the_pull_succeeds_from_upstream() {
     let (layers, config, _) = layout_image(&layout);
     let (layer, size) = layers[0].clone();
     s.ns.rate_limit(RATE_MBIT);
-    let bad = BadPeer::start(&layer, layout_blob(&layout, &layer));
+    let bad = BadPeer::start(Behaviour::Corrupt {
+        digest: layer.clone(),
+        blob: layout_blob(&layout, &layer),
+    });
     let ctd = Containerd::start(&s.dir);
     let agent = Agent::start(
         &s.dir,
