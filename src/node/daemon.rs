@@ -1061,6 +1061,22 @@ mod tests {
         assert_eq!(r.cfg.containerd_socket, None);
     }
 
+    /// #11: the peer listener and resolver start once; changing peers.*
+    /// needs a restart, and the running peer config is kept.
+    #[test]
+    fn peer_keys_need_a_restart() {
+        let old = config(&config_text(&[A], "[cache]\ndir = \"/c\"\n"));
+        let r = plan_reload(
+            &old,
+            config(&config_text(
+                &[A],
+                "[cache]\ndir = \"/c\"\n[peers]\nlisten = \"0.0.0.0:5052\"\nstatic = [\"10.0.0.2:5052\"]\n",
+            )),
+        );
+        assert_eq!(r.needs_restart, vec![RestartKey::Peers]);
+        assert_eq!(r.cfg.peers, None);
+    }
+
     /// #12: SIGHUP dropped timeout, cache and interval changes silently.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reload_takes_effect_on_the_running_proxy_and_loop() {
