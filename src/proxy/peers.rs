@@ -18,6 +18,9 @@
 //! rendezvous hashing, skipping a node gives exactly the order without it,
 //! so every node that skips the same peer agrees on the next owner. A peer
 //! whose body does not verify is skipped for that blob from then on.
+//! A request to a peer carries no credentials (the port is plain HTTP):
+//! against a registry that wants them for pulls the owner is refused, and
+//! the asking node goes upstream with containerd's, as without sharing.
 //!
 //! Endpoint, on `peers.listen` (plain HTTP; any address, because it serves
 //! nothing but verified blobs by digest, as the registry would): `GET` and
