@@ -204,13 +204,13 @@ impl Downloads {
         (Reader(dl), leader)
     }
 
-    /// The download of `digest`, if one is in progress.
-    pub fn get(&self, digest: &Digest) -> Option<Arc<Download>> {
-        self.map
-            .lock()
-            .expect("downloads lock")
-            .get(digest)
-            .cloned()
+    /// Join the download of `digest` if one is in progress (under the map
+    /// lock, like [`Downloads::join`]).
+    pub fn join_existing(&self, digest: &Digest) -> Option<Reader> {
+        let map = self.map.lock().expect("downloads lock");
+        let dl = map.get(digest)?.clone();
+        dl.readers.fetch_add(1, Ordering::SeqCst);
+        Some(Reader(dl))
     }
 
     /// Remove `dl` (and only it) from the map.
@@ -313,18 +313,15 @@ pub fn serve_range(
     digest: &Digest,
     range: &HeaderValue,
 ) -> Option<Response<ProxyBody>> {
-    let dl = state.downloads.get(digest)?;
-    let p = dl.progress.borrow().clone();
+    // Joined like any client, so the download does not give up under it;
+    // dropped again (unjoined) when the range is not there.
+    let reader = state.downloads.join_existing(digest)?;
+    let p = reader.0.progress.borrow().clone();
     let head = p.head.clone()?;
     let (a, b) = super::single_range(range, head.len?)?;
     if b >= p.released || !matches!(p.phase, Phase::Streaming | Phase::Done) {
         return None;
     }
-    let reader = {
-        // Joined like any client, so the download does not give up under it.
-        dl.readers.fetch_add(1, Ordering::SeqCst);
-        Reader(dl.clone())
-    };
     let mut out = Response::builder().status(StatusCode::PARTIAL_CONTENT);
     for (k, v) in &head.headers {
         if k != header::CONTENT_LENGTH && k != header::CONTENT_RANGE {
