@@ -28,6 +28,7 @@
 //! static = ["10.0.0.11:5052"]           # host:port entries
 //! dns = "slipway-peers.kube-system.svc.cluster.local:5052"  # headless Service, re-resolved
 //! refresh_secs = 30
+//! hold_until_verified = false           # true: a peer's blob reaches containerd only once verified
 //! ```
 //!
 //! Besides the file it reads one variable that is not a `SLIPWAY_*` key:
@@ -94,6 +95,7 @@ struct FilePeers {
     static_peers: Option<Vec<String>>,
     dns: Option<String>,
     refresh_secs: Option<f64>,
+    hold_until_verified: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -242,6 +244,14 @@ pub struct Overrides {
     /// peers.refresh_secs: how often peers.static and peers.dns are resolved again (default 30)
     #[arg(long, env = "SLIPWAY_PEERS_REFRESH_SECS")]
     pub peers_refresh_secs: Option<f64>,
+    /// peers.hold_until_verified: send a blob from a peer to containerd only once all of it verified
+    #[arg(
+        long,
+        env = "SLIPWAY_PEERS_HOLD_UNTIL_VERIFIED",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub peers_hold_until_verified: Option<bool>,
     /// This Node's name, from the downward API (`spec.nodeName`); only agent.startup_taint needs it
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -632,7 +642,14 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
             30.0,
         )?,
         cache_dir.is_some(),
-    )?;
+    )?
+    .map(|p| PeerConfig {
+        hold_until_verified: ov
+            .peers_hold_until_verified
+            .or(f.peers.hold_until_verified)
+            .unwrap_or(false),
+        ..p
+    });
     let startup_taint = StartupTaint::parse(
         ov.agent_startup_taint.clone().or(f.agent.startup_taint),
         ov.node_name.clone(),
@@ -710,6 +727,7 @@ fn peer_config(
         static_peers,
         dns,
         refresh,
+        hold_until_verified: false,
     }))
 }
 
@@ -1091,13 +1109,24 @@ ca_file = "ca.crt"
             Some("slipway-peers.kube-system.svc:5052")
         );
         assert_eq!(peers.refresh, Duration::from_secs(5));
+        assert!(!peers.hold_until_verified);
+        let held = with(
+            &format!("{file}hold_until_verified = true\n"),
+            &Overrides::default(),
+        )
+        .unwrap()
+        .peers
+        .unwrap();
+        assert!(held.hold_until_verified);
         let ov = Overrides {
             peers_listen: Some("10.0.0.10:6000".into()),
             peers_static: Some(vec!["n1:6000".into()]),
             peers_refresh_secs: Some(60.0),
+            peers_hold_until_verified: Some(true),
             ..Default::default()
         };
         let peers = with(file, &ov).unwrap().peers.unwrap();
+        assert!(peers.hold_until_verified);
         assert_eq!(peers.listen, "10.0.0.10:6000".parse().unwrap());
         assert_eq!(peers.static_peers, vec!["n1:6000".to_string()]);
         assert_eq!(peers.refresh, Duration::from_secs(60));

@@ -25,9 +25,21 @@
 //! costs upstream only the missing bytes, where a re-fetch of the whole
 //! blob would cost all of them again; and since the hash covers every
 //! byte, bytes from the peer that were wrong before the last chunk still
-//! fail the final check (and abort the clients, which then retry, without
-//! that peer for that blob). An upstream that answers the Range with
-//! anything but the 206 asked for fails the download.
+//! fail the final check and abort the clients (the peer is not asked for
+//! that blob again). An upstream that answers the Range with anything but
+//! the 206 asked for fails the download.
+//!
+//! Aborting is not enough once wrong bytes have been sent: containerd
+//! resumes a broken blob with a Range request from what it has (which
+//! this proxy passes upstream), completes it with the wrong prefix, fails
+//! the commit ("unexpected commit digest"), and keeps that complete ingest,
+//! so every later pull of the blob on that node fails the same way. Seen
+//! with containerd 1.6; the same holds for an upstream that sends wrong
+//! bytes early (#13). `peers.hold_until_verified` therefore releases
+//! nothing of a download that began at a peer until all of it has
+//! verified: containerd then never sees a peer's wrong bytes, at the cost
+//! of receiving the blob only after it has fully arrived (from the peer,
+//! and from upstream if the peer failed).
 //!
 //! Range requests for a blob being downloaded are served from the file when
 //! the whole range has been written and released; otherwise they go
@@ -90,6 +102,8 @@ pub enum CoalesceError {
         got: u64,
         want: Option<u64>,
     },
+    #[error("bytes of {digest} from peer {peer} were wrong before its last chunk; upstream's rest did not make them match")]
+    EarlyCorruption { peer: SocketAddr, digest: Digest },
     #[error("upstream did not resume {digest} at byte {offset}: {message}")]
     Resume {
         digest: Digest,
@@ -100,8 +114,6 @@ pub enum CoalesceError {
     File { digest: Digest, message: String },
     #[error("every client of {digest} went away")]
     Abandoned { digest: Digest },
-    #[error("the download of {digest} failed")]
-    Failed { digest: Digest },
 }
 
 /// Where a download stands.
@@ -490,6 +502,11 @@ fn reading(
                 return None;
             }
             if matches!(p.phase, Phase::Failed | Phase::Declined) {
+                debug!(
+                    pos = r.pos,
+                    released = p.released,
+                    "download failed; aborting a client"
+                );
                 r.finished = true;
                 return Some((
                     Err("the download failed; aborting the client connection".into()),
@@ -516,6 +533,11 @@ struct Task {
     body: Incoming,
     /// The peer the bytes come from; `None`: upstream.
     peer: Option<SocketAddr>,
+    /// The peer that was replaced by upstream, if one was.
+    replaced: Option<SocketAddr>,
+    /// Release nothing before the whole body verified
+    /// (`peers.hold_until_verified`, for a download that began at a peer).
+    hold: bool,
     want_len: Option<u64>,
     guard: TaskGuard,
 }
@@ -592,6 +614,7 @@ impl Task {
                 file: Arc::new(file),
             }));
         });
+        debug!(%digest, ?peer, len, "download started");
         Ok(Task {
             state: state.clone(),
             dl: dl.clone(),
@@ -601,6 +624,12 @@ impl Task {
             writer,
             body: resp.into_body(),
             peer,
+            replaced: None,
+            hold: peer.is_some()
+                && state
+                    .peers
+                    .as_ref()
+                    .is_some_and(|p| p.config.hold_until_verified),
             want_len: len,
             guard: TaskGuard {
                 state: state.clone(),
@@ -703,8 +732,11 @@ impl Task {
                             message: "a write failed".into(),
                         });
                     }
-                    // The last chunk is held back until the end verifies.
-                    self.dl.set(|p| p.released = before);
+                    // The last chunk is held back until the end verifies
+                    // (with `hold`, everything is).
+                    if !self.hold {
+                        self.dl.set(|p| p.released = before);
+                    }
                 }
                 if !http_body::Body::is_end_stream(&self.body) {
                     continue;
@@ -722,6 +754,16 @@ impl Task {
                 want: self.want_len,
             };
             if self.peer.is_none() {
+                if let Some(peer) = self.replaced {
+                    // Upstream's part did not fix it: the peer's bytes
+                    // before its last chunk were wrong too (and were sent;
+                    // the clients' retry goes upstream without that peer).
+                    // Already counted as the peer's `corrupt`.
+                    return Err(CoalesceError::EarlyCorruption {
+                        peer,
+                        digest: self.digest.clone(),
+                    });
+                }
                 self.state.metrics.digest_mismatches.inc();
                 return Err(e);
             }
@@ -746,7 +788,8 @@ impl Task {
                 });
             }
             let read = self.dl.read_max.load(Ordering::SeqCst);
-            if self.writer.len() <= read + AHEAD {
+            // Held back, nothing can be read yet: no client to wait for.
+            if self.hold || self.writer.len() <= read + AHEAD {
                 return Ok(());
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), self.dl.wake.notified()).await;
@@ -766,6 +809,7 @@ impl Task {
         let Some(peer) = self.peer.take() else {
             return Err(e);
         };
+        self.replaced = Some(peer);
         self.state.metrics.peer_request(result);
         warn!(%peer, error = %e, "peer skipped for this blob; continuing from upstream");
         if let Some(peers) = &self.state.peers {

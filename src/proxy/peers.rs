@@ -77,6 +77,9 @@ pub struct PeerConfig {
     /// `name:port` of a headless Service.
     pub dns: Option<String>,
     pub refresh: Duration,
+    /// Send a blob from a peer to the clients only once all of it has
+    /// verified (`peers.hold_until_verified`; see [`super::coalesce`]).
+    pub hold_until_verified: bool,
 }
 
 /// The weight of `peer` for `digest` in rendezvous hashing: the first 8
@@ -504,6 +507,7 @@ mod tests {
                 static_peers: vec!["198.18.0.10:5052".into()],
                 dns: Some("localhost:5052".into()),
                 refresh: Duration::from_secs(30),
+                hold_until_verified: false,
             },
             m.clone(),
         );
