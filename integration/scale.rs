@@ -497,9 +497,13 @@ fn owner_killed_mid_pull_leaves_the_other_pulls_complete() {
 /// What a stand-in peer does with a request.
 #[derive(Clone)]
 enum Behaviour {
-    /// Serves the blob (for a GET naming its digest) with its last byte
-    /// flipped and the right length; 404 for anything else.
-    Corrupt { digest: String, blob: Vec<u8> },
+    /// Serves the blob (for a GET naming its digest) with the byte at
+    /// `flip` flipped and the right length; 404 for anything else.
+    Corrupt {
+        digest: String,
+        blob: Vec<u8>,
+        flip: usize,
+    },
     /// Accepts, reads the request, never answers.
     Hang,
     /// Answers every request with this status.
@@ -517,10 +521,13 @@ struct BadPeer {
 impl BadPeer {
     fn start(behaviour: Behaviour) -> BadPeer {
         let behaviour = match behaviour {
-            Behaviour::Corrupt { digest, mut blob } => {
-                let last = blob.len() - 1;
-                blob[last] ^= 0xff;
-                Behaviour::Corrupt { digest, blob }
+            Behaviour::Corrupt {
+                digest,
+                mut blob,
+                flip,
+            } => {
+                blob[flip] ^= 0xff;
+                Behaviour::Corrupt { digest, blob, flip }
             }
             b => b,
         };
@@ -558,7 +565,7 @@ impl BadPeer {
                 match &behaviour {
                     Behaviour::Hang => held.push(c),
                     Behaviour::Status(code) => status(&mut c, *code),
-                    Behaviour::Corrupt { digest, blob } => {
+                    Behaviour::Corrupt { digest, blob, .. } => {
                         if !String::from_utf8_lossy(&head).contains(&format!("/blobs/{digest} ")) {
                             status(&mut c, 404);
                             continue;
@@ -665,9 +672,11 @@ fn corrupt_peer_is_skipped_and_the_pull_succeeds_from_upstream() {
     let (layers, config, _) = layout_image(&layout);
     let (layer, size) = layers[0].clone();
     s.ns.rate_limit(RATE_MBIT);
+    let blob = layout_blob(&layout, &layer);
     let bad = BadPeer::start(Behaviour::Corrupt {
         digest: layer.clone(),
-        blob: layout_blob(&layout, &layer),
+        flip: blob.len() - 1,
+        blob,
     });
     let ctd = Containerd::start(&s.dir);
     let agent = Agent::start(
@@ -735,5 +744,69 @@ fn corrupt_peer_is_skipped_and_the_pull_succeeds_from_upstream() {
         bad.requests.load(Ordering::SeqCst),
         asked,
         "a request on the peer port was relayed to a peer"
+    );
+}
+
+/// #11: a peer whose wrong byte comes first. Streamed as it arrives, that
+/// byte would reach containerd before the end shows the digest does not
+/// match, and containerd's resume would keep it (see src/proxy/coalesce.rs);
+/// with `peers.hold_until_verified` nothing reaches containerd before the
+/// whole blob verified: the peer is counted as corrupt and skipped, the
+/// blob is fetched from upstream, and the first pull succeeds.
+#[test]
+fn early_corruption_from_a_peer_is_never_sent_with_hold_until_verified() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    let s = single();
+    let layout = big_layout(32);
+    push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
+    let (layers, config, _) = layout_image(&layout);
+    let (layer, _) = layers[0].clone();
+    s.ns.rate_limit(RATE_MBIT);
+    let bad = BadPeer::start(Behaviour::Corrupt {
+        digest: layer.clone(),
+        blob: layout_blob(&layout, &layer),
+        flip: 0,
+    });
+    let ctd = Containerd::start(&s.dir);
+    let agent = Agent::start(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        UPSTREAM,
+        Some(&s.registry.addr),
+        &s.pki.ca(),
+        &format!(
+            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{:?}]\nhold_until_verified = true\n",
+            cache_toml(&s.dir),
+            bad.addr
+        ),
+    );
+    let got = ctd.pull(&image_ref(&layout));
+    let cached = s
+        .dir
+        .join("cache/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    assert_eq!(
+        got.as_deref(),
+        Ok(config.0.as_str()),
+        "{}",
+        agent.proc.log_text()
+    );
+    assert_eq!(
+        agent.metric("slipway_peer_requests_total{result=\"corrupt\"}"),
+        1.0,
+        "{}",
+        agent.metrics()
+    );
+    // The peer was asked once for the layer (404 for the config blob).
+    assert!(bad.requests.load(Ordering::SeqCst) >= 1);
+    // No upstream mismatch was counted: the wrong bytes were the peer's.
+    assert_eq!(agent.metric("slipway_proxy_digest_mismatches_total"), 0.0);
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(&fs::read(&cached).unwrap())),
+        layer
     );
 }
