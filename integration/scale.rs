@@ -687,8 +687,10 @@ fn corrupt_peer_is_skipped_and_the_pull_succeeds_from_upstream() {
         UPSTREAM,
         Some(&s.registry.addr),
         &s.pki.ca(),
+        // Streamed as it arrives (not the default): the wrong last byte is
+        // in the held-back last chunk, so only that chunk comes again.
         &format!(
-            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{:?}]\n",
+            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{:?}]\nhold_until_verified = false\n",
             cache_toml(&s.dir),
             bad.addr
         ),
@@ -750,9 +752,10 @@ fn corrupt_peer_is_skipped_and_the_pull_succeeds_from_upstream() {
 /// #11: a peer whose wrong byte comes first. Streamed as it arrives, that
 /// byte would reach containerd before the end shows the digest does not
 /// match, and containerd's resume would keep it (see src/proxy/coalesce.rs);
-/// with `peers.hold_until_verified` nothing reaches containerd before the
-/// whole blob verified: the peer is counted as corrupt and skipped, the
-/// blob is fetched from upstream, and the first pull succeeds.
+/// with `peers.hold_until_verified` (the default) nothing reaches
+/// containerd before the whole blob verified: the peer is counted as
+/// corrupt and skipped, the whole blob is fetched from upstream once, and
+/// the first pull succeeds through the proxy.
 #[test]
 fn early_corruption_from_a_peer_is_never_sent_with_hold_until_verified() {
     if !prerequisites_with(&["tc"]) {
@@ -779,7 +782,7 @@ fn early_corruption_from_a_peer_is_never_sent_with_hold_until_verified() {
         Some(&s.registry.addr),
         &s.pki.ca(),
         &format!(
-            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{:?}]\nhold_until_verified = true\n",
+            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{:?}]\n",
             cache_toml(&s.dir),
             bad.addr
         ),
@@ -805,6 +808,17 @@ fn early_corruption_from_a_peer_is_never_sent_with_hold_until_verified() {
     assert!(bad.requests.load(Ordering::SeqCst) >= 1);
     // No upstream mismatch was counted: the wrong bytes were the peer's.
     assert_eq!(agent.metric("slipway_proxy_digest_mismatches_total"), 0.0);
+    // The peer's bytes were thrown away whole: one GET of the whole layer
+    // from upstream, through this agent (containerd never fell back to
+    // the registry itself, which would be a second GET).
+    let (_, size) = layers[0].clone();
+    let (gets, bytes) = registry_blob_gets(&s.registry, &layer);
+    assert_eq!((gets, bytes), (1, size), "upstream GETs of the layer");
+    assert_eq!(
+        agent.metric("slipway_proxy_bytes_total{source=\"peer\"}"),
+        0.0,
+        "no byte of the peer's reached containerd"
+    );
     assert_eq!(
         format!("sha256:{}", sha256_hex(&fs::read(&cached).unwrap())),
         layer

@@ -28,7 +28,7 @@
 //! static = ["10.0.0.11:5052"]           # host:port entries
 //! dns = "slipway-peers.kube-system.svc.cluster.local:5052"  # headless Service, re-resolved
 //! refresh_secs = 30
-//! hold_until_verified = false           # true: a peer's blob reaches containerd only once verified
+//! hold_until_verified = true            # false: a peer's blob streams to containerd unverified
 //! ```
 //!
 //! Besides the file it reads one variable that is not a `SLIPWAY_*` key:
@@ -244,7 +244,7 @@ pub struct Overrides {
     /// peers.refresh_secs: how often peers.static and peers.dns are resolved again (default 30)
     #[arg(long, env = "SLIPWAY_PEERS_REFRESH_SECS")]
     pub peers_refresh_secs: Option<f64>,
-    /// peers.hold_until_verified: send a blob from a peer to containerd only once all of it verified
+    /// peers.hold_until_verified: send a blob from a peer to containerd only once all of it verified (default true)
     #[arg(
         long,
         env = "SLIPWAY_PEERS_HOLD_UNTIL_VERIFIED",
@@ -647,7 +647,11 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
         hold_until_verified: ov
             .peers_hold_until_verified
             .or(f.peers.hold_until_verified)
-            .unwrap_or(false),
+            // On by default: a peer's wrong byte that reached containerd
+            // breaks that blob on the node for good (see
+            // proxy::coalesce), and "containerd never sees a peer failure"
+            // outweighs the first byte arriving early (#11).
+            .unwrap_or(true),
         ..p
     });
     let startup_taint = StartupTaint::parse(
@@ -1109,24 +1113,24 @@ ca_file = "ca.crt"
             Some("slipway-peers.kube-system.svc:5052")
         );
         assert_eq!(peers.refresh, Duration::from_secs(5));
-        assert!(!peers.hold_until_verified);
-        let held = with(
-            &format!("{file}hold_until_verified = true\n"),
+        assert!(peers.hold_until_verified, "on by default");
+        let streamed = with(
+            &format!("{file}hold_until_verified = false\n"),
             &Overrides::default(),
         )
         .unwrap()
         .peers
         .unwrap();
-        assert!(held.hold_until_verified);
+        assert!(!streamed.hold_until_verified);
         let ov = Overrides {
             peers_listen: Some("10.0.0.10:6000".into()),
             peers_static: Some(vec!["n1:6000".into()]),
             peers_refresh_secs: Some(60.0),
-            peers_hold_until_verified: Some(true),
+            peers_hold_until_verified: Some(false),
             ..Default::default()
         };
         let peers = with(file, &ov).unwrap().peers.unwrap();
-        assert!(peers.hold_until_verified);
+        assert!(!peers.hold_until_verified);
         assert_eq!(peers.listen, "10.0.0.10:6000".parse().unwrap());
         assert_eq!(peers.static_peers, vec!["n1:6000".to_string()]);
         assert_eq!(peers.refresh, Duration::from_secs(60));

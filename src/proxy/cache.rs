@@ -307,6 +307,19 @@ impl Writer {
         Ok(self.written)
     }
 
+    /// Take back everything written: a source none of whose bytes were
+    /// released (#11, `peers.hold_until_verified`) is replaced from the
+    /// start.
+    pub fn reset(&mut self) -> io::Result<()> {
+        self.file.as_file().set_len(0)?;
+        self.file.as_file_mut().seek(io::SeekFrom::Start(0))?;
+        self.written = 0;
+        self.hasher = Sha256::new();
+        self.before_last = None;
+        self.failed = false;
+        Ok(())
+    }
+
     /// The body ended normally: verify and commit. Dropping a writer
     /// without finishing discards it (the temp file is removed).
     pub fn finish(self) -> Commit {

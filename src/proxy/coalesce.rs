@@ -35,11 +35,15 @@
 //! the commit ("unexpected commit digest"), and keeps that complete ingest,
 //! so every later pull of the blob on that node fails the same way. Seen
 //! with containerd 1.6; the same holds for an upstream that sends wrong
-//! bytes early (#13). `peers.hold_until_verified` therefore releases
-//! nothing of a download that began at a peer until all of it has
-//! verified: containerd then never sees a peer's wrong bytes, at the cost
-//! of receiving the blob only after it has fully arrived (from the peer,
-//! and from upstream if the peer failed).
+//! bytes early (#13). `peers.hold_until_verified` (on by default)
+//! therefore releases nothing of a download that began at a peer until all
+//! of it has verified: containerd then never sees a peer's wrong bytes, at
+//! the cost of receiving the blob only after it has fully arrived. A held
+//! peer download that fails (breaks, stalls or does not verify) is thrown
+//! away whole and the blob fetched from upstream from its start, streaming
+//! as it arrives: none of the peer's bytes is trusted, and none was sent.
+//! With the key off, a peer's bytes stream as they arrive, as the
+//! paragraph above describes.
 //!
 //! Range requests for a blob being downloaded are served from the file when
 //! the whole range has been written and released; otherwise they go
@@ -815,19 +819,29 @@ impl Task {
         if let Some(peers) = &self.state.peers {
             peers.mark_bad(peer, &self.digest);
         }
-        let offset = if corrupt {
-            self.writer.undo_last().map_err(|e| CoalesceError::File {
-                digest: self.digest.clone(),
-                message: e.to_string(),
-            })?
+        let file_err = |e: std::io::Error| CoalesceError::File {
+            digest: self.digest.clone(),
+            message: e.to_string(),
+        };
+        // Held: no client has any of the peer's bytes, and none of them is
+        // trusted (a wrong byte anywhere fails only the final check), so
+        // upstream sends the whole blob, which then streams as it arrives.
+        let offset = if self.hold {
+            self.writer.reset().map_err(file_err)?;
+            self.hold = false;
+            0
+        } else if corrupt {
+            self.writer.undo_last().map_err(file_err)?
         } else {
             self.writer.len()
         };
         let mut headers = self.headers.clone();
-        headers.insert(
-            header::RANGE,
-            HeaderValue::from_str(&format!("bytes={offset}-")).expect("ascii"),
-        );
+        if offset > 0 {
+            headers.insert(
+                header::RANGE,
+                HeaderValue::from_str(&format!("bytes={offset}-")).expect("ascii"),
+            );
+        }
         let resume = |message: String| CoalesceError::Resume {
             digest: self.digest.clone(),
             offset,
@@ -836,19 +850,32 @@ impl Task {
         let resp = super::upstream_response(&self.state, &Method::GET, &self.route, &headers)
             .await
             .map_err(|r| resume(format!("status {}", r.status())))?;
-        let range = resp
-            .headers()
-            .get(header::CONTENT_RANGE)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or_default()
-            .to_string();
-        let total = parse_content_range(&range, offset);
-        if resp.status() != StatusCode::PARTIAL_CONTENT || total.is_none() {
-            return Err(resume(format!(
-                "status {} with Content-Range {range:?}",
-                resp.status()
-            )));
-        }
+        let total = if offset == 0 {
+            let len = resp
+                .headers()
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok());
+            if resp.status() != StatusCode::OK {
+                return Err(resume(format!("status {}", resp.status())));
+            }
+            len
+        } else {
+            let range = resp
+                .headers()
+                .get(header::CONTENT_RANGE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_string();
+            let total = parse_content_range(&range, offset);
+            if resp.status() != StatusCode::PARTIAL_CONTENT || total.is_none() {
+                return Err(resume(format!(
+                    "status {} with Content-Range {range:?}",
+                    resp.status()
+                )));
+            }
+            total
+        };
         info!(digest = %self.digest, offset, "resumed from upstream");
         self.want_len = total;
         self.segments_push(offset, SourceLabel::Upstream);
