@@ -1,7 +1,9 @@
 //! Test harness over real components: containerd (with its CRI plugin and
 //! `config_path`), the distribution registry serving TLS with a certificate
 //! from `slipway pki init`, skopeo and umoci for images, and network
-//! namespaces for non-loopback registry addresses.
+//! namespaces for non-loopback registry addresses, or, as a [`Lan`], for
+//! nodes of their own (each with its containerd and agent) on a bridge that
+//! is joined to nothing else.
 //!
 //! Every process a test starts is owned by a guard that kills and reaps it
 //! on drop; every wait is bounded. containerd runs in a private mount
@@ -297,7 +299,10 @@ pub struct NetNs {
     pub host_if: String,
     pub host_ip: String,
     pub ns_ip: String,
-    _subnet: nix::fcntl::Flock<fs::File>,
+    /// The namespace's end of the veth pair.
+    pub ns_if: String,
+    /// `None` for a host of a [`Lan`], whose lock the `Lan` holds.
+    _subnet: Option<nix::fcntl::Flock<fs::File>>,
 }
 
 /// The test hosts' range: RFC 2544's benchmarking block, never routed on
@@ -422,7 +427,8 @@ impl NetNs {
             host_if: host_if.clone(),
             host_ip: host_ip.clone(),
             ns_ip: ns_ip.clone(),
-            _subnet: lock,
+            ns_if: ns_if.clone(),
+            _subnet: Some(lock),
         };
         run_ok(Command::new("ip").args([
             "link", "add", &host_if, "type", "veth", "peer", "name", &ns_if,
@@ -447,6 +453,162 @@ impl NetNs {
         c.args(["netns", "exec", &self.name, program]);
         c
     }
+
+    /// Limit what the namespace sends to `mbit` Mbit/s (a token bucket on
+    /// its veth), so that a server in it is the bottleneck of a test.
+    pub fn rate_limit(&self, mbit: u32) {
+        run_ok(self.command("tc").args([
+            "qdisc",
+            "add",
+            "dev",
+            &self.ns_if,
+            "root",
+            "tbf",
+            "rate",
+            &format!("{mbit}mbit"),
+            "burst",
+            "256kb",
+            "latency",
+            "500ms",
+        ]));
+    }
+
+    /// Run `f` on a thread inside the namespace: sockets it opens stay
+    /// there (how a test reaches a server bound in the namespace).
+    pub fn within<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        let path = format!("/var/run/netns/{}", self.name);
+        std::thread::spawn(move || {
+            let ns = fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .unwrap_or_else(|e| panic!("setns {path}: {e}"));
+            f()
+        })
+        .join()
+        .expect("thread in the namespace")
+    }
+
+    /// [`http`] from inside the namespace.
+    pub fn http(&self, addr: &str, method: &str, target: &str) -> std::io::Result<HttpResponse> {
+        let (addr, method, target) = (addr.to_string(), method.to_string(), target.to_string());
+        self.within(move || http(&addr, &method, &target, &[]))
+    }
+}
+
+/// A switched network of namespaces, none of them joined to the host: a
+/// hub namespace holds a bridge, and every [`Lan::host`] is a namespace
+/// with a veth on it and an address from a /28 of [`TEST_NET`] (four /30s
+/// locked like [`NetNs`]'s, so no other test process uses them). Nothing
+/// on it can reach the host's networks.
+pub struct Lan {
+    pub hub: String,
+    base: u32,
+    next: AtomicU32,
+    _locks: Vec<nix::fcntl::Flock<fs::File>>,
+}
+
+impl Lan {
+    pub fn new() -> Lan {
+        remove_stale_netns();
+        let (base, locks) = lock_block(4);
+        let pid = std::process::id();
+        let hub = format!("slipway-it-{pid}-{}", unique());
+        run_ok(Command::new("ip").args(["netns", "add", &hub]));
+        let lan = Lan {
+            hub: hub.clone(),
+            base,
+            next: AtomicU32::new(1),
+            _locks: locks,
+        };
+        let exec = |args: &[&str]| {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", &hub]).args(args);
+            run_ok(&mut c);
+        };
+        exec(&["ip", "link", "add", "br0", "type", "bridge"]);
+        exec(&["ip", "link", "set", "br0", "up"]);
+        exec(&["ip", "link", "set", "lo", "up"]);
+        lan
+    }
+
+    /// A new namespace on the bridge.
+    pub fn host(&self) -> NetNs {
+        let pid = std::process::id();
+        let n = unique();
+        let k = self.next.fetch_add(1, Ordering::SeqCst);
+        assert!(k < 15, "a Lan has 14 host addresses");
+        let name = format!("slipway-it-{pid}-{n}");
+        let hub_if = format!("sw{pid}h{n}");
+        let ns_if = format!("sw{pid}n{n}");
+        let [a, b, c] = TEST_NET;
+        let ns_ip = format!("{a}.{b}.{c}.{}", self.base + k);
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        let ns = NetNs {
+            name: name.clone(),
+            host_if: hub_if.clone(),
+            host_ip: String::new(),
+            ns_ip: ns_ip.clone(),
+            ns_if: ns_if.clone(),
+            _subnet: None,
+        };
+        let in_ns = |netns: &str, args: &[&str]| {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", netns]).args(args);
+            run_ok(&mut c);
+        };
+        run_ok(Command::new("ip").args([
+            "link", "add", &hub_if, "type", "veth", "peer", "name", &ns_if,
+        ]));
+        run_ok(Command::new("ip").args(["link", "set", &hub_if, "netns", &self.hub]));
+        run_ok(Command::new("ip").args(["link", "set", &ns_if, "netns", &name]));
+        in_ns(&self.hub, &["ip", "link", "set", &hub_if, "master", "br0"]);
+        in_ns(&self.hub, &["ip", "link", "set", &hub_if, "up"]);
+        in_ns(
+            &name,
+            &["ip", "addr", "add", &format!("{ns_ip}/28"), "dev", &ns_if],
+        );
+        in_ns(&name, &["ip", "link", "set", &ns_if, "up"]);
+        in_ns(&name, &["ip", "link", "set", "lo", "up"]);
+        ns
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        let _ = run(Command::new("ip").args(["netns", "del", &self.hub]));
+    }
+}
+
+/// Lock `count` consecutive /30s (aligned to `count`) of the test range
+/// that the host does not use; the first one's last octet and the locks.
+fn lock_block(count: u32) -> (u32, Vec<nix::fcntl::Flock<fs::File>>) {
+    let dir = std::env::temp_dir().join("slipway-it-subnets");
+    fs::create_dir_all(&dir).unwrap();
+    let used = host_prefixes();
+    let [a, b, c] = TEST_NET;
+    let net = u32::from(std::net::Ipv4Addr::new(a, b, c, 0));
+    let groups = 64 / count;
+    let start = std::process::id() % groups;
+    'group: for i in 0..groups {
+        let first = ((start + i) % groups) * count;
+        if (first..first + count).any(|block| overlaps(net + block * 4, &used)) {
+            continue;
+        }
+        let mut locks = Vec::new();
+        for block in first..first + count {
+            let f = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(dir.join(format!("{a}.{b}.{c}.{}.lock", block * 4)))
+                .unwrap();
+            match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(l) => locks.push(l),
+                Err(_) => continue 'group,
+            }
+        }
+        return (first * 4, locks);
+    }
+    panic!("no {count} free consecutive /30s in {a}.{b}.{c}.0/24");
 }
 
 impl Drop for NetNs {
@@ -812,6 +974,8 @@ pub struct Containerd {
     pub config_file: PathBuf,
     pub dir: PathBuf,
     pub release: &'static Release,
+    /// The network namespace it runs in (`None`: the host's).
+    pub netns: Option<String>,
 }
 
 /// How a test's containerd config is written.
@@ -844,6 +1008,30 @@ impl Containerd {
         rel: &'static Release,
         opts: impl FnOnce(&Path) -> CtdOpts,
     ) -> Containerd {
+        Self::start_release_in(dir, rel, opts, None)
+    }
+
+    /// containerd of the release under test inside `ns`, as on a node of
+    /// its own; its CRI socket is still a file the test reaches.
+    pub fn start_in(dir: &Path, ns: &NetNs) -> Containerd {
+        let rel = containerd_release().unwrap();
+        Self::start_release_in(
+            dir,
+            rel,
+            |certs| CtdOpts {
+                config_path: Some(certs.display().to_string()),
+                extra: String::new(),
+            },
+            Some(ns.name.clone()),
+        )
+    }
+
+    fn start_release_in(
+        dir: &Path,
+        rel: &'static Release,
+        opts: impl FnOnce(&Path) -> CtdOpts,
+        netns: Option<String>,
+    ) -> Containerd {
         let dir = dir.join(format!("ctd{}", unique()));
         fs::create_dir_all(&dir).unwrap();
         let certs_dir = dir.join("certs.d");
@@ -857,7 +1045,7 @@ impl Containerd {
         } + &opts.extra;
         let config_file = dir.join("config.toml");
         fs::write(&config_file, text).unwrap();
-        Self::start_file(dir, rel, config_file, certs_dir, sock)
+        Self::start_file_in(dir, rel, config_file, certs_dir, sock, netns)
     }
 
     /// containerd of `rel` with a config file the test wrote (a layout's,
@@ -869,6 +1057,17 @@ impl Containerd {
         certs_dir: PathBuf,
         sock: PathBuf,
     ) -> Containerd {
+        Self::start_file_in(dir, rel, config_file, certs_dir, sock, None)
+    }
+
+    fn start_file_in(
+        dir: PathBuf,
+        rel: &'static Release,
+        config_file: PathBuf,
+        certs_dir: PathBuf,
+        sock: PathBuf,
+        netns: Option<String>,
+    ) -> Containerd {
         let dns = NxDns::start();
         fs::write(dir.join("nsswitch.conf"), "hosts: files dns\n").unwrap();
         fs::write(
@@ -876,7 +1075,7 @@ impl Containerd {
             format!("nameserver {}\noptions timeout:1 attempts:1\n", dns.ip),
         )
         .unwrap();
-        let proc = Self::spawn(&dir, rel, &config_file, &sock);
+        let proc = Self::spawn(&dir, rel, &config_file, &sock, netns.as_deref());
         let mut c = Containerd {
             proc,
             dns,
@@ -885,6 +1084,7 @@ impl Containerd {
             config_file,
             dir,
             release: rel,
+            netns,
         };
         c.wait_cri();
         // The release under test is the one that serves: its own log says
@@ -925,8 +1125,14 @@ impl Containerd {
         );
     }
 
-    fn spawn(dir: &Path, rel: &Release, config_file: &Path, sock: &Path) -> Proc {
-        let mut proc = Self::spawn_only(dir, rel, config_file, sock);
+    fn spawn(
+        dir: &Path,
+        rel: &Release,
+        config_file: &Path,
+        sock: &Path,
+        netns: Option<&str>,
+    ) -> Proc {
+        let mut proc = Self::spawn_only(dir, rel, config_file, sock, netns);
         let started = Instant::now();
         while !sock.exists() {
             if let Ok(Some(st)) = proc.child.try_wait() {
@@ -953,7 +1159,13 @@ impl Containerd {
     /// expecting it to refuse and exit within 20 s; its log.
     pub fn restart_expect_exit(&mut self) -> String {
         self.proc.stop();
-        self.proc = Self::spawn_only(&self.dir, self.release, &self.config_file, &self.sock);
+        self.proc = Self::spawn_only(
+            &self.dir,
+            self.release,
+            &self.config_file,
+            &self.sock,
+            self.netns.as_deref(),
+        );
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(20) {
             if let Ok(Some(_)) = self.proc.child.try_wait() {
@@ -968,7 +1180,13 @@ impl Containerd {
         );
     }
 
-    fn spawn_only(dir: &Path, rel: &Release, config_file: &Path, sock: &Path) -> Proc {
+    fn spawn_only(
+        dir: &Path,
+        rel: &Release,
+        config_file: &Path,
+        sock: &Path,
+        netns: Option<&str>,
+    ) -> Proc {
         let _ = fs::remove_file(sock);
         let script = format!(
             "mount --bind {d}/nsswitch.conf /etc/nsswitch.conf && mount --bind {d}/resolv.conf /etc/resolv.conf && exec {bin} --config {c}",
@@ -976,7 +1194,14 @@ impl Containerd {
             bin = rel.containerd().display(),
             c = config_file.display()
         );
-        let mut cmd = Command::new("unshare");
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, "unshare"]);
+                c
+            }
+            None => Command::new("unshare"),
+        };
         cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]);
         // Its own shim (containerd-shim-runc-v2) first on PATH, where
         // containerd looks it up.
@@ -995,7 +1220,13 @@ impl Containerd {
     /// does after changing `config_path`.
     pub fn restart(&mut self) {
         self.proc.stop();
-        self.proc = Self::spawn(&self.dir, self.release, &self.config_file, &self.sock);
+        self.proc = Self::spawn(
+            &self.dir,
+            self.release,
+            &self.config_file,
+            &self.sock,
+            self.netns.as_deref(),
+        );
         self.wait_cri();
     }
 
@@ -1219,6 +1450,8 @@ pub struct Agent {
     pub config: PathBuf,
     pub proxy: String,
     pub admin: String,
+    /// The network namespace it runs in (`None`: the host's).
+    pub netns: Option<String>,
 }
 
 impl Agent {
@@ -1263,6 +1496,60 @@ impl Agent {
         extra: &str,
         env: &[(&str, &str)],
     ) -> Agent {
+        Self::start_full(
+            dir,
+            certs_dir,
+            config_file,
+            aliases,
+            upstream,
+            dial,
+            ca,
+            extra,
+            env,
+            None,
+        )
+    }
+
+    /// [`Agent::start`] inside `ns` (a node of its own): its proxy and
+    /// admin server listen on the namespace's loopback.
+    #[allow(clippy::too_many_arguments)]
+    pub fn start_in(
+        ns: &NetNs,
+        dir: &Path,
+        ctd: &Containerd,
+        aliases: &[&str],
+        upstream: &str,
+        dial: Option<&str>,
+        ca: &Path,
+        extra: &str,
+    ) -> Agent {
+        Self::start_full(
+            dir,
+            &ctd.certs_dir,
+            &ctd.config_file,
+            aliases,
+            upstream,
+            dial,
+            ca,
+            extra,
+            &[],
+            Some(ns),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_full(
+        dir: &Path,
+        certs_dir: &Path,
+        config_file: &Path,
+        aliases: &[&str],
+        upstream: &str,
+        dial: Option<&str>,
+        ca: &Path,
+        extra: &str,
+        env: &[(&str, &str)],
+        netns: Option<&NetNs>,
+    ) -> Agent {
         // Port 0 for both listeners: the agent binds, then logs what it
         // bound ("slipway agent starting proxy=… admin=…") and writes that
         // proxy address into hosts.toml, so no port is picked and released
@@ -1282,7 +1569,10 @@ impl Agent {
         };
         text.push_str(&format!("\n[proxy]\nlisten = \"127.0.0.1:0\"\nclient_header_timeout_secs = 1\nbody_idle_timeout_secs = 3\n{proxy_keys}\n[admin]\nlisten = \"127.0.0.1:0\"\n{extra}"));
         fs::write(&config, text).unwrap();
-        let mut cmd = Command::new(slipway_bin());
+        let mut cmd = match netns {
+            Some(ns) => ns.command(&slipway_bin()),
+            None => Command::new(slipway_bin()),
+        };
         cmd.args(["agent", "--config"])
             .arg(&config)
             .env("SLIPWAY_LOG", "info,slipway=debug")
@@ -1315,21 +1605,41 @@ impl Agent {
             config,
             proxy: proxy.unwrap(),
             admin: admin.unwrap(),
+            netns: netns.map(|n| n.name.clone()),
         };
         let first = certs_dir.join(aliases[0]).join("hosts.toml");
         wait_for("agent host configuration", Duration::from_secs(10), || {
             first.exists()
         });
         wait_for("agent /healthz", Duration::from_secs(10), || {
-            http(&a.admin, "GET", "/healthz", &[])
+            a.admin_get("/healthz")
                 .map(|r| r.status == 200)
                 .unwrap_or(false)
         });
         a
     }
 
+    /// `GET` on the admin server, from the agent's namespace.
+    pub fn admin_get(&self, target: &str) -> std::io::Result<HttpResponse> {
+        let (admin, target) = (self.admin.clone(), target.to_string());
+        match &self.netns {
+            None => http(&admin, "GET", &target, &[]),
+            Some(ns) => {
+                let path = format!("/var/run/netns/{ns}");
+                std::thread::spawn(move || {
+                    let f = fs::File::open(&path)?;
+                    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)?;
+                    http(&admin, "GET", &target, &[])
+                })
+                .join()
+                .expect("thread in the namespace")
+            }
+        }
+    }
+
     pub fn metrics(&self) -> String {
-        http(&self.admin, "GET", "/metrics", &[])
+        self.admin_get("/metrics")
             .map(|r| String::from_utf8_lossy(&r.body).to_string())
             .unwrap_or_default()
     }
@@ -1442,6 +1752,45 @@ pub fn registry_requests(r: &Registry) -> usize {
                 || l.contains("\"PATCH ")
         })
         .count()
+}
+
+/// The `GET`s of one blob in the registry's access log (combined log
+/// format: `"GET /v2/<name>/blobs/<digest> HTTP/1.1" <status> <bytes>`):
+/// how many, and the body bytes the registry sent for them.
+pub fn registry_blob_gets(r: &Registry, digest: &str) -> (usize, u64) {
+    let needle = format!("/blobs/{digest} ");
+    let mut n = 0;
+    let mut bytes = 0;
+    for l in r.proc.log_text().lines() {
+        let Some(i) = l.find("\"GET ") else { continue };
+        let rest = &l[i + 1..];
+        let Some((request, after)) = rest.split_once('"') else {
+            continue;
+        };
+        if !request.contains(&needle) {
+            continue;
+        }
+        n += 1;
+        let mut it = after.split_whitespace();
+        let _status = it.next();
+        bytes += it.next().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0);
+    }
+    (n, bytes)
+}
+
+/// Body bytes of every `GET` in the registry's access log.
+pub fn registry_get_bytes(r: &Registry) -> u64 {
+    let mut bytes = 0;
+    for l in r.proc.log_text().lines() {
+        let Some(i) = l.find("\"GET ") else { continue };
+        let Some((_, after)) = l[i + 1..].split_once('"') else {
+            continue;
+        };
+        let mut it = after.split_whitespace();
+        let _status = it.next();
+        bytes += it.next().and_then(|b| b.parse::<u64>().ok()).unwrap_or(0);
+    }
+    bytes
 }
 
 /// An OCI layout with one large incompressible layer (`mib` MiB), built

@@ -9,6 +9,7 @@ mod hardening;
 mod harness;
 mod layouts;
 mod proxy_hardening;
+mod scale;
 
 use std::fs;
 use std::path::{Path, PathBuf};

@@ -158,6 +158,7 @@ fn every_kustomization_renders_into_the_namespace() {
         "daemonset/overlays/canary",
         "daemonset/overlays/fix-containerd-config",
         "daemonset/overlays/loadbalancer",
+        "daemonset/overlays/peers",
         "daemonset/overlays/prometheus",
         "daemonset/overlays/startup-taint",
     ] {
@@ -705,6 +706,115 @@ fn startup_taint_overlay() {
     assert_eq!(
         find(&objects, "ServiceAccount", "slipway-agent")["automountServiceAccountToken"],
         true
+    );
+}
+
+/// #11: the peers overlay: a headless Service over the agents, the peer
+/// port on the DaemonSet, the agent pointed at both, and a NetworkPolicy
+/// for the peer port.
+#[test]
+fn peers_overlay() {
+    let Some(k) = kubectl() else { return };
+    let objects = render(&k, "daemonset/overlays/peers");
+    let ds = find(&objects, "DaemonSet", "slipway-agent");
+    let pod = pod_spec(ds).unwrap();
+    let agent = &pod["containers"][0];
+    let port = agent["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "peers")
+        .expect("peer port declared");
+    let peer_port = port["containerPort"].as_u64().unwrap();
+    let env = agent["env"].as_array().unwrap();
+    let var = |name: &str| {
+        env.iter()
+            .find(|e| e["name"] == name)
+            .unwrap_or_else(|| panic!("{name} not set"))["value"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(var("SLIPWAY_PEERS_LISTEN"), format!("0.0.0.0:{peer_port}"));
+    let svc = find(&objects, "Service", "slipway-peers");
+    assert_eq!(svc["spec"]["clusterIP"], "None", "not headless");
+    assert_eq!(
+        svc["spec"]["selector"], ds["spec"]["selector"]["matchLabels"],
+        "the Service does not select the agents"
+    );
+    assert_eq!(svc["spec"]["ports"][0]["port"].as_u64(), Some(peer_port));
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "peers");
+    // The agent resolves this Service's name, in the install's namespace.
+    assert_eq!(
+        var("SLIPWAY_PEERS_DNS"),
+        format!("slipway-peers.{NS}.svc.cluster.local:{peer_port}")
+    );
+    // The agent's config has a cache (sharing needs it).
+    let cm = objects
+        .iter()
+        .find(|o| {
+            o["kind"] == "ConfigMap"
+                && o["metadata"]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with("slipway-agent-config"))
+        })
+        .expect("agent ConfigMap");
+    let toml: toml::Value = cm["data"]["agent.toml"].as_str().unwrap().parse().unwrap();
+    assert!(toml["cache"]["dir"].as_str().is_some());
+    let np = find(&objects, "NetworkPolicy", "slipway-peers");
+    assert_eq!(
+        np["spec"]["podSelector"]["matchLabels"],
+        ds["spec"]["selector"]["matchLabels"]
+    );
+    let ports: Vec<u64> = np["spec"]["ingress"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r["ports"].as_array().unwrap().iter())
+        .filter_map(|p| p["port"].as_u64())
+        .collect();
+    assert!(ports.contains(&peer_port), "{ports:?}");
+}
+
+/// #11: the Grafana dashboard in the prometheus overlay: a ConfigMap for
+/// the dashboard sidecar, JSON whose queries use the agent's metrics (the
+/// names src/admin/metrics.rs's test checks it exports), per node.
+#[test]
+fn prometheus_dashboard() {
+    let Some(k) = kubectl() else { return };
+    let objects = render(&k, "daemonset/overlays/prometheus");
+    let cm = find(&objects, "ConfigMap", "slipway-grafana-dashboard");
+    assert_eq!(cm["metadata"]["labels"]["grafana_dashboard"], "1");
+    let text = cm["data"]["slipway-dashboard.json"].as_str().unwrap();
+    let dash: Value = serde_json::from_str(text).unwrap();
+    let exprs: Vec<String> = dash["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| p["targets"].as_array().unwrap().iter())
+        .map(|t| t["expr"].as_str().unwrap().to_string())
+        .collect();
+    for metric in [
+        "slipway_proxy_bytes_total",
+        "slipway_cache_hits_total",
+        "slipway_cache_misses_total",
+        "slipway_coalesced_requests_total",
+        "slipway_peer_requests_total",
+        "slipway_peers",
+    ] {
+        assert!(
+            exprs.iter().any(|e| e.contains(&format!("{metric}{{"))),
+            "no panel queries {metric}: {exprs:?}"
+        );
+    }
+    for e in &exprs {
+        assert!(e.contains("node"), "not per node: {e}");
+    }
+    // Series get their `node` label from the PodMonitor.
+    let pm = find(&objects, "PodMonitor", "slipway-agent");
+    assert_eq!(
+        pm["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["targetLabel"],
+        "node"
     );
 }
 

@@ -243,6 +243,7 @@ fn start_agent(
         config,
         proxy,
         admin,
+        netns: None,
     };
     wait_for("agent /healthz", Duration::from_secs(10), || {
         http(&a.admin, "GET", "/healthz", &[])

@@ -1,5 +1,6 @@
 //! The accept loop and HTTP/1 connection settings shared by the agent's
-//! proxy ([`crate::proxy::serve`]) and the gateway
+//! proxy and peer port ([`crate::proxy::serve`],
+//! [`crate::proxy::serve_peers`]) and the gateway
 //! ([`crate::gateway::relay::serve`]).
 //!
 //! Both accept until shutdown, back off on accept errors with

@@ -108,7 +108,78 @@ impl EncodeLabelValue for RouteLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabels {
-    pub source: &'static str,
+    pub source: SourceLabel,
+}
+
+/// Where the bytes of a response came from (#11 adds `peer`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum SourceLabel {
+    Upstream,
+    Cache,
+    Peer,
+}
+
+impl SourceLabel {
+    pub const ALL: [SourceLabel; 3] =
+        [SourceLabel::Upstream, SourceLabel::Cache, SourceLabel::Peer];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceLabel::Upstream => "upstream",
+            SourceLabel::Cache => "cache",
+            SourceLabel::Peer => "peer",
+        }
+    }
+}
+
+impl EncodeLabelValue for SourceLabel {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerResultLabels {
+    pub result: PeerResult,
+}
+
+/// How one request to a peer for a blob ended (#11).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum PeerResult {
+    /// The whole blob arrived and verified.
+    Served,
+    /// The peer answered with something other than 200 and a usable length.
+    Refused,
+    /// No connection, or no response head, within the peer deadlines.
+    Timeout,
+    /// The connection failed, or the body broke off or stalled.
+    Failed,
+    /// The body did not match its digest or length.
+    Corrupt,
+}
+
+impl PeerResult {
+    pub const ALL: [PeerResult; 5] = [
+        PeerResult::Served,
+        PeerResult::Refused,
+        PeerResult::Timeout,
+        PeerResult::Failed,
+        PeerResult::Corrupt,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerResult::Served => "served",
+            PeerResult::Refused => "refused",
+            PeerResult::Timeout => "timeout",
+            PeerResult::Failed => "failed",
+            PeerResult::Corrupt => "corrupt",
+        }
+    }
+}
+
+impl EncodeLabelValue for PeerResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -176,6 +247,9 @@ pub struct Metrics {
     pub digest_mismatches: Counter,
     pub canary_pull: Histogram,
     pub canary_last_success: FGauge,
+    pub peer_requests: Family<PeerResultLabels, Counter>,
+    pub coalesced: Counter,
+    pub peers: Gauge,
 }
 
 impl Default for Metrics {
@@ -196,7 +270,7 @@ impl Metrics {
         let bytes = Family::<SourceLabels, Counter>::default();
         r.register(
             "proxy_bytes",
-            "Response body bytes served, by source (upstream or cache)",
+            "Response body bytes served, by source (upstream, cache or peer)",
             bytes.clone(),
         );
         let upstream_latency = Histogram::new(exponential_buckets(0.001, 2.0, 16));
@@ -297,10 +371,31 @@ impl Metrics {
             "Unix time the last canary pull through CRI succeeded (0: never)",
             canary_last_success.clone(),
         );
+        let peer_requests = Family::<PeerResultLabels, Counter>::default();
+        r.register(
+            "peer_requests",
+            "Requests to peer nodes for a blob, by result",
+            peer_requests.clone(),
+        );
+        let coalesced = Counter::default();
+        r.register(
+            "coalesced_requests",
+            "Blob requests served from a download already in progress instead of a fetch of their own",
+            coalesced.clone(),
+        );
+        let peers = Gauge::default();
+        r.register(
+            "peers",
+            "Peer nodes in the current peer set, this node not counted",
+            peers.clone(),
+        );
         // Families print their HELP only once they have a series; create
         // the known ones so a fresh agent's /metrics lists every metric.
-        for source in ["upstream", "cache"] {
+        for source in SourceLabel::ALL {
             let _ = bytes.get_or_create(&SourceLabels { source });
+        }
+        for result in PeerResult::ALL {
+            let _ = peer_requests.get_or_create(&PeerResultLabels { result });
         }
         let _ = requests.get_or_create(&RequestLabels {
             method: MethodLabel::Get,
@@ -332,7 +427,22 @@ impl Metrics {
             digest_mismatches,
             canary_pull,
             canary_last_success,
+            peer_requests,
+            coalesced,
+            peers,
         }
+    }
+
+    /// The bytes counter of one source.
+    pub fn bytes_from(&self, source: SourceLabel) -> Counter {
+        self.bytes.get_or_create(&SourceLabels { source }).clone()
+    }
+
+    /// Count one request to a peer.
+    pub fn peer_request(&self, result: PeerResult) {
+        self.peer_requests
+            .get_or_create(&PeerResultLabels { result })
+            .inc();
     }
 
     /// Set the state of one alias (1 for `state`, 0 for the others).
@@ -409,6 +519,9 @@ mod tests {
             "slipway_proxy_digest_mismatches",
             "slipway_canary_pull_seconds",
             "slipway_canary_last_success_timestamp_seconds",
+            "slipway_peer_requests",
+            "slipway_coalesced_requests",
+            "slipway_peers",
         ] {
             assert!(
                 t.contains(&format!("# HELP {name} ")),
@@ -417,6 +530,20 @@ mod tests {
         }
         assert!(t.contains("slipway_hostconfig_state{alias=\"registry.shared-services:5000\",state=\"applied\"} 1"), "{t}");
         assert!(t.ends_with("# EOF\n"));
+        for source in SourceLabel::ALL {
+            let series = format!(
+                "slipway_proxy_bytes_total{{source=\"{}\"}} 0",
+                source.as_str()
+            );
+            assert!(t.contains(&series), "{series} missing:\n{t}");
+        }
+        for result in PeerResult::ALL {
+            let series = format!(
+                "slipway_peer_requests_total{{result=\"{}\"}} 0",
+                result.as_str()
+            );
+            assert!(t.contains(&series), "{series} missing:\n{t}");
+        }
         assert!(
             t.contains(
                 "slipway_proxy_requests_total{method=\"GET\",route=\"blob\",status=\"200\"} 1"

@@ -22,6 +22,13 @@
 //! canary_image = "registry.shared-services:5000/slipway/canary@sha256:…"  # optional
 //! canary_interval_secs = 300
 //! startup_taint = "slipway.dev/registry-unready"  # optional; needs NODE_NAME
+//!
+//! [peers]                               # optional: node-to-node blob sharing (#11); needs cache.dir
+//! listen = "0.0.0.0:5052"               # this node's peer port (serves only verified blobs by digest)
+//! static = ["10.0.0.11:5052"]           # host:port entries
+//! dns = "slipway-peers.kube-system.svc.cluster.local:5052"  # headless Service, re-resolved
+//! refresh_secs = 30
+//! hold_until_verified = true            # false: a peer's blob streams to containerd unverified
 //! ```
 //!
 //! Besides the file it reads one variable that is not a `SLIPWAY_*` key:
@@ -35,6 +42,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::node::hostconfig::{Alias, AliasError};
+pub use crate::proxy::peers::PeerConfig;
 use crate::proxy::redirect::HostPattern;
 pub use crate::proxy::{Timeouts, Upstream};
 
@@ -75,6 +83,19 @@ struct FileConfig {
     cache: FileCache,
     #[serde(default)]
     agent: FileAgent,
+    #[serde(default)]
+    peers: FilePeers,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FilePeers {
+    listen: Option<String>,
+    #[serde(rename = "static")]
+    static_peers: Option<Vec<String>>,
+    dns: Option<String>,
+    refresh_secs: Option<f64>,
+    hold_until_verified: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -211,6 +232,26 @@ pub struct Overrides {
     /// agent.startup_taint: NoSchedule taint key removed from this Node once it is ready (needs NODE_NAME)
     #[arg(long, env = "SLIPWAY_AGENT_STARTUP_TAINT")]
     pub agent_startup_taint: Option<String>,
+    /// peers.listen: this node's address:port for peers (e.g. 0.0.0.0:5052; unset: no sharing)
+    #[arg(long, env = "SLIPWAY_PEERS_LISTEN")]
+    pub peers_listen: Option<String>,
+    /// peers.static: comma-separated host:port of other nodes' peer ports
+    #[arg(long, env = "SLIPWAY_PEERS_STATIC", value_delimiter = ',')]
+    pub peers_static: Option<Vec<String>>,
+    /// peers.dns: name:port of a headless Service whose A/AAAA records are the agents' node IPs
+    #[arg(long, env = "SLIPWAY_PEERS_DNS")]
+    pub peers_dns: Option<String>,
+    /// peers.refresh_secs: how often peers.static and peers.dns are resolved again (default 30)
+    #[arg(long, env = "SLIPWAY_PEERS_REFRESH_SECS")]
+    pub peers_refresh_secs: Option<f64>,
+    /// peers.hold_until_verified: send a blob from a peer to containerd only once all of it verified (default true)
+    #[arg(
+        long,
+        env = "SLIPWAY_PEERS_HOLD_UNTIL_VERIFIED",
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub peers_hold_until_verified: Option<bool>,
     /// This Node's name, from the downward API (`spec.nodeName`); only agent.startup_taint needs it
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -237,6 +278,8 @@ pub struct AgentConfig {
     pub canary_image: Option<CanaryImage>,
     pub canary_interval: Duration,
     pub startup_taint: Option<StartupTaint>,
+    /// `peers.*` (#11); `None` without `peers.listen`.
+    pub peers: Option<PeerConfig>,
 }
 
 /// `agent.startup_taint` and the Node it is removed from (#8 point 6).
@@ -589,6 +632,28 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
             .or(f.agent.canary_interval_secs),
         300.0,
     )?;
+    let peers = peer_config(
+        ov.peers_listen.clone().or(f.peers.listen),
+        ov.peers_static.clone().or(f.peers.static_peers),
+        ov.peers_dns.clone().or(f.peers.dns),
+        secs(
+            "peers.refresh_secs",
+            ov.peers_refresh_secs.or(f.peers.refresh_secs),
+            30.0,
+        )?,
+        cache_dir.is_some(),
+    )?
+    .map(|p| PeerConfig {
+        hold_until_verified: ov
+            .peers_hold_until_verified
+            .or(f.peers.hold_until_verified)
+            // On by default: a peer's wrong byte that reached containerd
+            // breaks that blob on the node for good (see
+            // proxy::coalesce), and "containerd never sees a peer failure"
+            // outweighs the first byte arriving early (#11).
+            .unwrap_or(true),
+        ..p
+    });
     let startup_taint = StartupTaint::parse(
         ov.agent_startup_taint.clone().or(f.agent.startup_taint),
         ov.node_name.clone(),
@@ -619,7 +684,55 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
         canary_image,
         canary_interval,
         startup_taint,
+        peers,
     })
+}
+
+/// `peers.*`: sharing needs a listen address (the node is a member of the
+/// set the others hash over) and the cache (downloads are coalesced in it).
+fn peer_config(
+    listen: Option<String>,
+    static_peers: Option<Vec<String>>,
+    dns: Option<String>,
+    refresh: Duration,
+    have_cache: bool,
+) -> Result<Option<PeerConfig>, ConfigError> {
+    let static_peers = static_peers.unwrap_or_default();
+    for (index, p) in static_peers.iter().enumerate() {
+        crate::proxy::peers::parse_host_port(p).map_err(|message| ConfigError::Invalid {
+            key: format!("peers.static[{index}]"),
+            message,
+        })?;
+    }
+    if let Some(d) = &dns {
+        crate::proxy::peers::parse_host_port(d).map_err(|message| ConfigError::Invalid {
+            key: "peers.dns".into(),
+            message,
+        })?;
+    }
+    let Some(listen) = listen else {
+        if !static_peers.is_empty() || dns.is_some() {
+            return Err(ConfigError::Invalid {
+                key: "peers.listen".into(),
+                message: "is not set, and peers.static or peers.dns is: a node that shares blobs must serve its peers too (e.g. 0.0.0.0:5052)".into(),
+            });
+        }
+        return Ok(None);
+    };
+    let listen = parse_addr("peers.listen", Some(&listen), "")?;
+    if !have_cache {
+        return Err(ConfigError::Invalid {
+            key: "peers.listen".into(),
+            message: "needs cache.dir: blobs are shared through the node blob cache".into(),
+        });
+    }
+    Ok(Some(PeerConfig {
+        listen,
+        static_peers,
+        dns,
+        refresh,
+        hold_until_verified: false,
+    }))
 }
 
 fn parse_addr(key: &str, v: Option<&str>, default: &str) -> Result<SocketAddr, ConfigError> {
@@ -981,6 +1094,69 @@ ca_file = "ca.crt"
                 StartupTaint::parse(Some(good.into()), Some("n".into())).is_ok(),
                 "{good}"
             );
+        }
+    }
+
+    /// #11: `peers.*` from the file, flags and env (the flag wins), and
+    /// what sharing needs.
+    #[test]
+    fn peers_keys_and_their_requirements() {
+        let with =
+            |extra: &str, ov: &Overrides| AgentConfig::from_str(p(), &format!("{GOOD}{extra}"), ov);
+        let file = "[cache]\ndir = \"/var/cache/slipway\"\n[peers]\nlisten = \"0.0.0.0:5052\"\nstatic = [\"10.0.0.11:5052\", \"[fd00::2]:5052\"]\ndns = \"slipway-peers.kube-system.svc:5052\"\nrefresh_secs = 5\n";
+        let c = with(file, &Overrides::default()).unwrap();
+        let peers = c.peers.unwrap();
+        assert_eq!(peers.listen, "0.0.0.0:5052".parse().unwrap());
+        assert_eq!(peers.static_peers.len(), 2);
+        assert_eq!(
+            peers.dns.as_deref(),
+            Some("slipway-peers.kube-system.svc:5052")
+        );
+        assert_eq!(peers.refresh, Duration::from_secs(5));
+        assert!(peers.hold_until_verified, "on by default");
+        let streamed = with(
+            &format!("{file}hold_until_verified = false\n"),
+            &Overrides::default(),
+        )
+        .unwrap()
+        .peers
+        .unwrap();
+        assert!(!streamed.hold_until_verified);
+        let ov = Overrides {
+            peers_listen: Some("10.0.0.10:6000".into()),
+            peers_static: Some(vec!["n1:6000".into()]),
+            peers_refresh_secs: Some(60.0),
+            peers_hold_until_verified: Some(false),
+            ..Default::default()
+        };
+        let peers = with(file, &ov).unwrap().peers.unwrap();
+        assert!(!peers.hold_until_verified);
+        assert_eq!(peers.listen, "10.0.0.10:6000".parse().unwrap());
+        assert_eq!(peers.static_peers, vec!["n1:6000".to_string()]);
+        assert_eq!(peers.refresh, Duration::from_secs(60));
+        // Unset: no sharing.
+        assert!(with("", &Overrides::default()).unwrap().peers.is_none());
+        for (extra, key) in [
+            ("[peers]\nlisten = \"0.0.0.0:5052\"\n", "peers.listen"),
+            (
+                "[cache]\ndir = \"/c\"\n[peers]\nstatic = [\"n1:5052\"]\n",
+                "peers.listen",
+            ),
+            (
+                "[cache]\ndir = \"/c\"\n[peers]\nlisten = \"0.0.0.0:5052\"\nstatic = [\"n1\"]\n",
+                "peers.static[0]",
+            ),
+            (
+                "[cache]\ndir = \"/c\"\n[peers]\nlisten = \"0.0.0.0:5052\"\ndns = \"svc:0\"\n",
+                "peers.dns",
+            ),
+            (
+                "[cache]\ndir = \"/c\"\n[peers]\nlisten = \"0.0.0.0:5052\"\nrefresh_secs = 0\n",
+                "peers.refresh_secs",
+            ),
+        ] {
+            let e = with(extra, &Overrides::default()).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{extra}: {e}");
         }
     }
 

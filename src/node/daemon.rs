@@ -131,6 +131,7 @@ pub enum RestartKey {
     GracePeriod,
     Canary,
     StartupTaint,
+    Peers,
 }
 
 impl RestartKey {
@@ -144,6 +145,7 @@ impl RestartKey {
             RestartKey::GracePeriod => "agent.grace_period_secs",
             RestartKey::Canary => "containerd.socket/agent.canary_image/agent.canary_interval_secs",
             RestartKey::StartupTaint => "agent.startup_taint/NODE_NAME",
+            RestartKey::Peers => "peers.listen/static/dns/refresh_secs",
         }
     }
 }
@@ -206,6 +208,8 @@ pub fn plan_reload(old: &AgentConfig, mut new: AgentConfig) -> Reload {
     keep!(grace_period, RestartKey::GracePeriod);
     // The taint task is started once, at start, and removes the taint once.
     keep!(startup_taint, RestartKey::StartupTaint);
+    // The peer listener and its resolver are started once, at start.
+    keep!(peers, RestartKey::Peers);
     // The canary task is built once, at start, from these three.
     if (
         &new.containerd_socket,
@@ -575,6 +579,14 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<u8, AgentErr
         )?)),
         None => None,
     };
+    let peer_listener = match &cfg.peers {
+        Some(p) => Some(proxy::peers::bind(p.listen).await?),
+        None => None,
+    };
+    let peers = cfg
+        .peers
+        .clone()
+        .map(|p| Arc::new(proxy::peers::Peers::new(p, metrics.clone())));
     let upstream = UpstreamClient::new(&cfg.upstream, ca.pem.as_bytes(), &cfg.timeouts)?;
     let ready: Arc<Readiness> = Arc::new(Readiness::default());
     let upstream_seen = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -585,9 +597,16 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<u8, AgentErr
         metrics: metrics.clone(),
         timeouts: RwLock::new(cfg.timeouts),
         upstream_seen: upstream_seen.clone(),
+        downloads: Default::default(),
+        peers: peers.clone(),
     });
     ready.set(Check::ProxyBound, Ok(()));
-    info!(proxy = %bound, admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), upstream = %cfg.upstream.url, "slipway agent starting");
+    let peers_bound = peer_listener
+        .as_ref()
+        .and_then(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| "none".into());
+    info!(proxy = %bound, admin = %admin_listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), peers = %peers_bound, upstream = %cfg.upstream.url, "slipway agent starting");
 
     let (tx, mut rx) = mpsc::channel::<Event>(64);
     let watcher: Box<dyn Watch> = match Inotify::start(tx.clone()) {
@@ -635,11 +654,29 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<u8, AgentErr
     tokio::spawn(admin::serve(admin_listener, metrics.clone(), ready.clone()));
     tokio::spawn(probe_upstream(state.clone()));
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    // The peer port drains with the proxy: a peer mid-blob is a pull too.
+    let (peer_stop_tx, peer_stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let peer_server = match (peer_listener, &peers) {
+        (Some(l), Some(p)) => {
+            tokio::spawn(p.clone().refresh_loop());
+            Some(tokio::spawn(proxy::serve_peers(
+                l,
+                state.clone(),
+                async {
+                    let _ = peer_stop_rx.await;
+                },
+                grace,
+            )))
+        }
+        _ => None,
+    };
     let server = tokio::spawn(proxy::serve(
         listener,
         state.clone(),
-        async {
+        async move {
             let _ = stop_rx.await;
+            let _ = peer_stop_tx.send(());
+            drop(peer_server);
         },
         grace,
     ));
@@ -775,6 +812,8 @@ mod tests {
             metrics: metrics.clone(),
             timeouts: RwLock::new(cfg.timeouts),
             upstream_seen: Arc::new(Default::default()),
+            downloads: Default::default(),
+            peers: None,
         });
         let passes = Arc::new(Mutex::new(Vec::new()));
         let next_config = Arc::new(Mutex::new(text.to_string()));
@@ -1020,6 +1059,22 @@ mod tests {
         assert_eq!(r.needs_restart, vec![RestartKey::Canary]);
         assert_eq!(r.cfg.canary_image, None);
         assert_eq!(r.cfg.containerd_socket, None);
+    }
+
+    /// #11: the peer listener and resolver start once; changing peers.*
+    /// needs a restart, and the running peer config is kept.
+    #[test]
+    fn peer_keys_need_a_restart() {
+        let old = config(&config_text(&[A], "[cache]\ndir = \"/c\"\n"));
+        let r = plan_reload(
+            &old,
+            config(&config_text(
+                &[A],
+                "[cache]\ndir = \"/c\"\n[peers]\nlisten = \"0.0.0.0:5052\"\nstatic = [\"10.0.0.2:5052\"]\n",
+            )),
+        );
+        assert_eq!(r.needs_restart, vec![RestartKey::Peers]);
+        assert_eq!(r.cfg.peers, None);
     }
 
     /// #12: SIGHUP dropped timeout, cache and interval changes silently.

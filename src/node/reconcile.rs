@@ -49,6 +49,8 @@ pub enum AgentError {
     Proxy(#[from] crate::proxy::ProxyError),
     #[error(transparent)]
     Cache(#[from] crate::proxy::cache::CacheError),
+    #[error(transparent)]
+    Peers(#[from] crate::proxy::peers::PeerError),
     #[error("admin.listen {addr}: cannot listen: {source}")]
     AdminBind {
         addr: std::net::SocketAddr,

@@ -14,7 +14,7 @@
 //! and the directory never disagree.
 
 use std::fs;
-use std::io::{self, Write};
+use std::io::{self, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -136,6 +136,7 @@ impl Cache {
             hasher: Sha256::new(),
             written: 0,
             failed: false,
+            before_last: None,
         })
     }
 
@@ -247,6 +248,8 @@ pub struct Writer {
     hasher: Sha256,
     written: u64,
     failed: bool,
+    /// Length and hash state before the last write, for [`Writer::undo_last`].
+    before_last: Option<(u64, Sha256)>,
 }
 
 impl Writer {
@@ -254,6 +257,7 @@ impl Writer {
         if self.failed {
             return;
         }
+        self.before_last = Some((self.written, self.hasher.clone()));
         self.hasher.update(chunk);
         self.written += chunk.len() as u64;
         if let Err(e) = self.file.write_all(chunk) {
@@ -261,6 +265,59 @@ impl Writer {
             tracing::warn!(error = %e, digest = %self.digest, "cache: write failed; not caching");
             self.failed = true;
         }
+    }
+
+    /// Bytes written so far.
+    pub fn len(&self) -> u64 {
+        self.written
+    }
+
+    /// Whether nothing was written yet.
+    pub fn is_empty(&self) -> bool {
+        self.written == 0
+    }
+
+    /// A write failed; the file holds only part of what was written.
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    /// Whether what was written so far is the digest's content.
+    pub fn matches(&self) -> bool {
+        !self.failed && hex::encode(self.hasher.clone().finalize()) == self.digest.hex
+    }
+
+    /// A second handle on the file being written, for readers that follow
+    /// the write (#11: coalesced requests). It stays valid after the file
+    /// is renamed into the cache or removed.
+    pub fn reader(&self) -> io::Result<fs::File> {
+        self.file.reopen()
+    }
+
+    /// Take back the last write (length and hash): a source whose body
+    /// failed verification at its end is replaced from that chunk on,
+    /// which no client has been sent yet (#11). Only one step back.
+    pub fn undo_last(&mut self) -> io::Result<u64> {
+        if let Some((len, hasher)) = self.before_last.take() {
+            self.file.as_file().set_len(len)?;
+            self.file.as_file_mut().seek(io::SeekFrom::Start(len))?;
+            self.written = len;
+            self.hasher = hasher;
+        }
+        Ok(self.written)
+    }
+
+    /// Take back everything written: a source none of whose bytes were
+    /// released (#11, `peers.hold_until_verified`) is replaced from the
+    /// start.
+    pub fn reset(&mut self) -> io::Result<()> {
+        self.file.as_file().set_len(0)?;
+        self.file.as_file_mut().seek(io::SeekFrom::Start(0))?;
+        self.written = 0;
+        self.hasher = Sha256::new();
+        self.before_last = None;
+        self.failed = false;
+        Ok(())
     }
 
     /// The body ended normally: verify and commit. Dropping a writer

@@ -14,8 +14,16 @@
 //! whole; if the upstream fails mid-body the client connection is aborted
 //! (hyper closes it without completing the response), because containerd
 //! does not retry a truncated blob against the next host.
+//!
+//! A whole `GET` of an uncached blob goes through [`coalesce`]: one download
+//! per digest however many clients ask, from the blob's owner among the
+//! [`peers`] when node-to-node sharing is on, else from upstream. The peer
+//! port ([`serve_peers`], `peers.listen`) serves `GET`/`HEAD` of blobs by
+//! digest only, from the cache or upstream, never from another peer.
 
 pub mod cache;
+pub mod coalesce;
+pub mod peers;
 pub mod redirect;
 pub mod route;
 
@@ -39,7 +47,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::admin::metrics::{MethodLabel, Metrics, RequestLabels, RouteLabel, SourceLabels};
+use crate::admin::metrics::{MethodLabel, Metrics, RequestLabels, RouteLabel, SourceLabel};
 use cache::Cache;
 use route::{Refusal, Route};
 
@@ -289,6 +297,10 @@ pub struct ProxyState {
     pub timeouts: RwLock<Timeouts>,
     /// The upstream answered at least once (any HTTP response).
     pub upstream_seen: Arc<AtomicBool>,
+    /// Blob downloads in progress, shared by every client (#11).
+    pub downloads: coalesce::Downloads,
+    /// Node-to-node sharing (`peers.*`), when configured (#11).
+    pub peers: Option<Arc<peers::Peers>>,
 }
 
 impl ProxyState {
@@ -388,7 +400,10 @@ pub async fn handle(
         Err(r) => (refusal_response(&r), RouteLabel::Refused),
         Ok(route) => {
             let class = route.class();
-            (forward(&state, &method, route, req.headers()).await, class)
+            (
+                forward(&state, &method, route, req.headers(), false).await,
+                class,
+            )
         }
     };
     state
@@ -401,6 +416,42 @@ pub async fn handle(
         })
         .inc();
     debug!(%method, %path, route = %class, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "proxied");
+    Ok(resp)
+}
+
+/// Handle one request on the peer port (#11): `GET`/`HEAD` of a blob by
+/// digest, served from the cache or from upstream, never relayed to
+/// another peer; everything else is 404.
+pub async fn handle_peer(
+    state: Arc<ProxyState>,
+    req: Request<Incoming>,
+) -> Result<Response<ProxyBody>, Infallible> {
+    let method = req.method().clone();
+    let route = if req.uri().scheme().is_some() || req.uri().authority().is_some() {
+        None
+    } else {
+        route::classify(method.as_str(), req.uri().path(), None, &[])
+            .ok()
+            .filter(|r| matches!(r, Route::Blob { .. }))
+    };
+    let (resp, class) = match route {
+        None => (
+            refusal_response(&Refusal {
+                status: 404,
+                code: "NOT_FOUND",
+                message: "the peer port serves only GET and HEAD of blobs by digest".into(),
+            }),
+            RouteLabel::Refused,
+        ),
+        Some(route) => {
+            let class = route.class();
+            (
+                forward(&state, &method, route, req.headers(), true).await,
+                class,
+            )
+        }
+    };
+    debug!(%method, path = %req.uri().path(), route = %class, status = resp.status().as_u16(), "served a peer");
     Ok(resp)
 }
 
@@ -434,6 +485,7 @@ async fn forward(
     method: &Method,
     route: Route,
     headers: &HeaderMap,
+    via_peer: bool,
 ) -> Response<ProxyBody> {
     let head = method == Method::HEAD;
     let range = headers.get(header::RANGE).cloned();
@@ -447,14 +499,46 @@ async fn forward(
             }
         } else if digest.algorithm == "sha256" {
             state.metrics.cache_misses.inc();
+            // #11: one download per blob, however many clients ask.
+            if matches!(route, Route::Blob { .. }) && !head {
+                match &range {
+                    None => {
+                        if let Some(resp) =
+                            coalesce::serve(state, cache, &route, headers, via_peer).await
+                        {
+                            return resp;
+                        }
+                    }
+                    Some(r) => {
+                        if let Some(resp) = coalesce::serve_range(state, digest, r) {
+                            return resp;
+                        }
+                    }
+                }
+            }
         }
     }
+    let resp = match upstream_response(state, method, &route, headers).await {
+        Ok(r) => r,
+        Err(refused) => return refused,
+    };
+    relay(state, method, &route, range.as_ref(), resp)
+}
 
+/// Send `method` for `route` upstream, following redirects as
+/// [`redirect`] allows; the upstream's response head, or the response for
+/// the client when there is none.
+async fn upstream_response(
+    state: &Arc<ProxyState>,
+    method: &Method,
+    route: &Route,
+    headers: &HeaderMap,
+) -> Result<Response<Incoming>, Response<ProxyBody>> {
     let upstream = state.upstream.read().expect("upstream lock").clone();
     let mut current = match url::Url::parse(&format!("{}{}", upstream.base, route.upstream_path()))
     {
         Ok(u) => u,
-        Err(e) => return unavailable(format!("bad upstream uri: {e}")),
+        Err(e) => return Err(unavailable(format!("bad upstream uri: {e}"))),
     };
     let mut auth = headers.get(header::AUTHORIZATION).cloned();
     let mut client = &upstream.client;
@@ -462,7 +546,7 @@ async fn forward(
     let resp = loop {
         let uri: Uri = match current.as_str().parse() {
             Ok(u) => u,
-            Err(e) => return unavailable(format!("bad upstream uri: {e}")),
+            Err(e) => return Err(unavailable(format!("bad upstream uri: {e}"))),
         };
         let mut b = Request::builder().method(method.clone()).uri(uri.clone());
         for h in REQUEST_HEADERS.iter() {
@@ -484,11 +568,14 @@ async fn forward(
         let resp = match r {
             Err(_) => {
                 warn!(%uri, "upstream did not answer within {:?}", state.timeouts().response);
-                return unavailable(format!("upstream {} did not answer in time", upstream.host));
+                return Err(unavailable(format!(
+                    "upstream {} did not answer in time",
+                    upstream.host
+                )));
             }
             Ok(Err(e)) => {
                 warn!(%uri, error = %e, "upstream request failed");
-                return unavailable(format!("upstream {}: {e}", upstream.host));
+                return Err(unavailable(format!("upstream {}: {e}", upstream.host)));
             }
             Ok(Ok(r)) => r,
         };
@@ -512,7 +599,7 @@ async fn forward(
                 // 503, like an unreachable upstream: containerd tries its
                 // next host instead of following the redirect itself.
                 warn!(route = %route.class(), "{why}; not followed");
-                return unavailable(why.to_string());
+                return Err(unavailable(why.to_string()));
             }
         };
         if hop.same_origin {
@@ -529,13 +616,25 @@ async fn forward(
             auth = None;
             client = match &upstream.redirect_client {
                 Some(c) => c,
-                None => return unavailable("no client for redirect hosts".into()),
+                None => return Err(unavailable("no client for redirect hosts".into())),
             };
             current = hop.url;
         }
         hops += 1;
     };
+    Ok(resp)
+}
 
+/// Stream an upstream response to the client: teed into the cache and
+/// verified when it is a whole response for a digest.
+fn relay(
+    state: &Arc<ProxyState>,
+    method: &Method,
+    route: &Route,
+    range: Option<&HeaderValue>,
+    resp: Response<Incoming>,
+) -> Response<ProxyBody> {
+    let head = method == Method::HEAD;
     let status = resp.status();
     let mut out = Response::builder().status(status);
     for name in RESPONSE_HEADERS {
@@ -583,11 +682,7 @@ async fn forward(
         tail: None,
         done: false,
         metrics: state.metrics.clone(),
-        bytes: state
-            .metrics
-            .bytes
-            .get_or_create(&SourceLabels { source: "upstream" })
-            .clone(),
+        bytes: state.metrics.bytes_from(SourceLabel::Upstream),
         success: status.is_success(),
         _in_flight: InFlight::new(&state.metrics),
     };
@@ -663,11 +758,7 @@ async fn serve_cached(
     let stream = tokio_util::io::ReaderStream::with_capacity(f.take(len), 64 * 1024);
     let metrics = state.metrics.clone();
     let in_flight = InFlight::new(&state.metrics);
-    let counter = state
-        .metrics
-        .bytes
-        .get_or_create(&SourceLabels { source: "cache" })
-        .clone();
+    let counter = state.metrics.bytes_from(SourceLabel::Cache);
     let mut sent = 0u64;
     let body = StreamBody::new(futures_util::StreamExt::map(stream, move |r| {
         let _keep = &in_flight;
@@ -936,13 +1027,43 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()>,
     grace: Duration,
 ) -> bool {
-    crate::serve::serve_connections(listener, "proxy", shutdown, grace, |stream, watcher| {
+    serve_port(listener, state, shutdown, grace, false).await
+}
+
+/// Serve the peer port ([`peers`]) like [`serve`]: blobs by digest only.
+pub async fn serve_peers(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    shutdown: impl std::future::Future<Output = ()>,
+    grace: Duration,
+) -> bool {
+    serve_port(listener, state, shutdown, grace, true).await
+}
+
+async fn serve_port(
+    listener: TcpListener,
+    state: Arc<ProxyState>,
+    shutdown: impl std::future::Future<Output = ()>,
+    grace: Duration,
+    peer_port: bool,
+) -> bool {
+    let server = if peer_port { "peers" } else { "proxy" };
+    crate::serve::serve_connections(listener, server, shutdown, grace, |stream, watcher| {
         // Built per connection: client_header is reloadable (#12).
         let builder = crate::serve::http1_builder(state.timeouts().client_header);
         let st = state.clone();
         let conn = builder.serve_connection(
             TokioIo::new(stream),
-            hyper::service::service_fn(move |req| handle(st.clone(), req)),
+            hyper::service::service_fn(move |req| {
+                let st = st.clone();
+                async move {
+                    if peer_port {
+                        handle_peer(st, req).await
+                    } else {
+                        handle(st, req).await
+                    }
+                }
+            }),
         );
         tokio::spawn(async move {
             if let Err(e) = watcher.watch(conn).await {

@@ -1,0 +1,826 @@
+//! Pulls at scale (#11): request coalescing on one node, and blobs shared
+//! between nodes, with faults.
+//!
+//! The registry runs in a network namespace of its own behind a `tc` rate
+//! limit, so that it is the bottleneck, as a registry is when a whole
+//! cluster pulls one image. A node is a network namespace on a [`Lan`] with
+//! its own containerd and agent; nothing here reaches beyond loopback and
+//! the namespaces the test makes.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+use crate::harness::*;
+use crate::ALIAS;
+
+/// The registry's send rate in the tests: slow enough that every client
+/// of a blob asks while it is still in flight, fast enough for CI.
+pub const RATE_MBIT: u32 = 200;
+/// The peer port of every node.
+pub const PEER_PORT: u16 = 5052;
+const UPSTREAM: &str = "https://registry.shared-services:5443";
+
+/// The layers (digest, size) and the config digest of an OCI layout
+/// made by [`umoci_layout`], read from its files: no registry needed.
+pub fn layout_image(layout: &Path) -> (Vec<(String, u64)>, (String, u64), u64) {
+    let read = |d: &str| -> serde_json::Value {
+        let p = layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"));
+        serde_json::from_slice(&fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+            .unwrap()
+    };
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let m = &index["manifests"][0];
+    let manifest = read(m["digest"].as_str().unwrap());
+    let layers = manifest["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| {
+            (
+                l["digest"].as_str().unwrap().to_string(),
+                l["size"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let config = (
+        manifest["config"]["digest"].as_str().unwrap().to_string(),
+        manifest["config"]["size"].as_u64().unwrap(),
+    );
+    (layers, config, m["size"].as_u64().unwrap())
+}
+
+/// The bytes of a blob of a layout.
+pub fn layout_blob(layout: &Path, digest: &str) -> Vec<u8> {
+    fs::read(
+        layout
+            .join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:")),
+    )
+    .unwrap()
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+fn cache_toml(dir: &Path) -> String {
+    format!(
+        "\n[cache]\ndir = {:?}\nmax_bytes = 4294967296\n",
+        dir.join("cache").display().to_string()
+    )
+}
+
+/// The registry in a namespace joined to the host, rate-limited, with a
+/// TLS certificate for the cluster names and its IP.
+// Fields drop in order: servers first, the scratch directory last.
+struct Single {
+    registry: Registry,
+    ns: NetNs,
+    pki: Pki,
+    dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+fn single() -> Single {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let ns = NetNs::new();
+    let pki = Pki::new(
+        &dir.join("pki"),
+        &["registry.shared-services"],
+        &[&ns.ns_ip],
+    );
+    let registry = Registry::start(&dir, &format!("{}:5443", ns.ns_ip), Some(&pki), Some(&ns));
+    Single {
+        _tmp: tmp,
+        dir,
+        ns,
+        pki,
+        registry,
+    }
+}
+
+/// #11: 8 concurrent GETs of one uncached 64 MiB blob through one agent
+/// make exactly one upstream GET of it, and all 8 bodies verify.
+#[test]
+fn eight_concurrent_gets_of_one_blob_make_one_upstream_get() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    let s = single();
+    let layout = big_layout(64);
+    push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
+    let (layers, _, _) = layout_image(&layout);
+    let (layer, size) = layers[0].clone();
+    s.ns.rate_limit(RATE_MBIT);
+    let ctd = Containerd::start(&s.dir);
+    let agent = Agent::start(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        UPSTREAM,
+        Some(&s.registry.addr),
+        &s.pki.ca(),
+        &cache_toml(&s.dir),
+    );
+    let clients = 8;
+    let barrier = Arc::new(std::sync::Barrier::new(clients));
+    let bodies: Vec<Vec<u8>> = std::thread::scope(|sc| {
+        let handles: Vec<_> = (0..clients)
+            .map(|_| {
+                let (b, proxy, layer) = (barrier.clone(), agent.proxy.clone(), layer.clone());
+                sc.spawn(move || {
+                    b.wait();
+                    let r = http(&proxy, "GET", &format!("/v2/big/blobs/{layer}"), &[]).unwrap();
+                    assert_eq!(r.status, 200, "{:?}", r.headers);
+                    r.body
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, b) in bodies.iter().enumerate() {
+        assert_eq!(b.len() as u64, size, "client {i}: length");
+        assert_eq!(
+            format!("sha256:{}", sha256_hex(b)),
+            layer,
+            "client {i}: digest"
+        );
+    }
+    let (gets, bytes) = registry_blob_gets(&s.registry, &layer);
+    let coalesced = agent.metric("slipway_coalesced_requests_total");
+    let hits = agent.metric("slipway_cache_hits_total");
+    eprintln!("upstream GETs of the blob: {gets} ({bytes} bytes); coalesced requests: {coalesced}; cache hits: {hits}");
+    assert_eq!(
+        gets,
+        1,
+        "upstream GETs of {layer}:\n{}",
+        s.registry.proc.log_text()
+    );
+    assert_eq!(bytes, size);
+    // Every other client joined the download (or, had it been over, hit
+    // the cache): none fetched on its own.
+    assert_eq!(
+        coalesced + hits,
+        (clients - 1) as f64,
+        "{}",
+        agent.metrics()
+    );
+}
+
+/// #11: Range requests for a blob being downloaded: a range already
+/// released is served from the download, one that is not yet there goes
+/// upstream. A client that reads 1 MiB and stops keeps the download in
+/// progress (it runs at most 8 MiB ahead of its fastest client).
+#[test]
+fn range_requests_during_a_download_are_served_from_it_when_there() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    let s = single();
+    let layout = big_layout(32);
+    push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
+    let (layers, _, _) = layout_image(&layout);
+    let (layer, size) = layers[0].clone();
+    let blob = layout_blob(&layout, &layer);
+    s.ns.rate_limit(RATE_MBIT);
+    let ctd = Containerd::start(&s.dir);
+    let agent = Agent::start(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        UPSTREAM,
+        Some(&s.registry.addr),
+        &s.pki.ca(),
+        &cache_toml(&s.dir),
+    );
+    let path = format!("/v2/big/blobs/{layer}");
+    let mut slow = std::net::TcpStream::connect(&agent.proxy).unwrap();
+    write!(
+        slow,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    while got.len() < (1 << 20) + 4096 {
+        let n = slow.read(&mut buf).unwrap();
+        assert!(n > 0, "the response ended early");
+        got.extend_from_slice(&buf[..n]);
+    }
+    // The registry logs a request when it has sent all of it: the
+    // download in progress is not in the log yet.
+    let head = http(&agent.proxy, "GET", &path, &[("Range", "bytes=0-1023")]).unwrap();
+    assert_eq!(head.status, 206);
+    assert_eq!(head.body, blob[..1024]);
+    assert_eq!(
+        head.header("content-range"),
+        Some(format!("bytes 0-1023/{size}").as_str())
+    );
+    assert_eq!(
+        registry_blob_gets(&s.registry, &layer).0,
+        0,
+        "a released range went upstream"
+    );
+    let tail_range = format!("bytes={}-{}", size - 1024, size - 1);
+    let tail = http(&agent.proxy, "GET", &path, &[("Range", &tail_range)]).unwrap();
+    assert_eq!(tail.status, 206);
+    assert_eq!(tail.body, blob[blob.len() - 1024..]);
+    assert_eq!(
+        registry_blob_gets(&s.registry, &layer).0,
+        1,
+        "a range not yet downloaded was not fetched upstream"
+    );
+    // The slow client still gets the whole blob.
+    loop {
+        let n = slow.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let body = parse_response(&got).unwrap().body;
+    assert_eq!(format!("sha256:{}", sha256_hex(&body)), layer);
+    assert_eq!(registry_blob_gets(&s.registry, &layer).0, 2);
+}
+
+/// A cluster: the registry and `n` nodes on one [`Lan`], each node with
+/// its containerd and agent, every agent sharing with all the others.
+// Fields drop in order: nodes and servers first, the scratch directory
+// last.
+pub struct Cluster {
+    pub nodes: Vec<Node>,
+    pub registry: Registry,
+    pub _reg_ns: NetNs,
+    pub _lan: Lan,
+    pub _pki: Pki,
+    pub _tmp: tempfile::TempDir,
+}
+
+pub struct Node {
+    pub agent: Agent,
+    pub ctd: Containerd,
+    pub _ns: NetNs,
+    pub peer: SocketAddr,
+}
+
+impl Cluster {
+    /// `mib` MiB in one layer pushed as `big:v1`; `share`: peers on.
+    pub fn start(n: usize, layout: &Path, share: bool, rate_mbit: u32) -> Cluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let lan = Lan::new();
+        let reg_ns = lan.host();
+        let pki = Pki::new(
+            &dir.join("pki"),
+            &["registry.shared-services"],
+            &[&reg_ns.ns_ip],
+        );
+        let registry = Registry::start(
+            &dir,
+            &format!("{}:5443", reg_ns.ns_ip),
+            Some(&pki),
+            Some(&reg_ns),
+        );
+        push_layout_in(&reg_ns, layout, &registry.addr, "big:v1", &pki);
+        reg_ns.rate_limit(rate_mbit);
+        let hosts: Vec<NetNs> = (0..n).map(|_| lan.host()).collect();
+        let peers: Vec<SocketAddr> = hosts
+            .iter()
+            .map(|h| format!("{}:{PEER_PORT}", h.ns_ip).parse().unwrap())
+            .collect();
+        let list: Vec<String> = peers
+            .iter()
+            .map(|p| format!("{:?}", p.to_string()))
+            .collect();
+        let nodes = hosts
+            .into_iter()
+            .zip(&peers)
+            .enumerate()
+            .map(|(i, (ns, peer))| {
+                let ndir = dir.join(format!("node{i}"));
+                fs::create_dir_all(&ndir).unwrap();
+                let ctd = Containerd::start_in(&ndir, &ns);
+                let mut extra = cache_toml(&ndir);
+                if share {
+                    extra.push_str(&format!(
+                        "[peers]\nlisten = \"{peer}\"\nstatic = [{}]\n",
+                        list.join(", ")
+                    ));
+                }
+                let agent = Agent::start_in(
+                    &ns,
+                    &ndir,
+                    &ctd,
+                    &[ALIAS],
+                    UPSTREAM,
+                    Some(&registry.addr),
+                    &pki.ca(),
+                    &extra,
+                );
+                Node {
+                    agent,
+                    ctd,
+                    _ns: ns,
+                    peer: *peer,
+                }
+            })
+            .collect();
+        Cluster {
+            nodes,
+            registry,
+            _reg_ns: reg_ns,
+            _lan: lan,
+            _pki: pki,
+            _tmp: tmp,
+        }
+    }
+
+    /// Pull `image` on the nodes `which` at once; each result and wall time.
+    pub fn pull_all(
+        &self,
+        image: &str,
+        which: &[usize],
+    ) -> Vec<(Result<String, String>, Duration)> {
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = which
+                .iter()
+                .map(|&i| {
+                    let ctd = &self.nodes[i].ctd;
+                    sc.spawn(move || {
+                        let t0 = Instant::now();
+                        let r = ctd.pull(image);
+                        (r, t0.elapsed())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+}
+
+/// skopeo inside `ns` (the registry is not reachable from the host).
+pub fn push_layout_in(ns: &NetNs, layout: &Path, registry: &str, repo_tag: &str, pki: &Pki) {
+    run_ok(
+        ns.command("skopeo")
+            .args(["copy", "--quiet", "--dest-cert-dir"])
+            .arg(pki.trust_dir())
+            .arg(format!("oci:{}:app", layout.display()))
+            .arg(format!("docker://{registry}/{repo_tag}")),
+    );
+}
+
+/// The image's bytes as the registry stores them: layers, config and
+/// manifest.
+pub fn image_bytes(layout: &Path) -> u64 {
+    let (layers, config, manifest) = layout_image(layout);
+    layers.iter().map(|l| l.1).sum::<u64>() + config.1 + manifest
+}
+
+fn image_ref(layout: &Path) -> String {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    format!(
+        "{ALIAS}/big@{}",
+        index["manifests"][0]["digest"].as_str().unwrap()
+    )
+}
+
+/// #11: three nodes cold-pull one 32 MiB image through CRI at once; with
+/// sharing the registry sends at most 1.3 times the image's bytes.
+#[test]
+fn three_nodes_pulling_at_once_fetch_the_image_from_the_registry_once() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    let layout = big_layout(32);
+    let c = Cluster::start(3, &layout, true, RATE_MBIT);
+    let results = c.pull_all(&image_ref(&layout), &[0, 1, 2]);
+    let (_, config, _) = layout_image(&layout);
+    for (i, (r, t)) in results.iter().enumerate() {
+        eprintln!("node {i}: {r:?} in {t:?}");
+        assert_eq!(r.as_deref(), Ok(config.0.as_str()), "node {i}");
+    }
+    let sent = registry_get_bytes(&c.registry);
+    let image = image_bytes(&layout);
+    let ratio = sent as f64 / image as f64;
+    for (i, n) in c.nodes.iter().enumerate() {
+        eprintln!(
+            "node {i}: peer bytes {} upstream bytes {} served peers {} coalesced {}",
+            n.agent.metric("slipway_proxy_bytes_total{source=\"peer\"}"),
+            n.agent
+                .metric("slipway_proxy_bytes_total{source=\"upstream\"}"),
+            n.agent
+                .metric("slipway_peer_requests_total{result=\"served\"}"),
+            n.agent.metric("slipway_coalesced_requests_total"),
+        );
+        assert_eq!(n.agent.metric("slipway_peers"), 2.0, "node {i}");
+    }
+    eprintln!("registry sent {sent} bytes for a {image}-byte image: {ratio:.2}x");
+    assert!(ratio <= 1.3, "registry sent {ratio:.2}x the image");
+}
+
+/// #11: the owner of the layer loses its agent to SIGKILL in the middle of
+/// the pull; every other node's pull still completes with the right
+/// image.
+#[test]
+fn owner_killed_mid_pull_leaves_the_other_pulls_complete() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    let layout = big_layout(32);
+    let (layers, config, _) = layout_image(&layout);
+    // Slower, so that the pull is surely in its middle when the owner dies.
+    let c = Cluster::start(3, &layout, true, RATE_MBIT / 4);
+    let peers: Vec<SocketAddr> = c.nodes.iter().map(|n| n.peer).collect();
+    let digest = slipway::proxy::route::Digest::parse(&layers[0].0).unwrap();
+    let owner_addr = slipway::proxy::peers::rank(&peers, &digest)[0];
+    let owner = c.nodes.iter().position(|n| n.peer == owner_addr).unwrap();
+    let others: Vec<usize> = (0..c.nodes.len()).filter(|i| *i != owner).collect();
+    let image = image_ref(&layout);
+    let results = std::thread::scope(|sc| {
+        let pulls = sc.spawn(|| c.pull_all(&image, &others));
+        // Kill once the owner has sent some of the layer (to itself and
+        // the peers), well before all of it.
+        let started = Instant::now();
+        let node = &c.nodes[owner];
+        loop {
+            let sent = node
+                .agent
+                .metric("slipway_proxy_bytes_total{source=\"upstream\"}");
+            if sent >= (4 << 20) as f64 {
+                eprintln!("owner sent {sent} bytes; SIGKILL");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the owner never served the layer:\n{}",
+                node.agent.metrics()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node.agent.signal(nix::sys::signal::Signal::SIGKILL);
+        pulls.join().unwrap()
+    });
+    let mut c = c;
+    let _ = c.nodes[owner].agent.wait_exit(Duration::from_secs(5));
+    for (i, (r, t)) in others.iter().zip(&results) {
+        eprintln!("node {i}: {r:?} in {t:?}");
+        assert_eq!(r.as_deref(), Ok(config.0.as_str()), "node {i}");
+    }
+    let failed: f64 = others
+        .iter()
+        .map(|&i| {
+            c.nodes[i]
+                .agent
+                .metric("slipway_peer_requests_total{result=\"failed\"}")
+        })
+        .sum();
+    eprintln!("peer requests that broke off: {failed}");
+    assert!(failed >= 1.0, "no node saw the owner's body break off");
+}
+
+/// What a stand-in peer does with a request.
+#[derive(Clone)]
+enum Behaviour {
+    /// Serves the blob (for a GET naming its digest) with the byte at
+    /// `flip` flipped and the right length; 404 for anything else.
+    Corrupt {
+        digest: String,
+        blob: Vec<u8>,
+        flip: usize,
+    },
+    /// Accepts, reads the request, never answers.
+    Hang,
+    /// Answers every request with this status.
+    Status(u16),
+}
+
+/// A stand-in peer on loopback; counts requests. Stopped on drop.
+struct BadPeer {
+    addr: String,
+    requests: Arc<AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl BadPeer {
+    fn start(behaviour: Behaviour) -> BadPeer {
+        let behaviour = match behaviour {
+            Behaviour::Corrupt {
+                digest,
+                mut blob,
+                flip,
+            } => {
+                blob[flip] ^= 0xff;
+                Behaviour::Corrupt { digest, blob, flip }
+            }
+            b => b,
+        };
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (r, st) = (requests.clone(), stop.clone());
+        let thread = std::thread::spawn(move || {
+            // Connections held open without an answer, until the stop.
+            let mut held = Vec::new();
+            while !st.load(Ordering::SeqCst) {
+                let Ok((mut c, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                r.fetch_add(1, Ordering::SeqCst);
+                c.set_nonblocking(false).unwrap();
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
+                    match c.read(&mut b) {
+                        Ok(1) => head.push(b[0]),
+                        _ => break,
+                    }
+                }
+                let status = |c: &mut std::net::TcpStream, code: u16| {
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 {code} Stand-in\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                };
+                match &behaviour {
+                    Behaviour::Hang => held.push(c),
+                    Behaviour::Status(code) => status(&mut c, *code),
+                    Behaviour::Corrupt { digest, blob, .. } => {
+                        if !String::from_utf8_lossy(&head).contains(&format!("/blobs/{digest} ")) {
+                            status(&mut c, 404);
+                            continue;
+                        }
+                        let _ = write!(
+                            c,
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+                            blob.len()
+                        );
+                        let _ = c.write_all(blob);
+                    }
+                }
+            }
+        });
+        BadPeer {
+            addr,
+            requests,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for BadPeer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// #11: a peer that accepts and never answers, and one that refuses (503),
+/// are skipped within the peer deadlines and counted; the pull completes
+/// from upstream.
+#[test]
+fn hanging_and_refusing_peers_are_skipped() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    let s = single();
+    let layout = big_layout(32);
+    push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
+    let (layers, config, _) = layout_image(&layout);
+    s.ns.rate_limit(RATE_MBIT);
+    let hang = BadPeer::start(Behaviour::Hang);
+    let refuse = BadPeer::start(Behaviour::Status(503));
+    let ctd = Containerd::start(&s.dir);
+    let agent = Agent::start(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        UPSTREAM,
+        Some(&s.registry.addr),
+        &s.pki.ca(),
+        &format!(
+            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{:?}, {:?}]\n",
+            cache_toml(&s.dir),
+            hang.addr,
+            refuse.addr
+        ),
+    );
+    let got = ctd.pull(&image_ref(&layout));
+    assert_eq!(
+        got.as_deref(),
+        Ok(config.0.as_str()),
+        "{}",
+        agent.proc.log_text()
+    );
+    let timeouts = agent.metric("slipway_peer_requests_total{result=\"timeout\"}");
+    let refused = agent.metric("slipway_peer_requests_total{result=\"refused\"}");
+    eprintln!("timeouts {timeouts}, refused {refused}");
+    assert!(
+        hang.requests.load(Ordering::SeqCst) >= 1,
+        "the hanging peer was not asked"
+    );
+    assert!(
+        refuse.requests.load(Ordering::SeqCst) >= 1,
+        "the refusing peer was not asked"
+    );
+    assert!(timeouts >= 1.0 && refused >= 1.0, "{}", agent.metrics());
+    // Every blob came from upstream, once.
+    for (digest, _) in layers.iter().chain([&config]) {
+        assert_eq!(registry_blob_gets(&s.registry, digest).0, 1, "{digest}");
+    }
+    assert_eq!(
+        agent.metric("slipway_proxy_bytes_total{source=\"peer\"}"),
+        0.0
+    );
+}
+
+/// #11: a peer that serves corrupted bytes is detected, skipped and
+/// counted, and the pull succeeds from upstream. The peer port serves
+/// only blobs, and never relays to another peer.
+#[test]
+fn corrupt_peer_is_skipped_and_the_pull_succeeds_from_upstream() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    let s = single();
+    let layout = big_layout(32);
+    push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
+    let (layers, config, _) = layout_image(&layout);
+    let (layer, size) = layers[0].clone();
+    s.ns.rate_limit(RATE_MBIT);
+    let blob = layout_blob(&layout, &layer);
+    let bad = BadPeer::start(Behaviour::Corrupt {
+        digest: layer.clone(),
+        flip: blob.len() - 1,
+        blob,
+    });
+    let ctd = Containerd::start(&s.dir);
+    let agent = Agent::start(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        UPSTREAM,
+        Some(&s.registry.addr),
+        &s.pki.ca(),
+        // Streamed as it arrives (not the default): the wrong last byte is
+        // in the held-back last chunk, so only that chunk comes again.
+        &format!(
+            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{:?}]\nhold_until_verified = false\n",
+            cache_toml(&s.dir),
+            bad.addr
+        ),
+    );
+    let got = ctd.pull(&image_ref(&layout));
+    assert_eq!(
+        got.as_deref(),
+        Ok(config.0.as_str()),
+        "{}",
+        agent.proc.log_text()
+    );
+    let corrupt = agent.metric("slipway_peer_requests_total{result=\"corrupt\"}");
+    let from_peer = agent.metric("slipway_proxy_bytes_total{source=\"peer\"}");
+    let (gets, bytes) = registry_blob_gets(&s.registry, &layer);
+    eprintln!("corrupt: {corrupt}; bytes from the peer {from_peer}; upstream GETs of the layer {gets} ({bytes} bytes)");
+    assert!(
+        bad.requests.load(Ordering::SeqCst) >= 1,
+        "the peer was not asked"
+    );
+    assert!(corrupt >= 1.0, "{}", agent.metrics());
+    // The held-back last chunk came from upstream, not the whole layer again.
+    assert!(gets >= 1 && bytes < size, "{gets} GETs, {bytes} bytes");
+    let cached = s
+        .dir
+        .join("cache/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(&fs::read(&cached).unwrap())),
+        layer
+    );
+
+    // The peer port: blobs only, from this node's cache, never relayed.
+    let log = agent.proc.log_text();
+    let port = addr_from_log(&log, "slipway agent starting", " peers=").expect(&log);
+    let asked = bad.requests.load(Ordering::SeqCst);
+    for target in [
+        "/v2/".to_string(),
+        "/v2/big/manifests/v1".to_string(),
+        "/v2/_catalog".to_string(),
+    ] {
+        let r = http(&port, "GET", &target, &[]).unwrap();
+        assert_eq!(r.status, 404, "{target}");
+    }
+    let r = http(&port, "PUT", &format!("/v2/big/blobs/{layer}"), &[]).unwrap();
+    assert_eq!(r.status, 404);
+    let r = http(&port, "GET", &format!("/v2/big/blobs/{layer}"), &[]).unwrap();
+    assert_eq!((r.status, r.body.len() as u64), (200, size));
+    // Not cached here: asked upstream (which has no such blob), not relayed.
+    let other = "sha256:".to_string() + &"0".repeat(64);
+    let r = http(&port, "GET", &format!("/v2/big/blobs/{other}"), &[]).unwrap();
+    assert_eq!(r.status, 404, "an unknown blob is the registry's 404");
+    assert_eq!(
+        bad.requests.load(Ordering::SeqCst),
+        asked,
+        "a request on the peer port was relayed to a peer"
+    );
+}
+
+/// #11: a peer whose wrong byte comes first. Streamed as it arrives, that
+/// byte would reach containerd before the end shows the digest does not
+/// match, and containerd's resume would keep it (see src/proxy/coalesce.rs);
+/// with `peers.hold_until_verified` (the default) nothing reaches
+/// containerd before the whole blob verified: the peer is counted as
+/// corrupt and skipped, the whole blob is fetched from upstream once, and
+/// the first pull succeeds through the proxy.
+#[test]
+fn early_corruption_from_a_peer_is_never_sent_with_hold_until_verified() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    let s = single();
+    let layout = big_layout(32);
+    push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
+    let (layers, config, _) = layout_image(&layout);
+    let (layer, _) = layers[0].clone();
+    s.ns.rate_limit(RATE_MBIT);
+    let bad = BadPeer::start(Behaviour::Corrupt {
+        digest: layer.clone(),
+        blob: layout_blob(&layout, &layer),
+        flip: 0,
+    });
+    let ctd = Containerd::start(&s.dir);
+    let agent = Agent::start(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        UPSTREAM,
+        Some(&s.registry.addr),
+        &s.pki.ca(),
+        &format!(
+            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{:?}]\n",
+            cache_toml(&s.dir),
+            bad.addr
+        ),
+    );
+    let got = ctd.pull(&image_ref(&layout));
+    let cached = s
+        .dir
+        .join("cache/sha256")
+        .join(layer.trim_start_matches("sha256:"));
+    assert_eq!(
+        got.as_deref(),
+        Ok(config.0.as_str()),
+        "{}",
+        agent.proc.log_text()
+    );
+    assert_eq!(
+        agent.metric("slipway_peer_requests_total{result=\"corrupt\"}"),
+        1.0,
+        "{}",
+        agent.metrics()
+    );
+    // The peer was asked once for the layer (404 for the config blob).
+    assert!(bad.requests.load(Ordering::SeqCst) >= 1);
+    // No upstream mismatch was counted: the wrong bytes were the peer's.
+    assert_eq!(agent.metric("slipway_proxy_digest_mismatches_total"), 0.0);
+    // The peer's bytes were thrown away whole: one GET of the whole layer
+    // from upstream, through this agent (containerd never fell back to
+    // the registry itself, which would be a second GET).
+    let (_, size) = layers[0].clone();
+    let (gets, bytes) = registry_blob_gets(&s.registry, &layer);
+    assert_eq!((gets, bytes), (1, size), "upstream GETs of the layer");
+    assert_eq!(
+        agent.metric("slipway_proxy_bytes_total{source=\"peer\"}"),
+        0.0,
+        "no byte of the peer's reached containerd"
+    );
+    assert_eq!(
+        format!("sha256:{}", sha256_hex(&fs::read(&cached).unwrap())),
+        layer
+    );
+}

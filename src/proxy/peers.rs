@@ -1,0 +1,530 @@
+//! Node-to-node blob sharing (#11).
+//!
+//! Owns the peer set and the choice of which node is asked for a blob.
+//! The set comes from `peers.static` (`host:port` entries) and `peers.dns`
+//! (`name:port`, a headless Service whose A/AAAA records are the agents'
+//! node IPs), resolved at start and every `peers.refresh_secs`. This node is
+//! in the set too (an address whose IP is local and whose port is that of
+//! `peers.listen`): for each blob digest, rendezvous (highest-random-weight)
+//! hashing over the set orders the nodes, and the first is the blob's
+//! owner. A node that is not the owner asks the owner on its peer port; the
+//! owner serves from its cache or fetches from upstream once (coalesced,
+//! see [`super::coalesce`]). When this node comes first it is the owner and
+//! goes upstream itself.
+//!
+//! A peer that refuses, misses the connect or first-byte deadline
+//! ([`PEER_CONNECT_TIMEOUT`], [`PEER_RESPONSE_TIMEOUT`]) is skipped for
+//! [`PEER_DOWN_FOR`] and the next node in the order is asked: with
+//! rendezvous hashing, skipping a node gives exactly the order without it,
+//! so every node that skips the same peer agrees on the next owner. A peer
+//! whose body does not verify is skipped for that blob from then on.
+//! A request to a peer carries no credentials (the port is plain HTTP):
+//! against a registry that wants them for pulls the owner is refused, and
+//! the asking node goes upstream with containerd's, as without sharing.
+//!
+//! Endpoint, on `peers.listen` (plain HTTP; any address, because it serves
+//! nothing but verified blobs by digest, as the registry would): `GET` and
+//! `HEAD` `/v2/<name>/blobs/<digest>`. Everything else gets 404. A request
+//! that arrives on the peer port is served from the cache or from upstream,
+//! never relayed to another peer, so a request crosses at most one hop.
+//!
+//! Writes no files.
+
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, Request, Response, StatusCode, Uri};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use sha2::Digest as _;
+use tracing::{debug, info, warn};
+
+use crate::admin::metrics::{Metrics, PeerResult};
+use crate::proxy::route::{Digest, Route};
+
+/// A peer that has not connected by then is skipped: a node that is gone
+/// must cost a pull far less than containerd's own timeouts.
+pub const PEER_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+/// From the request to the response head. The owner answers once its own
+/// download has a response head, which is one upstream round trip.
+pub const PEER_RESPONSE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a peer that refused or timed out is left out.
+pub const PEER_DOWN_FOR: Duration = Duration::from_secs(10);
+/// The per-blob "this peer sent bad bytes" memory is dropped beyond this.
+const MAX_BAD: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum PeerError {
+    #[error("peers.listen {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+/// Where the peer set comes from (`peers.*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerConfig {
+    pub listen: SocketAddr,
+    /// `host:port` entries, resolved like `dns` (an IP needs no lookup).
+    pub static_peers: Vec<String>,
+    /// `name:port` of a headless Service.
+    pub dns: Option<String>,
+    pub refresh: Duration,
+    /// Send a blob from a peer to the clients only once all of it has
+    /// verified (`peers.hold_until_verified`; see [`super::coalesce`]).
+    pub hold_until_verified: bool,
+}
+
+/// The weight of `peer` for `digest` in rendezvous hashing: the first 8
+/// bytes of sha256 over both. A hash every node computes alike, whatever
+/// its build, unlike std's `DefaultHasher`.
+pub fn weight(peer: &SocketAddr, digest: &Digest) -> u64 {
+    let mut h = sha2::Sha256::new();
+    h.update(digest.to_string().as_bytes());
+    h.update([0u8]);
+    h.update(peer.to_string().as_bytes());
+    let out = h.finalize();
+    u64::from_be_bytes(out[..8].try_into().expect("8 bytes"))
+}
+
+/// The peers ordered for `digest`: the owner first. Ties (never seen with
+/// a 64-bit weight, but possible) break on the address, so the order is
+/// the same on every node.
+pub fn rank(peers: &[SocketAddr], digest: &Digest) -> Vec<SocketAddr> {
+    let mut v: Vec<(u64, SocketAddr)> = peers.iter().map(|p| (weight(p, digest), *p)).collect();
+    v.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    v.dedup_by(|a, b| a.1 == b.1);
+    v.into_iter().map(|(_, p)| p).collect()
+}
+
+/// The peers to ask for a blob, in order: those ranked before this node,
+/// without the skipped ones. Empty when this node is the owner (or every
+/// node ranked before it is skipped): then it goes upstream.
+pub fn candidates(
+    ranked: &[SocketAddr],
+    is_self: impl Fn(&SocketAddr) -> bool,
+    skip: impl Fn(&SocketAddr) -> bool,
+) -> Vec<SocketAddr> {
+    ranked
+        .iter()
+        .take_while(|p| !is_self(p))
+        .filter(|p| !skip(p))
+        .copied()
+        .collect()
+}
+
+/// Whether `addr` is this node's own peer address: its port is that of
+/// `listen`, and its IP is `listen`'s or, for a wildcard `listen`, one of
+/// this host's addresses.
+pub fn is_own(addr: &SocketAddr, listen: &SocketAddr, local: impl Fn(IpAddr) -> bool) -> bool {
+    addr.port() == listen.port()
+        && (addr.ip() == listen.ip() || (listen.ip().is_unspecified() && local(addr.ip())))
+}
+
+/// An IP is this host's if a socket can be bound to it (EADDRNOTAVAIL
+/// otherwise); no interface listing needed.
+fn is_local_ip(ip: IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+}
+
+/// Parse `host:port` (a name, an IPv4 or a bracketed IPv6, and a port).
+pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let (host, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?} is not host:port"))?;
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p != 0)
+        .ok_or_else(|| format!("{s:?}: {port:?} is not a port from 1 to 65535"))?;
+    let bracketed = host.starts_with('[') && host.ends_with(']');
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    if host.is_empty() || host.contains(['/', ' ', '@', '?', '#', '[', ']']) {
+        return Err(format!("{s:?}: {host:?} is not a host name or IP address"));
+    }
+    if host.contains(':') && (!bracketed || host.parse::<std::net::Ipv6Addr>().is_err()) {
+        return Err(format!("{s:?}: an IPv6 address is written [addr]:port"));
+    }
+    Ok((host.to_string(), port))
+}
+
+type PeerClient = Client<HttpConnector, Empty<Bytes>>;
+
+/// The peer set in force and what was learnt about its members.
+pub struct Peers {
+    pub config: PeerConfig,
+    /// Resolved members, this node included, each with "is it this node".
+    members: RwLock<Arc<Vec<(SocketAddr, bool)>>>,
+    down: Mutex<HashMap<SocketAddr, Instant>>,
+    bad: Mutex<HashSet<(SocketAddr, Digest)>>,
+    client: PeerClient,
+    metrics: Arc<Metrics>,
+}
+
+/// A peer's answer that can be streamed: 200 with a Content-Length.
+pub struct PeerBody {
+    pub peer: SocketAddr,
+    pub len: u64,
+    pub response: Response<Incoming>,
+}
+
+impl Peers {
+    pub fn new(config: PeerConfig, metrics: Arc<Metrics>) -> Peers {
+        let mut http = HttpConnector::new();
+        http.set_connect_timeout(Some(PEER_CONNECT_TIMEOUT));
+        http.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .http1_max_buf_size(64 * 1024)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(8)
+            .pool_timer(TokioTimer::new())
+            .build(http);
+        Peers {
+            config,
+            members: RwLock::new(Arc::new(Vec::new())),
+            down: Mutex::new(HashMap::new()),
+            bad: Mutex::new(HashSet::new()),
+            client,
+            metrics,
+        }
+    }
+
+    /// Set the members (for tests and after a resolution).
+    pub fn set_members(&self, addrs: Vec<SocketAddr>) {
+        let listen = self.config.listen;
+        let mut v: Vec<(SocketAddr, bool)> = addrs
+            .into_iter()
+            .map(|a| (a, is_own(&a, &listen, is_local_ip)))
+            .collect();
+        v.sort();
+        v.dedup();
+        let others = v.iter().filter(|(_, me)| !me).count();
+        self.metrics.peers.set(others as i64);
+        let old = self.members.read().expect("peers lock").clone();
+        if *old != v {
+            info!(peers = ?v.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>(), "peer set changed");
+        }
+        *self.members.write().expect("peers lock") = Arc::new(v);
+    }
+
+    /// Resolve `peers.static` and `peers.dns` once. A name that does not
+    /// resolve leaves the others in; the error is logged.
+    pub async fn resolve(&self) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        for entry in self
+            .config
+            .static_peers
+            .iter()
+            .chain(self.config.dns.iter())
+        {
+            match tokio::net::lookup_host(entry.as_str()).await {
+                Ok(addrs) => out.extend(addrs),
+                Err(e) => warn!(peer = %entry, error = %e, "cannot resolve peer"),
+            }
+        }
+        out
+    }
+
+    /// Re-resolve every `peers.refresh_secs`, for ever.
+    pub async fn refresh_loop(self: Arc<Self>) {
+        loop {
+            let addrs = self.resolve().await;
+            self.set_members(addrs);
+            tokio::time::sleep(self.config.refresh).await;
+        }
+    }
+
+    /// The peers to ask for `digest`, best first.
+    pub fn candidates(&self, digest: &Digest) -> Vec<SocketAddr> {
+        let members = self.members.read().expect("peers lock").clone();
+        let addrs: Vec<SocketAddr> = members.iter().map(|(a, _)| *a).collect();
+        let own: HashSet<SocketAddr> = members
+            .iter()
+            .filter(|(_, me)| *me)
+            .map(|(a, _)| *a)
+            .collect();
+        let now = Instant::now();
+        let down = self.down.lock().expect("down lock");
+        let bad = self.bad.lock().expect("bad lock");
+        candidates(
+            &rank(&addrs, digest),
+            |p| own.contains(p),
+            |p| {
+                down.get(p).is_some_and(|until| *until > now) || bad.contains(&(*p, digest.clone()))
+            },
+        )
+    }
+
+    fn mark_down(&self, peer: SocketAddr) {
+        let mut down = self.down.lock().expect("down lock");
+        down.retain(|_, until| *until > Instant::now());
+        down.insert(peer, Instant::now() + PEER_DOWN_FOR);
+    }
+
+    /// `peer` sent bytes for `digest` that did not verify: never ask it
+    /// for that blob again (until the memory is full and starts over).
+    pub fn mark_bad(&self, peer: SocketAddr, digest: &Digest) {
+        let mut bad = self.bad.lock().expect("bad lock");
+        if bad.len() >= MAX_BAD {
+            bad.clear();
+        }
+        bad.insert((peer, digest.clone()));
+    }
+
+    /// Ask the peers in order for a blob; the first usable answer. Every
+    /// answer that is not usable is counted and the peer skipped.
+    pub async fn fetch(&self, route: &Route, headers: &HeaderMap) -> Option<PeerBody> {
+        let digest = route.digest()?;
+        for peer in self.candidates(digest) {
+            match self.ask(peer, route, headers).await {
+                Ok(b) => return Some(b),
+                Err((result, down)) => {
+                    self.metrics.peer_request(result);
+                    if down {
+                        self.mark_down(peer);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    async fn ask(
+        &self,
+        peer: SocketAddr,
+        route: &Route,
+        headers: &HeaderMap,
+    ) -> Result<PeerBody, (PeerResult, bool)> {
+        // `true`: the peer is not there (no connection, no answer), so it
+        // is left out for a while; an HTTP answer is about this blob only.
+        let uri: Uri = format!("http://{peer}{}", route.upstream_path())
+            .parse()
+            .map_err(|_| (PeerResult::Failed, false))?;
+        let mut b = Request::get(uri);
+        if let Some(ua) = headers.get(header::USER_AGENT) {
+            b = b.header(header::USER_AGENT, ua);
+        }
+        let req = b
+            .body(Empty::new())
+            .map_err(|_| (PeerResult::Failed, false))?;
+        let resp = match tokio::time::timeout(PEER_RESPONSE_TIMEOUT, self.client.request(req)).await
+        {
+            Err(_) => {
+                warn!(%peer, "peer did not answer within {PEER_RESPONSE_TIMEOUT:?}; skipped");
+                return Err((PeerResult::Timeout, true));
+            }
+            Ok(Err(e)) => {
+                let result = classify_error(&e);
+                warn!(%peer, error = %e, "peer request failed; skipped");
+                return Err((result, true));
+            }
+            Ok(Ok(r)) => r,
+        };
+        let len = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        match (resp.status(), len) {
+            (StatusCode::OK, Some(len)) => {
+                debug!(%peer, len, "peer serves the blob");
+                Ok(PeerBody {
+                    peer,
+                    len,
+                    response: resp,
+                })
+            }
+            (status, _) => {
+                debug!(%peer, %status, "peer refused the blob; skipped");
+                Err((PeerResult::Refused, false))
+            }
+        }
+    }
+}
+
+/// A connect timeout is a timeout, a refused connection a refusal; the
+/// rest failed.
+fn classify_error(e: &(dyn std::error::Error + 'static)) -> PeerResult {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    // Bounded: error chains are a handful deep.
+    for _ in 0..16 {
+        let Some(err) = cur else { break };
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::TimedOut => PeerResult::Timeout,
+                std::io::ErrorKind::ConnectionRefused => PeerResult::Refused,
+                _ => PeerResult::Failed,
+            };
+        }
+        if err.to_string().contains("timed out") {
+            return PeerResult::Timeout;
+        }
+        cur = err.source();
+    }
+    PeerResult::Failed
+}
+
+/// Bind the peer listener (any address: see the module header).
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, PeerError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| PeerError::Bind { addr, source })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(i: u32) -> Digest {
+        Digest::parse(&format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(i.to_be_bytes()))
+        ))
+        .unwrap()
+    }
+
+    fn nodes(n: u8) -> Vec<SocketAddr> {
+        (1..=n)
+            .map(|i| format!("10.0.0.{i}:5052").parse().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn rank_is_a_permutation_independent_of_input_order() {
+        let n = nodes(6);
+        let mut rev = n.clone();
+        rev.reverse();
+        for i in 0..50 {
+            let r = rank(&n, &d(i));
+            assert_eq!(r, rank(&rev, &d(i)));
+            let mut sorted = r.clone();
+            sorted.sort();
+            assert_eq!(sorted, n);
+        }
+    }
+
+    /// HRW's property the design relies on: removing a node moves only the
+    /// blobs it owned, each to the node ranked next (so skipping a failed
+    /// peer gives every node the same next owner).
+    #[test]
+    fn removing_a_node_moves_only_its_blobs_to_the_next_in_rank() {
+        let n = nodes(5);
+        let gone = n[2];
+        let rest: Vec<SocketAddr> = n.iter().copied().filter(|p| *p != gone).collect();
+        for i in 0..200 {
+            let full = rank(&n, &d(i));
+            let without = rank(&rest, &d(i));
+            let expect: Vec<SocketAddr> = full.iter().copied().filter(|p| *p != gone).collect();
+            assert_eq!(without, expect, "blob {i}");
+        }
+    }
+
+    /// Owners spread over the nodes: no node gets none of 600 blobs, none
+    /// more than twice its share.
+    #[test]
+    fn owners_spread_over_the_nodes() {
+        let n = nodes(6);
+        let mut count: HashMap<SocketAddr, usize> = HashMap::new();
+        let blobs = 600;
+        for i in 0..blobs {
+            *count.entry(rank(&n, &d(i))[0]).or_default() += 1;
+        }
+        let share = blobs as usize / n.len();
+        for p in &n {
+            let c = count.get(p).copied().unwrap_or(0);
+            assert!(c > 0 && c < 2 * share, "{p}: {c} of {blobs}: {count:?}");
+        }
+    }
+
+    #[test]
+    fn candidates_stop_at_this_node_and_skip_failed_peers() {
+        let n = nodes(4);
+        let r = rank(&n, &d(7));
+        // This node is ranked third: ask the first two.
+        let me = r[2];
+        assert_eq!(candidates(&r, |p| *p == me, |_| false), r[..2].to_vec());
+        // The owner is skipped: the second is asked.
+        let owner = r[0];
+        assert_eq!(candidates(&r, |p| *p == me, |p| *p == owner), vec![r[1]]);
+        // This node is the owner: nobody is asked.
+        assert!(candidates(&r, |p| *p == r[0], |_| false).is_empty());
+        // Not in the set at all (a node with no peers.listen of its own in
+        // it): every peer is a candidate.
+        assert_eq!(candidates(&r, |_| false, |_| false), r);
+    }
+
+    #[test]
+    fn own_address_by_port_and_local_ip() {
+        let listen: SocketAddr = "0.0.0.0:5052".parse().unwrap();
+        let local = |ip: IpAddr| ip == "10.0.0.2".parse::<IpAddr>().unwrap();
+        assert!(is_own(&"10.0.0.2:5052".parse().unwrap(), &listen, local));
+        assert!(!is_own(&"10.0.0.3:5052".parse().unwrap(), &listen, local));
+        assert!(!is_own(&"10.0.0.2:5053".parse().unwrap(), &listen, local));
+        let fixed: SocketAddr = "10.0.0.3:5052".parse().unwrap();
+        assert!(is_own(&fixed, &fixed, |_| false));
+        // The real check: loopback is local, TEST-NET-3 is not.
+        assert!(is_local_ip("127.0.0.1".parse().unwrap()));
+        assert!(!is_local_ip("203.0.113.9".parse().unwrap()));
+    }
+
+    #[test]
+    fn host_port_forms() {
+        assert_eq!(
+            parse_host_port("slipway-peers.kube-system.svc:5052"),
+            Ok(("slipway-peers.kube-system.svc".into(), 5052))
+        );
+        assert_eq!(
+            parse_host_port("[fd00::1]:5052"),
+            Ok(("fd00::1".into(), 5052))
+        );
+        for bad in [
+            "nohost",
+            "host:0",
+            "host:x",
+            ":5052",
+            "fd00::1:5052",
+            "a/b:1",
+        ] {
+            assert!(parse_host_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// `peers.dns` goes through the system resolver: `localhost` comes
+    /// from /etc/hosts, without any network.
+    #[tokio::test]
+    async fn resolves_names_and_counts_peers_without_this_node() {
+        let m = Arc::new(Metrics::new());
+        let p = Peers::new(
+            PeerConfig {
+                listen: "127.0.0.1:5052".parse().unwrap(),
+                static_peers: vec!["198.18.0.10:5052".into()],
+                dns: Some("localhost:5052".into()),
+                refresh: Duration::from_secs(30),
+                hold_until_verified: false,
+            },
+            m.clone(),
+        );
+        let addrs = p.resolve().await;
+        assert!(
+            addrs.contains(&"198.18.0.10:5052".parse().unwrap()),
+            "{addrs:?}"
+        );
+        assert!(
+            addrs.contains(&"127.0.0.1:5052".parse().unwrap()),
+            "{addrs:?}"
+        );
+        let others = addrs
+            .iter()
+            .filter(|a| **a != "127.0.0.1:5052".parse::<SocketAddr>().unwrap())
+            .count();
+        p.set_members(addrs);
+        assert_eq!(m.peers.get(), others as i64);
+    }
+}
