@@ -241,6 +241,14 @@ fn daemonset_agent_config_is_valid() {
     assert_eq!(cfg.containerd.host_root, Path::new("/host"));
     assert_eq!(cfg.ca_file, Path::new("/etc/slipway/ca/ca.crt"));
     assert_eq!(cfg.aliases[0].dir_name(), "registry.shared-services:5000");
+    // #11: sharing on, held until verified.
+    let peers = cfg.peers.expect("[peers] in the install's config");
+    assert_eq!(peers.listen, "0.0.0.0:5052".parse().unwrap());
+    assert_eq!(
+        peers.dns.as_deref(),
+        Some("slipway-peers.shared-services.svc.cluster.local:5052")
+    );
+    assert!(peers.hold_until_verified);
 }
 
 /// #13: `cache.max_bytes = 0` and out-of-range seconds exit 64 naming the

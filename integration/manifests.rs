@@ -709,13 +709,14 @@ fn startup_taint_overlay() {
     );
 }
 
-/// #11: the peers overlay: a headless Service over the agents, the peer
-/// port on the DaemonSet, the agent pointed at both, and a NetworkPolicy
+/// #11: sharing is on in the install: a headless Service over the agents,
+/// the peer port on the DaemonSet, the agent's `[peers]` pointed at both
+/// (with the cache sharing needs); the peers overlay adds a NetworkPolicy
 /// for the peer port.
 #[test]
-fn peers_overlay() {
+fn peer_sharing_in_the_install_and_its_networkpolicy() {
     let Some(k) = kubectl() else { return };
-    let objects = render(&k, "daemonset/overlays/peers");
+    let objects = render(&k, "daemonset");
     let ds = find(&objects, "DaemonSet", "slipway-agent");
     let pod = pod_spec(ds).unwrap();
     let agent = &pod["containers"][0];
@@ -726,30 +727,6 @@ fn peers_overlay() {
         .find(|p| p["name"] == "peers")
         .expect("peer port declared");
     let peer_port = port["containerPort"].as_u64().unwrap();
-    let env = agent["env"].as_array().unwrap();
-    let var = |name: &str| {
-        env.iter()
-            .find(|e| e["name"] == name)
-            .unwrap_or_else(|| panic!("{name} not set"))["value"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    assert_eq!(var("SLIPWAY_PEERS_LISTEN"), format!("0.0.0.0:{peer_port}"));
-    let svc = find(&objects, "Service", "slipway-peers");
-    assert_eq!(svc["spec"]["clusterIP"], "None", "not headless");
-    assert_eq!(
-        svc["spec"]["selector"], ds["spec"]["selector"]["matchLabels"],
-        "the Service does not select the agents"
-    );
-    assert_eq!(svc["spec"]["ports"][0]["port"].as_u64(), Some(peer_port));
-    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "peers");
-    // The agent resolves this Service's name, in the install's namespace.
-    assert_eq!(
-        var("SLIPWAY_PEERS_DNS"),
-        format!("slipway-peers.{NS}.svc.cluster.local:{peer_port}")
-    );
-    // The agent's config has a cache (sharing needs it).
     let cm = objects
         .iter()
         .find(|o| {
@@ -760,7 +737,31 @@ fn peers_overlay() {
         })
         .expect("agent ConfigMap");
     let toml: toml::Value = cm["data"]["agent.toml"].as_str().unwrap().parse().unwrap();
-    assert!(toml["cache"]["dir"].as_str().is_some());
+    assert!(
+        toml["cache"]["dir"].as_str().is_some(),
+        "sharing needs a cache"
+    );
+    let peers = &toml["peers"];
+    assert_eq!(
+        peers["listen"].as_str(),
+        Some(format!("0.0.0.0:{peer_port}").as_str())
+    );
+    let svc = find(&objects, "Service", "slipway-peers");
+    assert_eq!(svc["spec"]["clusterIP"], "None", "not headless");
+    assert_eq!(
+        svc["spec"]["selector"], ds["spec"]["selector"]["matchLabels"],
+        "the Service does not select the agents"
+    );
+    assert_eq!(svc["spec"]["ports"][0]["port"].as_u64(), Some(peer_port));
+    assert_eq!(svc["spec"]["ports"][0]["targetPort"], "peers");
+    // The agent resolves this Service's name, in the install's namespace.
+    assert_eq!(
+        peers["dns"].as_str(),
+        Some(format!("slipway-peers.{NS}.svc.cluster.local:{peer_port}").as_str())
+    );
+
+    let objects = render(&k, "daemonset/overlays/peers");
+    let ds = find(&objects, "DaemonSet", "slipway-agent");
     let np = find(&objects, "NetworkPolicy", "slipway-peers");
     assert_eq!(
         np["spec"]["podSelector"]["matchLabels"],
