@@ -658,24 +658,31 @@ fn hanging_and_refusing_peers_are_skipped() {
     );
 }
 
-/// #11: a peer that serves corrupted bytes is detected, skipped and
-/// counted, and the pull succeeds from upstream. The peer port serves
-/// only blobs, and never relays to another peer.
-#[test]
-fn corrupt_peer_is_skipped_and_the_pull_succeeds_from_upstream() {
-    if !prerequisites_with(&["tc"]) {
-        return;
-    }
+/// One node whose only peer is a [`BadPeer`] serving the image's first
+/// layer with the byte at `flip(len)` flipped; its agent has `[peers]`
+/// with that peer and `extra` keys. Fields drop in order: the agent and
+/// containerd first, the registry's namespace last.
+struct CorruptPeerNode {
+    agent: Agent,
+    ctd: Containerd,
+    bad: BadPeer,
+    layout: PathBuf,
+    layers: Vec<(String, u64)>,
+    config: (String, u64),
+    s: Single,
+}
+
+fn corrupt_peer_node(flip: impl FnOnce(usize) -> usize, extra: &str) -> CorruptPeerNode {
     let s = single();
     let layout = big_layout(32);
     push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
     let (layers, config, _) = layout_image(&layout);
-    let (layer, size) = layers[0].clone();
     s.ns.rate_limit(RATE_MBIT);
-    let blob = layout_blob(&layout, &layer);
+    let layer = &layers[0].0;
+    let blob = layout_blob(&layout, layer);
     let bad = BadPeer::start(Behaviour::Corrupt {
         digest: layer.clone(),
-        flip: blob.len() - 1,
+        flip: flip(blob.len()),
         blob,
     });
     let ctd = Containerd::start(&s.dir);
@@ -687,15 +694,45 @@ fn corrupt_peer_is_skipped_and_the_pull_succeeds_from_upstream() {
         UPSTREAM,
         Some(&s.registry.addr),
         &s.pki.ca(),
-        // Streamed as it arrives (not the default): the wrong last byte is
-        // in the held-back last chunk, so only that chunk comes again.
         &format!(
-            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{:?}]\nhold_until_verified = false\n",
+            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{:?}]\n{extra}",
             cache_toml(&s.dir),
             bad.addr
         ),
     );
-    let got = ctd.pull(&image_ref(&layout));
+    CorruptPeerNode {
+        agent,
+        ctd,
+        bad,
+        layout,
+        layers,
+        config,
+        s,
+    }
+}
+
+/// #11: a peer that serves corrupted bytes is detected, skipped and
+/// counted, and the pull succeeds from upstream. The peer port serves
+/// only blobs, and never relays to another peer.
+#[test]
+fn corrupt_peer_is_skipped_and_the_pull_succeeds_from_upstream() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    // Streamed as it arrives (not the default): the wrong last byte is in
+    // the held-back last chunk, so only that chunk comes again.
+    let n = corrupt_peer_node(|len| len - 1, "hold_until_verified = false\n");
+    let CorruptPeerNode {
+        agent,
+        ctd,
+        bad,
+        layout,
+        layers,
+        config,
+        s,
+    } = &n;
+    let (layer, size) = layers[0].clone();
+    let got = ctd.pull(&image_ref(layout));
     assert_eq!(
         got.as_deref(),
         Ok(config.0.as_str()),
@@ -761,33 +798,18 @@ fn early_corruption_from_a_peer_is_never_sent_with_hold_until_verified() {
     if !prerequisites_with(&["tc"]) {
         return;
     }
-    let s = single();
-    let layout = big_layout(32);
-    push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
-    let (layers, config, _) = layout_image(&layout);
-    let (layer, _) = layers[0].clone();
-    s.ns.rate_limit(RATE_MBIT);
-    let bad = BadPeer::start(Behaviour::Corrupt {
-        digest: layer.clone(),
-        blob: layout_blob(&layout, &layer),
-        flip: 0,
-    });
-    let ctd = Containerd::start(&s.dir);
-    let agent = Agent::start(
-        &s.dir,
-        &ctd.certs_dir,
-        &ctd.config_file,
-        &[ALIAS],
-        UPSTREAM,
-        Some(&s.registry.addr),
-        &s.pki.ca(),
-        &format!(
-            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{:?}]\n",
-            cache_toml(&s.dir),
-            bad.addr
-        ),
-    );
-    let got = ctd.pull(&image_ref(&layout));
+    let n = corrupt_peer_node(|_| 0, "");
+    let CorruptPeerNode {
+        agent,
+        ctd,
+        bad,
+        layout,
+        layers,
+        config,
+        s,
+    } = &n;
+    let (layer, size) = layers[0].clone();
+    let got = ctd.pull(&image_ref(layout));
     let cached = s
         .dir
         .join("cache/sha256")
@@ -811,7 +833,6 @@ fn early_corruption_from_a_peer_is_never_sent_with_hold_until_verified() {
     // The peer's bytes were thrown away whole: one GET of the whole layer
     // from upstream, through this agent (containerd never fell back to
     // the registry itself, which would be a second GET).
-    let (_, size) = layers[0].clone();
     let (gets, bytes) = registry_blob_gets(&s.registry, &layer);
     assert_eq!((gets, bytes), (1, size), "upstream GETs of the layer");
     assert_eq!(
