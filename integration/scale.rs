@@ -606,30 +606,18 @@ fn hanging_and_refusing_peers_are_skipped() {
     if !prerequisites_with(&["tc"]) {
         return;
     }
-    let s = single();
-    let layout = big_layout(32);
-    push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
-    let (layers, config, _) = layout_image(&layout);
-    s.ns.rate_limit(RATE_MBIT);
-    let hang = BadPeer::start(Behaviour::Hang);
-    let refuse = BadPeer::start(Behaviour::Status(503));
-    let ctd = Containerd::start(&s.dir);
-    let agent = Agent::start(
-        &s.dir,
-        &ctd.certs_dir,
-        &ctd.config_file,
-        &[ALIAS],
-        UPSTREAM,
-        Some(&s.registry.addr),
-        &s.pki.ca(),
-        &format!(
-            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{:?}, {:?}]\n",
-            cache_toml(&s.dir),
-            hang.addr,
-            refuse.addr
-        ),
-    );
-    let got = ctd.pull(&image_ref(&layout));
+    let n = bad_peer_node(|_, _| vec![Behaviour::Hang, Behaviour::Status(503)], "");
+    let BadPeerNode {
+        agent,
+        ctd,
+        bad,
+        layout,
+        layers,
+        config,
+        s,
+    } = &n;
+    let (hang, refuse) = (&bad[0], &bad[1]);
+    let got = ctd.pull(&image_ref(layout));
     assert_eq!(
         got.as_deref(),
         Ok(config.0.as_str()),
@@ -649,7 +637,7 @@ fn hanging_and_refusing_peers_are_skipped() {
     );
     assert!(timeouts >= 1.0 && refused >= 1.0, "{}", agent.metrics());
     // Every blob came from upstream, once.
-    for (digest, _) in layers.iter().chain([&config]) {
+    for (digest, _) in layers.iter().chain([config]) {
         assert_eq!(registry_blob_gets(&s.registry, digest).0, 1, "{digest}");
     }
     assert_eq!(
@@ -658,33 +646,35 @@ fn hanging_and_refusing_peers_are_skipped() {
     );
 }
 
-/// One node whose only peer is a [`BadPeer`] serving the image's first
-/// layer with the byte at `flip(len)` flipped; its agent has `[peers]`
-/// with that peer and `extra` keys. Fields drop in order: the agent and
-/// containerd first, the registry's namespace last.
-struct CorruptPeerNode {
+/// One node whose only peers are [`BadPeer`]s (`behaviours`, given the
+/// layout and its first layer's digest), pulling a 32 MiB image from a
+/// rate-limited registry; its agent has `[peers]` with those peers and
+/// `extra` keys. Fields drop in order: the agent and containerd first, the
+/// registry's namespace last.
+struct BadPeerNode {
     agent: Agent,
     ctd: Containerd,
-    bad: BadPeer,
+    bad: Vec<BadPeer>,
     layout: PathBuf,
     layers: Vec<(String, u64)>,
     config: (String, u64),
     s: Single,
 }
 
-fn corrupt_peer_node(flip: impl FnOnce(usize) -> usize, extra: &str) -> CorruptPeerNode {
+fn bad_peer_node(
+    behaviours: impl FnOnce(&Path, &str) -> Vec<Behaviour>,
+    extra: &str,
+) -> BadPeerNode {
     let s = single();
     let layout = big_layout(32);
     push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
     let (layers, config, _) = layout_image(&layout);
     s.ns.rate_limit(RATE_MBIT);
-    let layer = &layers[0].0;
-    let blob = layout_blob(&layout, layer);
-    let bad = BadPeer::start(Behaviour::Corrupt {
-        digest: layer.clone(),
-        flip: flip(blob.len()),
-        blob,
-    });
+    let bad: Vec<BadPeer> = behaviours(&layout, &layers[0].0)
+        .into_iter()
+        .map(BadPeer::start)
+        .collect();
+    let listed: Vec<String> = bad.iter().map(|b| format!("{:?}", b.addr)).collect();
     let ctd = Containerd::start(&s.dir);
     let agent = Agent::start(
         &s.dir,
@@ -695,12 +685,12 @@ fn corrupt_peer_node(flip: impl FnOnce(usize) -> usize, extra: &str) -> CorruptP
         Some(&s.registry.addr),
         &s.pki.ca(),
         &format!(
-            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{:?}]\n{extra}",
+            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{}]\n{extra}",
             cache_toml(&s.dir),
-            bad.addr
+            listed.join(", ")
         ),
     );
-    CorruptPeerNode {
+    BadPeerNode {
         agent,
         ctd,
         bad,
@@ -708,6 +698,17 @@ fn corrupt_peer_node(flip: impl FnOnce(usize) -> usize, extra: &str) -> CorruptP
         layers,
         config,
         s,
+    }
+}
+
+/// A peer that serves blob `digest` of `layout` with the byte at
+/// `flip(len)` flipped.
+fn corrupt(layout: &Path, digest: &str, flip: impl FnOnce(usize) -> usize) -> Behaviour {
+    let blob = layout_blob(layout, digest);
+    Behaviour::Corrupt {
+        digest: digest.to_string(),
+        flip: flip(blob.len()),
+        blob,
     }
 }
 
@@ -721,8 +722,11 @@ fn corrupt_peer_is_skipped_and_the_pull_succeeds_from_upstream() {
     }
     // Streamed as it arrives (not the default): the wrong last byte is in
     // the held-back last chunk, so only that chunk comes again.
-    let n = corrupt_peer_node(|len| len - 1, "hold_until_verified = false\n");
-    let CorruptPeerNode {
+    let n = bad_peer_node(
+        |l, d| vec![corrupt(l, d, |len| len - 1)],
+        "hold_until_verified = false\n",
+    );
+    let BadPeerNode {
         agent,
         ctd,
         bad,
@@ -744,7 +748,7 @@ fn corrupt_peer_is_skipped_and_the_pull_succeeds_from_upstream() {
     let (gets, bytes) = registry_blob_gets(&s.registry, &layer);
     eprintln!("corrupt: {corrupt}; bytes from the peer {from_peer}; upstream GETs of the layer {gets} ({bytes} bytes)");
     assert!(
-        bad.requests.load(Ordering::SeqCst) >= 1,
+        bad[0].requests.load(Ordering::SeqCst) >= 1,
         "the peer was not asked"
     );
     assert!(corrupt >= 1.0, "{}", agent.metrics());
@@ -762,7 +766,7 @@ fn corrupt_peer_is_skipped_and_the_pull_succeeds_from_upstream() {
     // The peer port: blobs only, from this node's cache, never relayed.
     let log = agent.proc.log_text();
     let port = addr_from_log(&log, "slipway agent starting", " peers=").expect(&log);
-    let asked = bad.requests.load(Ordering::SeqCst);
+    let asked = bad[0].requests.load(Ordering::SeqCst);
     for target in [
         "/v2/".to_string(),
         "/v2/big/manifests/v1".to_string(),
@@ -780,7 +784,7 @@ fn corrupt_peer_is_skipped_and_the_pull_succeeds_from_upstream() {
     let r = http(&port, "GET", &format!("/v2/big/blobs/{other}"), &[]).unwrap();
     assert_eq!(r.status, 404, "an unknown blob is the registry's 404");
     assert_eq!(
-        bad.requests.load(Ordering::SeqCst),
+        bad[0].requests.load(Ordering::SeqCst),
         asked,
         "a request on the peer port was relayed to a peer"
     );
@@ -798,8 +802,8 @@ fn early_corruption_from_a_peer_is_never_sent_with_hold_until_verified() {
     if !prerequisites_with(&["tc"]) {
         return;
     }
-    let n = corrupt_peer_node(|_| 0, "");
-    let CorruptPeerNode {
+    let n = bad_peer_node(|l, d| vec![corrupt(l, d, |_| 0)], "");
+    let BadPeerNode {
         agent,
         ctd,
         bad,
@@ -827,7 +831,7 @@ fn early_corruption_from_a_peer_is_never_sent_with_hold_until_verified() {
         agent.metrics()
     );
     // The peer was asked once for the layer (404 for the config blob).
-    assert!(bad.requests.load(Ordering::SeqCst) >= 1);
+    assert!(bad[0].requests.load(Ordering::SeqCst) >= 1);
     // No upstream mismatch was counted: the wrong bytes were the peer's.
     assert_eq!(agent.metric("slipway_proxy_digest_mismatches_total"), 0.0);
     // The peer's bytes were thrown away whole: one GET of the whole layer
