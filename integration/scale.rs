@@ -117,23 +117,11 @@ fn eight_concurrent_gets_of_one_blob_make_one_upstream_get() {
     if !prerequisites_with(&["tc"]) {
         return;
     }
-    let s = single();
-    let layout = big_layout(64);
-    push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
-    let (layers, _, _) = layout_image(&layout);
+    let n = bad_peer_node(64, |_, _| vec![], "");
+    let BadPeerNode {
+        agent, layers, s, ..
+    } = &n;
     let (layer, size) = layers[0].clone();
-    s.ns.rate_limit(RATE_MBIT);
-    let ctd = Containerd::start(&s.dir);
-    let agent = Agent::start(
-        &s.dir,
-        &ctd.certs_dir,
-        &ctd.config_file,
-        &[ALIAS],
-        UPSTREAM,
-        Some(&s.registry.addr),
-        &s.pki.ca(),
-        &cache_toml(&s.dir),
-    );
     let clients = 8;
     let barrier = Arc::new(std::sync::Barrier::new(clients));
     let bodies: Vec<Vec<u8>> = std::thread::scope(|sc| {
@@ -188,24 +176,16 @@ fn range_requests_during_a_download_are_served_from_it_when_there() {
     if !prerequisites_with(&["tc"]) {
         return;
     }
-    let s = single();
-    let layout = big_layout(32);
-    push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
-    let (layers, _, _) = layout_image(&layout);
+    let n = bad_peer_node(32, |_, _| vec![], "");
+    let BadPeerNode {
+        agent,
+        layout,
+        layers,
+        s,
+        ..
+    } = &n;
     let (layer, size) = layers[0].clone();
-    let blob = layout_blob(&layout, &layer);
-    s.ns.rate_limit(RATE_MBIT);
-    let ctd = Containerd::start(&s.dir);
-    let agent = Agent::start(
-        &s.dir,
-        &ctd.certs_dir,
-        &ctd.config_file,
-        &[ALIAS],
-        UPSTREAM,
-        Some(&s.registry.addr),
-        &s.pki.ca(),
-        &cache_toml(&s.dir),
-    );
+    let blob = layout_blob(layout, &layer);
     let path = format!("/v2/big/blobs/{layer}");
     let mut slow = std::net::TcpStream::connect(&agent.proxy).unwrap();
     write!(
@@ -606,7 +586,7 @@ fn hanging_and_refusing_peers_are_skipped() {
     if !prerequisites_with(&["tc"]) {
         return;
     }
-    let n = bad_peer_node(|_, _| vec![Behaviour::Hang, Behaviour::Status(503)], "");
+    let n = bad_peer_node(32, |_, _| vec![Behaviour::Hang, Behaviour::Status(503)], "");
     let BadPeerNode {
         agent,
         ctd,
@@ -646,11 +626,11 @@ fn hanging_and_refusing_peers_are_skipped() {
     );
 }
 
-/// One node whose only peers are [`BadPeer`]s (`behaviours`, given the
-/// layout and its first layer's digest), pulling a 32 MiB image from a
-/// rate-limited registry; its agent has `[peers]` with those peers and
-/// `extra` keys. Fields drop in order: the agent and containerd first, the
-/// registry's namespace last.
+/// One node with an image of one `mib` MiB layer in a rate-limited
+/// registry, containerd, and an agent with a cache; its only peers, if
+/// any, are [`BadPeer`]s (`behaviours`, given the layout and its first
+/// layer's digest), with `extra` keys in its `[peers]` table. Fields drop
+/// in order: the agent and containerd first, the registry's namespace last.
 struct BadPeerNode {
     agent: Agent,
     ctd: Containerd,
@@ -662,11 +642,12 @@ struct BadPeerNode {
 }
 
 fn bad_peer_node(
+    mib: usize,
     behaviours: impl FnOnce(&Path, &str) -> Vec<Behaviour>,
     extra: &str,
 ) -> BadPeerNode {
     let s = single();
-    let layout = big_layout(32);
+    let layout = big_layout(mib);
     push_layout(&layout, &s.registry.addr, "big:v1", Some(&s.pki));
     let (layers, config, _) = layout_image(&layout);
     s.ns.rate_limit(RATE_MBIT);
@@ -684,11 +665,15 @@ fn bad_peer_node(
         UPSTREAM,
         Some(&s.registry.addr),
         &s.pki.ca(),
-        &format!(
-            "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{}]\n{extra}",
-            cache_toml(&s.dir),
-            listed.join(", ")
-        ),
+        &if bad.is_empty() {
+            cache_toml(&s.dir)
+        } else {
+            format!(
+                "{}[peers]\nlisten = \"127.0.0.1:0\"\nstatic = [{}]\n{extra}",
+                cache_toml(&s.dir),
+                listed.join(", ")
+            )
+        },
     );
     BadPeerNode {
         agent,
@@ -723,6 +708,7 @@ fn corrupt_peer_is_skipped_and_the_pull_succeeds_from_upstream() {
     // Streamed as it arrives (not the default): the wrong last byte is in
     // the held-back last chunk, so only that chunk comes again.
     let n = bad_peer_node(
+        32,
         |l, d| vec![corrupt(l, d, |len| len - 1)],
         "hold_until_verified = false\n",
     );
@@ -802,7 +788,7 @@ fn early_corruption_from_a_peer_is_never_sent_with_hold_until_verified() {
     if !prerequisites_with(&["tc"]) {
         return;
     }
-    let n = bad_peer_node(|l, d| vec![corrupt(l, d, |_| 0)], "");
+    let n = bad_peer_node(32, |l, d| vec![corrupt(l, d, |_| 0)], "");
     let BadPeerNode {
         agent,
         ctd,
