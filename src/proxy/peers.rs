@@ -104,6 +104,31 @@ pub fn rank(peers: &[SocketAddr], digest: &Digest) -> Vec<SocketAddr> {
     v.into_iter().map(|(_, p)| p).collect()
 }
 
+/// The first retry while no other peer is known.
+const EMPTY_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait while no other peer is known.
+const EMPTY_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// How long to wait before resolving the peers again. With other peers
+/// known, `refresh` (`peers.refresh_secs`). With none, 1 s, doubling up to
+/// 5 s (never above `refresh`): when every agent starts at once (an
+/// install, a new cluster), none is ready yet, so the headless Service
+/// slipway-peers has no records (publishNotReadyAddresses: false) until
+/// the agents pass their readiness probes, some 30 s later. Waiting the
+/// whole period then left the first rollout after an install without
+/// sharing (seen on the real cluster, #17). A node that stays alone costs
+/// one DNS query every 5 s.
+pub fn next_refresh(others: usize, previous: Option<Duration>, refresh: Duration) -> Duration {
+    if others > 0 {
+        return refresh;
+    }
+    let max = EMPTY_RETRY_MAX.min(refresh);
+    match previous {
+        Some(p) => (p * 2).min(max),
+        None => EMPTY_RETRY.min(max),
+    }
+}
+
 /// The peers to ask for a blob, in order: those ranked before this node,
 /// without the skipped ones. Empty when this node is the owner (or every
 /// node ranked before it is skipped): then it goes upstream.
@@ -196,8 +221,9 @@ impl Peers {
         }
     }
 
-    /// Set the members (for tests and after a resolution).
-    pub fn set_members(&self, addrs: Vec<SocketAddr>) {
+    /// Set the members (for tests and after a resolution); returns how
+    /// many of them are other nodes.
+    pub fn set_members(&self, addrs: Vec<SocketAddr>) -> usize {
         let listen = self.config.listen;
         let mut v: Vec<(SocketAddr, bool)> = addrs
             .into_iter()
@@ -212,6 +238,7 @@ impl Peers {
             info!(peers = ?v.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>(), "peer set changed");
         }
         *self.members.write().expect("peers lock") = Arc::new(v);
+        others
     }
 
     /// Resolve `peers.static` and `peers.dns` once. A name that does not
@@ -232,12 +259,16 @@ impl Peers {
         out
     }
 
-    /// Re-resolve every `peers.refresh_secs`, for ever.
+    /// Re-resolve every `peers.refresh_secs`, for ever; sooner while no
+    /// other peer is known (see [`next_refresh`]).
     pub async fn refresh_loop(self: Arc<Self>) {
+        let mut wait = None;
         loop {
             let addrs = self.resolve().await;
-            self.set_members(addrs);
-            tokio::time::sleep(self.config.refresh).await;
+            let others = self.set_members(addrs);
+            let next = next_refresh(others, wait, self.config.refresh);
+            wait = Some(next);
+            tokio::time::sleep(next).await;
         }
     }
 
@@ -394,6 +425,27 @@ mod tests {
         (1..=n)
             .map(|i| format!("10.0.0.{i}:5052").parse().unwrap())
             .collect()
+    }
+
+    #[test]
+    fn an_empty_peer_set_is_resolved_again_soon_then_less_often() {
+        let r = Duration::from_secs(30);
+        let mut waits = Vec::new();
+        let mut prev = None;
+        for _ in 0..7 {
+            let w = next_refresh(0, prev, r);
+            waits.push(w.as_secs());
+            prev = Some(w);
+        }
+        assert_eq!(waits, [1, 2, 4, 5, 5, 5, 5]);
+        // Once another peer is known: the configured period.
+        assert_eq!(next_refresh(1, prev, r), r);
+        assert_eq!(next_refresh(1, None, r), r);
+        // A period shorter than the first retry is kept.
+        assert_eq!(
+            next_refresh(0, None, Duration::from_millis(200)),
+            Duration::from_millis(200)
+        );
     }
 
     #[test]
