@@ -15,12 +15,21 @@ apt-get install -y -qq --no-install-recommends \
   iproute2 util-linux openssl ca-certificates python3-venv curl nginx-light >/dev/null
 # git and busybox: the build pod's git script and Kaniko wrapper run under
 # busybox sh, as in alpine/git and the Kaniko debug image (build_scripts).
+# busybox-static (it replaces Debian's `busybox`): the same /bin/busybox,
+# and one that can be copied into the test cluster's images as it is.
 # bubblewrap: build_scripts runs the rendered build pod's containers in a
 # kubelet-like sandbox (read-only root, uid 65534, fsGroup'd emptyDirs).
-apt-get install -y -qq --no-install-recommends git busybox bubblewrap >/dev/null
+apt-get install -y -qq --no-install-recommends git busybox-static bubblewrap >/dev/null
+# The real Kubernetes cluster (integration/cluster.sh, #17): CNI plugins
+# (bridge, host-local, loopback, portmap) for the pod network, iptables and
+# conntrack for kube-proxy. Kubernetes, etcd and CoreDNS themselves are built
+# with Go from integration/cluster/*/go.mod.
+apt-get install -y -qq --no-install-recommends \
+  containernetworking-plugins iptables conntrack >/dev/null
 # The Debian packages try to start their services; the tests start their own
 # instances with private sockets and ports, so stop any that did start.
 if command -v systemctl >/dev/null && systemctl is-system-running >/dev/null 2>&1; then
   systemctl disable --now docker-registry containerd >/dev/null 2>&1 || true
 fi
 command -v cargo >/dev/null || { echo "install-deps.sh: cargo (rustup) is required" >&2; exit 1; }
+command -v go >/dev/null || { echo "install-deps.sh: go is required (the test cluster is built from Go modules)" >&2; exit 1; }

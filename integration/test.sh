@@ -5,6 +5,10 @@
 # SLIPWAY_SKIP_INTEGRATION=<reason> is set), then renders and validates
 # every kustomization and the build Job renders.
 #
+# Then the real Kubernetes cluster of integration/cluster.sh (#17) comes up
+# and the seed's flow runs against it with kubectl (cargo test --test
+# cluster), and the cluster goes down again.
+#
 # The integration tests run once per containerd release pinned in
 # integration/containerd-releases (#8): the first pass (with every other
 # test) on Debian 12's 1.6, then `--test integration` again with
@@ -25,13 +29,30 @@ cargo fmt --all -- --check
 cargo clippy --all-targets --locked -- -D warnings
 timings=()
 t0=$(date +%s)
-SLIPWAY_CONTAINERD=1.6 cargo test --lib --bins --tests --examples --locked -- --test-threads=2
+# The real-cluster test (integration/cluster_e2e.rs) runs on its own below,
+# after the cluster is up, so that its time is its own.
+SLIPWAY_SKIP_CLUSTER="runs after the containerd matrix, against integration/cluster.sh" \
+  SLIPWAY_CONTAINERD=1.6 cargo test --lib --bins --tests --examples --locked -- --test-threads=2
 timings+=("all tests, integration on containerd 1.6: $(($(date +%s) - t0)) s")
 for release in $(awk '!/^#/ && NF == 4 && $1 != "1.6" { print $1 }' integration/containerd-releases); do
   t0=$(date +%s)
   SLIPWAY_CONTAINERD="$release" cargo test --test integration --locked -- --test-threads=2 --skip layouts:: --skip hardening:: --skip proxy_hardening:: --skip gateway::writes_ --skip gateway::the_ --skip gateway::a_bad_ --skip scale::eight_concurrent_gets
   timings+=("integration on containerd $release: $(($(date +%s) - t0)) s")
 done
-printf 'containerd matrix: %s\n' "${timings[@]}"
+# The real Kubernetes cluster (#17): built from source (cold: the Go build
+# is most of it), started, then the seed's flow with kubectl; always taken
+# down, also after a failure.
+t0=$(date +%s)
+trap 'bash integration/cluster.sh down || true' EXIT
+bash integration/cluster.sh up
+timings+=("cluster up (build included): $(($(date +%s) - t0)) s")
+t0=$(date +%s)
+cargo test --test cluster --locked -- --nocapture
+timings+=("cluster tests: $(($(date +%s) - t0)) s")
+t0=$(date +%s)
+bash integration/cluster.sh down
+trap - EXIT
+timings+=("cluster down: $(($(date +%s) - t0)) s")
+printf 'timing: %s\n' "${timings[@]}"
 # Also every `slipway build --render` golden file (integration/golden/build/).
 bash .ci/validate-manifests.sh integration/golden/build/*.yaml
