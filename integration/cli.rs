@@ -89,6 +89,43 @@ fn malformed_config_exits_64_naming_file_and_line() {
     );
 }
 
+/// #18 point 13: each cause once, and a parse error keeps its lines (the
+/// caret under the column).
+#[test]
+fn errors_say_each_cause_once_and_keep_their_lines() {
+    let d = tempfile::tempdir().unwrap();
+    let missing = d.path().join("nonexistent.toml");
+    let out = run(&["agent", "--once", "--config", missing.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64), "{}", err(&out));
+    assert_eq!(err(&out).matches("os error 2").count(), 1, "{}", err(&out));
+
+    let body = good_body(d.path(), &ca(d.path())).replace(
+        "\"registry.shared-services:5000\"",
+        "\"../registry.shared-services:5000\"",
+    );
+    let out = run(&[
+        "agent",
+        "--once",
+        "--config",
+        config(d.path(), &body).to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(64), "{}", err(&out));
+    let line = err(&out);
+    let line = line.lines().find(|l| l.starts_with("slipway: ")).unwrap();
+    assert_eq!(line.matches("contains '/'").count(), 1, "{line}");
+
+    let cfg = config(d.path(), "[registry]\naliases = [\"a:5000\",\n");
+    let out = run(&["agent", "--once", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(64), "{}", err(&out));
+    let text = err(&out);
+    let report = &text[text.find("slipway: config file").expect(&text)..];
+    assert!(report.lines().count() > 2, "folded onto one line: {report}");
+    assert!(
+        report.lines().any(|l| l.trim_end().ends_with('^')),
+        "no caret: {report}"
+    );
+}
+
 #[test]
 fn bad_alias_exits_64_naming_the_field() {
     let d = tempfile::tempdir().unwrap();

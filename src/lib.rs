@@ -42,3 +42,65 @@ pub const EXIT_APPLY_FAILED: u8 = 1;
 pub trait ExitStatus {
     fn exit_code(&self) -> u8;
 }
+
+/// An error and its sources as one line of report, each cause once: many
+/// variants print their `{source}` in their own message and also keep it
+/// as the source, and printing the chain as well said `… No such file or
+/// directory (os error 2): No such file or directory (os error 2)` (#18
+/// point 13). A source whose text the report already holds is left out.
+/// Messages keep their own lines (a TOML parse error's caret under the
+/// column).
+pub fn report(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        next = s.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::report;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("cannot read config file {path}: {source}")]
+        Says {
+            path: String,
+            source: std::io::Error,
+        },
+        #[error("cannot start")]
+        Hides {
+            #[source]
+            source: std::io::Error,
+        },
+    }
+
+    fn enoent() -> std::io::Error {
+        std::io::Error::from_raw_os_error(2)
+    }
+
+    #[test]
+    fn each_cause_once() {
+        let e = Outer::Says {
+            path: "/nonexistent".into(),
+            source: enoent(),
+        };
+        let r = report(&e);
+        assert_eq!(r.matches("os error 2").count(), 1, "{r}");
+        assert!(
+            r.starts_with("cannot read config file /nonexistent: "),
+            "{r}"
+        );
+        // A source the message does not print is still reported.
+        let r = report(&Outer::Hides { source: enoent() });
+        assert!(r.starts_with("cannot start: "), "{r}");
+        assert_eq!(r.matches("os error 2").count(), 1, "{r}");
+    }
+}

@@ -38,7 +38,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let code = e.exit_code();
-            eprintln!("slipway: {:#}", anyhow::Error::new(e));
+            eprintln!("slipway: {}", slipway::report(&e));
             ExitCode::from(code)
         }
     }

@@ -134,7 +134,8 @@ impl GatewayConfig {
         let f: FileConfig = match (path, text) {
             (Some(p), Some(t)) => toml::from_str(t).map_err(|e| ConfigError::Parse {
                 path: p.to_path_buf(),
-                message: e.to_string().trim_end().replace('\n', " | "),
+                // Its own lines: the caret under the column (#18 point 13).
+                message: e.to_string().trim_end().to_string(),
             })?,
             _ => FileConfig::default(),
         };

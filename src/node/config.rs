@@ -423,7 +423,8 @@ impl AgentConfig {
 fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     toml::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.to_path_buf(),
-        message: e.to_string().trim_end().replace('\n', " | "),
+        // Its own lines: the caret under the column (#18 point 13).
+        message: e.to_string().trim_end().to_string(),
     })
 }
 
