@@ -696,3 +696,69 @@ fn redirect_to_another_origin_is_refused_unless_listed() {
         .unwrap();
     assert_eq!(first.header("authorization"), Some("Bearer secret-13"));
 }
+
+/// #18 point 5: the peer port never forwards the caller's `Authorization`.
+/// Against a registry that wants credentials (distribution's `silly` auth
+/// takes any), a peer-port GET with one is refused by the registry and
+/// nothing is cached; before the fix it was served, and cached for every
+/// node. The proxy port still passes containerd's credentials through.
+#[test]
+fn the_peer_port_never_forwards_credentials() {
+    if !prerequisites() {
+        return;
+    }
+    let s = tls_setup();
+    let authed = Registry::start_with(
+        &s.dir,
+        &format!("{}:5444", s.ns.ns_ip),
+        Some(&s.pki),
+        Some(&s.ns),
+        "auth:\n  silly:\n    realm: https://auth.example/token\n    service: registry.shared-services\n",
+    );
+    let (layer, size) = layers(&s.registry.addr, "app", &s.digest, &s.pki)[0].clone();
+    // The same image in the registry that wants credentials: a private
+    // blob, which the peer port must not serve to a caller with any.
+    let storage = authed.data.join("storage");
+    fs::create_dir_all(&storage).unwrap();
+    run_ok(
+        Command::new("cp")
+            .arg("-a")
+            .arg(s.registry.data.join("storage/."))
+            .arg(&storage),
+    );
+    let ctd = Containerd::start(&s.dir);
+    let cache = s.dir.join("peer-cache");
+    let agent = Agent::start(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        "https://registry.shared-services:5444",
+        Some(&authed.addr),
+        &s.pki.ca(),
+        &format!(
+            "\n[cache]\ndir = {:?}\nmax_bytes = 1073741824\n[peers]\nlisten = \"127.0.0.1:0\"\n",
+            cache.display().to_string()
+        ),
+    );
+    let peer = addr_from_log(&agent.proc.log_text(), "slipway agent starting", " peers=")
+        .expect("the agent logs its peer port");
+    let target = format!("/v2/app/blobs/{layer}");
+    let auth = [("Authorization", "Bearer a-guessed-password")];
+
+    let r = http(&peer, "GET", &target, &auth).unwrap();
+    assert_eq!(
+        r.status, 401,
+        "the peer port forwarded the caller's credentials"
+    );
+    assert_eq!(
+        content_bytes_on_disk(&cache),
+        0,
+        "a blob fetched for a peer-port caller was cached"
+    );
+
+    // The proxy port is containerd's: its credentials pass.
+    let r = http(&agent.proxy, "GET", &target, &auth).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len() as u64, size);
+}

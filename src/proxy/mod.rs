@@ -445,10 +445,15 @@ pub async fn handle_peer(
         ),
         Some(route) => {
             let class = route.class();
-            (
-                forward(&state, &method, route, req.headers(), true).await,
-                class,
-            )
+            // Never the caller's credentials (#18 point 5): anyone who
+            // reaches this port (every node IP) could otherwise guess
+            // registry passwords through it, or, with one valid
+            // credential, put a private blob into the node's cache. What a
+            // peer fetches upstream is what the registry serves
+            // anonymously.
+            let mut headers = req.headers().clone();
+            headers.remove(header::AUTHORIZATION);
+            (forward(&state, &method, route, &headers, true).await, class)
         }
     };
     debug!(%method, path = %req.uri().path(), route = %class, status = resp.status().as_u16(), "served a peer");
