@@ -181,6 +181,38 @@ impl Cluster {
         ]);
     }
 
+    /// `kubectl create job --from=cronjob/slipway-pki-renew`, until done.
+    fn renewal_job(&self, job: &str) {
+        self.kubectl_ok(&[
+            "-n",
+            NS,
+            "create",
+            "job",
+            job,
+            "--from=cronjob/slipway-pki-renew",
+        ]);
+        self.kubectl_ok(&[
+            "-n",
+            NS,
+            "wait",
+            "--for=condition=complete",
+            &format!("job/{job}"),
+            "--timeout=120s",
+        ]);
+    }
+
+    /// `kubectl rollout status` of a DaemonSet in the install's namespace.
+    fn rolled_out(&self, ds: &str) {
+        self.kubectl_ok(&[
+            "-n",
+            NS,
+            "rollout",
+            "status",
+            &format!("daemonset/{ds}"),
+            "--timeout=240s",
+        ]);
+    }
+
     fn wait_running(&self, ns: &str, pod: &str) {
         wait_for(&format!("pod {ns}/{pod} to run"), 120, || {
             let phase = self.get(ns, &format!("pod/{pod}"), "{.status.phase}")?;
@@ -489,14 +521,7 @@ fn install(c: &Cluster) {
         "deployment/registry",
         "--timeout=180s",
     ]);
-    c.kubectl_ok(&[
-        "-n",
-        NS,
-        "rollout",
-        "status",
-        "daemonset/slipway-agent",
-        "--timeout=180s",
-    ]);
+    c.rolled_out("slipway-agent");
     let ready = c
         .get(NS, "daemonset/slipway-agent", "{.status.numberReady}")
         .unwrap();
@@ -687,25 +712,7 @@ fn renewal(c: &Cluster, certs: &Path, tmp: &Path) {
     };
     let before_uid = pod_id(c);
     let old = tls(c);
-    let renew = |c: &Cluster, job: &str| {
-        c.kubectl_ok(&[
-            "-n",
-            NS,
-            "create",
-            "job",
-            job,
-            "--from=cronjob/slipway-pki-renew",
-        ]);
-        c.kubectl_ok(&[
-            "-n",
-            NS,
-            "wait",
-            "--for=condition=complete",
-            &format!("job/{job}"),
-            "--timeout=120s",
-        ]);
-    };
-    renew(c, "renew-1");
+    c.renewal_job("renew-1");
     assert_eq!(
         tls(c),
         old,
@@ -720,7 +727,7 @@ fn renewal(c: &Cluster, certs: &Path, tmp: &Path) {
         "cronjob/slipway-pki-renew",
         "SLIPWAY_PKI_DNS=registry.example.test",
     ]);
-    renew(c, "renew-2");
+    c.renewal_job("renew-2");
     let new = tls(c);
     assert_ne!(new, old, "the forced reissue did not change registry-tls");
     use base64::Engine as _;
@@ -799,14 +806,7 @@ fn startup_taint(c: &Cluster) {
     const TAINT: &str = "slipway.dev/registry-unready";
     let overlay = repo().join("integration/cluster/overlay-startup-taint");
     c.kubectl_ok(&["apply", "-k", overlay.to_str().unwrap()]);
-    c.kubectl_ok(&[
-        "-n",
-        NS,
-        "rollout",
-        "status",
-        "daemonset/slipway-agent",
-        "--timeout=240s",
-    ]);
+    c.rolled_out("slipway-agent");
     let node = NODES[1];
     let o = run(Command::new("bash")
         .arg(repo().join("integration/cluster.sh"))
@@ -945,14 +945,7 @@ fn bad_input(c: &Cluster) {
     assert_eq!(status("{.status.containerStatuses[0].ready}"), "false");
     unchanged("a bad alias");
     patch(c, &toml);
-    c.kubectl_ok(&[
-        "-n",
-        NS,
-        "rollout",
-        "status",
-        "daemonset/slipway-agent",
-        "--timeout=240s",
-    ]);
+    c.rolled_out("slipway-agent");
 
     // The registry-ca ConfigMap missing: a new agent pod cannot mount its
     // config, and its event says which ConfigMap.
@@ -982,30 +975,8 @@ fn bad_input(c: &Cluster) {
     );
     unchanged("registry-ca went missing");
     // ensure makes the ConfigMap again from the CA Secret.
-    c.kubectl_ok(&[
-        "-n",
-        NS,
-        "create",
-        "job",
-        "restore-ca",
-        "--from=cronjob/slipway-pki-renew",
-    ]);
-    c.kubectl_ok(&[
-        "-n",
-        NS,
-        "wait",
-        "--for=condition=complete",
-        "job/restore-ca",
-        "--timeout=120s",
-    ]);
-    c.kubectl_ok(&[
-        "-n",
-        NS,
-        "rollout",
-        "status",
-        "daemonset/slipway-agent",
-        "--timeout=240s",
-    ]);
+    c.renewal_job("restore-ca");
+    c.rolled_out("slipway-agent");
 }
 
 /// 6. `kubectl delete -k`, then the cleanup kustomization. The install's
@@ -1042,14 +1013,7 @@ fn uninstall(c: &Cluster) {
     ]);
     c.kubectl_ok(&["create", "namespace", NS]);
     c.kubectl_ok(&["apply", "-k", cleanup.to_str().unwrap()]);
-    c.kubectl_ok(&[
-        "-n",
-        NS,
-        "rollout",
-        "status",
-        "daemonset/slipway-cleanup",
-        "--timeout=240s",
-    ]);
+    c.rolled_out("slipway-cleanup");
     c.kubectl_ok(&[
         "delete",
         "-k",
