@@ -474,6 +474,67 @@ fn owner_killed_mid_pull_leaves_the_other_pulls_complete() {
     assert!(failed >= 1.0, "no node saw the owner's body break off");
 }
 
+/// #18 point 3: SIGTERM to the owner while it serves a layer to another
+/// node's pull: the owner drains its peer port like its proxy port, so the
+/// transfer completes, and the registry sends the layer once. Before, the
+/// owner logged "draining" and "drained" in the same millisecond and
+/// exited under the transfer; the other node then fetched the whole layer
+/// again from upstream.
+#[test]
+fn sigterm_to_an_owner_lets_its_peer_transfer_finish() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    let layout = big_layout(32);
+    let (layers, config, _) = layout_image(&layout);
+    let c = Cluster::start(2, &layout, true, RATE_MBIT / 4);
+    let peers: Vec<SocketAddr> = c.nodes.iter().map(|n| n.peer).collect();
+    let digest = slipway::proxy::route::Digest::parse(&layers[0].0).unwrap();
+    let owner_addr = slipway::proxy::peers::rank(&peers, &digest)[0];
+    let owner = c.nodes.iter().position(|n| n.peer == owner_addr).unwrap();
+    let other = 1 - owner;
+    let image = image_ref(&layout);
+    let results = std::thread::scope(|sc| {
+        let pull = sc.spawn(|| c.pull_all(&image, &[other]));
+        let started = Instant::now();
+        let node = &c.nodes[owner];
+        loop {
+            let sent = node
+                .agent
+                .metric("slipway_proxy_bytes_total{source=\"upstream\"}");
+            if sent >= (4 << 20) as f64 {
+                eprintln!("owner sent {sent} bytes; SIGTERM");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the owner never served the layer:\n{}",
+                node.agent.metrics()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node.agent.signal(nix::sys::signal::Signal::SIGTERM);
+        pull.join().unwrap()
+    });
+    let mut c = c;
+    let code = c.nodes[owner].agent.wait_exit(Duration::from_secs(40));
+    let (r, t) = &results[0];
+    eprintln!("node {other}: {r:?} in {t:?}; owner exited {code:?}");
+    assert_eq!(r.as_deref(), Ok(config.0.as_str()));
+    assert_eq!(code, Some(0), "the owner did not drain cleanly");
+    let (gets, _) = registry_blob_gets(&c.registry, &layers[0].0);
+    assert_eq!(
+        gets, 1,
+        "the layer was fetched from the registry {gets} times"
+    );
+    let broke = c.nodes[other]
+        .agent
+        .metric("slipway_peer_requests_total{result=\"failed\"}");
+    assert_eq!(broke, 0.0, "the peer transfer broke off");
+    let log = c.nodes[owner].agent.proc.log_text();
+    assert!(log.contains("drained; exiting"), "{log}");
+}
+
 /// What a stand-in peer does with a request.
 #[derive(Clone)]
 enum Behaviour {

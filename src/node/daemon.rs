@@ -670,16 +670,27 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<u8, AgentErr
         }
         _ => None,
     };
-    let server = tokio::spawn(proxy::serve(
+    let proxy_server = tokio::spawn(proxy::serve(
         listener,
         state.clone(),
         async move {
             let _ = stop_rx.await;
             let _ = peer_stop_tx.send(());
-            drop(peer_server);
         },
         grace,
     ));
+    // Drained once both ports are: a peer mid-blob is another node's pull,
+    // and dropping the peer server's handle (as before) let the process
+    // exit under it, so that node fetched the whole blob again from
+    // upstream (#18 point 3). Both stop at once and drain within `grace`.
+    let server = tokio::spawn(async move {
+        let proxy_drained = proxy_server.await.unwrap_or(false);
+        let peers_drained = match peer_server {
+            Some(p) => p.await.unwrap_or(false),
+            None => true,
+        };
+        proxy_drained && peers_drained
+    });
 
     let trigger = match (&cfg.containerd_socket, &cfg.canary_image) {
         (Some(sock), Some(image)) => {
