@@ -48,6 +48,17 @@ impl Gateway {
 
     /// With the push accounts in the htpasswd file `pw`.
     pub(crate) fn start_with(dir: &Path, upstream: &str, pki: &Pki, pw: &Path) -> Gateway {
+        Gateway::start_env(dir, upstream, pki, pw, &[])
+    }
+
+    /// With extra environment (`SLIPWAY_GATEWAY_…` settings).
+    pub(crate) fn start_env(
+        dir: &Path,
+        upstream: &str,
+        pki: &Pki,
+        pw: &Path,
+        env: &[(&str, &str)],
+    ) -> Gateway {
         // Copies, so a test can replace them without touching the Pki.
         let tls = dir.join("gateway-tls");
         fs::create_dir_all(&tls).unwrap();
@@ -66,7 +77,8 @@ impl Gateway {
             .arg("--gateway-push-htpasswd")
             .arg(pw)
             .env("SLIPWAY_LOG", "info,slipway=debug")
-            .env("SLIPWAY_LOG_FORMAT", "text");
+            .env("SLIPWAY_LOG_FORMAT", "text")
+            .envs(env.iter().copied());
         let mut proc = Proc::spawn("slipway-gateway", cmd, dir.join("gateway.log"));
         let started = Instant::now();
         let (addr, admin) = loop {
@@ -186,6 +198,92 @@ fn pki_and_registry(dir: &Path) -> (Pki, Registry) {
     let pki = gateway_pki(dir);
     let registry = Registry::start(dir, "127.0.0.1:0", None, None);
     (pki, registry)
+}
+
+/// #18 point 8: with distribution stopped (SIGSTOP: it accepts, and never
+/// answers), a pull through the gateway gets 504 once
+/// gateway.upstream_response_timeout_secs has passed, and it is counted.
+/// Before, the client got no answer for as long as it waited, and nothing
+/// counted it.
+#[test]
+fn the_gateway_answers_504_when_the_registry_hangs() {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (pki, registry) = pki_and_registry(dir);
+    let gw = Gateway::start_env(
+        dir,
+        &registry.addr,
+        &pki,
+        &htpasswd(dir),
+        &[("SLIPWAY_GATEWAY_UPSTREAM_RESPONSE_TIMEOUT_SECS", "2")],
+    );
+    assert_eq!(curl(&pki, &[&url(&gw, "/v2/app/tags/list")]).status, 404);
+    let pid = nix::unistd::Pid::from_raw(registry.proc.child.id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    let t0 = Instant::now();
+    let r = curl(&pki, &[&url(&gw, "/v2/app/manifests/v1")]);
+    let took = t0.elapsed();
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    assert_eq!(r.status, 504, "{}", String::from_utf8_lossy(&r.body));
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(10),
+        "answered after {took:?}"
+    );
+    assert!(String::from_utf8_lossy(&r.body).contains("did not answer within"));
+    assert_eq!(gw.metric("slipway_gateway_upstream_timeouts_total"), 1.0);
+    // distribution running again: pulls are answered again.
+    assert_eq!(curl(&pki, &[&url(&gw, "/v2/app/tags/list")]).status, 404);
+}
+
+/// #18 point 9: a flood of refused writes from one client gets one log
+/// line per interval, with the path cut short, and every refusal is still
+/// counted. Before, 500 refused POSTs with 12 KB paths wrote 500 lines of
+/// 12 KB each.
+#[test]
+fn the_gateway_logs_a_flood_of_refusals_once() {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (pki, registry) = pki_and_registry(dir);
+    let gw = Gateway::start(dir, &registry.addr, &pki);
+    let before = gw.proc.log_text().len();
+    let long = "a".repeat(12 * 1024);
+    // curl's URL globbing: 500 requests on one connection.
+    let out = run(Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}\n",
+            "-X",
+            "POST",
+            "--cacert",
+        ])
+        .arg(pki.ca())
+        .arg(format!(
+            "https://{}/v2/{long}[1-500]/blobs/uploads/",
+            gw.addr
+        )));
+    let codes = String::from_utf8_lossy(&out.stdout).to_string();
+    assert_eq!(
+        codes.lines().filter(|c| *c == "401").count(),
+        500,
+        "{codes}"
+    );
+    let log = gw.proc.log_text()[before..].to_string();
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("refused")).collect();
+    assert_eq!(lines.len(), 1, "{} refusal lines", lines.len());
+    assert!(lines[0].len() < 1024, "a {} byte line", lines[0].len());
+    assert_eq!(
+        gw.metric("slipway_gateway_requests_total{class=\"write\",result=\"unauthenticated\"}"),
+        500.0
+    );
 }
 
 #[test]

@@ -47,6 +47,7 @@ struct FileGateway {
     admin_listen: Option<String>,
     client_header_timeout_secs: Option<f64>,
     body_idle_timeout_secs: Option<f64>,
+    upstream_response_timeout_secs: Option<f64>,
     grace_period_secs: Option<f64>,
 }
 
@@ -85,6 +86,9 @@ pub struct GatewayOverrides {
     /// gateway.body_idle_timeout_secs: abort a body (either way) that stalls this long
     #[arg(long, env = "SLIPWAY_GATEWAY_BODY_IDLE_TIMEOUT_SECS")]
     pub gateway_body_idle_timeout_secs: Option<f64>,
+    /// gateway.upstream_response_timeout_secs: answer 504 when distribution sends no response head this long after the request (its body included) was sent
+    #[arg(long, env = "SLIPWAY_GATEWAY_UPSTREAM_RESPONSE_TIMEOUT_SECS")]
+    pub gateway_upstream_response_timeout_secs: Option<f64>,
     /// gateway.grace_period_secs: how long SIGTERM waits for in-flight transfers
     #[arg(long, env = "SLIPWAY_GATEWAY_GRACE_PERIOD_SECS")]
     pub gateway_grace_period_secs: Option<f64>,
@@ -109,6 +113,7 @@ pub struct GatewayConfig {
     pub admin_listen: SocketAddr,
     pub client_header_timeout: Duration,
     pub body_idle_timeout: Duration,
+    pub upstream_response_timeout: Duration,
     pub grace_period: Duration,
 }
 
@@ -216,6 +221,16 @@ impl GatewayConfig {
                 ov.gateway_body_idle_timeout_secs
                     .or(g.body_idle_timeout_secs),
                 60.0,
+            )?,
+            // From the end of the request body, so a large monolithic PUT
+            // (whose answer comes once distribution has it all) is not cut.
+            // A hung distribution (#18 point 8) then costs a client 30 s,
+            // not as long as it waits.
+            upstream_response_timeout: secs(
+                "gateway.upstream_response_timeout_secs",
+                ov.gateway_upstream_response_timeout_secs
+                    .or(g.upstream_response_timeout_secs),
+                30.0,
             )?,
             grace_period: secs(
                 "gateway.grace_period_secs",

@@ -60,6 +60,7 @@ pub struct GatewayMetrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
     pub upstream_errors: Counter,
+    pub upstream_timeouts: Counter,
     pub certificate_expiry: FGauge,
     pub certificate_reloads: Family<ReloadLabels, Counter>,
 }
@@ -84,6 +85,12 @@ impl GatewayMetrics {
             "upstream_errors",
             "Allowed requests the upstream registry did not answer",
             upstream_errors.clone(),
+        );
+        let upstream_timeouts = Counter::default();
+        r.register(
+            "upstream_timeouts",
+            "Requests answered 504: the upstream registry sent no response head within gateway.upstream_response_timeout_secs",
+            upstream_timeouts.clone(),
         );
         let certificate_expiry = FGauge::default();
         r.register(
@@ -111,6 +118,7 @@ impl GatewayMetrics {
             registry: r,
             requests,
             upstream_errors,
+            upstream_timeouts,
             certificate_expiry,
             certificate_reloads,
         }

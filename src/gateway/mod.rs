@@ -165,6 +165,7 @@ async fn serve(cfg: GatewayConfig, entries: Htpasswd, pair: tls::Pair) -> Result
         verifier.clone(),
         metrics.clone(),
         cfg.body_idle_timeout,
+        cfg.upstream_response_timeout,
     ));
 
     // Tests read the bound ports from this line (they pass port 0).
