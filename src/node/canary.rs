@@ -42,8 +42,12 @@ pub enum CanaryError {
         image: String,
         source: tonic::Status,
     },
-    #[error("CRI PullImage {image}: no answer within {} s", deadline.as_secs_f64())]
-    Deadline { image: String, deadline: Duration },
+    #[error("CRI {call} {image}: no answer within {} s", deadline.as_secs_f64())]
+    Deadline {
+        call: &'static str,
+        image: String,
+        deadline: Duration,
+    },
     #[error("CRI RemoveImage {image}: {}", source.message())]
     Remove {
         image: String,
@@ -173,6 +177,7 @@ impl Canary {
         let pulled = match tokio::time::timeout(self.deadline, self.cri.pull(&self.image)).await {
             Ok(r) => r,
             Err(_) => Err(CanaryError::Deadline {
+                call: "PullImage",
                 image: self.image.clone(),
                 deadline: self.deadline,
             }),
@@ -187,9 +192,22 @@ impl Canary {
                 self.metrics.canary_last_success.set(now.as_secs_f64());
                 self.ready.set(Check::Canary, Ok(()));
                 info!(image = %self.image, %image_ref, reason = reason.as_str(), secs = took.as_secs_f64(), "canary pulled through CRI");
-                if let Err(e) = self.cri.remove(&self.image).await {
+                // Every CRI call has the deadline: a containerd that hangs
+                // here held the canary loop for ever, so no canary ran
+                // again and readiness kept the last "ok" (#18 point 10).
+                let removed =
+                    match tokio::time::timeout(self.deadline, self.cri.remove(&self.image)).await {
+                        Ok(r) => r,
+                        Err(_) => Err(CanaryError::Deadline {
+                            call: "RemoveImage",
+                            image: self.image.clone(),
+                            deadline: self.deadline,
+                        }),
+                    };
+                if let Err(e) = removed {
                     // The pull is what readiness is about; a canary left in
-                    // containerd's store only makes the next pull cheaper.
+                    // containerd's store only makes the next pull cheaper,
+                    // and a containerd that hangs fails the next pull.
                     warn!("{e}; the next canary may find the image present");
                 }
                 Ok(())
@@ -258,6 +276,8 @@ pub(crate) mod fake {
         /// `None`: pull succeeds; `Some(msg)`: fails with that message.
         pub fail: Mutex<Option<String>>,
         pub hang: Mutex<bool>,
+        /// RemoveImage never answers.
+        pub hang_remove: Mutex<bool>,
         pub calls: Mutex<Vec<String>>,
     }
 
@@ -280,6 +300,9 @@ pub(crate) mod fake {
         fn remove<'a>(&'a self, image: &'a str) -> BoxFuture<'a, Result<(), CanaryError>> {
             Box::pin(async move {
                 self.calls.lock().unwrap().push(format!("remove {image}"));
+                if *self.hang_remove.lock().unwrap() {
+                    std::future::pending::<()>().await;
+                }
                 Ok(())
             })
         }
@@ -371,6 +394,37 @@ mod tests {
             canary_reason(&ready).unwrap(),
             format!("CRI PullImage {IMG}: no answer within 0.2 s")
         );
+    }
+
+    /// #18 point 10: a RemoveImage that never answers ends at the
+    /// deadline, and the next canaries still run.
+    #[tokio::test]
+    async fn a_hanging_remove_ends_at_the_deadline_and_canaries_go_on() {
+        let cri = Arc::new(FakeCri::default());
+        *cri.hang_remove.lock().unwrap() = true;
+        let (c, ready, _) = canary(cri.clone(), Duration::from_millis(300));
+        let t = Instant::now();
+        c.once(Reason::Start).await.unwrap();
+        assert!(t.elapsed() < Duration::from_secs(2));
+        assert_eq!(canary_reason(&ready), None);
+        let (trigger, rx) = Trigger::channel();
+        let task = tokio::spawn(c.run(rx));
+        trigger.ask(Reason::Start);
+        // Two canaries within 2 s: pull, hung remove (0.2 s), 0.3 s wait.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let pulls = cri
+            .calls
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|c| c.starts_with("pull "))
+            .count();
+        assert!(
+            pulls >= 3,
+            "canaries stopped after a hung RemoveImage: {pulls} pulls"
+        );
+        drop(trigger);
+        task.abort();
     }
 
     #[tokio::test]
