@@ -331,11 +331,7 @@ impl Cluster {
     }
 
     /// Pull `image` on the nodes `which` at once; each result and wall time.
-    pub fn pull_all(
-        &self,
-        image: &str,
-        which: &[usize],
-    ) -> Vec<(Result<String, String>, Duration)> {
+    pub fn pull_all(&self, image: &str, which: &[usize]) -> Vec<Pulled> {
         std::thread::scope(|sc| {
             let handles: Vec<_> = which
                 .iter()
@@ -414,6 +410,50 @@ fn three_nodes_pulling_at_once_fetch_the_image_from_the_registry_once() {
     assert!(ratio <= 1.3, "registry sent {ratio:.2}x the image");
 }
 
+/// One node's pull: the image ref or the error, and how long it took.
+type Pulled = (Result<String, String>, Duration);
+
+/// Pulls the image of `layout` on every node but `layer`'s owner (by the
+/// agents' rendezvous hashing) at once and, once the owner has sent 4 MiB
+/// from upstream (to itself and the peers), well before all of it, sends
+/// the owner `sig`. The owner, the pulling nodes and their results.
+fn signal_the_owner_mid_pull(
+    c: &Cluster,
+    layout: &Path,
+    layer: &str,
+    sig: nix::sys::signal::Signal,
+) -> (usize, Vec<usize>, Vec<Pulled>) {
+    let peers: Vec<SocketAddr> = c.nodes.iter().map(|n| n.peer).collect();
+    let digest = slipway::proxy::route::Digest::parse(layer).unwrap();
+    let owner_addr = slipway::proxy::peers::rank(&peers, &digest)[0];
+    let owner = c.nodes.iter().position(|n| n.peer == owner_addr).unwrap();
+    let others: Vec<usize> = (0..c.nodes.len()).filter(|i| *i != owner).collect();
+    let image = image_ref(layout);
+    let results = std::thread::scope(|sc| {
+        let pulls = sc.spawn(|| c.pull_all(&image, &others));
+        let started = Instant::now();
+        let node = &c.nodes[owner];
+        loop {
+            let sent = node
+                .agent
+                .metric("slipway_proxy_bytes_total{source=\"upstream\"}");
+            if sent >= (4 << 20) as f64 {
+                eprintln!("owner sent {sent} bytes; {sig}");
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the owner never served the layer:\n{}",
+                node.agent.metrics()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        node.agent.signal(sig);
+        pulls.join().unwrap()
+    });
+    (owner, others, results)
+}
+
 /// #11: the owner of the layer loses its agent to SIGKILL in the middle of
 /// the pull; every other node's pull still completes with the right
 /// image.
@@ -426,36 +466,8 @@ fn owner_killed_mid_pull_leaves_the_other_pulls_complete() {
     let (layers, config, _) = layout_image(&layout);
     // Slower, so that the pull is surely in its middle when the owner dies.
     let c = Cluster::start(3, &layout, true, RATE_MBIT / 4);
-    let peers: Vec<SocketAddr> = c.nodes.iter().map(|n| n.peer).collect();
-    let digest = slipway::proxy::route::Digest::parse(&layers[0].0).unwrap();
-    let owner_addr = slipway::proxy::peers::rank(&peers, &digest)[0];
-    let owner = c.nodes.iter().position(|n| n.peer == owner_addr).unwrap();
-    let others: Vec<usize> = (0..c.nodes.len()).filter(|i| *i != owner).collect();
-    let image = image_ref(&layout);
-    let results = std::thread::scope(|sc| {
-        let pulls = sc.spawn(|| c.pull_all(&image, &others));
-        // Kill once the owner has sent some of the layer (to itself and
-        // the peers), well before all of it.
-        let started = Instant::now();
-        let node = &c.nodes[owner];
-        loop {
-            let sent = node
-                .agent
-                .metric("slipway_proxy_bytes_total{source=\"upstream\"}");
-            if sent >= (4 << 20) as f64 {
-                eprintln!("owner sent {sent} bytes; SIGKILL");
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the owner never served the layer:\n{}",
-                node.agent.metrics()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        node.agent.signal(nix::sys::signal::Signal::SIGKILL);
-        pulls.join().unwrap()
-    });
+    let (owner, others, results) =
+        signal_the_owner_mid_pull(&c, &layout, &layers[0].0, nix::sys::signal::Signal::SIGKILL);
     let mut c = c;
     let _ = c.nodes[owner].agent.wait_exit(Duration::from_secs(5));
     for (i, (r, t)) in others.iter().zip(&results) {
@@ -488,34 +500,9 @@ fn sigterm_to_an_owner_lets_its_peer_transfer_finish() {
     let layout = big_layout(32);
     let (layers, config, _) = layout_image(&layout);
     let c = Cluster::start(2, &layout, true, RATE_MBIT / 4);
-    let peers: Vec<SocketAddr> = c.nodes.iter().map(|n| n.peer).collect();
-    let digest = slipway::proxy::route::Digest::parse(&layers[0].0).unwrap();
-    let owner_addr = slipway::proxy::peers::rank(&peers, &digest)[0];
-    let owner = c.nodes.iter().position(|n| n.peer == owner_addr).unwrap();
-    let other = 1 - owner;
-    let image = image_ref(&layout);
-    let results = std::thread::scope(|sc| {
-        let pull = sc.spawn(|| c.pull_all(&image, &[other]));
-        let started = Instant::now();
-        let node = &c.nodes[owner];
-        loop {
-            let sent = node
-                .agent
-                .metric("slipway_proxy_bytes_total{source=\"upstream\"}");
-            if sent >= (4 << 20) as f64 {
-                eprintln!("owner sent {sent} bytes; SIGTERM");
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(60),
-                "the owner never served the layer:\n{}",
-                node.agent.metrics()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        node.agent.signal(nix::sys::signal::Signal::SIGTERM);
-        pull.join().unwrap()
-    });
+    let (owner, others, results) =
+        signal_the_owner_mid_pull(&c, &layout, &layers[0].0, nix::sys::signal::Signal::SIGTERM);
+    let other = others[0];
     let mut c = c;
     let code = c.nodes[owner].agent.wait_exit(Duration::from_secs(40));
     let (r, t) = &results[0];
