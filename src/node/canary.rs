@@ -171,17 +171,29 @@ pub struct Canary {
 }
 
 impl Canary {
+    /// One CRI call with the deadline. Every call has it: a containerd
+    /// that hung in RemoveImage held the canary loop for ever, so no canary
+    /// ran again and readiness kept the last "ok" (#18 point 10).
+    async fn within<T>(
+        &self,
+        call: &'static str,
+        f: impl std::future::Future<Output = Result<T, CanaryError>>,
+    ) -> Result<T, CanaryError> {
+        tokio::time::timeout(self.deadline, f)
+            .await
+            .unwrap_or_else(|_| {
+                Err(CanaryError::Deadline {
+                    call,
+                    image: self.image.clone(),
+                    deadline: self.deadline,
+                })
+            })
+    }
+
     /// One canary: pull with the deadline, record, then remove.
     pub async fn once(&self, reason: Reason) -> Result<(), CanaryError> {
         let started = Instant::now();
-        let pulled = match tokio::time::timeout(self.deadline, self.cri.pull(&self.image)).await {
-            Ok(r) => r,
-            Err(_) => Err(CanaryError::Deadline {
-                call: "PullImage",
-                image: self.image.clone(),
-                deadline: self.deadline,
-            }),
-        };
+        let pulled = self.within("PullImage", self.cri.pull(&self.image)).await;
         let took = started.elapsed();
         self.metrics.canary_pull.observe(took.as_secs_f64());
         match pulled {
@@ -192,19 +204,10 @@ impl Canary {
                 self.metrics.canary_last_success.set(now.as_secs_f64());
                 self.ready.set(Check::Canary, Ok(()));
                 info!(image = %self.image, %image_ref, reason = reason.as_str(), secs = took.as_secs_f64(), "canary pulled through CRI");
-                // Every CRI call has the deadline: a containerd that hangs
-                // here held the canary loop for ever, so no canary ran
-                // again and readiness kept the last "ok" (#18 point 10).
-                let removed =
-                    match tokio::time::timeout(self.deadline, self.cri.remove(&self.image)).await {
-                        Ok(r) => r,
-                        Err(_) => Err(CanaryError::Deadline {
-                            call: "RemoveImage",
-                            image: self.image.clone(),
-                            deadline: self.deadline,
-                        }),
-                    };
-                if let Err(e) = removed {
+                if let Err(e) = self
+                    .within("RemoveImage", self.cri.remove(&self.image))
+                    .await
+                {
                     // The pull is what readiness is about; a canary left in
                     // containerd's store only makes the next pull cheaper,
                     // and a containerd that hangs fails the next pull.
