@@ -26,6 +26,9 @@ const ALIAS: &str = "registry.shared-services:5000";
 const NODES: [&str; 2] = ["slw-n1", "slw-n2"];
 const NODE_IPS: [&str; 2] = ["198.19.0.11", "198.19.0.12"];
 const CLIENT_NS: &str = "slw-client";
+/// Every API call has a deadline, above the longest `--timeout` given to
+/// kubectl's own waits here (240 s): a hung API server fails the test.
+const KUBECTL_REQUEST_TIMEOUT: &str = "--request-timeout=300s";
 
 fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -91,7 +94,7 @@ impl Cluster {
             && run(Command::new("kubectl")
                 .args(["--kubeconfig"])
                 .arg(state_dir().join("admin.kubeconfig"))
-                .args(["get", "--raw", "/readyz"]))
+                .args([KUBECTL_REQUEST_TIMEOUT, "get", "--raw", "/readyz"]))
             .status
             .success()
         {
@@ -120,6 +123,7 @@ impl Cluster {
         run(Command::new("kubectl")
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
+            .arg(KUBECTL_REQUEST_TIMEOUT)
             .args(args))
     }
 
@@ -369,8 +373,15 @@ fn blobs(layout: &Path, digest: &str) -> Vec<(String, u64)> {
 /// Secret's config.json, or none.
 fn push(layout: &Path, dest: &str, certs: &Path, authfile: Option<&Path>) -> Output {
     let mut c = client("skopeo");
-    c.args(["copy", "--quiet", "--preserve-digests", "--dest-cert-dir"])
-        .arg(certs);
+    c.args([
+        "--command-timeout",
+        "180s",
+        "copy",
+        "--quiet",
+        "--preserve-digests",
+        "--dest-cert-dir",
+    ])
+    .arg(certs);
     match authfile {
         Some(f) => c.arg("--dest-authfile").arg(f),
         None => c.arg("--dest-no-creds"),
@@ -559,6 +570,8 @@ fn push_and_pull(c: &Cluster, layout: &Path, digest: &str, certs: &Path, tmp: &P
     assert!(!o.status.success(), "an anonymous push succeeded");
     let tags = run(client("curl").args([
         "-sS",
+        "--max-time",
+        "30",
         "--cacert",
         certs.join("ca.crt").to_str().unwrap(),
         &format!("https://{ALIAS}/v2/demo/denied/tags/list"),
@@ -686,7 +699,7 @@ fn served_certificate(certs: &Path) -> String {
     let o = run(client("sh").args([
         "-c",
         &format!(
-            "openssl s_client -connect {ALIAS} -servername registry.shared-services -CAfile {} </dev/null 2>/dev/null | openssl x509",
+            "timeout 20 openssl s_client -connect {ALIAS} -servername registry.shared-services -CAfile {} </dev/null 2>/dev/null | openssl x509",
             certs.join("ca.crt").display()
         ),
     ]));

@@ -57,7 +57,7 @@ start_etcd() {
     --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379 \
     --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
     --initial-cluster default=http://127.0.0.1:2380 --unsafe-no-fsync --log-level warn
-  wait_until "etcd (log: $STATE/logs/etcd.log)" 60 curl -fsS http://127.0.0.1:2379/health
+  wait_until "etcd (log: $STATE/logs/etcd.log)" 60 curl -fsS --max-time 5 http://127.0.0.1:2379/health
 }
 
 start_apiserver() {
@@ -97,9 +97,9 @@ start_controllers() {
     --authorization-kubeconfig="$STATE/kube-scheduler.kubeconfig" \
     --bind-address=127.0.0.1 --leader-elect=false
   wait_until "kube-controller-manager (log: $STATE/logs/kube-controller-manager.log)" 60 \
-    curl -fsSk https://127.0.0.1:10257/healthz
+    curl -fsSk --max-time 5 https://127.0.0.1:10257/healthz
   wait_until "kube-scheduler (log: $STATE/logs/kube-scheduler.log)" 60 \
-    curl -fsSk https://127.0.0.1:10259/healthz
+    curl -fsSk --max-time 5 https://127.0.0.1:10259/healthz
 }
 
 # The nodes' upstream resolver: NXDOMAIN for everything, as a VPC resolver

@@ -180,4 +180,7 @@ in_node() {
   nsenter --mount="$(node_mnt "$node")" --net="/run/netns/$node" -- "$@"
 }
 
-kctl() { kubectl --kubeconfig "$STATE/admin.kubeconfig" "$@"; }
+# Every API call has a deadline, above the longest --timeout the scripts
+# give kubectl's own waits (240 s): a hung API server fails, never hangs.
+KUBECTL_REQUEST_TIMEOUT=300s
+kctl() { kubectl --kubeconfig "$STATE/admin.kubeconfig" --request-timeout="$KUBECTL_REQUEST_TIMEOUT" "$@"; }

@@ -298,7 +298,7 @@ node_up() {
   start "$node-containerd" nsenter --mount="$(node_mnt "$node")" --net="/run/netns/$node" -- \
     env PATH="$bin:/usr/sbin:/usr/bin:/sbin:/bin" "$bin/containerd" --config /etc/containerd/config.toml
   wait_until "containerd $release on $node (log: $STATE/logs/$node-containerd.log)" 60 \
-    in_node "$node" "$bin/ctr" version
+    in_node "$node" "$bin/ctr" --timeout 5s version
   in_node "$node" env SNAPSHOTTER=overlayfs bash "$CLUSTER_HERE/images.sh" import "$bin/ctr" \
     /run/containerd/containerd.sock "$IMAGES" >>"$STATE/logs/$node-images.log" 2>&1 ||
     die "$node: importing the images failed (log: $STATE/logs/$node-images.log)"
