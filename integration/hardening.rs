@@ -74,19 +74,6 @@ fn vm_hwm_kib(pid: u32) -> u64 {
         .unwrap()
 }
 
-fn cpu_secs(pid: u32) -> f64 {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    // Fields after the parenthesised command: utime is the 14th, stime the
-    // 15th field of the whole line.
-    let rest = &s[s.rfind(')').unwrap() + 2..];
-    let f: Vec<&str> = rest.split(' ').collect();
-    let ticks: f64 = f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap();
-    ticks
-        / nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-            .unwrap()
-            .unwrap() as f64
-}
-
 /// #13.1/.2: a FIFO named hosts.toml froze the agent's loop in `open`:
 /// SIGTERM was ignored, other aliases were not repaired, /readyz said ready.
 #[test]

@@ -208,6 +208,24 @@ fn unique() -> u32 {
     COUNTER.fetch_add(1, Ordering::SeqCst)
 }
 
+/// CPU seconds (user + system) a process has used, from
+/// `/proc/PID/stat`; 0 once it is gone.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // After the parenthesised command, utime and stime are the 12th and
+    // 13th fields (the 14th and 15th of the whole line).
+    let f: Vec<&str> = s
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let tck = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64;
+    (field(11) + field(12)) / tck
+}
+
 /// A loopback address for a program that cannot listen on port 0 and
 /// report the port it got (nginx rejects `listen …:0`). Asking the kernel
 /// for a free port and closing it before the program binds it is a race

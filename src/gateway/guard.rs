@@ -57,16 +57,25 @@ pub enum Outcome {
     /// A write whose credentials match no htpasswd entry: `401` too, as
     /// distribution's htpasswd auth answers, but counted apart.
     Denied,
+    /// A write whose credentials could not be checked because too many
+    /// checks were waiting: `503` with `Retry-After` (#18 point 7).
+    Busy,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 3] = [Outcome::Allowed, Outcome::Unauthenticated, Outcome::Denied];
+    pub const ALL: [Outcome; 4] = [
+        Outcome::Allowed,
+        Outcome::Unauthenticated,
+        Outcome::Denied,
+        Outcome::Busy,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Allowed => "allowed",
             Outcome::Unauthenticated => "unauthenticated",
             Outcome::Denied => "denied",
+            Outcome::Busy => "busy",
         }
     }
 }

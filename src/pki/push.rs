@@ -7,7 +7,7 @@
 //! | --- | --- | --- |
 //! | `username` | people | the push account, [`PUSH_USER`] |
 //! | `password` | people | 32 random bytes, base64url (43 characters) |
-//! | `htpasswd` | `slipway gateway` (`gateway.push_htpasswd`) | `user:$2b$10$…`, bcrypt |
+//! | `htpasswd` | `slipway gateway` (`gateway.push_htpasswd`) | `user:$2b$04$…`, bcrypt at [`BCRYPT_COST`] |
 //! | `config.json` | Kaniko (`/kaniko/.docker/config.json`) | `{"auths":{"HOST:PORT":{"auth":…}}}` |
 //!
 //! `config.json` names every registry address the certificate is valid for
@@ -40,10 +40,13 @@ pub const KEY_HTPASSWD: &str = "htpasswd";
 pub const KEY_DOCKER_CONFIG: &str = "config.json";
 /// The account Kaniko pushes as.
 pub const PUSH_USER: &str = "slipway-push";
-/// bcrypt cost of the entry. The gateway verifies it once per minute and
-/// connection pool at most (it caches a success), so a cost that takes tens
-/// of milliseconds is paid rarely; `htpasswd -B` defaults to 5.
-pub const BCRYPT_COST: u32 = 10;
+/// bcrypt cost of the entry: 4, the least bcrypt allows (#18 point 7).
+/// A slow hash protects passwords people choose, which can be guessed
+/// offline from a leaked hash; this one is 256 random bits, out of reach
+/// at any cost, so the cost buys nothing but CPU an anonymous client can
+/// make the gateway spend (about 60 ms per check at cost 10, 1 ms at 4).
+/// distribution reads the same file, and Go's bcrypt accepts 4 to 31.
+pub const BCRYPT_COST: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PushError {
@@ -59,7 +62,9 @@ pub enum PushWhy {
     /// No `password` (or an empty one): a new password, and everything
     /// derived from it.
     NoPassword,
-    /// `htpasswd` has no entry for the user that verifies the password.
+    /// `htpasswd` has no entry for the user that verifies the password, or
+    /// one at another cost than [`BCRYPT_COST`] (entries written at cost 10
+    /// before #18 are rewritten from the same password).
     StaleHtpasswd,
     /// `config.json` is not the one for the current names and password.
     StaleDockerConfig,
@@ -69,9 +74,10 @@ impl fmt::Display for PushWhy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             PushWhy::NoPassword => write!(f, "no {KEY_PASSWORD}: a new push password"),
-            PushWhy::StaleHtpasswd => {
-                write!(f, "{KEY_HTPASSWD} does not verify {KEY_PASSWORD}")
-            }
+            PushWhy::StaleHtpasswd => write!(
+                f,
+                "{KEY_HTPASSWD} does not verify {KEY_PASSWORD} at bcrypt cost {BCRYPT_COST}"
+            ),
             PushWhy::StaleDockerConfig => write!(
                 f,
                 "{KEY_DOCKER_CONFIG} does not name the registry's current addresses"
@@ -127,13 +133,18 @@ pub fn htpasswd_line(user: &str, password: &str) -> Result<String, PushError> {
     Ok(format!("{user}:{hash}\n"))
 }
 
-/// Whether `htpasswd` has an entry for `user` whose bcrypt hash verifies
-/// `password`.
+/// Whether `htpasswd` has an entry for `user` whose bcrypt hash, at
+/// [`BCRYPT_COST`], verifies `password`. Read with the gateway's parser, so
+/// an entry `slipway gateway` would refuse is rewritten here.
 pub fn htpasswd_verifies(htpasswd: &str, user: &str, password: &str) -> bool {
-    htpasswd.lines().any(|l| {
-        l.split_once(':')
-            .is_some_and(|(u, h)| u == user && bcrypt::verify(password, h.trim()).unwrap_or(false))
-    })
+    let path = std::path::Path::new("Secret key htpasswd");
+    crate::gateway::htpasswd::Htpasswd::parse(path, htpasswd)
+        .ok()
+        .and_then(|h| h.hash_of(user).map(str::to_string))
+        .is_some_and(|hash| {
+            crate::gateway::htpasswd::cost(&hash) == BCRYPT_COST
+                && bcrypt::verify(password, &hash).unwrap_or(false)
+        })
 }
 
 /// A push Secret's data.
@@ -305,6 +316,23 @@ mod tests {
         assert_eq!(why, PushWhy::StaleHtpasswd);
         assert!(htpasswd_verifies(&get(&d2, KEY_HTPASSWD), PUSH_USER, &pw));
         assert_eq!(get(&d2, "note"), "the operator's");
+    }
+
+    /// #18 point 7: an entry written at cost 10 before verifies, but is
+    /// rewritten at [`BCRYPT_COST`] from the same password.
+    #[test]
+    fn an_entry_at_the_old_cost_is_rehashed_with_the_same_password() {
+        let regs = registries(&sans(), 5000);
+        let mut d = new_data(&regs).unwrap();
+        let pw = get(&d, KEY_PASSWORD);
+        let old = format!("{PUSH_USER}:{}\n", bcrypt::hash(&pw, 10).unwrap());
+        d.insert(KEY_HTPASSWD.into(), bytes(&old));
+        let (d2, why) = assess(&secret(d), &regs).unwrap().unwrap();
+        assert_eq!(why, PushWhy::StaleHtpasswd);
+        assert_eq!(get(&d2, KEY_PASSWORD), pw);
+        let new = get(&d2, KEY_HTPASSWD);
+        assert!(new.starts_with(&format!("{PUSH_USER}:$2b$04$")), "{new}");
+        assert!(htpasswd_verifies(&new, PUSH_USER, &pw));
     }
 
     #[test]
