@@ -182,3 +182,62 @@ fn readyz_follows_the_canary_pull() {
     // The agent removed it again: a pull now fetches through the proxy.
     ctd.pull(&image).unwrap();
 }
+
+/// #18 point 11: a proxy that fails every request (here its upstream
+/// address refuses connections) while containerd can reach the registry
+/// directly, the next host in hosts.toml. containerd's pull succeeds past
+/// the proxy; before, the canary passed and `/readyz` showed the canary as
+/// fine. Now the canary fails, naming the proxy.
+#[test]
+fn a_pull_that_falls_back_past_the_proxy_fails_the_canary() {
+    if !prerequisites() {
+        return;
+    }
+    let s = tls_setup();
+    let ctd = Containerd::start(&s.dir);
+    let image = canary_push(&s);
+    // Port 9 (discard) on loopback: nothing listens, connections are refused.
+    let dead = "127.0.0.1:9";
+    let a = Agent::start_env(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        &format!("https://{}", s.registry.addr),
+        Some(dead),
+        &s.pki.ca(),
+        "",
+        &[
+            ("SLIPWAY_CONTAINERD_SOCKET", ctd.sock.to_str().unwrap()),
+            ("SLIPWAY_AGENT_CANARY_IMAGE", &image),
+        ],
+    );
+    let mut last = (0, String::new());
+    wait_for(
+        "/readyz names the canary's pull past the proxy",
+        Duration::from_secs(40),
+        || {
+            last = readyz(&a);
+            last.1.contains("canary: CRI PullImage") && last.1.contains("not through the proxy")
+        },
+    );
+    eprintln!(
+        "fallback past the proxy on containerd {}: {last:?}",
+        ctd.release.name
+    );
+    assert_eq!(last.0, 503);
+    assert!(
+        last.1
+            .contains(&format!("not through the proxy http://{}", a.proxy)),
+        "{}",
+        last.1
+    );
+    assert_eq!(
+        a.metric("slipway_canary_last_success_timestamp_seconds"),
+        0.0
+    );
+    assert!(!a.proc.log_text().contains("canary pulled through CRI"));
+    // containerd did pull it, from the next host: the proxy path is what
+    // failed, not the image.
+    ctd.pull(&image).unwrap();
+}

@@ -230,6 +230,9 @@ pub type FGauge = Gauge<f64, AtomicU64>;
 pub struct Metrics {
     registry: Registry,
     pub requests: Family<RequestLabels, Counter>,
+    /// 2xx answers of the proxy port, whatever the route: the canary's
+    /// proof that its pull went through the proxy (#18 point 11).
+    pub proxy_ok: Counter,
     pub bytes: Family<SourceLabels, Counter>,
     pub upstream_latency: Histogram,
     pub in_flight: Gauge,
@@ -266,6 +269,12 @@ impl Metrics {
             "proxy_requests",
             "Proxy requests by method, route class and status",
             requests.clone(),
+        );
+        let proxy_ok = Counter::default();
+        r.register(
+            "proxy_successful_responses",
+            "Proxy responses with a 2xx status; each canary pull must add one",
+            proxy_ok.clone(),
         );
         let bytes = Family::<SourceLabels, Counter>::default();
         r.register(
@@ -410,6 +419,7 @@ impl Metrics {
         Metrics {
             registry: r,
             requests,
+            proxy_ok,
             bytes,
             upstream_latency,
             in_flight,

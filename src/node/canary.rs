@@ -11,6 +11,13 @@
 //! hosts.toml and the proxy; then `RemoveImage`, so the next canary pulls
 //! again instead of finding the image in containerd's store.
 //!
+//! A pull that succeeds is not yet proof of the proxy: containerd tries the
+//! hosts of hosts.toml in order and falls back to the next (the upstream)
+//! when the proxy refuses or fails (#18 point 11: the canary passed with
+//! the proxy dead). So the proxy's count of 2xx answers
+//! (`slipway_proxy_successful_responses_total`) must move during the pull,
+//! or the canary fails, naming the proxy.
+//!
 //! The CRI client sits behind [`Cri`] so the scheduling is tested with a
 //! fake.
 
@@ -48,6 +55,8 @@ pub enum CanaryError {
         image: String,
         deadline: Duration,
     },
+    #[error("CRI PullImage {image} succeeded, but not through the proxy {proxy}: it answered no request with success during the pull, so containerd used the next host in hosts.toml")]
+    NotThroughProxy { image: String, proxy: String },
     #[error("CRI RemoveImage {image}: {}", source.message())]
     Remove {
         image: String,
@@ -164,6 +173,8 @@ impl Reason {
 pub struct Canary {
     pub cri: Arc<dyn Cri>,
     pub image: String,
+    /// The proxy's URL in hosts.toml, for messages.
+    pub proxy: String,
     pub interval: Duration,
     pub deadline: Duration,
     pub ready: Arc<Readiness>,
@@ -193,7 +204,20 @@ impl Canary {
     /// One canary: pull with the deadline, record, then remove.
     pub async fn once(&self, reason: Reason) -> Result<(), CanaryError> {
         let started = Instant::now();
-        let pulled = self.within("PullImage", self.cri.pull(&self.image)).await;
+        let proxied_before = self.metrics.proxy_ok.get();
+        let pulled = self
+            .within("PullImage", self.cri.pull(&self.image))
+            .await
+            .and_then(|image_ref| {
+                if self.metrics.proxy_ok.get() == proxied_before {
+                    Err(CanaryError::NotThroughProxy {
+                        image: self.image.clone(),
+                        proxy: self.proxy.clone(),
+                    })
+                } else {
+                    Ok(image_ref)
+                }
+            });
         let took = started.elapsed();
         self.metrics.canary_pull.observe(took.as_secs_f64());
         match pulled {
@@ -281,6 +305,9 @@ pub(crate) mod fake {
         pub hang: Mutex<bool>,
         /// RemoveImage never answers.
         pub hang_remove: Mutex<bool>,
+        /// The proxy's success counter, moved by each successful pull as
+        /// the real proxy's is; `None`: containerd fell back past it.
+        pub proxy: Mutex<Option<prometheus_client::metrics::counter::Counter>>,
         pub calls: Mutex<Vec<String>>,
     }
 
@@ -292,7 +319,12 @@ pub(crate) mod fake {
                     std::future::pending::<()>().await;
                 }
                 match self.fail.lock().unwrap().clone() {
-                    None => Ok("sha256:abc".into()),
+                    None => {
+                        if let Some(c) = &*self.proxy.lock().unwrap() {
+                            c.inc();
+                        }
+                        Ok("sha256:abc".into())
+                    }
                     Some(m) => Err(CanaryError::Pull {
                         image: image.to_string(),
                         source: tonic::Status::unknown(m),
@@ -322,10 +354,12 @@ mod tests {
     fn canary(cri: Arc<FakeCri>, interval: Duration) -> (Canary, Arc<Readiness>, Arc<Metrics>) {
         let ready = Arc::new(Readiness::default());
         let metrics = Arc::new(Metrics::new());
+        *cri.proxy.lock().unwrap() = Some(metrics.proxy_ok.clone());
         (
             Canary {
                 cri,
                 image: IMG.into(),
+                proxy: "http://127.0.0.1:5050".into(),
                 interval,
                 deadline: Duration::from_millis(200),
                 ready: ready.clone(),
@@ -383,6 +417,24 @@ mod tests {
         *cri.fail.lock().unwrap() = Some("no such host".into());
         assert!(c.once(Reason::Interval).await.is_err());
         assert!(canary_reason(&ready).unwrap().ends_with("no such host"));
+    }
+
+    /// #18 point 11: containerd pulled, but past the proxy (it fell back
+    /// to the next host in hosts.toml): the canary fails, naming the proxy.
+    #[tokio::test]
+    async fn a_pull_that_bypassed_the_proxy_fails_the_check() {
+        let cri = Arc::new(FakeCri::default());
+        let (c, ready, m) = canary(cri.clone(), Duration::from_secs(300));
+        *cri.proxy.lock().unwrap() = None;
+        assert!(c.once(Reason::Start).await.is_err());
+        assert_eq!(
+            canary_reason(&ready).unwrap(),
+            format!("CRI PullImage {IMG} succeeded, but not through the proxy http://127.0.0.1:5050: it answered no request with success during the pull, so containerd used the next host in hosts.toml")
+        );
+        assert_eq!(m.canary_last_success.get(), 0.0);
+        *cri.proxy.lock().unwrap() = Some(m.proxy_ok.clone());
+        c.once(Reason::Changed).await.unwrap();
+        assert_eq!(canary_reason(&ready), None);
     }
 
     #[tokio::test]

@@ -698,6 +698,7 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<u8, AgentErr
             let c = canary::Canary {
                 cri: Arc::new(canary::socket(&cfg.containerd.host_root, sock)),
                 image: image.reference.clone(),
+                proxy: format!("http://{bound}"),
                 interval: cfg.canary_interval,
                 deadline: canary::PULL_DEADLINE,
                 ready: ready.clone(),

@@ -415,6 +415,9 @@ pub async fn handle(
             status: resp.status().as_u16(),
         })
         .inc();
+    if resp.status().is_success() {
+        state.metrics.proxy_ok.inc();
+    }
     debug!(%method, %path, route = %class, status = resp.status().as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "proxied");
     Ok(resp)
 }
