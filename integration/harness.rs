@@ -17,8 +17,8 @@ use std::fs;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The slipway binary under test: cargo's for tests, `SLIPWAY_BIN` for the
@@ -718,6 +718,137 @@ impl Registry {
             proc,
             addr: bound,
             data,
+        }
+    }
+}
+
+/// A stand-in TLS front of a plain-HTTP registry (#18): it serves TLS with
+/// `pki`'s certificate on `listen` inside `ns`, and relays each request to
+/// `backend` with `Connection: close`, one request per connection, holding
+/// the head of every blob `GET` back for `delay` first: a registry whose
+/// first byte is late. Only `GET` and `HEAD` (no request bodies). Stopped,
+/// its connections too, on drop.
+pub struct SlowFront {
+    pub addr: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl SlowFront {
+    pub fn start(ns: &NetNs, listen: &str, backend: &str, pki: &Pki, delay: Duration) -> SlowFront {
+        use std::io::{Read, Write};
+        let certs: Vec<_> =
+            rustls_pemfile::certs(&mut &fs::read(pki.dir.join("tls.crt")).unwrap()[..])
+                .collect::<Result<_, _>>()
+                .unwrap();
+        let key = rustls_pemfile::private_key(&mut &fs::read(pki.dir.join("tls.key")).unwrap()[..])
+            .unwrap()
+            .unwrap();
+        let cfg = Arc::new(
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap(),
+        );
+        let path = format!("/var/run/netns/{}", ns.name);
+        let (listen, backend) = (listen.to_string(), backend.to_string());
+        let stop = Arc::new(AtomicBool::new(false));
+        let st = stop.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        // Inside the namespace: the listener and every connection to the
+        // backend are made by this thread or threads it starts.
+        let thread = std::thread::spawn(move || {
+            let netns = fs::File::open(&path).unwrap();
+            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let l = std::net::TcpListener::bind(&listen).unwrap();
+            l.set_nonblocking(true).unwrap();
+            tx.send(l.local_addr().unwrap().to_string()).unwrap();
+            let mut conns = Vec::new();
+            while !st.load(Ordering::SeqCst) {
+                let Ok((c, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let (cfg, backend, st) = (cfg.clone(), backend.clone(), st.clone());
+                conns.push(std::thread::spawn(move || {
+                    c.set_nonblocking(false).unwrap();
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
+                    let Ok(conn) = rustls::ServerConnection::new(cfg) else {
+                        return;
+                    };
+                    let mut tls = rustls::StreamOwned::new(conn, c);
+                    let mut head = Vec::new();
+                    let mut b = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+                        match tls.read(&mut b) {
+                            Ok(1) => head.push(b[0]),
+                            _ => return,
+                        }
+                    }
+                    let text = String::from_utf8_lossy(&head).to_string();
+                    let mut lines = text.split("\r\n");
+                    let request_line = lines.next().unwrap_or_default().to_string();
+                    if request_line.starts_with("GET ") && request_line.contains("/blobs/") {
+                        // Bounded by `delay`; ends early at the stop.
+                        let until = Instant::now() + delay;
+                        while Instant::now() < until && !st.load(Ordering::SeqCst) {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                    let mut out = format!("{request_line}\r\n");
+                    for l in lines.filter(|l| !l.is_empty()) {
+                        if !l.to_ascii_lowercase().starts_with("connection:") {
+                            out.push_str(l);
+                            out.push_str("\r\n");
+                        }
+                    }
+                    out.push_str("Connection: close\r\n\r\n");
+                    let Ok(mut up) = std::net::TcpStream::connect(&backend) else {
+                        return;
+                    };
+                    let _ = up.set_read_timeout(Some(Duration::from_secs(30)));
+                    if up.write_all(out.as_bytes()).is_err() {
+                        return;
+                    }
+                    let mut buf = vec![0u8; 64 * 1024];
+                    // Bounded: the backend closes after its one response.
+                    while !st.load(Ordering::SeqCst) {
+                        match up.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                if tls.write_all(&buf[..n]).is_err() {
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                    tls.conn.send_close_notify();
+                    let _ = tls.flush();
+                }));
+                conns.retain(|t| !t.is_finished());
+            }
+            for t in conns {
+                let _ = t.join();
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(10)).unwrap();
+        SlowFront {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for SlowFront {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }

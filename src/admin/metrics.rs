@@ -149,8 +149,12 @@ pub enum PeerResult {
     Served,
     /// The peer answered with something other than 200 and a usable length.
     Refused,
-    /// No connection, or no response head, within the peer deadlines.
+    /// No connection, or no response head and no answer to the liveness
+    /// probe, within the peer deadlines: the peer is marked down.
     Timeout,
+    /// Alive (it answered the probe), but no response head before the
+    /// peer phase's deadline: its upstream is slow. Not marked down (#18).
+    Slow,
     /// The connection failed, or the body broke off or stalled.
     Failed,
     /// The body did not match its digest or length.
@@ -158,10 +162,11 @@ pub enum PeerResult {
 }
 
 impl PeerResult {
-    pub const ALL: [PeerResult; 5] = [
+    pub const ALL: [PeerResult; 6] = [
         PeerResult::Served,
         PeerResult::Refused,
         PeerResult::Timeout,
+        PeerResult::Slow,
         PeerResult::Failed,
         PeerResult::Corrupt,
     ];
@@ -170,6 +175,7 @@ impl PeerResult {
             PeerResult::Served => "served",
             PeerResult::Refused => "refused",
             PeerResult::Timeout => "timeout",
+            PeerResult::Slow => "slow",
             PeerResult::Failed => "failed",
             PeerResult::Corrupt => "corrupt",
         }

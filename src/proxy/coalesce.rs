@@ -70,7 +70,7 @@ use http::{header, HeaderMap, HeaderName, HeaderValue, Method, Response, StatusC
 use http_body::Frame;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Incoming;
-use tokio::sync::{watch, Notify};
+use tokio::sync::{oneshot, watch, Notify};
 use tracing::{debug, info, warn};
 
 use super::cache::{Cache, Writer};
@@ -123,7 +123,7 @@ pub enum CoalesceError {
 /// Where a download stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
-    /// The first client is asking its source; no response head yet.
+    /// Its task is asking the source; no response head yet.
     Pending,
     /// Bytes are arriving.
     Streaming,
@@ -301,25 +301,24 @@ pub async fn serve(
         return None;
     }
     let (reader, leader) = state.downloads.join(&digest);
-    let dl = reader.0.clone();
+    let mut own_answer = None;
     if leader {
-        let mut guard = Lead {
-            state,
-            digest: &digest,
-            dl: &dl,
-            armed: true,
-        };
-        match start(state, cache, route, headers, via_peer, &dl).await {
-            Ok(()) => guard.armed = false,
-            // `guard` marks the download declined; this client gets the
-            // source's own answer.
-            Err(resp) => return Some(resp),
-        }
+        let (tx, rx) = oneshot::channel();
+        own_answer = Some(rx);
+        tokio::spawn(lead(
+            state.clone(),
+            cache.clone(),
+            route.clone(),
+            headers.clone(),
+            via_peer,
+            reader.0.clone(),
+            tx,
+        ));
     } else {
         state.metrics.coalesced.inc();
         debug!(%digest, "joined a download in progress");
     }
-    follow(state, reader, 0, None).await
+    follow(state, reader, 0, None, own_answer).await
 }
 
 /// Serve a single range of a blob being downloaded, if all of it has been
@@ -352,16 +351,73 @@ pub fn serve_range(
     out.body(body).ok()
 }
 
-/// Marks a download declined if its first client goes away (or is refused)
-/// before it started: the others then ask on their own instead of waiting.
-struct Lead<'a> {
-    state: &'a Arc<ProxyState>,
+/// A download's pending phase, from its first request to the source's
+/// response head, as a task of its own (#18 point 1). It ran inside the
+/// first client's request before, so that client leaving (containerd
+/// cancels a pull, or a peer gives up) declined the download for every
+/// other client, and each then went upstream on its own: 8 upstream GETs
+/// for 8 clients when the registry's head came 4 s late. Now it ends only
+/// when the source answers, or when no client is left.
+///
+/// `answer`: the first client's own response when the source declines (it
+/// gets the source's answer, as before; the others ask on their own).
+async fn lead(
+    state: Arc<ProxyState>,
+    cache: Arc<Cache>,
+    route: Route,
+    headers: HeaderMap,
+    via_peer: bool,
+    dl: Arc<Download>,
+    answer: oneshot::Sender<Response<ProxyBody>>,
+) {
+    let Some(digest) = route.digest().cloned() else {
+        return;
+    };
+    let mut guard = Pending {
+        state: &state,
+        digest: &digest,
+        dl: &dl,
+        armed: true,
+    };
+    tokio::select! {
+        started = start(&state, &cache, &route, &headers, via_peer, &dl) => match started {
+            Ok(()) => guard.armed = false,
+            // `guard` marks the download declined once the first client
+            // has the source's own answer.
+            Err(resp) => {
+                let _ = answer.send(resp);
+            }
+        },
+        () = abandoned(&state, &digest, &dl) => {
+            debug!(%digest, "every client left before the source answered; download given up");
+        }
+    }
+}
+
+/// Resolves once the download has no client left and is out of the map.
+async fn abandoned(state: &ProxyState, digest: &Digest, dl: &Arc<Download>) {
+    // Bounded: each turn waits for a client to leave, or one second.
+    loop {
+        let left = dl.wake.notified();
+        if dl.readers.load(Ordering::SeqCst) == 0 && state.downloads.remove_if_abandoned(digest, dl)
+        {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), left).await;
+    }
+}
+
+/// Marks a download declined unless disarmed: its source did not answer
+/// 200, every client left, or the task was cancelled (runtime shutdown);
+/// the clients still there then ask on their own instead of waiting.
+struct Pending<'a> {
+    state: &'a ProxyState,
     digest: &'a Digest,
     dl: &'a Arc<Download>,
     armed: bool,
 }
 
-impl Drop for Lead<'_> {
+impl Drop for Pending<'_> {
     fn drop(&mut self) {
         if self.armed {
             self.state.downloads.remove(self.digest, self.dl);
@@ -383,7 +439,8 @@ async fn start(
     let digest = route.digest().expect("a blob route").clone();
     if !via_peer {
         if let Some(peers) = &state.peers {
-            if let Some(pb) = peers.fetch(route, headers).await {
+            let deadline = super::peers::phase_deadline(state.timeouts().response);
+            if let Some(pb) = peers.fetch(route, headers, deadline).await {
                 if let Ok(mut task) =
                     Task::new(state, cache, dl, route, headers, pb.response, Some(pb.peer))
                 {
@@ -411,21 +468,24 @@ async fn start(
     }
 }
 
-/// Serve one client from the download.
+/// Serve one client from the download. `own_answer`: the first client's,
+/// for the source's answer when it declines.
 async fn follow(
     state: &Arc<ProxyState>,
     reader: Reader,
     start: u64,
     end: Option<u64>,
+    mut own_answer: Option<oneshot::Receiver<Response<ProxyBody>>>,
 ) -> Option<Response<ProxyBody>> {
     let mut rx = reader.0.progress.subscribe();
-    // Bounded: the phase leaves Pending once, when the first client's
-    // source answers (within the response timeouts) or it goes away.
+    // Bounded: the phase leaves Pending once, when the source answers
+    // (within the peer and upstream deadlines) or every client has gone.
     let head = loop {
         let p = rx.borrow_and_update().clone();
         match (p.phase, p.head) {
             (Phase::Streaming | Phase::Done, Some(h)) => break h,
-            (Phase::Declined, _) => return None,
+            // The answer is sent before the phase is set.
+            (Phase::Declined, _) => return own_answer.as_mut().and_then(|a| a.try_recv().ok()),
             (Phase::Failed, _) => {
                 return Some(super::unavailable(
                     "the download this request joined failed".into(),
