@@ -761,4 +761,232 @@ fn the_peer_port_never_forwards_credentials() {
     let r = http(&agent.proxy, "GET", &target, &auth).unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.body.len() as u64, size);
+
+    // #18 point 5: that blob is now in the node's cache, fetched with
+    // credentials. The peer port does not serve it to a caller without
+    // any, because the registry does not (before: 200, from the cache).
+    wait_for(
+        "the credentialed blob in the cache",
+        Duration::from_secs(10),
+        || content_bytes_on_disk(&cache) == size,
+    );
+    let r = http(&peer, "GET", &target, &[]).unwrap();
+    assert_eq!(
+        r.status, 404,
+        "the peer port served a blob the registry serves only with credentials"
+    );
+    assert!(String::from_utf8_lossy(&r.body).contains("credentials"));
+}
+
+/// A blob of `bytes` put into `repo` of the registry with the registry API
+/// (monolithic upload); its digest.
+fn put_blob(s: &crate::TlsSetup, repo: &str, bytes: &[u8]) -> String {
+    let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+    let file = s.dir.join(format!("blob-{}", &digest[7..19]));
+    fs::write(&file, bytes).unwrap();
+    let ip = s.registry.addr.split(':').next().unwrap();
+    let curl = |args: &[&str]| {
+        run_ok(
+            Command::new("curl")
+                .args(["-sS", "--fail", "--max-time", "60", "--cacert"])
+                .arg(s.pki.ca())
+                .args(["--resolve", &format!("registry.shared-services:5443:{ip}")])
+                .args(args),
+        )
+    };
+    let head = curl(&[
+        "-i",
+        "-X",
+        "POST",
+        &format!("https://registry.shared-services:5443/v2/{repo}/blobs/uploads/"),
+    ]);
+    let location = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Location: ")
+                .or_else(|| l.strip_prefix("location: "))
+        })
+        .unwrap()
+        .trim()
+        .to_string();
+    let sep = if location.contains('?') { '&' } else { '?' };
+    curl(&[
+        "-X",
+        "PUT",
+        "-H",
+        "Content-Type: application/octet-stream",
+        "--data-binary",
+        &format!("@{}", file.display()),
+        &format!("{location}{sep}digest={digest}"),
+    ]);
+    let _ = fs::remove_file(&file);
+    digest
+}
+
+/// Bytes of regular files under `dir`, temp files included.
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut todo = vec![dir.to_path_buf()];
+    // Bounded: the cache has two levels.
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).into_iter().flatten().flatten() {
+            let m = e.metadata().unwrap();
+            if m.is_dir() {
+                todo.push(e.path());
+            } else {
+                total += m.len();
+            }
+        }
+    }
+    total
+}
+
+/// #18 point 6: anyone who reaches the peer port could make the node fetch
+/// at will (50 anonymous GETs of distinct digests made 50 upstream GETs).
+/// With `peers.client_misses_per_sec = 2`, 50 such GETs cause at most the
+/// configured rate of upstream requests (the rest are answered 429), and a
+/// digest upstream just answered 404 for is answered from memory.
+#[test]
+fn the_peer_port_limits_what_a_client_makes_the_node_fetch() {
+    if !prerequisites() {
+        return;
+    }
+    let s = tls_setup();
+    let ctd = Containerd::start(&s.dir);
+    let cache = s.dir.join("peer-cache");
+    let agent = Agent::start(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        "https://registry.shared-services:5443",
+        Some(&s.registry.addr),
+        &s.pki.ca(),
+        &format!(
+            "\n[cache]\ndir = {:?}\nmax_bytes = 1073741824\n[peers]\nlisten = \"127.0.0.1:0\"\nclient_misses_per_sec = 2\n",
+            cache.display().to_string()
+        ),
+    );
+    let peer = addr_from_log(&agent.proc.log_text(), "slipway agent starting", " peers=")
+        .expect("the agent logs its peer port");
+    let digests: Vec<String> = (0..50u32)
+        .map(|i| {
+            format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("missing-{i}")))
+            )
+        })
+        .collect();
+    let upstream = |ds: &[String]| -> usize {
+        ds.iter()
+            .map(|d| registry_blob_gets(&s.registry, d).0)
+            .sum()
+    };
+    let t0 = std::time::Instant::now();
+    let statuses: Vec<u16> = digests
+        .iter()
+        .map(|d| {
+            http(&peer, "GET", &format!("/v2/app/blobs/{d}"), &[])
+                .unwrap()
+                .status
+        })
+        .collect();
+    let took = t0.elapsed();
+    let sent = upstream(&digests);
+    let allowed = 2 + (2.0 * took.as_secs_f64()).floor() as usize;
+    let limited = statuses.iter().filter(|s| **s == 429).count();
+    eprintln!("50 distinct digests on the peer port in {took:?}: {sent} upstream GETs (at most {allowed} allowed), {limited} answered 429");
+    assert!(sent <= allowed, "{sent} upstream GETs");
+    assert!(limited >= 50 - allowed, "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 404 || *s == 429),
+        "{statuses:?}"
+    );
+    // Those upstream had no blob for are remembered: asked again, no
+    // upstream request, and no allowance spent.
+    let missing: Vec<&String> = digests
+        .iter()
+        .zip(&statuses)
+        .filter(|(_, s)| **s == 404)
+        .map(|(d, _)| d)
+        .collect();
+    assert!(!missing.is_empty());
+    for d in &missing {
+        let r = http(&peer, "GET", &format!("/v2/app/blobs/{d}"), &[]).unwrap();
+        assert_eq!(r.status, 404);
+    }
+    assert_eq!(upstream(&digests), sent, "a remembered miss went upstream");
+    // A blob the registry has is still served to a peer.
+    let (layer, size) = layers(&s.registry.addr, "app", &s.digest, &s.pki)[0].clone();
+    std::thread::sleep(Duration::from_secs(1));
+    let r = http(&peer, "GET", &format!("/v2/app/blobs/{layer}"), &[]).unwrap();
+    assert_eq!((r.status, r.body.len() as u64), (200, size));
+}
+
+/// #18 point 4: 20 connections each ask for a different uncached 16 MiB
+/// blob and read nothing, with `cache.max_bytes` = 100 MiB. The cache
+/// directory, temp files included, stays within the cap (before: every
+/// download ran ahead of its reader into a temp file, 4.3 times the cap
+/// with 50 clients of 32 MiB blobs), and a normal pull still works.
+#[test]
+fn never_reading_clients_keep_the_cache_directory_within_its_cap() {
+    if !prerequisites() {
+        return;
+    }
+    let s = tls_setup();
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D ^ u64::from(std::process::id());
+    let blobs: Vec<String> = (0..20)
+        .map(|_| {
+            let mut b = Vec::with_capacity(16 << 20);
+            while b.len() < 16 << 20 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                b.extend_from_slice(&x.to_le_bytes());
+            }
+            put_blob(&s, "app", &b)
+        })
+        .collect();
+    let ctd = Containerd::start(&s.dir);
+    let cache = s.dir.join("capped-cache");
+    let cap: u64 = 100 << 20;
+    let agent = Agent::start(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        "https://registry.shared-services:5443",
+        Some(&s.registry.addr),
+        &s.pki.ca(),
+        &format!(
+            "\n[cache]\ndir = {:?}\nmax_bytes = {cap}\n",
+            cache.display().to_string()
+        ),
+    );
+    // Connections that ask and never read; dropped at the end.
+    let held: Vec<TcpStream> = blobs
+        .iter()
+        .map(|d| {
+            let mut c = TcpStream::connect(&agent.proxy).unwrap();
+            write!(c, "GET /v2/app/blobs/{d} HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+            c
+        })
+        .collect();
+    let mut worst = 0;
+    for _ in 0..30 {
+        worst = worst.max(dir_bytes(&cache));
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "20 never-reading clients of 16 MiB blobs: cache directory at most {} MiB (cap {} MiB)",
+        worst >> 20,
+        cap >> 20
+    );
+    assert!(
+        worst <= cap,
+        "{worst} bytes in the cache directory, cap {cap}"
+    );
+    // A normal pull, while they hold on.
+    ctd.pull(&format!("{ALIAS}/app@{}", s.digest)).unwrap();
+    drop(held);
 }

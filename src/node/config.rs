@@ -29,6 +29,7 @@
 //! dns = "slipway-peers.kube-system.svc.cluster.local:5052"  # headless Service, re-resolved
 //! refresh_secs = 30
 //! hold_until_verified = true            # false: a peer's blob streams to containerd unverified
+//! client_misses_per_sec = 10            # peer-port requests per client per second that go upstream
 //! ```
 //!
 //! Besides the file it reads one variable that is not a `SLIPWAY_*` key:
@@ -96,6 +97,7 @@ struct FilePeers {
     dns: Option<String>,
     refresh_secs: Option<f64>,
     hold_until_verified: Option<bool>,
+    client_misses_per_sec: Option<f64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -252,6 +254,9 @@ pub struct Overrides {
         default_missing_value = "true"
     )]
     pub peers_hold_until_verified: Option<bool>,
+    /// peers.client_misses_per_sec: requests a second one client of the peer port may make that cost an upstream request (default 10)
+    #[arg(long, env = "SLIPWAY_PEERS_CLIENT_MISSES_PER_SEC")]
+    pub peers_client_misses_per_sec: Option<f64>,
     /// This Node's name, from the downward API (`spec.nodeName`); only agent.startup_taint needs it
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -633,6 +638,19 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
             .or(f.agent.canary_interval_secs),
         300.0,
     )?;
+    let client_misses_per_sec = match ov
+        .peers_client_misses_per_sec
+        .or(f.peers.client_misses_per_sec)
+    {
+        None => crate::proxy::peers::DEFAULT_CLIENT_MISSES_PER_SEC,
+        Some(v) if v.is_finite() && v > 0.0 && v <= 1e6 => v,
+        Some(v) => {
+            return Err(ConfigError::Invalid {
+                key: "peers.client_misses_per_sec".into(),
+                message: format!("{v} is not a rate above 0 (requests per second)"),
+            })
+        }
+    };
     let peers = peer_config(
         ov.peers_listen.clone().or(f.peers.listen),
         ov.peers_static.clone().or(f.peers.static_peers),
@@ -653,6 +671,7 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
             // proxy::coalesce), and "containerd never sees a peer failure"
             // outweighs the first byte arriving early (#11).
             .unwrap_or(true),
+        client_misses_per_sec,
         ..p
     });
     let startup_taint = StartupTaint::parse(
@@ -733,6 +752,7 @@ fn peer_config(
         dns,
         refresh,
         hold_until_verified: false,
+        client_misses_per_sec: crate::proxy::peers::DEFAULT_CLIENT_MISSES_PER_SEC,
     }))
 }
 

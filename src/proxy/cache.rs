@@ -12,6 +12,19 @@
 //! from disk at start, a commit of a digest that is already cached is a
 //! no-op, and commits and evictions run under one lock so that the count
 //! and the directory never disagree.
+//!
+//! Temp files count against `cache.max_bytes` too (#18 point 4: 50
+//! connections asking for different 32 MiB blobs and reading nothing put
+//! 666 MiB of temp files on a node capped at 200 MiB). A writer reserves
+//! its blob's whole length (the response's `Content-Length`) when it
+//! starts, evicting least recently used entries to make room; when even
+//! that cannot make room, or the length is unknown, there is no writer and
+//! the blob streams uncached. So content plus reservations never exceed
+//! the cap, and the directory holds at most the cap.
+//!
+//! A blob fetched with the client's credentials is marked
+//! (`<hex>.credentialed`): the peer port serves it only once the registry
+//! has been seen to serve it without credentials (#18 point 5).
 
 use std::fs;
 use std::io::{self, Seek, Write};
@@ -39,8 +52,17 @@ pub struct Cache {
     dir: PathBuf,
     /// Reloadable on SIGHUP (#12).
     max_bytes: AtomicU64,
-    size: Mutex<u64>,
+    size: Mutex<Sizes>,
     metrics: Arc<Metrics>,
+}
+
+/// What counts against the cap, under one lock.
+#[derive(Debug, Default)]
+struct Sizes {
+    /// Content files in `sha256/`.
+    committed: u64,
+    /// The lengths reserved by writers in progress (their temp files).
+    reserved: u64,
 }
 
 /// A cached entry ready to be served.
@@ -49,6 +71,35 @@ pub struct Entry {
     pub path: PathBuf,
     pub len: u64,
     pub content_type: Option<String>,
+    /// Fetched with the client's credentials, and not yet seen served
+    /// without them.
+    pub credentialed: bool,
+}
+
+/// What a writer is told about the blob it writes.
+#[derive(Debug, Clone, Default)]
+pub struct Meta {
+    pub content_type: Option<String>,
+    /// The response's `Content-Length`; `None`: not cached.
+    pub len: Option<u64>,
+    /// The request carried the client's `Authorization`.
+    pub credentialed: bool,
+}
+
+/// A writer's share of the cap, given back when it is dropped (the temp
+/// file is gone) or moved into the committed size.
+struct Reservation {
+    cache: Arc<Cache>,
+    len: u64,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.len > 0 {
+            let mut s = self.cache.size.lock().expect("cache size lock");
+            s.reserved = s.reserved.saturating_sub(self.len);
+        }
+    }
 }
 
 impl Cache {
@@ -79,7 +130,10 @@ impl Cache {
         Ok(Cache {
             dir: dir.to_path_buf(),
             max_bytes: AtomicU64::new(max_bytes),
-            size: Mutex::new(size),
+            size: Mutex::new(Sizes {
+                committed: size,
+                reserved: 0,
+            }),
             metrics,
         })
     }
@@ -113,16 +167,51 @@ impl Cache {
         // refused the entry only ages in the LRU order.
         let _ = f.set_modified(SystemTime::now());
         let content_type = fs::read_to_string(path.with_extension("type")).ok();
+        let credentialed = fs::symlink_metadata(path.with_extension("credentialed")).is_ok();
         Some(Entry {
             path,
             len,
             content_type,
+            credentialed,
         })
     }
 
-    /// Start writing a digest's content as it streams to the client.
-    pub fn writer(self: &Arc<Self>, d: &Digest, content_type: Option<String>) -> Option<Writer> {
+    /// The registry served this entry without credentials: the peer port
+    /// may serve it from now on.
+    pub fn clear_credentialed(&self, d: &Digest) {
+        if let Some(p) = self.path(d) {
+            let _ = fs::remove_file(p.with_extension("credentialed"));
+        }
+    }
+
+    /// Reserve `len` bytes of the cap, evicting least recently used
+    /// entries to make room; `None` if it cannot be made.
+    fn reserve(self: &Arc<Self>, len: u64) -> Option<Reservation> {
+        let max = self.max_bytes();
+        let mut s = self.size.lock().expect("cache size lock");
+        if s.committed + s.reserved + len > max {
+            let target = max.saturating_sub(s.reserved + len);
+            s.committed = self.evict(s.committed, target);
+            self.metrics.cache_size.set(s.committed as i64);
+        }
+        if s.committed + s.reserved + len > max {
+            return None;
+        }
+        s.reserved += len;
+        Some(Reservation {
+            cache: self.clone(),
+            len,
+        })
+    }
+
+    /// Start writing a digest's content as it streams to the client; `None`
+    /// when it is not to be cached (see the module header).
+    pub fn writer(self: &Arc<Self>, d: &Digest, meta: Meta) -> Option<Writer> {
         self.path(d)?;
+        let Some(reservation) = meta.len.and_then(|len| self.reserve(len)) else {
+            tracing::debug!(%d, len = meta.len, "cache: no room within cache.max_bytes (or no length); not cached");
+            return None;
+        };
         let file = tempfile::Builder::new()
             .prefix("blob-")
             .tempfile_in(self.dir.join("tmp"))
@@ -131,7 +220,9 @@ impl Cache {
         Some(Writer {
             cache: self.clone(),
             digest: d.clone(),
-            content_type,
+            content_type: meta.content_type,
+            credentialed: meta.credentialed,
+            reservation,
             file,
             hasher: Sha256::new(),
             written: 0,
@@ -144,6 +235,8 @@ impl Cache {
         let Writer {
             digest,
             content_type,
+            credentialed,
+            mut reservation,
             mut file,
             hasher,
             written,
@@ -166,11 +259,18 @@ impl Cache {
             // concurrent commit of the same digest finds the entry and
             // adds nothing (#13), and eviction never races a creation.
             let mut size = self.size.lock().expect("cache size lock");
+            // The reservation ends here, under the lock: the content is
+            // counted as committed below, or the temp file goes.
+            size.reserved = size.reserved.saturating_sub(reservation.len);
+            reservation.len = 0;
             if fs::symlink_metadata(&dest).is_ok() {
                 return Ok(Commit::AlreadyCached);
             }
             if let Some(ct) = content_type {
                 crate::node::fs::write_atomic(&dest.with_extension("type"), ct.as_bytes(), 0o644)?;
+            }
+            if credentialed {
+                crate::node::fs::write_atomic(&dest.with_extension("credentialed"), b"", 0o644)?;
             }
             match file.persist_noclobber(&dest) {
                 Ok(_) => {}
@@ -180,20 +280,22 @@ impl Cache {
                 }
                 Err(e) => return Err(e.error),
             }
-            *size += written;
-            if *size > self.max_bytes() {
-                *size = self.evict(*size);
+            size.committed += written;
+            let max = self.max_bytes();
+            if size.committed + size.reserved > max {
+                let target = (max / 10 * 9).saturating_sub(size.reserved);
+                size.committed = self.evict(size.committed, target);
             }
-            self.metrics.cache_size.set(*size as i64);
+            self.metrics.cache_size.set(size.committed as i64);
         }
         crate::node::fs::sync_dir(dest.parent().expect("has parent"))?;
         Ok(Commit::Stored)
     }
 
-    /// Remove least recently used entries until under 90% of the cap.
-    /// Called with the size lock held; subtracts only what it removed.
-    fn evict(&self, mut size: u64) -> u64 {
-        let target = self.max_bytes() / 10 * 9;
+    /// Remove least recently used entries until the content is at most
+    /// `target`. Called with the size lock held; subtracts only what it
+    /// removed.
+    fn evict(&self, mut size: u64, target: u64) -> u64 {
         let mut entries: Vec<(SystemTime, u64, PathBuf)> = fs::read_dir(self.dir.join("sha256"))
             .into_iter()
             .flatten()
@@ -211,6 +313,7 @@ impl Cache {
             }
             if fs::remove_file(&p).is_ok() {
                 let _ = fs::remove_file(p.with_extension("type"));
+                let _ = fs::remove_file(p.with_extension("credentialed"));
                 size = size.saturating_sub(len);
                 self.metrics.cache_evictions.inc();
             }
@@ -244,6 +347,8 @@ pub struct Writer {
     cache: Arc<Cache>,
     digest: Digest,
     content_type: Option<String>,
+    credentialed: bool,
+    reservation: Reservation,
     file: tempfile::NamedTempFile,
     hasher: Sha256,
     written: u64,
@@ -339,6 +444,81 @@ impl Writer {
 mod tests {
     use super::*;
 
+    fn meta(content_type: Option<&str>, len: usize) -> Meta {
+        Meta {
+            content_type: content_type.map(str::to_string),
+            len: Some(len as u64),
+            credentialed: false,
+        }
+    }
+
+    /// #18 point 4: writers in progress hold their length of the cap, so
+    /// content plus temp files never exceed it; one that cannot get room
+    /// gets no writer, and an unknown length is not cached.
+    #[test]
+    fn writers_in_progress_count_against_the_cap() {
+        let d = tempfile::tempdir().unwrap();
+        let m = Arc::new(Metrics::new());
+        let c = Arc::new(Cache::open(d.path(), 1000, m.clone()).unwrap());
+        let blobs: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 300]).collect();
+        let held: Vec<Writer> = blobs[..3]
+            .iter()
+            .map(|b| c.writer(&digest_of(b), meta(None, b.len())).unwrap())
+            .collect();
+        assert!(
+            c.writer(&digest_of(&blobs[3]), meta(None, 300)).is_none(),
+            "900 reserved of 1000: no room for 300 more"
+        );
+        assert!(c.writer(&digest_of(&blobs[3]), Meta::default()).is_none());
+        // Committing one moves its share from reserved to committed; a new
+        // writer then evicts it (least recently used) to make room.
+        let mut held = held.into_iter();
+        let mut w = held.next().unwrap();
+        w.write(&blobs[0]);
+        assert_eq!(w.finish(), Commit::Stored);
+        assert!(c.get(&digest_of(&blobs[0])).is_some());
+        let mut w = c.writer(&digest_of(&blobs[3]), meta(None, 300)).unwrap();
+        assert!(c.get(&digest_of(&blobs[0])).is_none(), "evicted for room");
+        // 900 reserved again: nothing left to evict, no room.
+        assert!(c.writer(&digest_of(&blobs[0]), meta(None, 300)).is_none());
+        // Dropped writers give their share back.
+        drop(held);
+        let big = vec![9u8; 800];
+        assert!(
+            c.writer(&digest_of(&big), meta(None, big.len())).is_none(),
+            "300 reserved: 800 more does not fit"
+        );
+        w.write(&blobs[3]);
+        assert_eq!(w.finish(), Commit::Stored);
+        let w = c.writer(&digest_of(&big), meta(None, big.len())).unwrap();
+        assert!(c.get(&digest_of(&blobs[3])).is_none(), "evicted for room");
+        assert_eq!(bytes_on_disk(d.path()), 0);
+        drop(w);
+        assert_eq!(m.cache_size.get(), 0);
+    }
+
+    #[test]
+    fn a_credentialed_entry_is_marked_until_cleared() {
+        let d = tempfile::tempdir().unwrap();
+        let c = Arc::new(Cache::open(d.path(), 1 << 20, Arc::new(Metrics::new())).unwrap());
+        let b = vec![5u8; 10];
+        let dg = digest_of(&b);
+        let mut w = c
+            .writer(
+                &dg,
+                Meta {
+                    credentialed: true,
+                    ..meta(None, 10)
+                },
+            )
+            .unwrap();
+        w.write(&b);
+        assert_eq!(w.finish(), Commit::Stored);
+        assert!(c.get(&dg).unwrap().credentialed);
+        c.clear_credentialed(&dg);
+        assert!(!c.get(&dg).unwrap().credentialed);
+    }
+
     fn digest_of(b: &[u8]) -> Digest {
         Digest::parse(&format!("sha256:{}", hex::encode(Sha256::digest(b)))).unwrap()
     }
@@ -351,16 +531,16 @@ mod tests {
         let a = vec![1u8; 100];
         let da = digest_of(&a);
         let mut w = c
-            .writer(&da, Some("application/octet-stream".into()))
+            .writer(&da, meta(Some("application/octet-stream"), a.len()))
             .unwrap();
         w.write(&a[..50]);
         drop(w); // cut short: nothing lands
         assert!(c.get(&da).is_none());
-        let mut w = c.writer(&da, None).unwrap();
+        let mut w = c.writer(&da, meta(None, a.len())).unwrap();
         w.write(&[2u8; 100]); // wrong content for this digest
         assert_eq!(w.finish(), Commit::Rejected);
         assert!(c.get(&da).is_none());
-        let mut w = c.writer(&da, Some("x/y".into())).unwrap();
+        let mut w = c.writer(&da, meta(Some("x/y"), a.len())).unwrap();
         w.write(&a);
         assert_eq!(w.finish(), Commit::Stored);
         let e = c.get(&da).unwrap();
@@ -376,7 +556,7 @@ mod tests {
             .unwrap();
         for fill in [3u8, 4] {
             let b = vec![fill; 100];
-            let mut w = c.writer(&digest_of(&b), None).unwrap();
+            let mut w = c.writer(&digest_of(&b), meta(None, b.len())).unwrap();
             w.write(&b);
             assert_eq!(w.finish(), Commit::Stored);
         }
@@ -406,7 +586,7 @@ mod tests {
         let dg = digest_of(&b);
         let writers: Vec<Writer> = (0..4)
             .map(|_| {
-                let mut w = c.writer(&dg, Some("x/y".into())).unwrap();
+                let mut w = c.writer(&dg, meta(Some("x/y"), b.len())).unwrap();
                 w.write(&b);
                 w
             })
@@ -455,17 +635,21 @@ mod tests {
                             let dg = digest_of(b);
                             match next() % 4 {
                                 0 | 1 => {
-                                    let mut w = c.writer(&dg, None).unwrap();
-                                    let half = b.len() / 2;
-                                    w.write(&b[..half]);
-                                    std::thread::yield_now();
-                                    w.write(&b[half..]);
-                                    w.finish();
+                                    // No room while the others' reservations
+                                    // fill the cap: not cached, as in use.
+                                    if let Some(mut w) = c.writer(&dg, meta(None, b.len())) {
+                                        let half = b.len() / 2;
+                                        w.write(&b[..half]);
+                                        std::thread::yield_now();
+                                        w.write(&b[half..]);
+                                        w.finish();
+                                    }
                                 }
                                 2 => {
-                                    let mut w = c.writer(&dg, None).unwrap();
-                                    w.write(&b[1..]); // wrong content
-                                    w.finish();
+                                    if let Some(mut w) = c.writer(&dg, meta(None, b.len())) {
+                                        w.write(&b[1..]); // wrong content
+                                        w.finish();
+                                    }
                                 }
                                 _ => {
                                     if let Some(e) = c.get(&dg) {
@@ -497,7 +681,7 @@ mod tests {
         let c = Arc::new(Cache::open(d.path(), 1 << 20, m).unwrap());
         let b = vec![9u8; 100];
         let dg = digest_of(&b);
-        let mut w = c.writer(&dg, None).unwrap();
+        let mut w = c.writer(&dg, meta(None, b.len())).unwrap();
         w.write(&b);
         w.finish();
         let entry = c.get(&dg).expect("cached");

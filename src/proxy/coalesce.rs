@@ -59,9 +59,9 @@
 //! a full disk costs one retry, not every pull.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -152,6 +152,11 @@ pub struct Progress {
 
 /// One download in progress.
 pub struct Download {
+    /// Started with the client's credentials: the peer port lets no one
+    /// join it before the registry has served the blob without them.
+    pub credentialed: AtomicBool,
+    /// The leading client's share of [`DOWNLOADS_PER_CLIENT`].
+    _slot: Option<ClientSlot>,
     progress: watch::Sender<Progress>,
     /// The furthest any client has read.
     read_max: AtomicU64,
@@ -162,8 +167,10 @@ pub struct Download {
 }
 
 impl Download {
-    fn new() -> Download {
+    fn new(slot: Option<ClientSlot>) -> Download {
         Download {
+            credentialed: AtomicBool::new(false),
+            _slot: slot,
             progress: watch::Sender::new(Progress {
                 phase: Phase::Pending,
                 released: 0,
@@ -181,10 +188,36 @@ impl Download {
     }
 }
 
+/// Uncached downloads one client may lead at once (#18 point 4). Past it,
+/// its next miss streams as before coalescing: paced by its own reading,
+/// so a client that reads nothing holds no more than a socket's buffers.
+/// containerd pulls at most 3 layers of an image at once by default.
+pub const DOWNLOADS_PER_CLIENT: usize = 8;
+
+/// A client's share of [`DOWNLOADS_PER_CLIENT`], given back on drop.
+struct ClientSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().expect("client counts lock");
+        if let Some(n) = c.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// The downloads in progress, by digest.
 #[derive(Default)]
 pub struct Downloads {
     map: Mutex<HashMap<Digest, Arc<Download>>>,
+    /// Downloads led per client address.
+    led: Arc<Mutex<HashMap<IpAddr, usize>>>,
     /// Until when requests skip coalescing (a cache write failed).
     bypass_until: Mutex<Option<std::time::Instant>>,
 }
@@ -202,13 +235,29 @@ impl Drop for Reader {
 
 impl Downloads {
     /// Join the download of `digest`, or start one: whether this client
-    /// leads (must find a source).
-    pub fn join(&self, digest: &Digest) -> (Reader, bool) {
+    /// leads (must find a source). `None`: `client` already leads
+    /// [`DOWNLOADS_PER_CLIENT`] downloads.
+    pub fn join(&self, digest: &Digest, client: Option<IpAddr>) -> Option<(Reader, bool)> {
         let mut map = self.map.lock().expect("downloads lock");
         let (dl, leader) = match map.get(digest) {
             Some(d) => (d.clone(), false),
             None => {
-                let d = Arc::new(Download::new());
+                let slot = match client {
+                    Some(ip) => {
+                        let mut c = self.led.lock().expect("client counts lock");
+                        let n = c.entry(ip).or_insert(0);
+                        if *n >= DOWNLOADS_PER_CLIENT {
+                            return None;
+                        }
+                        *n += 1;
+                        Some(ClientSlot {
+                            counts: self.led.clone(),
+                            ip,
+                        })
+                    }
+                    None => None,
+                };
+                let d = Arc::new(Download::new(slot));
                 map.insert(digest.clone(), d.clone());
                 (d, true)
             }
@@ -217,7 +266,15 @@ impl Downloads {
         // itself under the same lock, so a client never joins one that
         // has just given up.
         dl.readers.fetch_add(1, Ordering::SeqCst);
-        (Reader(dl), leader)
+        Some((Reader(dl), leader))
+    }
+
+    /// Whether a download of `digest` is in progress, and if so whether it
+    /// was started with the client's credentials.
+    pub fn credentialed(&self, digest: &Digest) -> Option<bool> {
+        let map = self.map.lock().expect("downloads lock");
+        map.get(digest)
+            .map(|d| d.credentialed.load(Ordering::SeqCst))
     }
 
     /// Join the download of `digest` if one is in progress (under the map
@@ -295,14 +352,22 @@ pub async fn serve(
     route: &Route,
     headers: &HeaderMap,
     via_peer: bool,
+    client: Option<IpAddr>,
 ) -> Option<Response<ProxyBody>> {
     let digest = route.digest()?.clone();
     if state.downloads.bypassing() {
         return None;
     }
-    let (reader, leader) = state.downloads.join(&digest);
+    let Some((reader, leader)) = state.downloads.join(&digest, client) else {
+        debug!(%digest, ?client, "client leads {DOWNLOADS_PER_CLIENT} downloads already; streaming uncoalesced");
+        return None;
+    };
     let mut own_answer = None;
     if leader {
+        reader.0.credentialed.store(
+            headers.contains_key(header::AUTHORIZATION),
+            Ordering::SeqCst,
+        );
         let (tx, rx) = oneshot::channel();
         own_answer = Some(rx);
         tokio::spawn(lead(
@@ -453,7 +518,14 @@ async fn start(
     }
     let resp = super::upstream_response(state, &Method::GET, route, headers).await?;
     if resp.status() != StatusCode::OK {
-        return Err(super::relay(state, &Method::GET, route, None, resp));
+        return Err(super::relay(
+            state,
+            &Method::GET,
+            route,
+            None,
+            headers,
+            resp,
+        ));
     }
     match Task::new(state, cache, dl, route, headers, resp, None) {
         Ok(task) => {
@@ -463,7 +535,14 @@ async fn start(
         // No temp file: this client streams as before, uncoalesced.
         Err(resp) => {
             debug!(%digest, "no cache temp file; not coalesced");
-            Err(super::relay(state, &Method::GET, route, None, *resp))
+            Err(super::relay(
+                state,
+                &Method::GET,
+                route,
+                None,
+                headers,
+                *resp,
+            ))
         }
     }
 }
@@ -643,7 +722,17 @@ impl Task {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        let Some(writer) = cache.writer(&digest, content_type) else {
+        let len = resp
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let meta = super::cache::Meta {
+            content_type,
+            len,
+            credentialed: headers.contains_key(header::AUTHORIZATION),
+        };
+        let Some(writer) = cache.writer(&digest, meta) else {
             return Err(Box::new(resp));
         };
         let file = match writer.reader() {
@@ -653,11 +742,6 @@ impl Task {
                 return Err(Box::new(resp));
             }
         };
-        let len = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok());
         let mut kept = Vec::new();
         for name in RESPONSE_HEADERS {
             for v in resp.headers().get_all(name) {
@@ -992,8 +1076,8 @@ mod tests {
     #[test]
     fn the_first_client_leads_the_others_join_and_readers_are_counted() {
         let d = Downloads::default();
-        let (a, lead_a) = d.join(&digest());
-        let (b, lead_b) = d.join(&digest());
+        let (a, lead_a) = d.join(&digest(), None).unwrap();
+        let (b, lead_b) = d.join(&digest(), None).unwrap();
         assert!(lead_a && !lead_b);
         assert!(Arc::ptr_eq(&a.0, &b.0));
         let dl = a.0.clone();
@@ -1004,10 +1088,32 @@ mod tests {
         assert!(d.remove_if_abandoned(&digest(), &dl));
         assert!(d.is_empty());
         // After it is gone, the next client leads a new download.
-        let (c, lead_c) = d.join(&digest());
+        let (c, lead_c) = d.join(&digest(), None).unwrap();
         assert!(lead_c && !Arc::ptr_eq(&c.0, &dl));
         assert!(!d.bypassing());
         d.bypass();
         assert!(d.bypassing());
+    }
+
+    /// #18 point 4: one client leads at most DOWNLOADS_PER_CLIENT
+    /// downloads; joining one in progress needs no share; a finished one
+    /// gives its share back.
+    #[test]
+    fn a_client_leads_a_bounded_number_of_downloads() {
+        let d = Downloads::default();
+        let ip: IpAddr = "10.0.0.1".parse().unwrap();
+        let other: IpAddr = "10.0.0.2".parse().unwrap();
+        let dg = |i: usize| Digest::parse(&format!("sha256:{i:064x}")).unwrap();
+        let led: Vec<Reader> = (0..DOWNLOADS_PER_CLIENT)
+            .map(|i| d.join(&dg(i), Some(ip)).unwrap().0)
+            .collect();
+        assert!(d.join(&dg(99), Some(ip)).is_none(), "one more is refused");
+        assert!(d.join(&dg(0), Some(ip)).is_some(), "joining needs no share");
+        assert!(d.join(&dg(99), Some(other)).is_some(), "per client");
+        let second = led[1].0.clone();
+        drop(led);
+        assert!(d.remove_if_abandoned(&dg(1), &second));
+        drop(second);
+        assert!(d.join(&dg(100), Some(ip)).is_some(), "a share came back");
     }
 }

@@ -28,7 +28,7 @@ pub mod redirect;
 pub mod route;
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
@@ -375,6 +375,7 @@ const MAX_HEADER_BYTES: usize = 16 * 1024;
 /// Handle one client request.
 pub async fn handle(
     state: Arc<ProxyState>,
+    client: Option<IpAddr>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let started = Instant::now();
@@ -401,7 +402,7 @@ pub async fn handle(
         Ok(route) => {
             let class = route.class();
             (
-                forward(&state, &method, route, req.headers(), false).await,
+                forward(&state, &method, route, req.headers(), false, client).await,
                 class,
             )
         }
@@ -427,6 +428,7 @@ pub async fn handle(
 /// another peer; everything else is 404.
 pub async fn handle_peer(
     state: Arc<ProxyState>,
+    client: Option<IpAddr>,
     req: Request<Incoming>,
 ) -> Result<Response<ProxyBody>, Infallible> {
     let method = req.method().clone();
@@ -456,11 +458,101 @@ pub async fn handle_peer(
             // anonymously.
             let mut headers = req.headers().clone();
             headers.remove(header::AUTHORIZATION);
-            (forward(&state, &method, route, &headers, true).await, class)
+            let resp = match peer_admission(&state, client, &route, &headers).await {
+                Err(refused) => refused,
+                Ok(()) => {
+                    let digest = route.digest().cloned();
+                    let resp = forward(&state, &method, route, &headers, true, client).await;
+                    if let (Some(peers), Some(d), StatusCode::NOT_FOUND) =
+                        (&state.peers, digest, resp.status())
+                    {
+                        peers.guard.remember_missing(&d, Instant::now());
+                    }
+                    resp
+                }
+            };
+            (resp, class)
         }
     };
     debug!(%method, path = %req.uri().path(), route = %class, status = resp.status().as_u16(), "served a peer");
     Ok(resp)
+}
+
+/// What a request on the peer port may cost this node (#18 points 5 and
+/// 6), decided before anything is fetched:
+/// - a digest upstream had no blob for within [`peers::MISSING_FOR`] is
+///   answered 404 at once;
+/// - a blob that is cached, or being downloaded, and was fetched without
+///   credentials costs upstream nothing and is served;
+/// - anything else costs an upstream request, and takes one from the
+///   client's allowance (`peers.client_misses_per_sec`; past it, 429);
+/// - a blob fetched with a client's credentials is served only once an
+///   anonymous `HEAD` shows that the registry serves it to anyone;
+///   otherwise 404, and the asking node goes upstream with its own.
+async fn peer_admission(
+    state: &Arc<ProxyState>,
+    client: Option<IpAddr>,
+    route: &Route,
+    anonymous: &HeaderMap,
+) -> Result<(), Response<ProxyBody>> {
+    let (Some(peers), Some(digest)) = (&state.peers, route.digest()) else {
+        return Ok(());
+    };
+    let now = Instant::now();
+    let not_found = |message: &str| {
+        refusal_response(&Refusal {
+            status: 404,
+            code: "BLOB_UNKNOWN",
+            message: message.into(),
+        })
+    };
+    if peers.guard.is_missing(digest, now) {
+        return Err(not_found("upstream had no such blob moments ago"));
+    }
+    let known = state
+        .cache
+        .as_ref()
+        .and_then(|c| c.get(digest))
+        .map(|e| e.credentialed)
+        .or_else(|| state.downloads.credentialed(digest));
+    if known == Some(false) {
+        return Ok(());
+    }
+    let ip = client.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+    if !peers
+        .guard
+        .take(ip, peers.config.client_misses_per_sec, now)
+    {
+        let mut r = refusal_response(&Refusal {
+            status: 429,
+            code: "TOOMANYREQUESTS",
+            message: format!(
+                "this client's requests that go upstream are past peers.client_misses_per_sec ({})",
+                peers.config.client_misses_per_sec
+            ),
+        });
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        return Err(r);
+    }
+    if known != Some(true) {
+        return Ok(());
+    }
+    match upstream_response(state, &Method::HEAD, route, anonymous).await {
+        Ok(r) if r.status() == StatusCode::OK => {
+            if let Some(c) = &state.cache {
+                c.clear_credentialed(digest);
+            }
+            Ok(())
+        }
+        Ok(r) if r.status() == StatusCode::NOT_FOUND => {
+            peers.guard.remember_missing(digest, now);
+            Err(not_found("upstream has no such blob"))
+        }
+        _ => Err(not_found(
+            "this blob was fetched with a client's credentials, and the registry does not serve it without them",
+        )),
+    }
 }
 
 fn classify(state: &ProxyState, req: &Request<Incoming>) -> Result<Route, Refusal> {
@@ -494,6 +586,7 @@ async fn forward(
     route: Route,
     headers: &HeaderMap,
     via_peer: bool,
+    client: Option<IpAddr>,
 ) -> Response<ProxyBody> {
     let head = method == Method::HEAD;
     let range = headers.get(header::RANGE).cloned();
@@ -512,7 +605,7 @@ async fn forward(
                 match &range {
                     None => {
                         if let Some(resp) =
-                            coalesce::serve(state, cache, &route, headers, via_peer).await
+                            coalesce::serve(state, cache, &route, headers, via_peer, client).await
                         {
                             return resp;
                         }
@@ -530,7 +623,7 @@ async fn forward(
         Ok(r) => r,
         Err(refused) => return refused,
     };
-    relay(state, method, &route, range.as_ref(), resp)
+    relay(state, method, &route, range.as_ref(), headers, resp)
 }
 
 /// Send `method` for `route` upstream, following redirects as
@@ -640,6 +733,7 @@ fn relay(
     method: &Method,
     route: &Route,
     range: Option<&HeaderValue>,
+    request_headers: &HeaderMap,
     resp: Response<Incoming>,
 ) -> Response<ProxyBody> {
     let head = method == Method::HEAD;
@@ -665,7 +759,18 @@ fn relay(
     }
     let whole_by_digest = status == StatusCode::OK && range.is_none();
     let writer = match (&state.cache, route.digest()) {
-        (Some(c), Some(d)) if whole_by_digest => c.writer(d, content_type),
+        (Some(c), Some(d)) if whole_by_digest => c.writer(
+            d,
+            cache::Meta {
+                content_type,
+                len: resp
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse().ok()),
+                credentialed: request_headers.contains_key(header::AUTHORIZATION),
+            },
+        ),
         _ => None,
     };
     // A whole response for a digest is checked as it streams (#13): a
@@ -1060,15 +1165,16 @@ async fn serve_port(
         // Built per connection: client_header is reloadable (#12).
         let builder = crate::serve::http1_builder(state.timeouts().client_header);
         let st = state.clone();
+        let client = stream.peer_addr().ok().map(|a| a.ip());
         let conn = builder.serve_connection(
             TokioIo::new(stream),
             hyper::service::service_fn(move |req| {
                 let st = st.clone();
                 async move {
                     if peer_port {
-                        handle_peer(st, req).await
+                        handle_peer(st, client, req).await
                     } else {
-                        handle(st, req).await
+                        handle(st, client, req).await
                     }
                 }
             }),

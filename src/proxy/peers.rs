@@ -102,7 +102,7 @@ pub enum PeerError {
 }
 
 /// Where the peer set comes from (`peers.*`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct PeerConfig {
     pub listen: SocketAddr,
     /// `host:port` entries, resolved like `dns` (an IP needs no lookup).
@@ -113,6 +113,78 @@ pub struct PeerConfig {
     /// Send a blob from a peer to the clients only once all of it has
     /// verified (`peers.hold_until_verified`; see [`super::coalesce`]).
     pub hold_until_verified: bool,
+    /// Requests one client of the peer port may make per second that cost
+    /// an upstream request (`peers.client_misses_per_sec`, #18 point 6).
+    pub client_misses_per_sec: f64,
+}
+
+/// The default of `peers.client_misses_per_sec`. A node asking its owners
+/// for the layers of a pull sends about as many misses as containerd pulls
+/// layers at once (3 by default); 10 a second leaves room for several
+/// pulls, and a client past it is answered 429, so the asking node goes to
+/// the next peer or upstream.
+pub const DEFAULT_CLIENT_MISSES_PER_SEC: f64 = 10.0;
+/// How long the peer port remembers that upstream had no such blob.
+pub const MISSING_FOR: Duration = Duration::from_secs(10);
+/// Clients and missing digests remembered at most; past it, the oldest
+/// memories are dropped first (a missing digest is then asked again; a
+/// client's bucket starts full).
+const MAX_REMEMBERED: usize = 4096;
+
+/// What the peer port remembers to keep anyone who can reach it from
+/// making this node fetch at will (#18 point 6: 50 anonymous GETs of
+/// distinct digests made 50 upstream GETs and evicted a hot blob).
+#[derive(Default)]
+pub struct Guard {
+    /// Per client address: tokens left and when they were counted.
+    buckets: Mutex<HashMap<IpAddr, (f64, Instant)>>,
+    /// Digests upstream answered 404 for, and when.
+    missing: Mutex<HashMap<Digest, Instant>>,
+}
+
+impl Guard {
+    /// Take one upstream request from `client`'s bucket (`rate` a second,
+    /// at most `rate` saved up); whether there was one.
+    pub fn take(&self, client: IpAddr, rate: f64, now: Instant) -> bool {
+        let mut b = self.buckets.lock().expect("peer buckets lock");
+        if !b.contains_key(&client) && b.len() >= MAX_REMEMBERED {
+            // Full buckets are the same as forgotten ones.
+            b.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * rate < rate
+            });
+            if b.len() >= MAX_REMEMBERED {
+                return false;
+            }
+        }
+        let (tokens, at) = b.entry(client).or_insert((rate.max(1.0), now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * rate).min(rate.max(1.0));
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Whether upstream answered 404 for `digest` within [`MISSING_FOR`].
+    pub fn is_missing(&self, digest: &Digest, now: Instant) -> bool {
+        let m = self.missing.lock().expect("peer missing lock");
+        m.get(digest)
+            .is_some_and(|at| now.duration_since(*at) < MISSING_FOR)
+    }
+
+    /// Upstream answered 404 for `digest`.
+    pub fn remember_missing(&self, digest: &Digest, now: Instant) {
+        let mut m = self.missing.lock().expect("peer missing lock");
+        if m.len() >= MAX_REMEMBERED {
+            m.retain(|_, at| now.duration_since(*at) < MISSING_FOR);
+            if m.len() >= MAX_REMEMBERED {
+                return;
+            }
+        }
+        m.insert(digest.clone(), now);
+    }
 }
 
 /// The weight of `peer` for `digest` in rendezvous hashing: the first 8
@@ -222,6 +294,8 @@ pub struct Peers {
     members: RwLock<Arc<Vec<(SocketAddr, bool)>>>,
     down: Mutex<HashMap<SocketAddr, Instant>>,
     bad: Mutex<HashSet<(SocketAddr, Digest)>>,
+    /// The peer port's limits on what its clients make this node fetch.
+    pub guard: Guard,
     client: PeerClient,
     metrics: Arc<Metrics>,
 }
@@ -249,6 +323,7 @@ impl Peers {
             members: RwLock::new(Arc::new(Vec::new())),
             down: Mutex::new(HashMap::new()),
             bad: Mutex::new(HashSet::new()),
+            guard: Guard::default(),
             client,
             metrics,
         }
@@ -626,6 +701,29 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_guard_allows_a_client_its_rate_and_remembers_missing_digests() {
+        let g = Guard::default();
+        let (a, b): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t = Instant::now();
+        let granted = (0..50).filter(|_| g.take(a, 4.0, t)).count();
+        assert_eq!(granted, 4, "a burst of one second's worth");
+        assert!(g.take(b, 4.0, t), "per client");
+        assert!(!g.take(a, 4.0, t + Duration::from_millis(200)));
+        assert!(
+            g.take(a, 4.0, t + Duration::from_millis(300)),
+            "refilled at the rate"
+        );
+        let granted = (0..50)
+            .filter(|_| g.take(a, 4.0, t + Duration::from_secs(60)))
+            .count();
+        assert_eq!(granted, 4, "saved up to one second's worth only");
+        assert!(!g.is_missing(&d(1), t));
+        g.remember_missing(&d(1), t);
+        assert!(g.is_missing(&d(1), t + Duration::from_secs(9)));
+        assert!(!g.is_missing(&d(1), t + MISSING_FOR));
+    }
+
     /// `peers.dns` goes through the system resolver: `localhost` comes
     /// from /etc/hosts, without any network.
     #[tokio::test]
@@ -638,6 +736,7 @@ mod tests {
                 dns: Some("localhost:5052".into()),
                 refresh: Duration::from_secs(30),
                 hold_until_verified: false,
+                client_misses_per_sec: DEFAULT_CLIENT_MISSES_PER_SEC,
             },
             m.clone(),
         );
