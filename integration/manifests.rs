@@ -641,7 +641,7 @@ fn canary_overlay() {
             .unwrap()
             .to_string()
     };
-    let image = slipway::canary_image::build();
+    let image = slipway::node::canary_image::build();
     assert_eq!(
         var("SLIPWAY_AGENT_CANARY_IMAGE"),
         format!(

@@ -156,7 +156,7 @@ pub enum CanaryCmd {
         #[arg(long, env = "SLIPWAY_CANARY_CA_FILE")]
         ca_file: PathBuf,
         /// Repository to push to
-        #[arg(long, default_value = crate::canary_image::DEFAULT_REPO)]
+        #[arg(long, default_value = crate::node::canary_image::DEFAULT_REPO)]
         repo: String,
         /// Registry name to print instead of the upstream's host[:port]
         /// (the alias nodes pull it under, for agent.canary_image)
@@ -178,7 +178,7 @@ pub enum Error {
     #[error(transparent)]
     Build(#[from] BuildError),
     #[error(transparent)]
-    Canary(#[from] crate::canary_image::PushError),
+    Canary(#[from] crate::node::canary_image::PushError),
     #[error(transparent)]
     Gateway(#[from] crate::gateway::GatewayError),
     #[error("{what}: {source}")]
@@ -349,13 +349,13 @@ pub fn run(cmd: Cmd) -> Result<u8, Error> {
                     name_as,
                 },
         } => {
-            let args = crate::canary_image::PushArgs {
+            let args = crate::node::canary_image::PushArgs {
                 upstream,
                 ca_file,
                 repo,
                 name_as,
             };
-            let reference = runtime(false)?.block_on(crate::canary_image::push(&args))?;
+            let reference = runtime(false)?.block_on(crate::node::canary_image::push(&args))?;
             println!("{reference}");
             Ok(0)
         }

@@ -20,15 +20,14 @@
 #![forbid(unsafe_code)]
 
 pub(crate) mod admin;
+pub(crate) mod atomic;
 pub mod builds;
-pub mod canary_image;
 pub mod cli;
 pub mod gateway;
 pub(crate) mod k8s;
 pub mod node;
 pub mod pki;
 pub mod proxy;
-pub(crate) mod serve;
 pub(crate) mod signal;
 
 /// Exit code for bad configuration (sysexits.h `EX_CONFIG` is 78, but the

@@ -8,7 +8,11 @@
 //!
 //! The gateway (#10) serves the same endpoints with its own metrics and
 //! checks: [`serve`] takes any [`Exposition`] and [`ReadyCheck`] set.
+//!
+//! [`listen`] is the accept loop the agent's proxy and peer ports and the
+//! gateway share, beside the admin server's [`AcceptBackoff`].
 
+pub(crate) mod listen;
 pub mod metrics;
 pub mod readiness;
 

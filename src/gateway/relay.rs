@@ -562,32 +562,38 @@ pub async fn serve(
     grace: Duration,
 ) -> bool {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    crate::serve::serve_connections(listener, "gateway", shutdown, grace, |stream, watcher| {
-        let (acceptor, relay) = (acceptor.clone(), relay.clone());
-        let client = stream.peer_addr().ok().map(|a| a.ip());
-        tokio::spawn(async move {
-            // A client that never finishes its handshake is cut off like one
-            // that trickles its request head (slowloris).
-            let tls = match tokio::time::timeout(client_header, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    debug!(error = %e, "gateway: TLS handshake failed");
-                    return;
+    crate::admin::listen::serve_connections(
+        listener,
+        "gateway",
+        shutdown,
+        grace,
+        |stream, watcher| {
+            let (acceptor, relay) = (acceptor.clone(), relay.clone());
+            let client = stream.peer_addr().ok().map(|a| a.ip());
+            tokio::spawn(async move {
+                // A client that never finishes its handshake is cut off like one
+                // that trickles its request head (slowloris).
+                let tls = match tokio::time::timeout(client_header, acceptor.accept(stream)).await {
+                    Ok(Ok(s)) => s,
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "gateway: TLS handshake failed");
+                        return;
+                    }
+                    Err(_) => {
+                        debug!("gateway: TLS handshake timed out");
+                        return;
+                    }
+                };
+                let conn = crate::admin::listen::http1_builder(client_header).serve_connection(
+                    TokioIo::new(tls),
+                    hyper::service::service_fn(move |req| handle(relay.clone(), client, req)),
+                );
+                if let Err(e) = watcher.watch(conn).await {
+                    debug!(error = %e, "gateway: client connection ended with an error");
                 }
-                Err(_) => {
-                    debug!("gateway: TLS handshake timed out");
-                    return;
-                }
-            };
-            let conn = crate::serve::http1_builder(client_header).serve_connection(
-                TokioIo::new(tls),
-                hyper::service::service_fn(move |req| handle(relay.clone(), client, req)),
-            );
-            if let Err(e) = watcher.watch(conn).await {
-                debug!(error = %e, "gateway: client connection ended with an error");
-            }
-        });
-    })
+            });
+        },
+    )
     .await
 }
 

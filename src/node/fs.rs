@@ -1,8 +1,8 @@
 //! Every host file call the node agent makes, behind [`NodeFs`].
 //!
-//! [`RealFs`] owns the one way slipway writes a file on a node: a temp file
-//! in the same directory, `fsync`, `rename` over the target, then `fsync` of
-//! the directory. A reader (containerd re-reads `hosts.toml` on every pull)
+//! [`RealFs`] writes every file on a node the one way slipway writes files
+//! ([`crate::atomic`]): a temp file in the same directory, `fsync`,
+//! `rename` over the target, then `fsync` of the directory. A reader (containerd re-reads `hosts.toml` on every pull)
 //! sees either the old or the new content, never a torn file, even if the
 //! agent is SIGKILLed mid-write. The temp file is removed if anything fails
 //! before the rename, so nothing half-written is left behind.
@@ -19,15 +19,16 @@
 //! apply and cleanup are tested without root.
 
 use std::fs::{self, OpenOptions};
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::atomic::sync_dir;
 /// Prefix of every temp file slipway creates; a crash between create and
 /// rename leaves one behind, and the next run removes such files (they are
 /// ours by name and never referenced by containerd, which reads only
 /// `hosts.toml` and, without one, `*.crt`/`*.cert`/`*.key`).
-pub const TEMP_PREFIX: &str = ".slipway-tmp-";
+pub use crate::atomic::TEMP_PREFIX;
 
 /// The largest host file slipway reads: hosts.toml, a CA bundle, a
 /// containerd config or a state file are a few KiB; anything this large is
@@ -206,16 +207,12 @@ impl NodeFs for RealFs {
                 return Ok(WriteOutcome::Unchanged);
             }
         }
-        let (dir, tmp) = synced_temp(path, content, mode)?;
-        tmp.persist(path).map_err(|e| e.error)?;
-        sync_dir(dir)?;
+        crate::atomic::replace(path, content, mode)?;
         Ok(WriteOutcome::Written)
     }
 
     fn create_new_atomic(&self, path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
-        let (dir, tmp) = synced_temp(path, content, mode)?;
-        tmp.persist_noclobber(path).map_err(|e| e.error)?;
-        sync_dir(dir)
+        crate::atomic::create_new(path, content, mode)
     }
 
     fn remove_file(&self, path: &Path) -> io::Result<()> {
@@ -258,48 +255,6 @@ impl NodeFs for RealFs {
         v.sort();
         Ok(v)
     }
-}
-
-/// `content` in a fsynced temp file beside `path`, with `mode`. Dropped
-/// without being persisted, it is removed: a failure leaves nothing behind.
-fn synced_temp<'a>(
-    path: &'a Path,
-    content: &[u8],
-    mode: u32,
-) -> io::Result<(&'a Path, tempfile::NamedTempFile)> {
-    let dir = path
-        .parent()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no parent"))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .permissions(fs::Permissions::from_mode(mode))
-        .tempfile_in(dir)?;
-    tmp.write_all(content)?;
-    // tempfile honours the umask; set the mode explicitly so 0644/0600 hold.
-    tmp.as_file()
-        .set_permissions(fs::Permissions::from_mode(mode))?;
-    tmp.as_file().sync_all()?;
-    Ok((dir, tmp))
-}
-
-/// fsync a directory so a rename or unlink inside it survives a crash.
-pub fn sync_dir(dir: &Path) -> io::Result<()> {
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_DIRECTORY.bits())
-        .open(dir)?
-        .sync_all()
-}
-
-/// Write a file atomically on the real filesystem (for callers outside
-/// the node agent: `slipway pki init`).
-pub fn write_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<WriteOutcome> {
-    RealFs.write_atomic(path, content, mode)
-}
-
-/// Create a new file atomically on the real filesystem, never clobbering.
-pub fn create_new_atomic(path: &Path, content: &[u8], mode: u32) -> io::Result<()> {
-    RealFs.create_new_atomic(path, content, mode)
 }
 
 #[cfg(test)]
@@ -604,8 +559,8 @@ mod tests {
     fn create_new_never_clobbers() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("k");
-        create_new_atomic(&p, b"one", 0o600).unwrap();
-        assert!(create_new_atomic(&p, b"two", 0o600).is_err());
+        RealFs.create_new_atomic(&p, b"one", 0o600).unwrap();
+        assert!(RealFs.create_new_atomic(&p, b"two", 0o600).is_err());
         assert_eq!(fs::read(&p).unwrap(), b"one");
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
     }

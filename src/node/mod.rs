@@ -21,6 +21,7 @@
 pub mod apply;
 pub mod ca_bundle;
 pub mod canary;
+pub mod canary_image;
 pub mod config;
 pub mod containerd;
 pub mod crio;

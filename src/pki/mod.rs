@@ -403,9 +403,9 @@ pub fn write_files(dir: &Path, sans: &Sans, force: bool) -> Result<Vec<PathBuf>,
     for (n, (content, mode)) in names.iter().zip(contents) {
         let p = dir.join(n);
         let r = if force {
-            crate::node::fs::write_atomic(&p, content.as_bytes(), mode).map(|_| ())
+            crate::atomic::replace(&p, content.as_bytes(), mode)
         } else {
-            crate::node::fs::create_new_atomic(&p, content.as_bytes(), mode)
+            crate::atomic::create_new(&p, content.as_bytes(), mode)
         };
         r.map_err(io(&p, "cannot write"))?;
         written.push(p);

@@ -267,10 +267,10 @@ impl Cache {
                 return Ok(Commit::AlreadyCached);
             }
             if let Some(ct) = content_type {
-                crate::node::fs::write_atomic(&dest.with_extension("type"), ct.as_bytes(), 0o644)?;
+                crate::atomic::replace(&dest.with_extension("type"), ct.as_bytes(), 0o644)?;
             }
             if credentialed {
-                crate::node::fs::write_atomic(&dest.with_extension("credentialed"), b"", 0o644)?;
+                crate::atomic::replace(&dest.with_extension("credentialed"), b"", 0o644)?;
             }
             match file.persist_noclobber(&dest) {
                 Ok(_) => {}
@@ -288,7 +288,7 @@ impl Cache {
             }
             self.metrics.cache_size.set(size.committed as i64);
         }
-        crate::node::fs::sync_dir(dest.parent().expect("has parent"))?;
+        crate::atomic::sync_dir(dest.parent().expect("has parent"))?;
         Ok(Commit::Stored)
     }
 

@@ -1161,9 +1161,9 @@ async fn serve_port(
     peer_port: bool,
 ) -> bool {
     let server = if peer_port { "peers" } else { "proxy" };
-    crate::serve::serve_connections(listener, server, shutdown, grace, |stream, watcher| {
+    crate::admin::listen::serve_connections(listener, server, shutdown, grace, |stream, watcher| {
         // Built per connection: client_header is reloadable (#12).
-        let builder = crate::serve::http1_builder(state.timeouts().client_header);
+        let builder = crate::admin::listen::http1_builder(state.timeouts().client_header);
         let st = state.clone();
         let client = stream.peer_addr().ok().map(|a| a.ip());
         let conn = builder.serve_connection(
