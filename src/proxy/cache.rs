@@ -218,39 +218,41 @@ impl Cache {
             .map_err(|e| tracing::warn!(error = %e, "cache: cannot create temp file"))
             .ok()?;
         Some(Writer {
-            cache: self.clone(),
-            digest: d.clone(),
-            content_type: meta.content_type,
-            credentialed: meta.credentialed,
-            reservation,
-            file,
-            hasher: Sha256::new(),
-            written: 0,
-            failed: false,
-            before_last: None,
+            file: Some(Backing {
+                cache: self.clone(),
+                content_type: meta.content_type,
+                credentialed: meta.credentialed,
+                reservation,
+                file,
+            }),
+            ..Writer::unbacked(d, meta.len)
         })
     }
 
     fn commit(&self, w: Writer) -> io::Result<Commit> {
+        if w.failed {
+            return Ok(Commit::Rejected);
+        }
+        if let Err(e) = w.check() {
+            tracing::warn!(error = %e, "cache: not cached");
+            return Ok(Commit::Rejected);
+        }
         let Writer {
             digest,
+            written,
+            file: backing,
+            ..
+        } = w;
+        let Some(Backing {
             content_type,
             credentialed,
             mut reservation,
             mut file,
-            hasher,
-            written,
-            failed,
             ..
-        } = w;
-        if failed {
-            return Ok(Commit::Rejected);
-        }
-        let got = hex::encode(hasher.finalize());
-        if got != digest.hex {
-            tracing::warn!(%digest, actual = %got, "cache: content does not match its digest; not cached");
-            return Ok(Commit::Rejected);
-        }
+        }) = backing
+        else {
+            return Ok(Commit::NotCached);
+        };
         file.flush()?;
         file.as_file().sync_all()?;
         let dest = self.path(&digest).expect("sha256");
@@ -340,63 +342,168 @@ pub enum Commit {
     AlreadyCached,
     /// A failed write, or content that does not match its digest.
     Rejected,
+    /// Verified only: the blob was not being cached.
+    NotCached,
 }
 
-/// A blob being written to the cache while it streams to the client.
+/// The one stream-verify-commit path (#18 point 12): a response for a
+/// digest is hashed once as it streams, its length counted, and, when the
+/// cache has room, teed into a temp file that is committed only if all of
+/// it matches. The plain relay ([`super::relay`]) and the coalesced
+/// download ([`super::coalesce`]) both use it; before, the relay hashed
+/// every byte twice (its own check beside the cache writer's).
 pub struct Writer {
-    cache: Arc<Cache>,
     digest: Digest,
+    /// The response's `Content-Length`, checked at the end.
+    want_len: Option<u64>,
+    hasher: Hasher,
+    written: u64,
+    /// Length and hash state before the last write, for [`Writer::undo_last`].
+    before_last: Option<(u64, Hasher)>,
+    /// The temp file, when the blob is being cached.
+    file: Option<Backing>,
+    /// A write to the temp file failed: nothing is committed.
+    failed: bool,
+}
+
+/// Where a cached blob's bytes go before the commit.
+struct Backing {
+    cache: Arc<Cache>,
     content_type: Option<String>,
     credentialed: bool,
     reservation: Reservation,
     file: tempfile::NamedTempFile,
-    hasher: Sha256,
-    written: u64,
-    failed: bool,
-    /// Length and hash state before the last write, for [`Writer::undo_last`].
-    before_last: Option<(u64, Sha256)>,
+}
+
+/// The hash of the digest's algorithm.
+#[derive(Clone)]
+enum Hasher {
+    Sha256(Sha256),
+    Sha512(sha2::Sha512),
+}
+
+impl Hasher {
+    fn new(algorithm: &str) -> Hasher {
+        match algorithm {
+            "sha512" => Hasher::Sha512(sha2::Sha512::new()),
+            _ => Hasher::Sha256(Sha256::new()),
+        }
+    }
+    fn update(&mut self, b: &[u8]) {
+        match self {
+            Hasher::Sha256(h) => h.update(b),
+            Hasher::Sha512(h) => h.update(b),
+        }
+    }
+    fn hex(&self) -> String {
+        match self.clone() {
+            Hasher::Sha256(h) => hex::encode(h.finalize()),
+            Hasher::Sha512(h) => hex::encode(h.finalize()),
+        }
+    }
+}
+
+/// Why a response for a digest was refused at its end.
+#[derive(Debug, thiserror::Error)]
+pub enum Mismatch {
+    #[error("upstream sent {got} bytes for {digest} with Content-Length {want}")]
+    Length { digest: Digest, got: u64, want: u64 },
+    #[error("upstream sent content with digest {algorithm}:{got} for {digest}")]
+    Digest {
+        digest: Digest,
+        algorithm: &'static str,
+        got: String,
+    },
 }
 
 impl Writer {
-    pub fn write(&mut self, chunk: &[u8]) {
-        if self.failed {
-            return;
-        }
-        self.before_last = Some((self.written, self.hasher.clone()));
-        self.hasher.update(chunk);
-        self.written += chunk.len() as u64;
-        if let Err(e) = self.file.write_all(chunk) {
-            // A full disk must not break the pull: stop caching, keep serving.
-            tracing::warn!(error = %e, digest = %self.digest, "cache: write failed; not caching");
-            self.failed = true;
+    /// Verifies a response for `digest` as it streams, without caching it.
+    pub fn unbacked(digest: &Digest, want_len: Option<u64>) -> Writer {
+        Writer {
+            digest: digest.clone(),
+            want_len,
+            hasher: Hasher::new(digest.algorithm),
+            written: 0,
+            before_last: None,
+            file: None,
+            failed: false,
         }
     }
 
-    /// Bytes written so far.
+    /// The length the whole body must have, when a new source says (a peer
+    /// replaced by upstream, #11).
+    pub fn expect_len(&mut self, len: Option<u64>) {
+        self.want_len = len;
+    }
+
+    /// Take in a chunk: hash it, count it, and write it to the temp file.
+    pub fn write(&mut self, chunk: &[u8]) {
+        self.before_last = Some((self.written, self.hasher.clone()));
+        self.hasher.update(chunk);
+        self.written += chunk.len() as u64;
+        if self.failed {
+            return;
+        }
+        if let Some(b) = self.file.as_mut() {
+            if let Err(e) = b.file.write_all(chunk) {
+                // A full disk must not break the pull: stop caching, keep
+                // serving (and verifying).
+                tracing::warn!(error = %e, digest = %self.digest, "cache: write failed; not caching");
+                self.failed = true;
+            }
+        }
+    }
+
+    /// Bytes taken in so far.
     pub fn len(&self) -> u64 {
         self.written
     }
 
-    /// Whether nothing was written yet.
+    /// Whether nothing was taken in yet.
     pub fn is_empty(&self) -> bool {
         self.written == 0
     }
 
-    /// A write failed; the file holds only part of what was written.
+    /// A write to the temp file failed; it holds only part of the bytes.
     pub fn failed(&self) -> bool {
         self.failed
     }
 
-    /// Whether what was written so far is the digest's content.
+    /// Whether what was taken in so far is the digest's content.
     pub fn matches(&self) -> bool {
-        !self.failed && hex::encode(self.hasher.clone().finalize()) == self.digest.hex
+        self.hasher.hex() == self.digest.hex
     }
 
-    /// A second handle on the file being written, for readers that follow
-    /// the write (#11: coalesced requests). It stays valid after the file
-    /// is renamed into the cache or removed.
+    /// The body ended: whether its length and digest are right.
+    pub fn check(&self) -> Result<(), Mismatch> {
+        if let Some(want) = self.want_len {
+            if want != self.written {
+                return Err(Mismatch::Length {
+                    digest: self.digest.clone(),
+                    got: self.written,
+                    want,
+                });
+            }
+        }
+        let got = self.hasher.hex();
+        if got != self.digest.hex {
+            return Err(Mismatch::Digest {
+                digest: self.digest.clone(),
+                algorithm: self.digest.algorithm,
+                got,
+            });
+        }
+        Ok(())
+    }
+
+    /// A second handle on the temp file, for readers that follow the write
+    /// (#11: coalesced requests). It stays valid after the file is renamed
+    /// into the cache or removed.
     pub fn reader(&self) -> io::Result<fs::File> {
-        self.file.reopen()
+        match &self.file {
+            Some(b) => b.file.reopen(),
+            None => Err(io::Error::new(io::ErrorKind::NotFound, "not cached")),
+        }
     }
 
     /// Take back the last write (length and hash): a source whose body
@@ -404,8 +511,10 @@ impl Writer {
     /// which no client has been sent yet (#11). Only one step back.
     pub fn undo_last(&mut self) -> io::Result<u64> {
         if let Some((len, hasher)) = self.before_last.take() {
-            self.file.as_file().set_len(len)?;
-            self.file.as_file_mut().seek(io::SeekFrom::Start(len))?;
+            if let Some(b) = self.file.as_mut() {
+                b.file.as_file().set_len(len)?;
+                b.file.as_file_mut().seek(io::SeekFrom::Start(len))?;
+            }
             self.written = len;
             self.hasher = hasher;
         }
@@ -416,20 +525,24 @@ impl Writer {
     /// released (#11, `peers.hold_until_verified`) is replaced from the
     /// start.
     pub fn reset(&mut self) -> io::Result<()> {
-        self.file.as_file().set_len(0)?;
-        self.file.as_file_mut().seek(io::SeekFrom::Start(0))?;
+        if let Some(b) = self.file.as_mut() {
+            b.file.as_file().set_len(0)?;
+            b.file.as_file_mut().seek(io::SeekFrom::Start(0))?;
+        }
         self.written = 0;
-        self.hasher = Sha256::new();
+        self.hasher = Hasher::new(self.digest.algorithm);
         self.before_last = None;
         self.failed = false;
         Ok(())
     }
 
-    /// The body ended normally: verify and commit. Dropping a writer
-    /// without finishing discards it (the temp file is removed).
+    /// The body ended normally: verify, and commit what was cached. Dropping
+    /// a writer without finishing discards it (the temp file is removed).
     pub fn finish(self) -> Commit {
-        let cache = self.cache.clone();
         let digest = self.digest.clone();
+        let Some(cache) = self.file.as_ref().map(|b| b.cache.clone()) else {
+            return Commit::NotCached;
+        };
         match cache.commit(self) {
             Ok(done) => done,
             Err(e) => {

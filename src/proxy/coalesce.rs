@@ -1022,6 +1022,7 @@ impl Task {
         };
         info!(digest = %self.digest, offset, "resumed from upstream");
         self.want_len = total;
+        self.writer.expect_len(total);
         self.segments_push(offset, SourceLabel::Upstream);
         self.body = resp.into_body();
         Ok(())

@@ -758,31 +758,27 @@ fn relay(
             .expect("response");
     }
     let whole_by_digest = status == StatusCode::OK && range.is_none();
-    let writer = match (&state.cache, route.digest()) {
-        (Some(c), Some(d)) if whole_by_digest => c.writer(
-            d,
-            cache::Meta {
-                content_type,
-                len: resp
-                    .headers()
-                    .get(header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.parse().ok()),
-                credentialed: request_headers.contains_key(header::AUTHORIZATION),
-            },
-        ),
-        _ => None,
-    };
-    // A whole response for a digest is checked as it streams (#13): a
+    // A whole response for a digest is checked as it streams (#13), and
+    // cached when there is a cache with room: one writer does both. A
     // Range response is a part and passes as it is.
-    let verify = match route.digest() {
+    let stream = match route.digest() {
         Some(d) if whole_by_digest => {
-            let want_len = resp
+            let len = resp
                 .headers()
                 .get(header::CONTENT_LENGTH)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse().ok());
-            Some(Verify::new(d.clone(), want_len))
+            let cached = state.cache.as_ref().and_then(|c| {
+                c.writer(
+                    d,
+                    cache::Meta {
+                        content_type,
+                        len,
+                        credentialed: request_headers.contains_key(header::AUTHORIZATION),
+                    },
+                )
+            });
+            Some(cached.unwrap_or_else(|| cache::Writer::unbacked(d, len)))
         }
         _ => None,
     };
@@ -790,8 +786,8 @@ fn relay(
         inner: resp.into_body(),
         idle: state.timeouts().body_idle,
         sleep: Box::pin(tokio::time::sleep(state.timeouts().body_idle)),
-        cache: writer,
-        verify,
+        stream,
+        held: None,
         tail: None,
         done: false,
         metrics: state.metrics.clone(),
@@ -888,103 +884,21 @@ async fn serve_cached(
     b.body(BodyExt::boxed(body)).ok()
 }
 
-/// Hashes a response for a digest while it streams and holds back its last
-/// chunk, so that the client only ever completes a response whose digest
-/// and length were checked (#13). containerd verifies too, but only when
-/// it commits the content, after the fetch from this host has succeeded:
-/// a clean 200 with wrong bytes fails the pull instead of being retried.
-struct Verify {
-    want: route::Digest,
-    want_len: Option<u64>,
-    hasher: Hasher,
-    seen: u64,
-    held: Option<Bytes>,
-}
-
-enum Hasher {
-    Sha256(sha2::Sha256),
-    Sha512(sha2::Sha512),
-}
-
-/// Why a response for a digest was refused at its end.
-#[derive(Debug, thiserror::Error)]
-enum Mismatch {
-    #[error("upstream sent {got} bytes for {digest} with Content-Length {want}")]
-    Length {
-        digest: route::Digest,
-        got: u64,
-        want: u64,
-    },
-    #[error("upstream sent content with digest {algorithm}:{got} for {digest}")]
-    Digest {
-        digest: route::Digest,
-        algorithm: &'static str,
-        got: String,
-    },
-}
-
-impl Verify {
-    fn new(want: route::Digest, want_len: Option<u64>) -> Self {
-        use sha2::Digest as _;
-        let hasher = match want.algorithm {
-            "sha512" => Hasher::Sha512(sha2::Sha512::new()),
-            _ => Hasher::Sha256(sha2::Sha256::new()),
-        };
-        Verify {
-            want,
-            want_len,
-            hasher,
-            seen: 0,
-            held: None,
-        }
-    }
-
-    /// Take in a chunk; returns the chunk that may go out now.
-    fn push(&mut self, chunk: Bytes) -> Option<Bytes> {
-        use sha2::Digest as _;
-        match &mut self.hasher {
-            Hasher::Sha256(h) => h.update(&chunk),
-            Hasher::Sha512(h) => h.update(&chunk),
-        }
-        self.seen += chunk.len() as u64;
-        self.held.replace(chunk)
-    }
-
-    /// The body ended: the held-back chunk if everything matches.
-    fn finish(self) -> Result<Option<Bytes>, Mismatch> {
-        use sha2::Digest as _;
-        if let Some(want) = self.want_len {
-            if want != self.seen {
-                return Err(Mismatch::Length {
-                    digest: self.want,
-                    got: self.seen,
-                    want,
-                });
-            }
-        }
-        let got = match self.hasher {
-            Hasher::Sha256(h) => hex::encode(h.finalize()),
-            Hasher::Sha512(h) => hex::encode(h.finalize()),
-        };
-        if got != self.want.hex {
-            return Err(Mismatch::Digest {
-                algorithm: self.want.algorithm,
-                digest: self.want,
-                got,
-            });
-        }
-        Ok(self.held)
-    }
-}
-
 /// An upstream body on its way to the client, teed into the cache and,
 /// for a digest, verified before its last chunk goes out.
+///
+/// containerd verifies too, but only when it commits the content, after
+/// the fetch from this host has succeeded: a clean 200 with wrong bytes
+/// fails the pull instead of being retried. So the last chunk is held back
+/// until the whole body matches its digest and length (#13).
 struct Streamed {
     inner: Incoming,
     idle: Duration,
     sleep: Pin<Box<tokio::time::Sleep>>,
-    cache: Option<cache::Writer>,
-    verify: Option<Verify>,
+    /// Verifies (and caches) a whole response for a digest.
+    stream: Option<cache::Writer>,
+    /// The chunk held back until the next one, or the verified end.
+    held: Option<Bytes>,
     /// The verified last chunk, to send on the next poll.
     tail: Option<Bytes>,
     /// Everything has been handed to hyper.
@@ -1000,9 +914,9 @@ impl Streamed {
     /// and record the pull.
     fn finish(&mut self) {
         self.done = true;
-        if let Some(w) = self.cache.take() {
-            // Verifying, fsync and rename can take a while under I/O load;
-            // keep them off the runtime's worker threads.
+        if let Some(w) = self.stream.take() {
+            // fsync and rename can take a while under I/O load; keep them
+            // off the runtime's worker threads.
             tokio::task::spawn_blocking(move || w.finish());
         }
         if std::mem::take(&mut self.success) {
@@ -1017,13 +931,14 @@ impl Streamed {
 
     /// The upstream body ended: check it; the chunk still to send, if any.
     fn end(&mut self) -> Result<Option<Bytes>, BoxError> {
-        let tail = match self.verify.take().map(Verify::finish) {
+        let tail = match self.stream.as_ref().map(cache::Writer::check) {
             None => None,
-            Some(Ok(tail)) => tail,
+            Some(Ok(())) => self.held.take(),
             Some(Err(e)) => {
                 // The error makes hyper abort the client connection; the
-                // cache writer is dropped, so nothing lands there either.
-                self.cache = None;
+                // writer is dropped, so nothing lands in the cache either.
+                self.stream = None;
+                self.held = None;
                 self.done = true;
                 self.metrics.digest_mismatches.inc();
                 warn!(error = %e, "digest mismatch; aborting the client connection");
@@ -1061,11 +976,11 @@ impl Body for Streamed {
                         Ok(d) => d,
                         Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
                     };
-                    if let Some(w) = this.cache.as_mut() {
-                        w.write(&data);
-                    }
-                    let out = match this.verify.as_mut() {
-                        Some(v) => v.push(data),
+                    let out = match this.stream.as_mut() {
+                        Some(w) => {
+                            w.write(&data);
+                            this.held.replace(data)
+                        }
                         None => Some(data),
                     };
                     let out = out.filter(|c| !c.is_empty());
@@ -1093,8 +1008,8 @@ impl Body for Streamed {
                 Poll::Ready(Some(Err(e))) => {
                     // Discard the partial blob; the error makes hyper abort the
                     // client connection instead of ending the response.
-                    this.cache = None;
-                    this.verify = None;
+                    this.stream = None;
+                    this.held = None;
                     warn!(error = %e, "upstream body failed mid-transfer; aborting the client connection");
                     return Poll::Ready(Some(Err(Box::new(e))));
                 }
@@ -1107,8 +1022,8 @@ impl Body for Streamed {
                 }
                 Poll::Pending => {
                     if this.sleep.as_mut().poll(cx).is_ready() {
-                        this.cache = None;
-                        this.verify = None;
+                        this.stream = None;
+                        this.held = None;
                         warn!(
                             "upstream body stalled for {:?}; aborting the client connection",
                             this.idle
