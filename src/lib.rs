@@ -24,6 +24,7 @@ pub(crate) mod atomic;
 pub mod builds;
 pub mod cli;
 pub mod gateway;
+pub(crate) mod idle;
 pub(crate) mod k8s;
 pub mod node;
 pub mod pki;

@@ -25,17 +25,13 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future as _;
 use std::net::{IpAddr, Ipv4Addr};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -48,6 +44,7 @@ use super::config::Upstream;
 use super::guard::{self, MethodClass, Outcome, Verdict, CHALLENGE};
 use super::htpasswd::{Check, Verifier};
 use super::metrics::GatewayMetrics;
+use crate::idle::Idle;
 use crate::proxy::route::Refusal;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -446,109 +443,6 @@ async fn forward(relay: &Relay, req: Request<Incoming>) -> Response<GatewayBody>
                 "bad upstream response".into(),
             )
         })
-}
-
-/// A body relayed with a stall deadline: no frame for `idle` ends it with
-/// an error, which makes hyper abort that side's connection rather than
-/// leave a half-pushed blob's upload open for ever.
-pub struct Idle<B> {
-    inner: Option<B>,
-    idle: Duration,
-    sleep: Pin<Box<tokio::time::Sleep>>,
-    /// Told `true` once the last frame is out (see [`Idle::on_end`]).
-    ended: Option<tokio::sync::watch::Sender<bool>>,
-}
-
-impl<B> Idle<B> {
-    pub fn new(inner: B, idle: Duration) -> Idle<B> {
-        Idle {
-            inner: Some(inner),
-            idle,
-            sleep: Box::pin(tokio::time::sleep(idle)),
-            ended: None,
-        }
-    }
-
-    fn empty(idle: Duration) -> Idle<B> {
-        Idle {
-            inner: None,
-            idle,
-            sleep: Box::pin(tokio::time::sleep(idle)),
-            ended: None,
-        }
-    }
-}
-
-impl<B: Body> Idle<B> {
-    /// Sends `true` on `tx` once the body has ended: at once for a body
-    /// that is empty from the start (hyper never polls those), else after
-    /// the frame that ends it.
-    pub fn on_end(mut self, tx: tokio::sync::watch::Sender<bool>) -> Idle<B> {
-        if self.inner.as_ref().is_none_or(|b| b.is_end_stream()) {
-            let _ = tx.send(true);
-        }
-        self.ended = Some(tx);
-        self
-    }
-
-    fn signal_end(&self) {
-        if let Some(tx) = &self.ended {
-            tx.send_if_modified(|sent| !std::mem::replace(sent, true));
-        }
-    }
-}
-
-impl<B> Body for Idle<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        let mut inner = Pin::new(inner);
-        match inner.as_mut().poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                let deadline = tokio::time::Instant::now() + this.idle;
-                this.sleep.as_mut().reset(deadline);
-                if inner.is_end_stream() {
-                    this.signal_end();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(e.into()))),
-            Poll::Ready(None) => {
-                this.signal_end();
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                if this.sleep.as_mut().poll(cx).is_ready() {
-                    warn!("gateway: a body stalled for {:?}; aborting", this.idle);
-                    return Poll::Ready(Some(Err("body stalled".into())));
-                }
-                Poll::Pending
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map(|b| b.size_hint())
-            .unwrap_or_else(|| SizeHint::with_exact(0))
-    }
 }
 
 /// Serve TLS until `shutdown` resolves, then stop accepting and let

@@ -77,6 +77,7 @@ use super::cache::{Cache, Writer};
 use super::route::{Digest, Route};
 use super::{BoxError, InFlight, ProxyBody, ProxyState, RESPONSE_HEADERS};
 use crate::admin::metrics::{PeerResult, SourceLabel};
+use crate::idle::Idle;
 
 /// How far a download may run ahead of its fastest client.
 pub const AHEAD: u64 = 8 << 20;
@@ -673,7 +674,9 @@ struct Task {
     digest: Digest,
     headers: HeaderMap,
     writer: Writer,
-    body: Incoming,
+    /// The source's body, ended with a stall after
+    /// `proxy.body_idle_timeout_secs` of waiting ([`crate::idle`]).
+    body: Idle<Incoming>,
     /// The peer the bytes come from; `None`: upstream.
     peer: Option<SocketAddr>,
     /// The peer that was replaced by upstream, if one was.
@@ -770,7 +773,7 @@ impl Task {
             digest: digest.clone(),
             headers: headers.clone(),
             writer,
-            body: resp.into_body(),
+            body: Idle::new(resp.into_body(), state.timeouts().body_idle),
             peer,
             replaced: None,
             hold: peer.is_some()
@@ -844,27 +847,26 @@ impl Task {
         // source, which happens at most once.
         loop {
             self.pace().await?;
-            let frame = match tokio::time::timeout(idle, self.body.frame()).await {
-                Err(_) => {
-                    let e = CoalesceError::Stalled {
-                        source_kind: self.source_kind(),
-                        digest: self.digest.clone(),
-                        idle,
+            let frame = match self.body.frame().await {
+                None => None,
+                Some(Err(e)) => {
+                    let e = if crate::idle::is_stall(e.as_ref()) {
+                        CoalesceError::Stalled {
+                            source_kind: self.source_kind(),
+                            digest: self.digest.clone(),
+                            idle,
+                        }
+                    } else {
+                        CoalesceError::Broken {
+                            source_kind: self.source_kind(),
+                            digest: self.digest.clone(),
+                            message: e.to_string(),
+                        }
                     };
                     self.replace_peer(e, PeerResult::Failed, false).await?;
                     continue;
                 }
-                Ok(None) => None,
-                Ok(Some(Err(e))) => {
-                    let e = CoalesceError::Broken {
-                        source_kind: self.source_kind(),
-                        digest: self.digest.clone(),
-                        message: e.to_string(),
-                    };
-                    self.replace_peer(e, PeerResult::Failed, false).await?;
-                    continue;
-                }
-                Ok(Some(Ok(f))) => Some(f),
+                Some(Ok(f)) => Some(f),
             };
             if let Some(frame) = frame {
                 let Ok(data) = frame.into_data() else {
@@ -1024,7 +1026,7 @@ impl Task {
         self.want_len = total;
         self.writer.expect_len(total);
         self.segments_push(offset, SourceLabel::Upstream);
-        self.body = resp.into_body();
+        self.body = Idle::new(resp.into_body(), self.state.timeouts().body_idle);
         Ok(())
     }
 

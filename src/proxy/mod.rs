@@ -783,9 +783,7 @@ fn relay(
         _ => None,
     };
     let body = Streamed {
-        inner: resp.into_body(),
-        idle: state.timeouts().body_idle,
-        sleep: Box::pin(tokio::time::sleep(state.timeouts().body_idle)),
+        inner: crate::idle::Idle::new(resp.into_body(), state.timeouts().body_idle),
         stream,
         held: None,
         tail: None,
@@ -892,9 +890,8 @@ async fn serve_cached(
 /// fails the pull instead of being retried. So the last chunk is held back
 /// until the whole body matches its digest and length (#13).
 struct Streamed {
-    inner: Incoming,
-    idle: Duration,
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// The upstream body, ended with a stall after `proxy.body_idle_timeout_secs`.
+    inner: crate::idle::Idle<Incoming>,
     /// Verifies (and caches) a whole response for a digest.
     stream: Option<cache::Writer>,
     /// The chunk held back until the next one, or the verified end.
@@ -970,8 +967,6 @@ impl Body for Streamed {
         loop {
             match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => {
-                    let deadline = tokio::time::Instant::now() + this.idle;
-                    this.sleep.as_mut().reset(deadline);
                     let data = match frame.into_data() {
                         Ok(d) => d,
                         Err(trailers) => return Poll::Ready(Some(Ok(trailers))),
@@ -1010,8 +1005,12 @@ impl Body for Streamed {
                     // client connection instead of ending the response.
                     this.stream = None;
                     this.held = None;
-                    warn!(error = %e, "upstream body failed mid-transfer; aborting the client connection");
-                    return Poll::Ready(Some(Err(Box::new(e))));
+                    if crate::idle::is_stall(e.as_ref()) {
+                        warn!(error = %e, "upstream body stalled; aborting the client connection");
+                    } else {
+                        warn!(error = %e, "upstream body failed mid-transfer; aborting the client connection");
+                    }
+                    return Poll::Ready(Some(Err(e)));
                 }
                 Poll::Ready(None) => {
                     return match this.end() {
@@ -1020,18 +1019,7 @@ impl Body for Streamed {
                         Err(e) => Poll::Ready(Some(Err(e))),
                     }
                 }
-                Poll::Pending => {
-                    if this.sleep.as_mut().poll(cx).is_ready() {
-                        this.stream = None;
-                        this.held = None;
-                        warn!(
-                            "upstream body stalled for {:?}; aborting the client connection",
-                            this.idle
-                        );
-                        return Poll::Ready(Some(Err("upstream body stalled".into())));
-                    }
-                    return Poll::Pending;
-                }
+                Poll::Pending => return Poll::Pending,
             }
         }
     }
@@ -1044,8 +1032,6 @@ impl Body for Streamed {
         self.inner.size_hint()
     }
 }
-
-use std::future::Future as _;
 
 /// Serve until `shutdown` resolves, then stop accepting and let in-flight
 /// responses finish for up to `grace`. Returns whether all finished.
