@@ -70,57 +70,7 @@ fn upload_blob(registry: &str, pki: &Pki, dir: &Path, bytes: u64) -> String {
             .arg("-c")
             .arg(format!("head -c {bytes} /dev/urandom > {}", f.display())),
     );
-    let sum = run_ok(Command::new("sha256sum").arg(&f));
-    let digest = format!("sha256:{}", sum.split_whitespace().next().unwrap());
-    let ca = pki.ca();
-    let loc = run_ok(
-        Command::new("curl")
-            .args([
-                "-sS",
-                "-f",
-                "-X",
-                "POST",
-                "-D",
-                "-",
-                "-o",
-                "/dev/null",
-                "--cacert",
-            ])
-            .arg(&ca)
-            .arg(format!("https://{registry}/v2/bench/blobs/uploads/")),
-    );
-    let loc = loc
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Location: ")
-                .or_else(|| l.strip_prefix("location: "))
-        })
-        .unwrap()
-        .trim()
-        .to_string();
-    let url = if loc.starts_with("http") {
-        loc
-    } else {
-        format!("https://{registry}{loc}")
-    };
-    let sep = if url.contains('?') { '&' } else { '?' };
-    // -T streams the file (--data-binary would read it into memory).
-    run_ok(
-        Command::new("curl")
-            .args([
-                "-sS",
-                "-f",
-                "-X",
-                "PUT",
-                "-H",
-                "Content-Type: application/octet-stream",
-                "-T",
-            ])
-            .arg(&f)
-            .arg("--cacert")
-            .arg(&ca)
-            .arg(format!("{url}{sep}digest={digest}")),
-    );
+    let digest = put_blob(&format!("https://{registry}"), &[], &pki.ca(), "bench", &f);
     fs::remove_file(&f).unwrap();
     digest
 }

@@ -737,23 +737,7 @@ pub struct SlowFront {
 impl SlowFront {
     pub fn start(ns: &NetNs, listen: &str, backend: &str, pki: &Pki, delay: Duration) -> SlowFront {
         use std::io::{Read, Write};
-        let certs: Vec<_> =
-            rustls_pemfile::certs(&mut &fs::read(pki.dir.join("tls.crt")).unwrap()[..])
-                .collect::<Result<_, _>>()
-                .unwrap();
-        let key = rustls_pemfile::private_key(&mut &fs::read(pki.dir.join("tls.key")).unwrap()[..])
-            .unwrap()
-            .unwrap();
-        let cfg = Arc::new(
-            rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap(),
-        );
+        let cfg = Arc::new(tls_server_config(pki));
         let path = format!("/var/run/netns/{}", ns.name);
         let (listen, backend) = (listen.to_string(), backend.to_string());
         let stop = Arc::new(AtomicBool::new(false));
@@ -1981,6 +1965,73 @@ pub fn push_layout(layout: &Path, registry: &str, repo_tag: &str, tls: Option<&P
         "bad digest {d:?}"
     );
     d
+}
+
+/// Put `file` into `repo` of the registry at `base` (`https://host:port`)
+/// as a blob with the registry API (POST, then a streamed monolithic PUT),
+/// with curl trusting `ca`; `curl_args` come first (a `--resolve`). The
+/// digest, from sha256sum.
+pub fn put_blob(base: &str, curl_args: &[String], ca: &Path, repo: &str, file: &Path) -> String {
+    let sum = run_ok(Command::new("sha256sum").arg(file));
+    let digest = format!("sha256:{}", sum.split_whitespace().next().unwrap());
+    let curl = || {
+        let mut c = Command::new("curl");
+        c.args(curl_args)
+            .args(["-sS", "-f", "--max-time", "300", "--cacert"])
+            .arg(ca);
+        c
+    };
+    let head = run_ok(
+        curl()
+            .args(["-X", "POST", "-D", "-", "-o", "/dev/null"])
+            .arg(format!("{base}/v2/{repo}/blobs/uploads/")),
+    );
+    let loc = head
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("Location: ")
+                .or_else(|| l.strip_prefix("location: "))
+        })
+        .unwrap()
+        .trim()
+        .to_string();
+    let url = if loc.starts_with("http") {
+        loc
+    } else {
+        format!("{base}{loc}")
+    };
+    let sep = if url.contains('?') { '&' } else { '?' };
+    // -T streams the file (--data-binary would read it into memory).
+    run_ok(
+        curl()
+            .args([
+                "-X",
+                "PUT",
+                "-H",
+                "Content-Type: application/octet-stream",
+                "-T",
+            ])
+            .arg(file)
+            .arg(format!("{url}{sep}digest={digest}")),
+    );
+    digest
+}
+
+/// A `rustls` server config serving `pki`'s certificate, for stand-in
+/// TLS servers.
+pub fn tls_server_config(pki: &Pki) -> rustls::ServerConfig {
+    let certs: Vec<_> = rustls_pemfile::certs(&mut &fs::read(pki.dir.join("tls.crt")).unwrap()[..])
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = rustls_pemfile::private_key(&mut &fs::read(pki.dir.join("tls.key")).unwrap()[..])
+        .unwrap()
+        .expect("tls.key holds a key");
+    rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap()
 }
 
 /// The layer digests and sizes of a manifest, read from the registry.

@@ -75,21 +75,7 @@ pub struct StandIn {
 impl StandIn {
     pub fn start(pki: &Pki, handler: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> StandIn {
         let handler: Handler = Arc::new(handler);
-        let certs: Vec<_> =
-            rustls_pemfile::certs(&mut &fs::read(pki.dir.join("tls.crt")).unwrap()[..])
-                .collect::<Result<_, _>>()
-                .unwrap();
-        let key = rustls_pemfile::private_key(&mut &fs::read(pki.dir.join("tls.key")).unwrap()[..])
-            .unwrap()
-            .expect("tls.key holds a key");
-        let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .unwrap();
+        let tls = tls_server_config(pki);
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
         let listener = rt()
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -778,48 +764,22 @@ fn the_peer_port_never_forwards_credentials() {
     assert!(String::from_utf8_lossy(&r.body).contains("credentials"));
 }
 
-/// A blob of `bytes` put into `repo` of the registry with the registry API
-/// (monolithic upload); its digest.
-fn put_blob(s: &crate::TlsSetup, repo: &str, bytes: &[u8]) -> String {
-    let digest = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
-    let file = s.dir.join(format!("blob-{}", &digest[7..19]));
+/// A blob of `bytes` put into `repo` of the TLS registry of `s`; its digest.
+fn put_blob_bytes(s: &crate::TlsSetup, repo: &str, bytes: &[u8]) -> String {
+    let file = s.dir.join("blob.bin");
     fs::write(&file, bytes).unwrap();
     let ip = s.registry.addr.split(':').next().unwrap();
-    let curl = |args: &[&str]| {
-        run_ok(
-            Command::new("curl")
-                .args(["-sS", "--fail", "--max-time", "60", "--cacert"])
-                .arg(s.pki.ca())
-                .args(["--resolve", &format!("registry.shared-services:5443:{ip}")])
-                .args(args),
-        )
-    };
-    let head = curl(&[
-        "-i",
-        "-X",
-        "POST",
-        &format!("https://registry.shared-services:5443/v2/{repo}/blobs/uploads/"),
-    ]);
-    let location = head
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("Location: ")
-                .or_else(|| l.strip_prefix("location: "))
-        })
-        .unwrap()
-        .trim()
-        .to_string();
-    let sep = if location.contains('?') { '&' } else { '?' };
-    curl(&[
-        "-X",
-        "PUT",
-        "-H",
-        "Content-Type: application/octet-stream",
-        "--data-binary",
-        &format!("@{}", file.display()),
-        &format!("{location}{sep}digest={digest}"),
-    ]);
-    let _ = fs::remove_file(&file);
+    let digest = put_blob(
+        "https://registry.shared-services:5443",
+        &[
+            "--resolve".into(),
+            format!("registry.shared-services:5443:{ip}"),
+        ],
+        &s.pki.ca(),
+        repo,
+        &file,
+    );
+    fs::remove_file(&file).unwrap();
     digest
 }
 
@@ -944,7 +904,7 @@ fn never_reading_clients_keep_the_cache_directory_within_its_cap() {
                 x ^= x << 17;
                 b.extend_from_slice(&x.to_le_bytes());
             }
-            put_blob(&s, "app", &b)
+            put_blob_bytes(&s, "app", &b)
         })
         .collect();
     let ctd = Containerd::start(&s.dir);
