@@ -783,6 +783,30 @@ fn put_blob_bytes(s: &crate::TlsSetup, repo: &str, bytes: &[u8]) -> String {
     digest
 }
 
+/// An agent for the TLS registry of `s` on `ctd`, with a cache at `cache`
+/// capped at `max_bytes`, and `extra` tables (e.g. `[peers]`).
+fn agent_with_cache(
+    s: &crate::TlsSetup,
+    ctd: &Containerd,
+    cache: &Path,
+    max_bytes: u64,
+    extra: &str,
+) -> Agent {
+    Agent::start(
+        &s.dir,
+        &ctd.certs_dir,
+        &ctd.config_file,
+        &[ALIAS],
+        "https://registry.shared-services:5443",
+        Some(&s.registry.addr),
+        &s.pki.ca(),
+        &format!(
+            "\n[cache]\ndir = {:?}\nmax_bytes = {max_bytes}\n{extra}",
+            cache.display().to_string()
+        ),
+    )
+}
+
 /// Bytes of regular files under `dir`, temp files included.
 fn dir_bytes(dir: &Path) -> u64 {
     let mut total = 0;
@@ -813,19 +837,12 @@ fn the_peer_port_limits_what_a_client_makes_the_node_fetch() {
     }
     let s = tls_setup();
     let ctd = Containerd::start(&s.dir);
-    let cache = s.dir.join("peer-cache");
-    let agent = Agent::start(
-        &s.dir,
-        &ctd.certs_dir,
-        &ctd.config_file,
-        &[ALIAS],
-        "https://registry.shared-services:5443",
-        Some(&s.registry.addr),
-        &s.pki.ca(),
-        &format!(
-            "\n[cache]\ndir = {:?}\nmax_bytes = 1073741824\n[peers]\nlisten = \"127.0.0.1:0\"\nclient_misses_per_sec = 2\n",
-            cache.display().to_string()
-        ),
+    let agent = agent_with_cache(
+        &s,
+        &ctd,
+        &s.dir.join("peer-cache"),
+        1 << 30,
+        "[peers]\nlisten = \"127.0.0.1:0\"\nclient_misses_per_sec = 2\n",
     );
     let peer = addr_from_log(&agent.proc.log_text(), "slipway agent starting", " peers=")
         .expect("the agent logs its peer port");
@@ -910,19 +927,7 @@ fn never_reading_clients_keep_the_cache_directory_within_its_cap() {
     let ctd = Containerd::start(&s.dir);
     let cache = s.dir.join("capped-cache");
     let cap: u64 = 100 << 20;
-    let agent = Agent::start(
-        &s.dir,
-        &ctd.certs_dir,
-        &ctd.config_file,
-        &[ALIAS],
-        "https://registry.shared-services:5443",
-        Some(&s.registry.addr),
-        &s.pki.ca(),
-        &format!(
-            "\n[cache]\ndir = {:?}\nmax_bytes = {cap}\n",
-            cache.display().to_string()
-        ),
-    );
+    let agent = agent_with_cache(&s, &ctd, &cache, cap, "");
     // Connections that ask and never read; dropped at the end.
     let held: Vec<TcpStream> = blobs
         .iter()

@@ -176,6 +176,16 @@ impl Cache {
         })
     }
 
+    /// Whether `d` is cached, and if so whether it is marked as fetched
+    /// with credentials; two `stat`s, without opening the entry or
+    /// refreshing its LRU time (the peer port's admission asks before
+    /// serving, which does both).
+    pub fn credentialed(&self, d: &Digest) -> Option<bool> {
+        let path = self.path(d)?;
+        fs::metadata(&path).ok().filter(|m| m.is_file())?;
+        Some(fs::symlink_metadata(path.with_extension("credentialed")).is_ok())
+    }
+
     /// The registry served this entry without credentials: the peer port
     /// may serve it from now on.
     pub fn clear_credentialed(&self, d: &Digest) {
@@ -628,8 +638,11 @@ mod tests {
         w.write(&b);
         assert_eq!(w.finish(), Commit::Stored);
         assert!(c.get(&dg).unwrap().credentialed);
+        assert_eq!(c.credentialed(&dg), Some(true));
         c.clear_credentialed(&dg);
         assert!(!c.get(&dg).unwrap().credentialed);
+        assert_eq!(c.credentialed(&dg), Some(false));
+        assert_eq!(c.credentialed(&digest_of(b"other")), None);
     }
 
     fn digest_of(b: &[u8]) -> Digest {

@@ -512,8 +512,7 @@ async fn peer_admission(
     let known = state
         .cache
         .as_ref()
-        .and_then(|c| c.get(digest))
-        .map(|e| e.credentialed)
+        .and_then(|c| c.credentialed(digest))
         .or_else(|| state.downloads.credentialed(digest));
     if known == Some(false) {
         return Ok(());
