@@ -454,6 +454,37 @@ async fn create_job(h: &mut Handle, plan: &Plan) {
     reply(r.send, 201, created);
 }
 
+/// A real kubelet reports git done and Kaniko running in one status
+/// update (#19, seen in the test cluster): slipway streams Kaniko's log at
+/// once, without waiting for another event (before, it waited for the next
+/// one, Kaniko's end, and the whole log came at once).
+#[tokio::test]
+async fn kaniko_running_in_the_event_that_ends_git_is_followed_at_once() {
+    let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
+        start_build(&mut h).await;
+        let r = expect(&mut h, Method::GET, &watch_uri(NS, "101")).await;
+        reply_events(
+            r.send,
+            &[("MODIFIED", pod(102, "Running", git_ok(), Some(running())))],
+        );
+        label_commit(&mut h).await;
+        // The log, with no watch request before it.
+        let r = expect(&mut h, Method::GET, &log_uri("kaniko")).await;
+        reply_text(r.send, KANIKO_LOG);
+        let r = expect(&mut h, Method::GET, &watch_uri(NS, "102")).await;
+        reply_events(
+            r.send,
+            &[(
+                "MODIFIED",
+                pod(103, "Succeeded", git_ok(), Some(kaniko_ok())),
+            )],
+        );
+        no_more(&mut h).await;
+    })
+    .await;
+    assert_eq!(exit_code(&r), 0, "{:?}\n{}", r.result, r.stderr);
+}
+
 /// Up to a running git container and its log.
 async fn until_git_log(h: &mut Handle) {
     let r = expect(h, Method::GET, &watch_uri(NS, "0")).await;
@@ -1374,6 +1405,46 @@ async fn real_kaniko_run_step_failure_names_the_step_and_its_exit_code() {
     assert_eq!(
         v["message"],
         "build build-app-flow000001 failed at step RUN echo \"about to fail\" && exit 1 (exit code 1): error building image: error building stage: failed to execute command: waiting for process to exit: exit status 1"
+    );
+}
+
+/// On a real kubelet a RUN that fails at once ends the pod between two
+/// watch events: the first event after git's log already has git done and
+/// Kaniko failed (#19, `fail-run-exit1` in the test cluster). slipway still
+/// reads Kaniko's log and names the step; before, it judged the pod with no
+/// Kaniko log and said "failed at step (unknown)".
+#[tokio::test]
+async fn a_kaniko_that_failed_before_slipway_looked_still_names_its_step() {
+    let tail = kubelet_tail(FIXTURE_RUN_FAIL);
+    let r = drive(plan(), opts(OutputFormat::Text), |mut h| async move {
+        start_build(&mut h).await;
+        let r = expect(&mut h, Method::GET, &watch_uri(NS, "101")).await;
+        let ended = |rv| {
+            pod(
+                rv,
+                "Failed",
+                git_ok(),
+                Some(terminated(1, "Error", &tail, "2025-01-01T00:00:40Z")),
+            )
+        };
+        reply_events(r.send, &[("MODIFIED", ended(102))]);
+        label_commit(&mut h).await;
+        let r = expect(&mut h, Method::GET, &log_uri("kaniko")).await;
+        reply_text(r.send, FIXTURE_RUN_FAIL);
+        answer(&mut h, Method::GET, &job_uri(), 200, backoff_limit_job()).await;
+        no_more(&mut h).await;
+    })
+    .await;
+    let m = failed_with(&r, 1);
+    assert!(
+        m.contains("failed at step RUN echo \"about to fail\" && exit 1 (exit code 1)"),
+        "{m}\n{}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("[kaniko] "),
+        "the Kaniko log was not shown:\n{}",
+        r.stderr
     );
 }
 

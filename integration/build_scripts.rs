@@ -539,6 +539,8 @@ const FAKE_EXECUTOR: &str = r#"#!/bin/sh
 # Stands in for /kaniko/executor: records its args, writes the two files as
 # Kaniko does, exits with $FAKE_RC, or waits for SIGTERM with $FAKE_WAIT.
 printf '%s\n' "$@" >"$FAKE_DIR/args"
+# As Kaniko's multi-stage cleanup deletes /busybox when it is no volume.
+[ -z "${FAKE_CLEANUP:-}" ] || rm -f "$FAKE_CLEANUP"/*
 trap 'echo TERM >>"$FAKE_DIR/args"; exit 143' TERM
 if [ -n "${FAKE_WAIT:-}" ]; then
   : >"$FAKE_DIR/started"
@@ -556,6 +558,11 @@ exit "${FAKE_RC:-0}"
 const COMMIT: &str = "3f786850e387550fdab836ed7e6dc881de23001b";
 
 fn wrapper(bed: &Bed, env: &[(&str, &str)]) -> std::process::Child {
+    wrapper_in(bed, env, &[bed.busybox.to_str().unwrap(), "sh"])
+}
+
+/// The wrapper under `shell` (program and arguments before `-c`).
+fn wrapper_in(bed: &Bed, env: &[(&str, &str)], shell: &[&str]) -> std::process::Child {
     bed.fresh_pod_dirs();
     std::fs::write(bed.path("slipway/out/commit"), format!("{COMMIT}\n")).unwrap();
     let exe = bed.path("fake-executor");
@@ -563,8 +570,9 @@ fn wrapper(bed: &Bed, env: &[(&str, &str)]) -> std::process::Child {
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
     let root = bed.dir.path().display().to_string();
-    let mut cmd = Command::new(&bed.busybox);
-    cmd.args(["sh", "-c", &bed.rewrite(KANIKO_WRAPPER), "slipway-kaniko"])
+    let mut cmd = Command::new(shell[0]);
+    cmd.args(&shell[1..])
+        .args(["-c", &bed.rewrite(KANIKO_WRAPPER), "slipway-kaniko"])
         .arg(format!("--digest-file={root}/termination-log"))
         .arg(format!(
             "--image-name-with-digest-file={root}/slipway/out/image-name"
@@ -624,6 +632,37 @@ fn kaniko_wrapper_adds_the_commit_and_reports_the_digest() {
     let st = wrapper(&bed, &[]).wait().unwrap();
     assert_eq!(st.code(), Some(0));
     assert!(!args(&bed).iter().any(|a| a.starts_with("--destination")));
+}
+
+/// Kaniko's multi-stage cleanup deletes `/busybox` unless the runtime
+/// mounts the image's VOLUME there (CRI-O with `image_volumes=ignore` does
+/// not). busybox sh may run `cat` as a built-in, so the check runs the
+/// wrapper under dash, which has no such built-in, with every tool in PATH
+/// deleted by the executor: the image name still reaches the message (#19).
+#[test]
+fn kaniko_wrapper_needs_no_tool_once_the_executor_ran() {
+    let Some(bed) = Bed::new() else { return };
+    let Some(dash) = which("dash") else {
+        return skip_or_fail("dash is not installed (apt-get install dash)");
+    };
+    let bin = bed.path("bin");
+    let st = wrapper_in(
+        &bed,
+        &[("FAKE_CLEANUP", bin.to_str().unwrap())],
+        &[dash.to_str().unwrap()],
+    )
+    .wait()
+    .unwrap();
+    assert_eq!(st.code(), Some(0));
+    assert!(
+        !bin.join("cat").exists(),
+        "the stand-in executor did not delete the tools"
+    );
+    let d = format!("sha256:{:064}", 7);
+    assert_eq!(
+        bed.termination_message(),
+        format!("{d}\nregistry.shared-services:5000/app@{d}\n")
+    );
 }
 
 #[test]

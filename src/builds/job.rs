@@ -266,6 +266,12 @@ echo "slipway: $SLIPWAY_REVISION is commit $commit"
 /// kubelet reports the tail of the log instead (`FallbackToLogsOnError`);
 /// on success it appends the image name Kaniko wrote, which slipway checks
 /// against the digest. Both fit the 4 KiB termination message limit.
+///
+/// After the executor returns, the wrapper uses only shell built-ins (`read`,
+/// `printf`, `[`): Kaniko's multi-stage cleanup deletes `/busybox` unless it
+/// is a volume, which containerd makes of the image's `VOLUME` but a runtime
+/// that ignores image volumes (CRI-O `image_volumes=ignore`) does not, and
+/// an external `cat` would then fail and lose the image name (#19).
 pub const KANIKO_WRAPPER: &str = r#"# slipway build: run the Kaniko executor with the Job's args plus the commit.
 set -u
 commit=$(cat /slipway/out/commit) || exit 70
@@ -283,7 +289,9 @@ if [ "$rc" -gt 128 ] && kill -0 "$pid" 2>/dev/null; then
   rc=$?
 fi
 if [ "$rc" -eq 0 ]; then
-  { printf '\n'; cat /slipway/out/image-name; } >>/dev/termination-log
+  name=
+  IFS= read -r name </slipway/out/image-name || :
+  printf '\n%s\n' "$name" >>/dev/termination-log
 else
   : >/dev/termination-log
 fi

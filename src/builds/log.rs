@@ -393,6 +393,9 @@ pub struct KanikoLog {
     cache_uploads_done: u32,
     /// When each cache upload started (`[secs]`).
     upload_started: Vec<(String, Option<u32>)>,
+    /// A cache upload started and has not ended: a retry that names no
+    /// repository (the registry ping) is one of its retries.
+    cache_upload_in_flight: bool,
     cache_retries: u32,
     pub cache_upload_failures: Vec<CacheUploadFailure>,
     pub retries: Vec<Retry>,
@@ -479,8 +482,17 @@ impl KanikoLog {
             return None;
         }
         if let Some(cmd) = msg.strip_prefix("Using caching version of cmd:") {
+            let cmd = cmd.trim();
+            // Kaniko v1.27 caches WORKDIR too (`Using caching version of
+            // cmd: WORKDIR /src`), but a cold build never counts it as
+            // rebuilt, so hits + rebuilt would differ between a cold and a
+            // warm build of one Dockerfile. Only the steps that make a layer
+            // of files count, as the README says (#19).
+            if !matches!(instruction(cmd), Some("RUN" | "COPY" | "ADD")) {
+                return None;
+            }
             self.cache_hits += 1;
-            return Some(Event::CacheHit(cmd.trim().to_string()));
+            return Some(Event::CacheHit(cmd.to_string()));
         }
         if let Some(cmd) = msg.strip_prefix("No cached layer found for cmd") {
             self.cache_misses += 1;
@@ -506,6 +518,7 @@ impl KanikoLog {
             if self.cache_targets.contains(&dest) {
                 self.cache_uploads += 1;
                 self.upload_started.push((dest.clone(), line.secs));
+                self.cache_upload_in_flight = true;
                 return Some(Event::CacheUpload {
                     n: self.cache_uploads,
                     m: self.cache_targets.len() as u32,
@@ -513,6 +526,7 @@ impl KanikoLog {
                 });
             }
             self.settle();
+            self.cache_upload_in_flight = false;
             self.pushing = Some(dest.clone());
             return Some(Event::Pushing(dest));
         }
@@ -520,6 +534,7 @@ impl KanikoLog {
             let r = r.trim().to_string();
             if self.is_cache_repo(repo_of(&r)) {
                 self.cache_retries = 0;
+                self.cache_upload_in_flight = false;
                 self.cache_uploads_done += 1;
                 return None;
             }
@@ -561,11 +576,19 @@ impl KanikoLog {
         if let Some(rest) = msg.strip_prefix("Retrying operation after ") {
             let (after, rest) = rest.split_once(" due to ").unwrap_or((rest, ""));
             let (operation, cause) = rest.split_once(": ").unwrap_or((rest, ""));
-            let cache = self
-                .cache_targets
-                .iter()
-                .filter_map(|t| api_prefix(repo_of(t)))
-                .any(|p| operation.contains(&p));
+            // Before each push go-containerregistry pings the registry
+            // (`Get "https://HOST/v2/"`), which names no repository: with the
+            // registry down, every retry is of that ping (#19, the test
+            // cluster's `fail-registry-down`). It belongs to the push under way.
+            let ping = operation.trim().trim_matches('"').ends_with("/v2/");
+            let cache = if ping {
+                self.cache_upload_in_flight
+            } else {
+                self.cache_targets
+                    .iter()
+                    .filter_map(|t| api_prefix(repo_of(t)))
+                    .any(|p| operation.contains(&p))
+            };
             if cache {
                 self.cache_retries += 1;
             }
@@ -601,6 +624,7 @@ impl KanikoLog {
                 },
             };
             self.cache_uploads_done += 1;
+            self.cache_upload_in_flight = false;
             self.cache_upload_failures.push(f.clone());
             return Event::CacheUploadFailed(f);
         }

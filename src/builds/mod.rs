@@ -272,7 +272,8 @@ pub struct Overrides {
 /// `slipway build`.
 #[derive(Debug, Default, Clone, clap::Args)]
 pub struct BuildArgs {
-    /// Git repository URL (https://, ssh://, git@host:path)
+    /// Git repository URL: https://, ssh://, git@host:path, or without
+    /// --git-secret also http:// and git://
     #[arg(long = "git")]
     pub git: String,
     /// Branch, tag, full commit or short commit (7+ hex digits)
@@ -553,20 +554,26 @@ fn check_registry(r: &str) -> Result<(), BuildError> {
     }
 }
 
-/// https://, http:// (only without credentials), ssh:// and scp-like
-/// `user@host:path`. A password in the URL is refused: it would be stored
-/// in the Job for anyone who can read it.
+/// https://, ssh://, scp-like `user@host:path`, and without a secret
+/// http:// and git:// (the help of `--git` says the same, #19). A password
+/// in the URL is refused: it would be stored in the Job for anyone who can
+/// read it.
 fn check_git_url(url: &str, has_secret: bool) -> Result<(), BuildError> {
     if url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(bad(format!("--git {url:?} contains whitespace")));
     }
     if let Some((scheme, rest)) = url.split_once("://") {
         match scheme {
-            "https" | "ssh" | "git" => {}
-            "http" if !has_secret => {}
+            "https" | "ssh" => {}
+            "http" | "git" if !has_secret => {}
             "http" => {
                 return Err(bad(format!(
                     "--git {url}: credentials from --git-secret would go over plain http; use https"
+                )))
+            }
+            "git" => {
+                return Err(bad(format!(
+                    "--git {url}: the git:// protocol has no authentication, so --git-secret would not be used; use https:// or ssh://"
                 )))
             }
             _ => return Err(bad(format!("--git {url}: unsupported scheme {scheme}://"))),
@@ -591,7 +598,7 @@ fn check_git_url(url: &str, has_secret: bool) -> Result<(), BuildError> {
         }
     }
     Err(bad(format!(
-        "--git {url:?} is not a git URL (https://…, ssh://…, or git@host:path)"
+        "--git {url:?} is not a git URL (https://…, ssh://…, git@host:path, http://… or git://…)"
     )))
 }
 
@@ -955,6 +962,13 @@ mod tests {
                 }),
             ),
             (
+                "git protocol with secret",
+                Box::new(|a| {
+                    a.git = "git://git.example.com/x.git".into();
+                    a.git_secret = Some("creds".into());
+                }),
+            ),
+            (
                 "build arg",
                 Box::new(|a| a.build_args = vec!["NOVALUE".into()]),
             ),
@@ -1003,6 +1017,7 @@ mod tests {
             "ssh://git@github.com/example/app.git",
             "git@github.com:example/app.git",
             "http://gitea.local:3000/x/y.git",
+            "git://git-app.slipway-git:9418/app",
         ] {
             let mut a = args();
             a.git = url.into();

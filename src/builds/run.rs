@@ -690,6 +690,8 @@ struct Follower<'a, P: Progress> {
     watch: PodWatch,
     klog: KanikoLog,
     last_status: String,
+    /// The pod as the last watch event showed it.
+    last: Option<PodView>,
 }
 
 impl<P: Progress> Follower<'_, P> {
@@ -704,9 +706,17 @@ impl<P: Progress> Follower<'_, P> {
     /// Waits until `pred` holds for the pod; fails on the way if the pod
     /// fails.
     async fn wait_for(&mut self, pred: impl Fn(&PodView) -> bool) -> Result<PodView, Followed> {
+        // The event a wait ended on may already satisfy the next one: a
+        // real kubelet reports git terminated and Kaniko running in one
+        // status update (#19). Waiting for another event then waited for
+        // Kaniko's end, and its log came all at once.
+        if let Some(v) = self.last.as_ref().filter(|v| pred(v)) {
+            return Ok(v.clone());
+        }
         loop {
             match self.watch.next().await.map_err(Followed::Failed)? {
                 Item::Pod(v) => {
+                    self.last = Some(v.clone());
                     if pred(&v) {
                         return Ok(v);
                     }
@@ -824,10 +834,19 @@ impl<P: Progress> Follower<'_, P> {
         .await;
 
         let v = self.wait_for(|v| v.git.terminated()).await?;
-        let git = match (&v.git, status::assess(&v, &KanikoLog::default(), &self.ctx)) {
-            (_, Verdict::Failed(e)) => return Err(Followed::Failed(self.deadline(e).await)),
-            (_, Verdict::Stuck(e)) => return Err(Followed::Stuck(e)),
-            (CState::Terminated { message, .. }, _) => status::git_ok(message),
+        // Kaniko starts only after git succeeded. If it has already run
+        // (a RUN that fails at once ends the pod between two watch events
+        // on a real kubelet, #19), its verdict needs its log, read below:
+        // judging the pod now, with no Kaniko log, named no step.
+        if !v.kaniko.started() {
+            match status::assess(&v, &KanikoLog::default(), &self.ctx) {
+                Verdict::Failed(e) => return Err(Followed::Failed(self.deadline(e).await)),
+                Verdict::Stuck(e) => return Err(Followed::Stuck(e)),
+                _ => {}
+            }
+        }
+        let git = match &v.git {
+            CState::Terminated { message, .. } => status::git_ok(message),
             _ => None,
         };
         let Some(git) = git else {
@@ -949,6 +968,7 @@ async fn follow<P: Progress>(
         watch: PodWatch::new(pods, &selector, opts.timing.quiet),
         klog: KanikoLog::default(),
         last_status: String::new(),
+        last: None,
     };
     let mut r = f.follow().await;
     if let Ok(rep) = &mut r {
