@@ -9,6 +9,12 @@
 #                                      mount, network namespace, iptables
 #                                      rule, cgroup and file `up` made
 #   bash integration/cluster.sh kubeconfig   print KUBECONFIG=<path> if up
+#   bash integration/cluster.sh git-serve DIR   serve the git repository in
+#                                      DIR to the cluster's pods; the last
+#                                      line printed is its clone URL
+#   bash integration/cluster.sh build-env    print the SLIPWAY_BUILD_*_IMAGE=
+#                                      lines for the build images the nodes
+#                                      hold (Kaniko built from source, git)
 #   bash integration/cluster.sh node-restart NODE [KUBELET-FLAG...]
 #                                      stop NODE's kubelet and containers,
 #                                      delete its Node object and start it
@@ -33,6 +39,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/cluster/control.sh"
 # shellcheck source=integration/cluster/node.sh
 . "$here/cluster/node.sh"
+# shellcheck source=integration/cluster/git.sh
+. "$here/cluster/git.sh"
 
 IMAGES="$CACHE/images"
 
@@ -53,7 +61,7 @@ require() {
 
 build_images() {
   (cd "$REPO" && cargo build --release --locked --bin slipway) || die "cargo build --release of slipway failed"
-  SLIPWAY_BIN="$REPO/target/release/slipway" COREDNS_BIN="$BIN/coredns" \
+  SLIPWAY_BIN="$REPO/target/release/slipway" COREDNS_BIN="$BIN/coredns" KANIKO_BIN="$KANIKO_BIN" \
     PAUSE_C="$(cd "$CLUSTER_HERE/build" && go env GOMODCACHE)/k8s.io/kubernetes@$K8S_VERSION/build/pause/linux/pause.c" \
     bash "$CLUSTER_HERE/images.sh" build "$IMAGES" >>"$STATE/logs/images.log" 2>&1 ||
     die "building the images failed (log: $STATE/logs/images.log)"
@@ -107,6 +115,7 @@ up() {
   t_all=$(date +%s)
   timed fetch-containerd bash "$REPO/integration/fetch-containerd.sh" >&2
   timed go-binaries build_binaries
+  timed kaniko build_kaniko
   timed images build_images
   pki_all
   bridge_up
@@ -118,6 +127,8 @@ up() {
     timed "node-$n" node_up "$n"
   done
   timed addons addons
+  # What the nodes hold, for build-env (#19).
+  cp "$IMAGES/images.txt" "$STATE/images.txt"
   log "up in $(($(date +%s) - t_all))s: ${TIMINGS[*]}"
   echo "KUBECONFIG=$STATE/admin.kubeconfig"
 }
@@ -202,5 +213,10 @@ case "${1:-}" in
     shift
     node_restart "$@"
     ;;
-  *) die "usage: bash integration/cluster.sh up|down|kubeconfig|node-restart NODE [FLAGS]" ;;
+  git-serve)
+    shift
+    git_serve "$@"
+    ;;
+  build-env) build_env ;;
+  *) die "usage: bash integration/cluster.sh up|down|kubeconfig|git-serve DIR|build-env|node-restart NODE [FLAGS]" ;;
 esac

@@ -48,6 +48,27 @@ build_binaries() {
   touch "$BIN/.complete"
 }
 
+# Sets KANIKO_BIN to the Kaniko executor built from kaniko/ (#19): the
+# module github.com/osscontainertools/kaniko at the version its go.mod pins,
+# with the release's version ldflag so that `executor version` names it.
+build_kaniko() {
+  local dir="$CLUSTER_HERE/kaniko" version ldflags
+  version=$(awk '$1 == "require" && $2 == "github.com/osscontainertools/kaniko" { print $3 }' "$dir/go.mod")
+  [ -n "$version" ] || die "integration/cluster/kaniko/go.mod does not require github.com/osscontainertools/kaniko"
+  ldflags="-s -w -X github.com/osscontainertools/kaniko/pkg/version.version=$version"
+  KANIKO_BIN="$CACHE/bin/kaniko-$(go_key "$dir" "$ldflags")/executor"
+  if [ -x "$KANIKO_BIN" ]; then
+    log "kaniko: cached in $KANIKO_BIN"
+    return 0
+  fi
+  log "kaniko: building the executor $version (cold: about 2 minutes on 2 cores)"
+  mkdir -p "$(dirname "$KANIKO_BIN")"
+  (cd "$dir" && CGO_ENABLED=0 GOFLAGS=-mod=readonly go build -trimpath -ldflags "$ldflags" \
+    -o "$KANIKO_BIN.tmp" github.com/osscontainertools/kaniko/cmd/executor) ||
+    die "go build of the Kaniko executor failed (integration/cluster/kaniko)"
+  mv -f "$KANIKO_BIN.tmp" "$KANIKO_BIN"
+}
+
 start_etcd() {
   mkdir -p "$STATE/etcd"
   chmod 700 "$STATE/etcd"

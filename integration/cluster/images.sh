@@ -39,8 +39,33 @@
 #       Debian's busybox-static /bin/busybox with every applet
 #       (`busybox --list`) linked in /bin, passwd/group, /tmp.
 #       Cmd ["sh"], Env PATH=/bin. The test workload.
+#   kaniko.tar    localhost/slipway/kaniko:v1.27.5-debug
+#       $KANIKO_BIN (the executor, static) laid out as the official -debug
+#       image (osscontainertools/kaniko deploy/Dockerfile, kaniko-debug):
+#       /kaniko/executor, /kaniko/ssl/certs/ca-certificates.crt,
+#       /kaniko/.docker, /kaniko mode 0777, /etc/nsswitch.conf, static busybox
+#       with its applets in /busybox (an image VOLUME, as upstream), /bin/sh
+#       -> /busybox/sh, /workspace. Entrypoint ["/kaniko/executor"], Env as
+#       upstream (PATH=/usr/local/bin:/kaniko:/busybox, SSL_CERT_DIR,
+#       DOCKER_CONFIG=/kaniko/.docker/, HOME=/root, USER=root). Skipped,
+#       with a note, while KANIKO_BIN is unset.
+#   git.tar       localhost/slipway/git:debian
+#       A minimal Debian root: the files of this machine's installed
+#       packages git, dash, coreutils, grep, sed, mawk, findutils and
+#       openssh-client and of everything they depend on (Depends and
+#       Pre-Depends, first installed alternative), without documentation,
+#       /bin/sh -> dash, passwd/group, /tmp. Cmd ["sh"]. The build Job's git
+#       container, in place of alpine/git, and the git-serve server.
+#   gcc.tar       localhost/slipway/gcc:debian   (in bases.txt, not imported)
+#       The same kind of root with gcc and libc6-dev (and make): the base
+#       image the build tests and `cargo bench --bench build` push to the
+#       in-cluster registry, so that a Dockerfile's FROM resolves there.
+#
+# OUTDIR/bases.txt lists, in the same form as images.txt, the images that
+# are for the in-cluster registry, not for the nodes (busybox.tar is in both).
 #
 # Inputs (environment): SLIPWAY_BIN (required), COREDNS_BIN (optional),
+# KANIKO_BIN (optional),
 # PAUSE_C, REGISTRY_BIN (default /usr/bin/docker-registry), BUSYBOX_BIN
 # (default /bin/busybox), CA_CERTS (default /etc/ssl/certs/ca-certificates.crt),
 # SOURCE_DATE_EPOCH. Tools: umoci, skopeo, gcc (libc6-dev), ldd.
@@ -176,6 +201,77 @@ add_busybox() { # ROOTFS
   done
 }
 
+# --- minimal Debian roots from this machine's installed packages.
+
+# The installed packages PKG... and everything they depend on (Depends and
+# Pre-Depends; of alternatives the first installed one), one per line.
+deb_closure() { # PKG...
+  local -A seen=()
+  local queue=("$@") pkg deps alt name
+  while [ ${#queue[@]} -gt 0 ]; do
+    pkg=${queue[0]}
+    queue=("${queue[@]:1}")
+    [ -z "${seen[$pkg]:-}" ] || continue
+    deps=$(dpkg-query -W -f='${db:Status-Status}|${Depends}, ${Pre-Depends}' "$pkg" 2>/dev/null) ||
+      die "package $pkg is not installed (apt-get install $pkg)"
+    [ "${deps%%|*}" = installed ] || die "package $pkg is not installed (apt-get install $pkg)"
+    seen[$pkg]=1
+    printf '%s\n' "$pkg"
+    while IFS= read -r alt; do
+      [ -n "$alt" ] || continue
+      # "a (>= 1) | b:any" -> the first alternative that is installed.
+      for name in $(sed -e 's/([^)]*)//g' -e 's/:any//g' -e 's/|/ /g' <<<"$alt"); do
+        if [ "$(dpkg-query -W -f='${db:Status-Status}' "$name" 2>/dev/null)" = installed ]; then
+          queue+=("$name")
+          break
+        fi
+      done
+    done < <(tr ',' '\n' <<<"${deps#*|}")
+  done
+}
+
+# Copies the files of PKG... and their dependencies into ROOTFS, at their
+# real paths (the merged-/usr links of this machine are made first, so
+# /bin/x lands in /usr/bin/x), leaving out documentation.
+add_debian_packages() { # ROOTFS PKG...
+  local rootfs=$1 d path
+  shift
+  for d in bin sbin lib lib64; do
+    if [ -L "/$d" ]; then
+      mkdir -p "$rootfs/$(readlink "/$d")"
+      ln -sfn "$(readlink "/$d")" "$rootfs/$d"
+    fi
+  done
+  while IFS= read -r path; do
+    case "$path" in
+      /.|/bin|/sbin|/lib|/lib64|/usr/share/doc/*|/usr/share/man/*|/usr/share/info/*|/usr/share/locale/*|/usr/share/lintian/*) continue ;;
+    esac
+    # Directories come with the files in them; a path another package
+    # diverted (dash's /bin/sh) may be missing.
+    if [ -d "$path" ] && [ ! -L "$path" ]; then continue; fi
+    [ -e "$path" ] || [ -L "$path" ] || continue
+    printf '%s\0' "${path#/}"
+  done < <(deb_closure "$@" | xargs dpkg -L 2>/dev/null) |
+    # From /, with relative paths: coreutils 9.1's cp --parents sets the
+    # copied parents' modes by the path relative to the working directory.
+    (cd / && xargs -0 -r cp -a --parents -t "$rootfs")
+}
+
+debian_root() { # ROOTFS PKG...
+  local rootfs=$1
+  shift
+  add_debian_packages "$rootfs" "$@"
+  ln -sfn dash "$rootfs/usr/bin/sh"
+  # Alternatives (update-alternatives links) are not in any package list.
+  [ ! -e "$rootfs/usr/bin/mawk" ] || ln -sfn mawk "$rootfs/usr/bin/awk"
+  [ ! -e "$rootfs/usr/bin/gcc" ] || ln -sfn gcc "$rootfs/usr/bin/cc"
+  add_users "$rootfs"
+  add_tmp "$rootfs"
+}
+
+GIT_PACKAGES=(git dash coreutils grep sed mawk findutils openssh-client)
+GCC_PACKAGES=(gcc libc6-dev make dash coreutils grep sed mawk findutils)
+
 # --- the images: inputs_NAME lists the files the image is made from,
 # populate_NAME fills its rootfs, config_NAME sets CFG (umoci config flags).
 
@@ -264,6 +360,56 @@ config_busybox() {
   CFG=(--config.cmd sh --config.env PATH=/bin --config.workingdir /)
 }
 
+inputs_kaniko() { printf '%s\n' "$KANIKO_BIN" "$BUSYBOX_BIN" "$CA_CERTS"; }
+populate_kaniko() {
+  local rootfs=$1 applet
+  mkdir -p "$rootfs/kaniko/ssl/certs" "$rootfs/kaniko/.docker" "$rootfs/busybox" \
+    "$rootfs/bin" "$rootfs/etc" "$rootfs/workspace"
+  chmod 0777 "$rootfs/kaniko"
+  cp -L "$KANIKO_BIN" "$rootfs/kaniko/executor"
+  chmod 0755 "$rootfs/kaniko/executor"
+  cp -L "$CA_CERTS" "$rootfs/kaniko/ssl/certs/ca-certificates.crt"
+  chmod 0644 "$rootfs/kaniko/ssl/certs/ca-certificates.crt"
+  cp -L "$BUSYBOX_BIN" "$rootfs/busybox/busybox"
+  chmod 0755 "$rootfs/busybox/busybox"
+  while IFS= read -r applet; do
+    case "$applet" in ''|busybox|*/*) continue ;; esac
+    ln -sf busybox "$rootfs/busybox/$applet"
+  done < <("$BUSYBOX_BIN" --list)
+  ln -s /busybox/sh "$rootfs/bin/sh"
+  printf 'hosts: files dns\n' >"$rootfs/etc/nsswitch.conf"
+}
+config_kaniko() {
+  CFG=(--config.entrypoint /kaniko/executor
+       --config.env HOME=/root --config.env USER=root
+       --config.env PATH=/usr/local/bin:/kaniko:/busybox
+       --config.env SSL_CERT_DIR=/kaniko/ssl/certs
+       --config.env DOCKER_CONFIG=/kaniko/.docker/
+       --config.env DOCKER_CREDENTIAL_GCR_CONFIG=/kaniko/.config/gcloud/docker_credential_gcr_config.json
+       --config.volume /busybox --config.workingdir /workspace)
+}
+
+# A Debian root's inputs: the package list of each package in its closure
+# (whose mtime changes when the package is upgraded).
+deb_inputs() { # PKG...
+  deb_closure "$@" | while IFS= read -r p; do
+    for f in "/var/lib/dpkg/info/$p.list" "/var/lib/dpkg/info/$p:amd64.list"; do
+      [ ! -f "$f" ] || printf '%s\n' "$f"
+    done
+  done
+}
+
+inputs_git() { deb_inputs "${GIT_PACKAGES[@]}"; }
+populate_git() { debian_root "$1" "${GIT_PACKAGES[@]}"; }
+config_git() {
+  CFG=(--config.cmd sh --config.env PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+       --config.workingdir /)
+}
+
+inputs_gcc() { deb_inputs "${GCC_PACKAGES[@]}"; }
+populate_gcc() { debian_root "$1" "${GCC_PACKAGES[@]}"; }
+config_gcc() { config_git; }
+
 # The stamp of NAME's inputs: path, size and mtime of each (and this script),
 # and the epoch. A different stamp (SLIPWAY_BIN pointing at another, older
 # file, say) rebuilds the image even when the tarball is newer.
@@ -347,14 +493,24 @@ cmd_build() {
     PAUSE_C="$(go env GOMODCACHE)/k8s.io/kubernetes@v1.34.4/build/pause/linux/pause.c"
   fi
   need_file "$PAUSE_C" "PAUSE_C (download the module: cd integration/cluster/build && go mod download k8s.io/kubernetes)"
-  local images=(slipway registry pause coredns busybox)
+  local images=(slipway registry pause busybox git)
   if [ -z "${COREDNS_BIN:-}" ]; then
     note "COREDNS_BIN is not set: skipping the coredns image"
-    images=(slipway registry pause busybox)
   else
     [ -f "$COREDNS_BIN" ] || die "COREDNS_BIN=$COREDNS_BIN: no such file"
     [ -x "$COREDNS_BIN" ] || die "COREDNS_BIN=$COREDNS_BIN is not executable"
+    images+=(coredns)
   fi
+  if [ -z "${KANIKO_BIN:-}" ]; then
+    note "KANIKO_BIN is not set: skipping the kaniko image"
+  else
+    [ -f "$KANIKO_BIN" ] || die "KANIKO_BIN=$KANIKO_BIN: no such file"
+    is_static "$KANIKO_BIN" || die "KANIKO_BIN=$KANIKO_BIN is dynamically linked (build it with CGO_ENABLED=0)"
+    images+=(kaniko)
+  fi
+  need_tool dpkg-query dpkg
+  # Every package of the Debian roots is checked now.
+  deb_closure "${GIT_PACKAGES[@]}" "${GCC_PACKAGES[@]}" >/dev/null
   # Library lists are resolved now so that a missing one fails here.
   shared_deps "$SLIPWAY_BIN" >/dev/null
   shared_deps "$REGISTRY_BIN" >/dev/null
@@ -382,8 +538,16 @@ cmd_build() {
       pause) build_image pause localhost/slipway/pause:3.10 ;;
       coredns) build_image coredns localhost/slipway/coredns:cluster ;;
       busybox) build_image busybox localhost/slipway/busybox:cluster ;;
+      git) build_image git localhost/slipway/git:debian ;;
+      kaniko) build_image kaniko localhost/slipway/kaniko:v1.27.5-debug ;;
     esac
   done
+  local nodes=("${LIST[@]}")
+  LIST=()
+  build_image gcc localhost/slipway/gcc:debian
+  printf '%s\n' "busybox.tar localhost/slipway/busybox:cluster" "${LIST[@]}" >"$WORK/bases.txt"
+  mv -f "$WORK/bases.txt" "$OUTDIR/bases.txt"
+  LIST=("${nodes[@]}")
 
   printf '%s\n' "${LIST[@]}" >"$WORK/images.txt"
   mv -f "$WORK/images.txt" "$OUTDIR/images.txt"
