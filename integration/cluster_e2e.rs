@@ -7,7 +7,9 @@
 //!
 //! The steps run in the order a user meets them, in one test, because each
 //! builds on the one before: the seed's failure, install, push and pull on
-//! every node, renewal, the startup taint, bad input, uninstall.
+//! every node, renewal, builds from git with the real Kaniko executor
+//! (`integration/cluster_builds.rs`, #19), the startup taint, bad input,
+//! uninstall.
 //!
 //! Needs root and what `integration/install-deps.sh` installs. If the
 //! cluster is not up, the test brings it up and takes it down at the end;
@@ -18,229 +20,15 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Instant;
 
-const NS: &str = "shared-services";
-const ALIAS: &str = "registry.shared-services:5000";
-const NODES: [&str; 2] = ["slw-n1", "slw-n2"];
-const NODE_IPS: [&str; 2] = ["198.19.0.11", "198.19.0.12"];
-const CLIENT_NS: &str = "slw-client";
-/// Every API call has a deadline, above the longest `--timeout` given to
-/// kubectl's own waits here (240 s): a hung API server fails the test.
-const KUBECTL_REQUEST_TIMEOUT: &str = "--request-timeout=300s";
+#[path = "cluster_harness.rs"]
+mod harness;
+use harness::*;
 
-fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn state_dir() -> PathBuf {
-    std::env::var_os("SLIPWAY_CLUSTER_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/lib/slipway-cluster"))
-}
-
-fn cache_dir() -> PathBuf {
-    std::env::var_os("SLIPWAY_CLUSTER_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/var/cache/slipway/cluster"))
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "{}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
-
-fn run(cmd: &mut Command) -> Output {
-    cmd.output()
-        .unwrap_or_else(|e| panic!("could not run {cmd:?}: {e}"))
-}
-
-fn run_ok(cmd: &mut Command) -> String {
-    let o = run(cmd);
-    assert!(o.status.success(), "{cmd:?} failed: {}", text(&o));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-/// Polls `f` once a second until it returns `Some`, failing after `secs`
-/// with `what` and the last thing `f` saw.
-fn wait_for<T>(what: &str, secs: u64, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {secs}s waiting for {what}; last seen: {last}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_secs(1)),
-        }
-    }
-}
-
-struct Cluster {
-    kubeconfig: PathBuf,
-    /// This test brought the cluster up, so it takes it down.
-    owned: bool,
-}
-
-impl Cluster {
-    fn up() -> Cluster {
-        let script = repo().join("integration/cluster.sh");
-        let already = run(Command::new("bash").arg(&script).arg("kubeconfig"));
-        let (out, owned) = if already.status.success()
-            && run(Command::new("kubectl")
-                .args(["--kubeconfig"])
-                .arg(state_dir().join("admin.kubeconfig"))
-                .args([KUBECTL_REQUEST_TIMEOUT, "get", "--raw", "/readyz"]))
-            .status
-            .success()
-        {
-            (already, false)
-        } else {
-            let o = run(Command::new("bash").arg(&script).arg("up"));
-            assert!(
-                o.status.success(),
-                "integration/cluster.sh up failed: {}",
-                text(&o)
-            );
-            (o, true)
-        };
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let last = stdout.lines().last().unwrap_or_default();
-        let kubeconfig = last
-            .strip_prefix("KUBECONFIG=")
-            .unwrap_or_else(|| panic!("cluster.sh's last line is not KUBECONFIG=…: {last:?}"));
-        Cluster {
-            kubeconfig: PathBuf::from(kubeconfig),
-            owned,
-        }
-    }
-
-    fn kubectl(&self, args: &[&str]) -> Output {
-        run(Command::new("kubectl")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg(KUBECTL_REQUEST_TIMEOUT)
-            .args(args))
-    }
-
-    fn kubectl_ok(&self, args: &[&str]) -> String {
-        let o = self.kubectl(args);
-        assert!(o.status.success(), "kubectl {args:?} failed: {}", text(&o));
-        String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-
-    /// `kubectl get` with a jsonpath, as a string ("" when absent).
-    fn get(&self, ns: &str, what: &str, path: &str) -> Result<String, String> {
-        let o = self.kubectl(&["-n", ns, "get", what, "-o", &format!("jsonpath={path}")]);
-        if o.status.success() {
-            Ok(String::from_utf8_lossy(&o.stdout).into_owned())
-        } else {
-            Err(text(&o))
-        }
-    }
-
-    /// The events of one object, as "reason: message" lines.
-    fn events(&self, ns: &str, name: &str) -> String {
-        self.get(
-            ns,
-            "events",
-            &format!(
-                "{{range .items[?(@.involvedObject.name==\"{name}\")]}}{{.reason}}: {{.message}}{{\"\\n\"}}{{end}}"
-            ),
-        )
-        .unwrap_or_default()
-    }
-
-    /// A pod that runs `sleep` from `image` on `node`.
-    fn run_pod(&self, ns: &str, name: &str, image: &str, node: &str) {
-        let overrides = serde_json::json!({
-            "spec": {
-                "nodeSelector": {"kubernetes.io/hostname": node},
-                "containers": [{
-                    "name": name,
-                    "image": image,
-                    "command": ["sleep", "3600"],
-                    "securityContext": {
-                        "allowPrivilegeEscalation": false,
-                        "capabilities": {"drop": ["ALL"]},
-                        "runAsNonRoot": true,
-                        "runAsUser": 65534,
-                        "seccompProfile": {"type": "RuntimeDefault"}
-                    }
-                }]
-            }
-        });
-        self.kubectl_ok(&[
-            "-n",
-            ns,
-            "run",
-            name,
-            "--restart=Never",
-            &format!("--image={image}"),
-            &format!("--overrides={overrides}"),
-        ]);
-    }
-
-    /// `kubectl create job --from=cronjob/slipway-pki-renew`, until done.
-    fn renewal_job(&self, job: &str) {
-        self.kubectl_ok(&[
-            "-n",
-            NS,
-            "create",
-            "job",
-            job,
-            "--from=cronjob/slipway-pki-renew",
-        ]);
-        self.kubectl_ok(&[
-            "-n",
-            NS,
-            "wait",
-            "--for=condition=complete",
-            &format!("job/{job}"),
-            "--timeout=120s",
-        ]);
-    }
-
-    /// `kubectl rollout status` of a DaemonSet in the install's namespace.
-    fn rolled_out(&self, ds: &str) {
-        self.kubectl_ok(&[
-            "-n",
-            NS,
-            "rollout",
-            "status",
-            &format!("daemonset/{ds}"),
-            "--timeout=240s",
-        ]);
-    }
-
-    fn wait_running(&self, ns: &str, pod: &str) {
-        wait_for(&format!("pod {ns}/{pod} to run"), 120, || {
-            let phase = self.get(ns, &format!("pod/{pod}"), "{.status.phase}")?;
-            if phase == "Running" {
-                Ok(())
-            } else {
-                Err(format!("phase {phase:?}; events: {}", self.events(ns, pod)))
-            }
-        })
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if self.owned && std::env::var_os("SLIPWAY_CLUSTER_KEEP").is_none() {
-            let o = run(Command::new("bash")
-                .arg(repo().join("integration/cluster.sh"))
-                .arg("down"));
-            if !o.status.success() {
-                eprintln!("integration/cluster.sh down failed: {}", text(&o));
-            }
-        }
-    }
-}
+#[path = "cluster_builds.rs"]
+mod builds;
 
 /// Every file under a node's /etc/containerd/certs.d, with its bytes.
 fn certs_d(node: &str) -> BTreeMap<PathBuf, Vec<u8>> {
@@ -288,13 +76,6 @@ fn metric(body: &str, name: &str, labels: &str) -> f64 {
         .filter(|l| l.starts_with(name) && l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// A command in the workstation namespace, which resolves cluster names.
-fn client(program: &str) -> Command {
-    let mut c = Command::new("ip");
-    c.args(["netns", "exec", CLIENT_NS, program]);
-    c
 }
 
 /// An OCI layout of the test workload (busybox) as `app:v1`, plus one
@@ -350,6 +131,11 @@ fn workload_layout(dir: &Path, extra: Option<usize>) -> (PathBuf, String) {
     (layout, digest)
 }
 
+/// skopeo's name for the `app` image of an OCI layout.
+fn oci(layout: &Path) -> String {
+    format!("oci:{}:app", layout.display())
+}
+
 /// The blobs (config and layers) of the manifest `digest` in `layout`.
 fn blobs(layout: &Path, digest: &str) -> Vec<(String, u64)> {
     let read = |d: &str| {
@@ -366,29 +152,6 @@ fn blobs(layout: &Path, digest: &str) -> Vec<(String, u64)> {
             )
         })
         .collect()
-}
-
-/// skopeo pushes `layout` to the registry from the workstation namespace,
-/// digests preserved, trusting the registry's CA; `authfile` is the push
-/// Secret's config.json, or none.
-fn push(layout: &Path, dest: &str, certs: &Path, authfile: Option<&Path>) -> Output {
-    let mut c = client("skopeo");
-    c.args([
-        "--command-timeout",
-        "180s",
-        "copy",
-        "--quiet",
-        "--preserve-digests",
-        "--dest-cert-dir",
-    ])
-    .arg(certs);
-    match authfile {
-        Some(f) => c.arg("--dest-authfile").arg(f),
-        None => c.arg("--dest-no-creds"),
-    };
-    c.arg(format!("oci:{}:app", layout.display()))
-        .arg(format!("docker://{dest}"));
-    run(&mut c)
 }
 
 #[test]
@@ -439,13 +202,20 @@ fn the_seeds_flow_on_a_real_cluster() {
     eprintln!("step 2 (install): {:?}", step.elapsed());
 
     let step = Instant::now();
-    let certs = tmp.path().join("certs");
-    push_and_pull(&cluster, &layout, &digest, &certs, tmp.path());
+    let (certs, authfile) = registry_access(&cluster, tmp.path());
+    push_and_pull(&cluster, &layout, &digest, &certs, &authfile);
     eprintln!("step 3 (push, pull on every node): {:?}", step.elapsed());
 
     let step = Instant::now();
     renewal(&cluster, &certs, tmp.path());
     eprintln!("step 5 (renewal without a restart): {:?}", step.elapsed());
+
+    let step = Instant::now();
+    builds::builds(&cluster, tmp.path());
+    eprintln!(
+        "step 8 (builds with the real Kaniko executor): {:?}",
+        step.elapsed()
+    );
 
     let step = Instant::now();
     startup_taint(&cluster);
@@ -495,78 +265,16 @@ fn seed_failure(c: &Cluster, image: &str) {
     c.kubectl_ok(&["-n", "default", "delete", "pod", "seed", "--wait=false"]);
 }
 
-/// 2. `kubectl apply -k` of the test overlay, with Pod Security admission
-///    and RBAC enforced by the API server: the PKI Job completes, the
-///    registry is Available, and the agent is Ready on every node through
-///    the kubelet's probe on /readyz.
-fn install(c: &Cluster) {
-    let overlay = repo().join("integration/cluster/overlay");
-    let o = c.kubectl(&["apply", "-k", overlay.to_str().unwrap()]);
-    let out = text(&o);
-    assert!(
-        o.status.success(),
-        "kubectl apply -k {}: {out}",
-        overlay.display()
-    );
-    // The namespace warns at "baseline" (daemonset/base/namespace.yaml):
-    // the API server's Pod Security admission evaluated the agent's
-    // DaemonSet and names its host access. Nothing is refused.
-    assert!(
-        out.contains("would violate PodSecurity \"baseline:latest\"")
-            && out.contains("hostNetwork"),
-        "no Pod Security warning for the agent's hostNetwork: {out}"
-    );
-    c.kubectl_ok(&[
-        "-n",
-        NS,
-        "wait",
-        "--for=condition=complete",
-        "job/slipway-pki",
-        "--timeout=180s",
-    ]);
-    c.kubectl_ok(&[
-        "-n",
-        NS,
-        "wait",
-        "--for=condition=available",
-        "deployment/registry",
-        "--timeout=180s",
-    ]);
-    c.rolled_out("slipway-agent");
-    let ready = c
-        .get(NS, "daemonset/slipway-agent", "{.status.numberReady}")
-        .unwrap();
-    assert_eq!(ready, NODES.len().to_string(), "agents ready");
-    // Ready means the kubelet's readiness probe on /readyz passed.
-    let probe = c
-        .get(
-            NS,
-            "daemonset/slipway-agent",
-            "{.spec.template.spec.containers[0].readinessProbe.httpGet.path}",
-        )
-        .unwrap();
-    assert_eq!(probe, "/readyz");
-}
-
 /// 3. Push through the gateway with the push Secret's config.json (and not
 ///    without it), then `kubectl run` by digest on every node.
-fn push_and_pull(c: &Cluster, layout: &Path, digest: &str, certs: &Path, tmp: &Path) {
-    std::fs::create_dir_all(certs).unwrap();
-    let ca = c
-        .get(NS, "configmap/registry-ca", "{.data.ca\\.crt}")
-        .unwrap();
-    std::fs::write(certs.join("ca.crt"), ca).unwrap();
-    let config = c
-        .get(NS, "secret/registry-push", "{.data.config\\.json}")
-        .unwrap();
-    use base64::Engine as _;
-    let config = base64::engine::general_purpose::STANDARD
-        .decode(config.trim())
-        .expect("config.json of Secret registry-push is base64");
-    let authfile = write(tmp, "config.json", &String::from_utf8(config).unwrap());
-
+fn push_and_pull(c: &Cluster, layout: &Path, digest: &str, certs: &Path, authfile: &Path) {
     // Without credentials: refused, and nothing written.
-    let o = push(layout, &format!("{ALIAS}/demo/denied:v1"), certs, None);
+    let o = push(
+        &oci(layout),
+        &format!("{ALIAS}/demo/denied:v1"),
+        certs,
+        None,
+    );
     assert!(!o.status.success(), "an anonymous push succeeded");
     let tags = run(client("curl").args([
         "-sS",
@@ -583,10 +291,10 @@ fn push_and_pull(c: &Cluster, layout: &Path, digest: &str, certs: &Path, tmp: &P
     );
 
     let o = push(
-        layout,
+        &oci(layout),
         &format!("{ALIAS}/demo/app:v1"),
         certs,
-        Some(&authfile),
+        Some(authfile),
     );
     assert!(
         o.status.success(),
@@ -688,12 +396,6 @@ fn push_and_pull(c: &Cluster, layout: &Path, digest: &str, certs: &Path, tmp: &P
     );
 }
 
-fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(&p, content).unwrap();
-    p
-}
-
 /// The certificate the gateway serves to a new connection, as PEM.
 fn served_certificate(certs: &Path) -> String {
     let o = run(client("sh").args([
@@ -789,7 +491,7 @@ fn renewal(c: &Cluster, certs: &Path, tmp: &Path) {
     let (layout, digest) = workload_layout(&dir, Some(1 << 20));
     let authfile = tmp.join("config.json");
     let o = push(
-        &layout,
+        &oci(&layout),
         &format!("{ALIAS}/demo/app2:v1"),
         certs,
         Some(&authfile),
@@ -1015,24 +717,5 @@ fn uninstall(c: &Cluster) {
             "--ignore-not-found",
         ]);
     }
-    let overlay = repo().join("integration/cluster/overlay-startup-taint");
-    let cleanup = repo().join("integration/cluster/overlay-cleanup");
-    c.kubectl_ok(&[
-        "delete",
-        "-k",
-        overlay.to_str().unwrap(),
-        "--wait=true",
-        "--timeout=240s",
-    ]);
-    c.kubectl_ok(&["create", "namespace", NS]);
-    c.kubectl_ok(&["apply", "-k", cleanup.to_str().unwrap()]);
-    c.rolled_out("slipway-cleanup");
-    c.kubectl_ok(&[
-        "delete",
-        "-k",
-        cleanup.to_str().unwrap(),
-        "--wait=true",
-        "--timeout=240s",
-    ]);
-    c.kubectl_ok(&["delete", "namespace", NS, "--wait=true", "--timeout=240s"]);
+    uninstall_overlay(c, &repo().join("integration/cluster/overlay-startup-taint"));
 }

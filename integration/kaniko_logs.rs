@@ -371,3 +371,190 @@ fn show_what_the_user_sees() {
     }
     println!("fail-cache-upload status: {}", k.status());
 }
+
+// ---- real Kaniko v1.27.5 in the test cluster (#19) ----------------------------
+//
+// `integration/fixtures/kaniko-v1.27.5/` (see its README): the executor
+// built from source, run by a real kubelet from the Job `slipway build`
+// created, with the push Secret mounted, and what slipway printed while it
+// followed each build (`*.slipway.stderr`). Every count below is checked
+// against the line the runner printed in that run.
+
+mod cluster_run {
+    use super::*;
+
+    const COLD: &str = include_str!("fixtures/kaniko-v1.27.5/01-cold.kaniko.log");
+    const COLD_TERM: &str = include_str!("fixtures/kaniko-v1.27.5/01-cold.termination-log");
+    const COLD_ERR: &str = include_str!("fixtures/kaniko-v1.27.5/01-cold.slipway.stderr");
+    const WARM: &str = include_str!("fixtures/kaniko-v1.27.5/02-warm.kaniko.log");
+    const WARM_TERM: &str = include_str!("fixtures/kaniko-v1.27.5/02-warm.termination-log");
+    const WARM_ERR: &str = include_str!("fixtures/kaniko-v1.27.5/02-warm.slipway.stderr");
+    const CHANGE: &str = include_str!("fixtures/kaniko-v1.27.5/03-change.kaniko.log");
+    const CHANGE_TERM: &str = include_str!("fixtures/kaniko-v1.27.5/03-change.termination-log");
+    const CHANGE_ERR: &str = include_str!("fixtures/kaniko-v1.27.5/03-change.slipway.stderr");
+    const RUN_FAIL: &str = include_str!("fixtures/kaniko-v1.27.5/fail-run-exit1.kaniko.log");
+    const RUN_FAIL_TERM: &str =
+        include_str!("fixtures/kaniko-v1.27.5/fail-run-exit1.termination-log");
+    const RUN_FAIL_ERR: &str =
+        include_str!("fixtures/kaniko-v1.27.5/fail-run-exit1.slipway.stderr");
+    const DENIED: &str = include_str!("fixtures/kaniko-v1.27.5/fail-push-denied.kaniko.log");
+    const DENIED_TERM: &str =
+        include_str!("fixtures/kaniko-v1.27.5/fail-push-denied.termination-log");
+    const DENIED_ERR: &str =
+        include_str!("fixtures/kaniko-v1.27.5/fail-push-denied.slipway.stderr");
+    const DOWN: &str = include_str!("fixtures/kaniko-v1.27.5/fail-registry-down.kaniko.log");
+    const DOWN_TERM: &str =
+        include_str!("fixtures/kaniko-v1.27.5/fail-registry-down.termination-log");
+    const DOWN_ERR: &str =
+        include_str!("fixtures/kaniko-v1.27.5/fail-registry-down.slipway.stderr");
+
+    /// The Context of the run: the Job's name from the runner's first line,
+    /// `slipway: created job shared-services/NAME: …`.
+    fn run_ctx(stderr: &str) -> Context {
+        let first = stderr.lines().next().unwrap();
+        let job = first
+            .strip_prefix("slipway: created job shared-services/")
+            .and_then(|r| r.split(':').next())
+            .unwrap_or_else(|| panic!("first line: {first}"));
+        Context {
+            job: job.into(),
+            ..ctx()
+        }
+    }
+
+    /// `cache: H hit, R rebuilt` from the runner's `built …` line.
+    fn printed_cache(stderr: &str) -> (u32, u32) {
+        let built = stderr
+            .lines()
+            .find(|l| l.starts_with("slipway: built "))
+            .expect("a built line");
+        let c = built.split("(cache: ").nth(1).unwrap();
+        let mut n = c
+            .split(|ch: char| !ch.is_ascii_digit())
+            .filter(|s| !s.is_empty())
+            .map(|s| s.parse::<u32>().unwrap());
+        (n.next().unwrap(), n.next().unwrap())
+    }
+
+    #[test]
+    fn cold_warm_and_one_change_count_only_the_steps_that_make_layers() {
+        // Dockerfile (README): WORKDIR /app, COPY greeting.txt, RUN echo,
+        // COPY check.sh, RUN sh check.sh, CMD.
+        for (name, log, term, err, want, workdir) in [
+            // Cold: `No cached layer found for cmd WORKDIR /app` (the
+            // fresh cluster's cache/app is empty; WORKDIR makes no layer
+            // of files, so it is not rebuilt either); ran: both COPYs and
+            // both RUNs.
+            (
+                "cold",
+                COLD,
+                COLD_TERM,
+                COLD_ERR,
+                (0, 4),
+                "No cached layer found for cmd WORKDIR /app",
+            ),
+            // Warm: `Using caching version of cmd: RUN echo …` and `… RUN sh
+            // check.sh …`, and of `WORKDIR /app`, which is not a hit; ran:
+            // the two COPYs.
+            (
+                "warm",
+                WARM,
+                WARM_TERM,
+                WARM_ERR,
+                (2, 2),
+                "Using caching version of cmd: WORKDIR /app",
+            ),
+            // check.sh changed: RUN echo from the cache; `No cached layer
+            // found for cmd RUN sh check.sh`; ran: two COPYs and that RUN.
+            (
+                "change",
+                CHANGE,
+                CHANGE_TERM,
+                CHANGE_ERR,
+                (1, 3),
+                "Using caching version of cmd: WORKDIR /app",
+            ),
+        ] {
+            assert!(log.contains(workdir), "{name}: {workdir}");
+            let (k, _) = follow(log);
+            assert_eq!((k.cache_hits, k.rebuilt()), want, "{name}");
+            assert_eq!(printed_cache(err), want, "{name}: what the runner printed");
+            // Same Dockerfile, same number of counted steps.
+            assert_eq!(k.cache_hits + k.rebuilt(), 4, "{name}");
+            let built = status::kaniko_success(0, term, &run_ctx(err)).unwrap();
+            assert!(
+                err.contains(&format!("slipway: built {} from commit", built.image_ref)),
+                "{name}: {}",
+                built.image_ref
+            );
+        }
+    }
+
+    #[test]
+    fn the_mounted_push_secret_is_not_a_warning() {
+        // Every log names the mounted config.json first.
+        for log in [COLD, WARM, CHANGE, RUN_FAIL, DENIED, DOWN] {
+            assert!(log.contains(
+                "credential providers by priority: [file:/kaniko/.docker/config.json, env,"
+            ));
+            let (_, ev) = follow(log);
+            assert!(
+                !ev.iter()
+                    .any(|e| matches!(e, Event::Warning(w) if w.contains("credential"))),
+                "{ev:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn failures_are_classed_as_the_runner_printed_them() {
+        for (name, log, term, err, code) in [
+            (
+                "RUN exits 1",
+                RUN_FAIL,
+                RUN_FAIL_TERM,
+                RUN_FAIL_ERR,
+                exit::FAILED,
+            ),
+            ("wrong push Secret", DENIED, DENIED_TERM, DENIED_ERR, 13),
+            (
+                "registry down",
+                DOWN,
+                DOWN_TERM,
+                DOWN_ERR,
+                exit::PUSH_FAILED,
+            ),
+        ] {
+            let (k, _) = follow(log);
+            let e = status::kaniko_failure(1, "Error", term, &k, &run_ctx(err));
+            assert_eq!(e.exit_code(), code, "{name}: {e}");
+            let last = err.lines().last().unwrap();
+            assert_eq!(last, format!("slipway: {e}"), "{name}");
+        }
+        // The step is named from the log; the termination message (the
+        // kubelet's log tail) alone names the class.
+        let (k, _) = follow(RUN_FAIL);
+        assert_eq!(
+            k.failure(),
+            Some(ErrorClass::StepFailed {
+                step: Some("RUN echo about to fail && exit 1".into()),
+                exit_code: Some(1)
+            })
+        );
+    }
+
+    #[test]
+    fn with_the_registry_down_the_ping_retries_belong_to_the_push_under_way() {
+        let (k, _) = follow(DOWN);
+        // `Pushing image to …/cache/app:e7304e…`, then three `Retrying
+        // operation after 1s/2s/4s due to Get "https://…:5000/v2/"` and
+        // `Error uploading layer to cache`; then `Pushing image to
+        // …/app:59ee71a` and three more retries of the same ping.
+        let cache: Vec<bool> = k.retries.iter().map(|r| r.cache).collect();
+        assert_eq!(cache, [true, true, true, false, false, false]);
+        assert_eq!(k.cache_upload_failures.len(), 1);
+        assert_eq!(k.cache_upload_failures[0].retries, 3);
+        // [0045] … [0052].
+        assert_eq!(k.cache_upload_failures[0].seconds, Some(7));
+    }
+}
