@@ -5,9 +5,11 @@
 # SLIPWAY_SKIP_INTEGRATION=<reason> is set), then renders and validates
 # every kustomization and the build Job renders.
 #
-# Then the real Kubernetes cluster of integration/cluster.sh (#17) comes up
-# and the seed's flow runs against it with kubectl (cargo test --test
-# cluster), and the cluster goes down again.
+# Then the real Kubernetes cluster of integration/cluster.sh (#17) comes up,
+# the seed's flow and the builds with the real Kaniko executor (#19) run
+# against it with kubectl and slipway (cargo test --test cluster), then the
+# build benchmark (cargo bench --bench build), and the cluster goes down
+# again.
 #
 # The integration tests run once per containerd release pinned in
 # integration/containerd-releases (#8): the first pass (with every other
@@ -50,6 +52,11 @@ timings+=("cluster up (build included): $(($(date +%s) - t0)) s")
 t0=$(date +%s)
 cargo test --test cluster --locked -- --nocapture
 timings+=("cluster tests: $(($(date +%s) - t0)) s")
+# What the registry layer cache saves a real build (#19): cold, warm and
+# one-change builds of a C project with the real Kaniko executor.
+t0=$(date +%s)
+cargo bench --bench build --locked
+timings+=("build benchmark: $(($(date +%s) - t0)) s")
 t0=$(date +%s)
 bash integration/cluster.sh down
 trap - EXIT
