@@ -1472,6 +1472,9 @@ disabled_plugins = {DISABLED_V2}
 /// only for the platforms in its `unpack_config`; with none, every CRI pull
 /// fails with "no unpack platforms defined". The `native` snapshotter copies
 /// instead of mounting overlays, so it works wherever the test's root is.
+/// NRI is on by default in 2.x, listening on the one path
+/// /var/run/nri/nri.sock: two tests' containerds at once failed with
+/// "address already in use", so each has its own socket.
 fn config_v3(dir: &Path, sock: &Path, config_path: Option<&str>) -> String {
     format!(
         r#"version = 3
@@ -1494,6 +1497,8 @@ disabled_plugins = {DISABLED_V2}
 {registry}[[plugins."io.containerd.transfer.v1.local".unpack_config]]
   platform = "linux/amd64"
   snapshotter = "native"
+[plugins."io.containerd.nri.v1.nri"]
+  socket_path = "{dir}/nri.sock"
 "#,
         root = dir.join("root").display(),
         state = dir.join("state").display(),
