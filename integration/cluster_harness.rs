@@ -290,6 +290,22 @@ pub(crate) fn push(source: &str, dest: &str, certs: &Path, authfile: Option<&Pat
 ///    registry is Available, and the agent is Ready on every node through
 ///    the kubelet's probe on /readyz.
 pub(crate) fn install(c: &Cluster) {
+    // The registry's volume (`cluster.sh up`) is Retain: after an uninstall
+    // it is Released, bound to the deleted claim, and a new install's claim
+    // would wait for it forever (the benchmark installs again after the
+    // cluster test uninstalled). An administrator frees it the same way.
+    if c.get("default", "pv/slipway-test-registry", "{.status.phase}")
+        .is_ok_and(|p| p == "Released")
+    {
+        c.kubectl_ok(&[
+            "patch",
+            "pv",
+            "slipway-test-registry",
+            "--type=json",
+            "-p",
+            "[{\"op\": \"remove\", \"path\": \"/spec/claimRef\"}]",
+        ]);
+    }
     let overlay = repo().join("integration/cluster/overlay");
     let o = c.kubectl(&["apply", "-k", overlay.to_str().unwrap()]);
     let out = text(&o);
