@@ -198,6 +198,7 @@ fn foreign_hosts_files_merge_as_expected_and_cleanup_restores_them() {
                 &RealFs,
                 &certs,
                 std::slice::from_ref(&alias),
+                &[],
                 &hosts,
                 &ca_content(),
             )
@@ -298,6 +299,31 @@ fn merged_files_list_our_host_first() {
         assert!(
             doc["host"][UPSTREAM]["ca"].as_str() == Some("slipway-ca.crt"),
             "{case}\n{text}"
+        );
+    }
+}
+
+/// #20: a mirrored upstream's directory: the node proxy, then the
+/// in-cluster cache (containerd adds `?ns=docker.io`), then Docker Hub
+/// itself as `server`, the fallback.
+#[test]
+fn mirror_hosts_toml_is_golden() {
+    let text = "[registry]\naliases = [\"registry.shared-services:5000\"]\nupstream = \"https://10.96.0.20:5000\"\nca_file = \"/ca.crt\"\n[mirror]\nregistries = [\"docker.io\", \"ghcr.io\"]\n";
+    let cfg = AgentConfig::from_str(Path::new("/agent.toml"), text, &Overrides::default()).unwrap();
+    let dirs = slipway::node::reconcile::mirror_dirs(&cfg);
+    assert_eq!(dirs.len(), 2);
+    for d in dirs {
+        let text = slipway::node::hostconfig::render_mirror(
+            &d.host,
+            &d.server,
+            &[
+                HostEntry::proxy("http://127.0.0.1:5050"),
+                HostEntry::upstream(UPSTREAM),
+            ],
+        );
+        check_golden(
+            &root().join(format!("expected-mirror-{}.hosts.toml", d.host.dir_name())),
+            &text,
         );
     }
 }

@@ -206,15 +206,23 @@ pub enum HostState {
     Applied,
     Drifted,
     Error,
+    /// A mirrored upstream left to an administrator's hosts.toml (#20).
+    Conflict,
 }
 
 impl HostState {
-    pub const ALL: [HostState; 3] = [HostState::Applied, HostState::Drifted, HostState::Error];
+    pub const ALL: [HostState; 4] = [
+        HostState::Applied,
+        HostState::Drifted,
+        HostState::Error,
+        HostState::Conflict,
+    ];
     pub fn as_str(self) -> &'static str {
         match self {
             HostState::Applied => "applied",
             HostState::Drifted => "drifted",
             HostState::Error => "error",
+            HostState::Conflict => "conflict",
         }
     }
 }

@@ -76,6 +76,9 @@ impl fmt::Display for Check {
 /// The checks and their state. Each starts failing with "not checked yet".
 pub struct Readiness<C: ReadyCheck = Check> {
     checks: RwLock<Vec<Option<String>>>,
+    /// Lines `/readyz` adds that do not make it fail (#20: a mirrored
+    /// upstream left to an administrator's hosts.toml).
+    notes: RwLock<Vec<String>>,
     _checks: std::marker::PhantomData<C>,
 }
 
@@ -88,6 +91,7 @@ impl<C: ReadyCheck> Default for Readiness<C> {
                     .map(|_| Some("not checked yet".into()))
                     .collect(),
             ),
+            notes: RwLock::new(vec![]),
             _checks: std::marker::PhantomData,
         }
     }
@@ -108,9 +112,23 @@ impl<C: ReadyCheck> Readiness<C> {
             .collect()
     }
 
+    /// Replace the notes: detail that does not fail readiness.
+    pub fn set_notes(&self, notes: Vec<String>) {
+        *self.notes.write().expect("readiness lock") = notes;
+    }
+
     /// `(ready, body)` for `/readyz`: the first line names the failing
-    /// checks, then one line per check with its reason.
+    /// checks, then one line per check with its reason, then a `note:`
+    /// line per note.
     pub fn report(&self) -> (bool, String) {
+        let (ready, mut body) = self.checks_report();
+        for n in self.notes.read().expect("readiness lock").iter() {
+            body.push_str(&format!("note: {n}\n"));
+        }
+        (ready, body)
+    }
+
+    fn checks_report(&self) -> (bool, String) {
         let failing = self.failing();
         if failing.is_empty() {
             return (true, "ready\n".into());
@@ -145,6 +163,12 @@ mod tests {
         assert_eq!(
             body,
             "not ready: hostconfig_applied\nhostconfig_applied: a:5000: /x/hosts.toml: cannot read: is a FIFO\n"
+        );
+        r.set(Check::HostconfigApplied, Ok(()));
+        r.set_notes(vec!["docker.io: conflict".into()]);
+        assert_eq!(
+            r.report(),
+            (true, "ready\nnote: docker.io: conflict\n".to_string())
         );
     }
 }

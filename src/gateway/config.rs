@@ -14,6 +14,9 @@
 //! tls_key        = "/etc/slipway/tls/tls.key"
 //! push_htpasswd  = "/etc/slipway/push/htpasswd"
 //! admin_listen   = "0.0.0.0:9465"
+//! # The [mirror] table of this file, or of the file named here (the
+//! # install names agent.toml, so the agents and the gateway read one list).
+//! mirror_config  = "/etc/slipway/agent/agent.toml"
 //! ```
 
 use std::net::SocketAddr;
@@ -33,6 +36,7 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9465";
 struct FileConfig {
     #[serde(default)]
     gateway: FileGateway,
+    mirror: Option<crate::mirror::FileMirror>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -49,6 +53,7 @@ struct FileGateway {
     body_idle_timeout_secs: Option<f64>,
     upstream_response_timeout_secs: Option<f64>,
     grace_period_secs: Option<f64>,
+    mirror_config: Option<PathBuf>,
 }
 
 /// Flag and environment overrides; each maps to one `gateway.*` key.
@@ -92,6 +97,9 @@ pub struct GatewayOverrides {
     /// gateway.grace_period_secs: how long SIGTERM waits for in-flight transfers
     #[arg(long, env = "SLIPWAY_GATEWAY_GRACE_PERIOD_SECS")]
     pub gateway_grace_period_secs: Option<f64>,
+    /// gateway.mirror_config: a TOML file whose [mirror] table configures the mirror (#20)
+    #[arg(long, env = "SLIPWAY_GATEWAY_MIRROR_CONFIG")]
+    pub gateway_mirror_config: Option<PathBuf>,
 }
 
 /// The plain-http upstream; the request path and query are appended to it
@@ -115,6 +123,8 @@ pub struct GatewayConfig {
     pub body_idle_timeout: Duration,
     pub upstream_response_timeout: Duration,
     pub grace_period: Duration,
+    /// `[mirror]` (#20); empty when off.
+    pub mirror: crate::mirror::Mirrors,
 }
 
 impl GatewayConfig {
@@ -199,7 +209,20 @@ impl GatewayConfig {
                 env: "SLIPWAY_GATEWAY_PUSH_HTPASSWD",
             },
         )?);
+        let mirror = match ov
+            .gateway_mirror_config
+            .clone()
+            .or(g.mirror_config)
+            .map(rel)
+        {
+            Some(file) => load_mirror(&file)?,
+            None => crate::mirror::Mirrors::parse(
+                &f.mirror.unwrap_or_default(),
+                path.and_then(Path::parent),
+            )?,
+        };
         Ok(GatewayConfig {
+            mirror,
             source: path.map(Path::to_path_buf),
             listen,
             upstream,
@@ -239,6 +262,28 @@ impl GatewayConfig {
             )?,
         })
     }
+}
+
+/// The `[mirror]` table of another TOML file (agent.toml); its other
+/// tables are the agent's, and not checked here.
+fn load_mirror(file: &Path) -> Result<crate::mirror::Mirrors, ConfigError> {
+    use serde::Deserialize as _;
+    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+        path: file.to_path_buf(),
+        source,
+    })?;
+    let parse = |message: String| ConfigError::Parse {
+        path: file.to_path_buf(),
+        message,
+    };
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| parse(e.to_string().trim_end().to_string()))?;
+    let raw = match table.get("mirror") {
+        Some(v) => crate::mirror::FileMirror::deserialize(v.clone())
+            .map_err(|e| parse(format!("[mirror]: {e}")))?,
+        None => crate::mirror::FileMirror::default(),
+    };
+    crate::mirror::Mirrors::parse(&raw, file.parent())
 }
 
 fn addr(key: &str, v: Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {

@@ -56,8 +56,59 @@ pub struct ReloadLabels {
     pub result: Reload,
 }
 
+/// What a mirror request was for (#20).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum MirrorKind {
+    Tag,
+    Manifest,
+    Blob,
+}
+
+impl MirrorKind {
+    pub const ALL: [MirrorKind; 3] = [MirrorKind::Tag, MirrorKind::Manifest, MirrorKind::Blob];
+}
+
+impl EncodeLabelValue for MirrorKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(
+            encoder,
+            match self {
+                MirrorKind::Tag => "tag",
+                MirrorKind::Manifest => "manifest",
+                MirrorKind::Blob => "blob",
+            },
+        )
+    }
+}
+
+/// `upstream` is a configured `mirror.registries` entry: a closed set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub upstream: String,
+    pub kind: MirrorKind,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+/// `status` is the HTTP status upstream answered, or `unreachable`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamStatusLabels {
+    pub upstream: String,
+    pub status: String,
+}
+
 pub struct GatewayMetrics {
     registry: Registry,
+    /// `slipway_mirror_*` (#20).
+    mirror: Registry,
+    pub mirror_hits: Family<MirrorLabels, Counter>,
+    pub mirror_misses: Family<MirrorLabels, Counter>,
+    pub mirror_upstream_requests: Family<UpstreamStatusLabels, Counter>,
+    pub mirror_stale_tags: Family<UpstreamLabels, Counter>,
+    pub mirror_bytes: Family<UpstreamLabels, Counter>,
     pub requests: Family<RequestLabels, Counter>,
     pub upstream_errors: Counter,
     pub upstream_timeouts: Counter,
@@ -114,8 +165,45 @@ impl GatewayMetrics {
         for result in [Reload::Applied, Reload::Rejected] {
             let _ = certificate_reloads.get_or_create(&ReloadLabels { result });
         }
+        let mut mirror = Registry::with_prefix("slipway_mirror");
+        let mirror_hits = Family::<MirrorLabels, Counter>::default();
+        mirror.register(
+            "hits",
+            "Mirror requests served from the in-cluster registry without asking upstream, by upstream and kind (tag: confirmed within mirror.tag_ttl_secs or by a HEAD that found the same digest)",
+            mirror_hits.clone(),
+        );
+        let mirror_misses = Family::<MirrorLabels, Counter>::default();
+        mirror.register(
+            "misses",
+            "Mirror requests that fetched content from upstream, by upstream and kind",
+            mirror_misses.clone(),
+        );
+        let mirror_upstream_requests = Family::<UpstreamStatusLabels, Counter>::default();
+        mirror.register(
+            "upstream_requests",
+            "Requests the mirror sent upstream, by upstream and the status it answered (unreachable: no answer)",
+            mirror_upstream_requests.clone(),
+        );
+        let mirror_stale_tags = Family::<UpstreamLabels, Counter>::default();
+        mirror.register(
+            "stale_tags_served",
+            "Tags served from the last digest known because upstream was unreachable or answered 429 or 5xx",
+            mirror_stale_tags.clone(),
+        );
+        let mirror_bytes = Family::<UpstreamLabels, Counter>::default();
+        mirror.register(
+            "upstream_bytes",
+            "Bytes of manifests and blobs the mirror received from upstream",
+            mirror_bytes.clone(),
+        );
         GatewayMetrics {
             registry: r,
+            mirror,
+            mirror_hits,
+            mirror_misses,
+            mirror_upstream_requests,
+            mirror_stale_tags,
+            mirror_bytes,
             requests,
             upstream_errors,
             upstream_timeouts,
@@ -134,8 +222,11 @@ impl GatewayMetrics {
 impl crate::admin::Exposition for GatewayMetrics {
     fn encode(&self) -> String {
         let mut s = String::new();
-        prometheus_client::encoding::text::encode(&mut s, &self.registry)
+        prometheus_client::encoding::text::encode_registry(&mut s, &self.registry)
             .expect("writing to a String");
+        prometheus_client::encoding::text::encode_registry(&mut s, &self.mirror)
+            .expect("writing to a String");
+        prometheus_client::encoding::text::encode_eof(&mut s).expect("writing to a String");
         s
     }
 }

@@ -15,12 +15,14 @@
 //! | [`tls`] | the certificate pair, its reload, the rustls resolver |
 //! | [`metrics`] | the `slipway_gateway_*` series |
 //! | [`relay`] | the TLS server and the streaming relay (the async shell) |
+//! | [`fill`] | the mirror repositories: served from the registry, filled from upstream (#20) |
 //!
 //! Files read: the config file, the TLS pair and the htpasswd file, each
 //! through [`crate::node::fs::RealFs`] (regular files of at most 1 MiB,
 //! following the Secret volume's symlinks).
 
 pub mod config;
+pub mod fill;
 pub mod guard;
 pub mod htpasswd;
 pub mod metrics;
@@ -50,6 +52,8 @@ pub enum GatewayError {
     Htpasswd(#[from] HtpasswdError),
     #[error(transparent)]
     Tls(#[from] TlsError),
+    #[error(transparent)]
+    Mirror(#[from] fill::FillError),
     #[error("{key} {addr}: {source}")]
     Bind {
         key: &'static str,
@@ -67,9 +71,10 @@ impl crate::ExitStatus for GatewayError {
     fn exit_code(&self) -> u8 {
         match self {
             // Input the operator must fix: the config, or a file it names.
-            GatewayError::Config(_) | GatewayError::Htpasswd(_) | GatewayError::Tls(_) => {
-                crate::EXIT_BAD_CONFIG
-            }
+            GatewayError::Config(_)
+            | GatewayError::Htpasswd(_)
+            | GatewayError::Tls(_)
+            | GatewayError::Mirror(_) => crate::EXIT_BAD_CONFIG,
             GatewayError::Bind { .. } | GatewayError::Runtime { .. } => crate::EXIT_APPLY_FAILED,
         }
     }
@@ -160,18 +165,33 @@ async fn serve(cfg: GatewayConfig, entries: Htpasswd, pair: tls::Pair) -> Result
     let server_tls = Arc::new(tls::server_config(store.clone())?);
     let accounts = entries.len();
     let verifier = Arc::new(Verifier::new(entries));
-    let relay = Arc::new(relay::Relay::new(
-        cfg.upstream.clone(),
-        verifier.clone(),
-        metrics.clone(),
-        cfg.body_idle_timeout,
-        cfg.upstream_response_timeout,
-    ));
+    let mirror = if cfg.mirror.is_empty() {
+        None
+    } else {
+        Some(Arc::new(fill::Mirror::new(
+            cfg.mirror.clone(),
+            &cfg.upstream.authority,
+            metrics.clone(),
+            cfg.upstream_response_timeout,
+            cfg.body_idle_timeout,
+        )?))
+    };
+    let mirrored: Vec<String> = cfg.mirror.registries.iter().map(|u| u.label()).collect();
+    let relay = Arc::new(
+        relay::Relay::new(
+            cfg.upstream.clone(),
+            verifier.clone(),
+            metrics.clone(),
+            cfg.body_idle_timeout,
+            cfg.upstream_response_timeout,
+        )
+        .with_mirror(mirror),
+    );
 
     // Tests read the bound ports from this line (they pass port 0).
     info!(
-        "slipway gateway starting listen={listen_addr} admin={admin_addr} upstream=http://{} accounts={accounts} serial={}",
-        cfg.upstream.authority, pair.serial
+        "slipway gateway starting listen={listen_addr} admin={admin_addr} upstream=http://{} accounts={accounts} serial={} mirror={}",
+        cfg.upstream.authority, pair.serial, mirrored.join(",")
     );
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(crate::admin::serve(admin, metrics.clone(), ready.clone()));

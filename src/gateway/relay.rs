@@ -31,7 +31,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{header, HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri};
+use http::{
+    header, HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri,
+};
 use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -68,6 +70,8 @@ pub struct Relay {
     refusals: RefusalLog,
     /// The upstream answered at least once (readiness).
     pub upstream_seen: AtomicBool,
+    /// The mirror's fill path (#20), when `mirror.registries` is set.
+    pub mirror: Option<Arc<super::fill::Mirror>>,
 }
 
 impl Relay {
@@ -96,7 +100,13 @@ impl Relay {
             response_head,
             refusals: RefusalLog::default(),
             upstream_seen: AtomicBool::new(false),
+            mirror: None,
         }
+    }
+
+    pub fn with_mirror(mut self, mirror: Option<Arc<super::fill::Mirror>>) -> Relay {
+        self.mirror = mirror;
+        self
     }
 
     pub fn upstream_authority(&self) -> &str {
@@ -341,7 +351,49 @@ pub async fn handle(
         },
     }
     relay.metrics.count(class, Outcome::Allowed);
+    if let Some(m) = &relay.mirror {
+        if let Some(resp) = mirror(m, &req).await {
+            return Ok(resp);
+        }
+    }
     Ok(forward(&relay, req).await)
+}
+
+/// A request for a mirror repository (#20), served by [`super::fill`];
+/// `None` for every other request, which the relay forwards.
+async fn mirror(
+    m: &Arc<super::fill::Mirror>,
+    req: &Request<Incoming>,
+) -> Option<Response<GatewayBody>> {
+    let path = req.uri().path();
+    let ns = req.uri().query().and_then(|q| {
+        url::form_urlencoded::parse(q.as_bytes())
+            .find(|(k, _)| k == "ns")
+            .map(|(_, v)| v.into_owned())
+    });
+    let method = req.method();
+    if method != Method::GET && method != Method::HEAD {
+        // Only the fill writes there: a push would put content under an
+        // upstream's name that the upstream never served.
+        let name = path.strip_prefix("/v2/")?;
+        let under = m.cfg.registries.iter().any(|u| {
+            name.strip_prefix(&u.repo_prefix())
+                .is_some_and(|r| r.starts_with('/'))
+        });
+        return under.then(|| {
+            json_error(
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                format!(
+                    "{}: mirror repositories are filled from their upstream only; push elsewhere",
+                    logged_path(path)
+                ),
+            )
+        });
+    }
+    let route = crate::proxy::route::classify(method.as_str(), path, None, &[]).ok()?;
+    let request = m.map(&route, ns.as_deref())?;
+    Some(m.serve(request, method, req.headers()).await)
 }
 
 async fn forward(relay: &Relay, req: Request<Incoming>) -> Response<GatewayBody> {

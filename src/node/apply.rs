@@ -221,13 +221,22 @@ fn dir_name(dir: &Path) -> String {
         .unwrap_or_default()
 }
 
-/// Bring every alias directory to the desired state, and clean up
-/// directories of aliases no longer configured. An error in one directory
-/// never stops the others.
+/// A mirrored upstream's directory (#20): its host and the `server`
+/// containerd falls back to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MirrorDir {
+    pub host: Alias,
+    pub server: String,
+}
+
+/// Bring every alias and mirror directory to the desired state, and clean
+/// up directories slipway manages that are no longer configured. An error
+/// in one directory never stops the others.
 pub fn apply_all(
     fs: &dyn NodeFs,
     certs_dir: &Path,
     aliases: &[Alias],
+    mirrors: &[MirrorDir],
     hosts: &[HostEntry],
     ca_content: &str,
 ) -> Result<Vec<DirOutcome>, ApplyError> {
@@ -254,6 +263,24 @@ pub fn apply_all(
             Ok((plan, changed))
         })();
         out.push(outcome(alias.dir_name(), true, dir, r));
+    }
+    for m in mirrors {
+        let dir = alias_dir(fs, certs_dir, &m.host);
+        wanted.push(dir.clone());
+        let r = (|| {
+            let obs = observe(fs, &dir)?;
+            let plan = hostconfig::plan_mirror(
+                &dir.display().to_string(),
+                &m.host,
+                &m.server,
+                hosts,
+                ca_content,
+                &obs,
+            )?;
+            let changed = execute(fs, &dir, &plan)?;
+            Ok((plan, changed))
+        })();
+        out.push(outcome(m.host.dir_name(), true, dir, r));
     }
     for dir in managed_dirs(fs, certs_dir)? {
         if !wanted.contains(&dir) {

@@ -86,6 +86,9 @@ struct FileConfig {
     agent: FileAgent,
     #[serde(default)]
     peers: FilePeers,
+    /// `[mirror]` (#20), shared with the gateway ([`crate::mirror`]).
+    #[serde(default)]
+    mirror: crate::mirror::FileMirror,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -285,6 +288,9 @@ pub struct AgentConfig {
     pub startup_taint: Option<StartupTaint>,
     /// `peers.*` (#11); `None` without `peers.listen`.
     pub peers: Option<PeerConfig>,
+    /// `[mirror]` (#20): the upstreams whose `certs.d` directories the
+    /// agent writes, and whose `?ns=` the proxy maps; empty when off.
+    pub mirrors: crate::mirror::Mirrors,
 }
 
 /// `agent.startup_taint` and the Node it is removed from (#8 point 6).
@@ -679,6 +685,15 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
         ov.node_name.clone(),
     )?;
 
+    let mirrors = crate::mirror::Mirrors::parse(&f.mirror, path.and_then(Path::parent))?;
+    for u in &mirrors.registries {
+        if aliases.iter().any(|a: &Alias| a == &u.host) {
+            return Err(ConfigError::Invalid {
+                key: "mirror.registries".into(),
+                message: format!("{} is also in registry.aliases: a host is either the in-cluster registry or a mirrored upstream", u.host),
+            });
+        }
+    }
     Ok(AgentConfig {
         source: path.map(Path::to_path_buf),
         aliases,
@@ -705,6 +720,7 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
         canary_interval,
         startup_taint,
         peers,
+        mirrors,
     })
 }
 

@@ -154,6 +154,7 @@ impl RestartKey {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LiveKey {
     Aliases,
+    Mirrors,
     Upstream,
     CaFile,
     ConnectTimeout,
@@ -168,6 +169,7 @@ impl LiveKey {
     pub fn key(self) -> &'static str {
         match self {
             LiveKey::Aliases => "registry.aliases",
+            LiveKey::Mirrors => "mirror",
             LiveKey::Upstream => "registry.upstream/dial",
             LiveKey::CaFile => "registry.ca_file",
             LiveKey::ConnectTimeout => "proxy.connect_timeout_secs",
@@ -178,6 +180,15 @@ impl LiveKey {
             LiveKey::ReconcileInterval => "agent.reconcile_interval_secs",
         }
     }
+}
+
+/// The proxy's `?ns=` map of mirrored upstreams (#20).
+fn mirror_routes(cfg: &AgentConfig) -> Vec<(String, String)> {
+    cfg.mirrors
+        .registries
+        .iter()
+        .map(|u| (u.host.dir_name(), u.repo_prefix()))
+        .collect()
 }
 
 /// What a reload does: the config to run with (keys that need a restart
@@ -229,6 +240,7 @@ pub fn plan_reload(old: &AgentConfig, mut new: AgentConfig) -> Reload {
     let (o, n) = (&old.timeouts, &new.timeouts);
     for (changed, key) in [
         (new.aliases != old.aliases, LiveKey::Aliases),
+        (new.mirrors != old.mirrors, LiveKey::Mirrors),
         (new.upstream != old.upstream, LiveKey::Upstream),
         (new.ca_file != old.ca_file, LiveKey::CaFile),
         (n.connect != o.connect, LiveKey::ConnectTimeout),
@@ -281,6 +293,7 @@ impl Live {
         *self.proxy.timeouts.write().expect("timeouts lock") = cfg.timeouts;
         *self.proxy.aliases.write().expect("aliases lock") =
             cfg.aliases.iter().map(|a| a.dir_name()).collect();
+        *self.proxy.mirrors.write().expect("mirrors lock") = mirror_routes(cfg);
         if let Some(c) = &self.proxy.cache {
             c.set_max_bytes(cfg.cache_max_bytes);
         }
@@ -593,6 +606,7 @@ async fn run_async(cfg: AgentConfig, opts: DaemonOptions) -> Result<u8, AgentErr
     let state = Arc::new(ProxyState {
         upstream: RwLock::new(Arc::new(upstream)),
         aliases: RwLock::new(cfg.aliases.iter().map(|a| a.dir_name()).collect()),
+        mirrors: RwLock::new(mirror_routes(&cfg)),
         cache,
         metrics: metrics.clone(),
         timeouts: RwLock::new(cfg.timeouts),
@@ -820,6 +834,7 @@ mod tests {
                 UpstreamClient::new(&cfg.upstream, ca.as_bytes(), &cfg.timeouts).unwrap(),
             )),
             aliases: RwLock::new(vec![]),
+            mirrors: RwLock::new(vec![]),
             cache: Some(Arc::new(cache)),
             metrics: metrics.clone(),
             timeouts: RwLock::new(cfg.timeouts),
@@ -861,6 +876,7 @@ mod tests {
                                         reconcile::AliasState::Drifted { .. } => "drifted",
                                         reconcile::AliasState::Removed { .. } => "removed",
                                         reconcile::AliasState::Error(_) => "error",
+                                        reconcile::AliasState::Conflict(_) => "conflict",
                                     }
                                 )
                             })

@@ -216,6 +216,23 @@ pub fn render_owned(alias: &Alias, hosts: &[HostEntry]) -> String {
     s
 }
 
+/// The whole hosts.toml of a mirrored upstream (#20): the same hosts as
+/// the registry's (the node proxy, then the in-cluster registry, both of
+/// which containerd asks with `?ns=<upstream>`), then the upstream itself
+/// as `server`, verified with the system roots (no `ca`: the cluster CA
+/// says nothing about docker.io).
+pub fn render_mirror(upstream: &Alias, server: &str, hosts: &[HostEntry]) -> String {
+    let mut s = format!(
+        "{OWNED_MARKER}\n# Images named {upstream}/... are pulled through slipway's mirror (mirror.registries), then from {upstream} itself.\nserver = {}\n",
+        toml_string(server),
+    );
+    for h in hosts {
+        s.push('\n');
+        s.push_str(&render_host(h));
+    }
+    s
+}
+
 // ---------------------------------------------------------------- merge
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -478,6 +495,10 @@ pub enum PlanError {
     ForeignCa { path: String },
     #[error("{path}: not UTF-8 text")]
     NotText { path: String },
+    /// #20: a mirrored upstream's directory is slipway's whole or not at
+    /// all; an administrator's configuration for that host wins.
+    #[error("{path}: exists and was not written by slipway; left alone, so {host} is not pulled through the mirror on this node")]
+    ForeignMirror { path: String, host: String },
 }
 
 /// Plan one alias directory towards the desired content.
@@ -619,6 +640,81 @@ pub fn plan_alias(
         kind,
         ops,
         warnings,
+    })
+}
+
+/// Plan one mirrored upstream's directory (#20). Unlike a registry alias,
+/// an administrator's hosts.toml (or loose certificates, which containerd
+/// would stop reading once a hosts.toml exists) is never merged into: the
+/// plan is [`PlanError::ForeignMirror`] and nothing is written.
+pub fn plan_mirror(
+    dir: &str,
+    upstream: &Alias,
+    server: &str,
+    hosts: &[HostEntry],
+    ca_content: &str,
+    obs: &Observed,
+) -> Result<Plan, PlanError> {
+    let foreign = match obs.hosts_toml.as_deref() {
+        Some(cur) => !cur.starts_with(OWNED_MARKER),
+        None => !obs.loose_certs.is_empty(),
+    };
+    if foreign {
+        let file = match obs.hosts_toml {
+            Some(_) => format!("{dir}/{HOSTS_TOML}"),
+            None => format!("{dir}/{}", obs.loose_certs.join(", ")),
+        };
+        return Err(PlanError::ForeignMirror {
+            path: file,
+            host: upstream.dir_name(),
+        });
+    }
+    if let Some(ca) = &obs.ca {
+        if !crate::node::ca_bundle::is_ours(ca) {
+            return Err(PlanError::ForeignCa {
+                path: format!("{dir}/{CA_FILE}"),
+            });
+        }
+    }
+    let prior = obs.state.as_deref().and_then(State::from_json);
+    let state = State {
+        version: 1,
+        alias: upstream.dir_name(),
+        created_dir: prior.map_or(!obs.dir_exists, |s| s.created_dir),
+        hosts_toml: HostsState::Owned,
+    }
+    .to_json();
+    let content = render_mirror(upstream, server, hosts);
+    let mut ops = Vec::new();
+    if !obs.dir_exists {
+        ops.push(Op::CreateDir);
+    }
+    if obs.state.as_deref() != Some(state.as_str()) {
+        ops.push(Op::Write {
+            file: STATE_FILE,
+            content: state,
+            mode: 0o600,
+        });
+    }
+    // The in-cluster registry's entry names the CA beside hosts.toml.
+    if obs.ca.as_deref() != Some(ca_content.as_bytes()) {
+        ops.push(Op::Write {
+            file: CA_FILE,
+            content: ca_content.to_string(),
+            mode: 0o644,
+        });
+    }
+    if obs.hosts_toml.as_deref() != Some(content.as_str()) || obs.hosts_toml_mode != Some(0o644) {
+        ops.push(Op::Write {
+            file: HOSTS_TOML,
+            content,
+            mode: 0o644,
+        });
+    }
+    Ok(Plan {
+        kind: Kind::Owned,
+        ops,
+        warnings: vec![],
     })
 }
 

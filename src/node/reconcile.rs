@@ -153,6 +153,11 @@ pub enum AliasState {
         changes: Vec<String>,
     },
     Error(ApplyError),
+    /// A mirrored upstream's directory holds an administrator's
+    /// configuration, which wins (#20): nothing was written. The node
+    /// still pulls that host as the administrator set it up, so this is
+    /// reported (`/readyz` detail, the `conflict` state) but not a failure.
+    Conflict(String),
 }
 
 #[derive(Debug)]
@@ -176,7 +181,7 @@ impl AliasStatus {
             AliasState::Applied { changes }
             | AliasState::Drifted { changes }
             | AliasState::Removed { changes } => changes,
-            AliasState::Error(_) => &[],
+            AliasState::Error(_) | AliasState::Conflict(_) => &[],
         }
     }
 }
@@ -195,6 +200,7 @@ impl fmt::Display for AliasStatus {
         };
         match &self.state {
             AliasState::Error(e) => write!(f, "{name}: error: {e}"),
+            AliasState::Conflict(e) => write!(f, "{name}: conflict: {e}"),
             _ if self.changes().is_empty() => {
                 write!(f, "{name}: unchanged{kind} {}", self.dir.display())
             }
@@ -366,7 +372,15 @@ impl NodePass {
         ca_ready(bundle);
         let ca_content = bundle.file_content();
         let fingerprint: [u8; 32] = Sha256::digest(format!("{hosts:?}\n{ca_content}")).into();
-        match apply::apply_all(self.fs.as_ref(), &certs, &cfg.aliases, hosts, &ca_content) {
+        let mirrors = mirror_dirs(cfg);
+        match apply::apply_all(
+            self.fs.as_ref(),
+            &certs,
+            &cfg.aliases,
+            &mirrors,
+            hosts,
+            &ca_content,
+        ) {
             Ok(dirs) => {
                 for d in dirs {
                     let same_wanted = self.applied.get(&d.alias) == Some(&fingerprint);
@@ -381,8 +395,10 @@ impl NodePass {
             }
             Err(e) => status.certs_dir_error = Some(e),
         }
-        self.applied
-            .retain(|a, _| cfg.aliases.iter().any(|c| &c.dir_name() == a));
+        self.applied.retain(|a, _| {
+            cfg.aliases.iter().any(|c| &c.dir_name() == a)
+                || mirrors.iter().any(|m| &m.host.dir_name() == a)
+        });
         status
     }
 
@@ -496,6 +512,16 @@ fn alias_status(d: DirOutcome, same_wanted: bool) -> AliasStatus {
             },
             warnings: a.warnings,
         },
+        Err(ApplyError::Plan(e @ crate::node::hostconfig::PlanError::ForeignMirror { .. })) => {
+            AliasStatus {
+                alias,
+                configured,
+                dir,
+                kind: None,
+                state: AliasState::Conflict(e.to_string()),
+                warnings: vec![],
+            }
+        }
         Err(e) => AliasStatus {
             alias,
             configured,
@@ -505,6 +531,18 @@ fn alias_status(d: DirOutcome, same_wanted: bool) -> AliasStatus {
             warnings: vec![],
         },
     }
+}
+
+/// The mirrored upstreams' directories (#20).
+pub fn mirror_dirs(cfg: &AgentConfig) -> Vec<apply::MirrorDir> {
+    cfg.mirrors
+        .registries
+        .iter()
+        .map(|u| apply::MirrorDir {
+            host: u.host.clone(),
+            server: u.server_url(),
+        })
+        .collect()
 }
 
 /// The `[host]` entries behind the node-local proxy (or alone, for

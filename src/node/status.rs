@@ -145,6 +145,11 @@ pub fn log(status: &NodeStatus, certs_dir: &Path, gate: &mut LogGate, now: Insta
                     error!(alias = %a.alias, "{m}");
                 }
             }
+            AliasState::Conflict(m) => {
+                if gate.allow(&subject, m, now) {
+                    warn!(alias = %a.alias, "{m}");
+                }
+            }
             AliasState::Applied { changes } if !changes.is_empty() => {
                 gate.clear(&subject);
                 info!(alias = %a.alias, dir = %a.dir.display(), changes = %changes.join(", "), "applied")
@@ -208,8 +213,13 @@ impl StatusWriter {
 
         let mut now_configured = BTreeSet::new();
         let mut problems = Vec::new();
+        let mut notes = Vec::new();
         for a in status.aliases.iter().filter(|a| a.configured) {
             let state = match &a.state {
+                AliasState::Conflict(e) => {
+                    notes.push(format!("{}: {e}", a.alias));
+                    HostState::Conflict
+                }
                 AliasState::Applied { .. } | AliasState::Removed { .. } => HostState::Applied,
                 AliasState::Drifted { .. } => HostState::Drifted,
                 AliasState::Error(e) => {
@@ -251,6 +261,7 @@ impl StatusWriter {
             }
             self.series = now_configured;
         }
+        self.ready.set_notes(notes);
         self.ready.set(
             Check::HostconfigApplied,
             if problems.is_empty() {

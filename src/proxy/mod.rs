@@ -113,7 +113,8 @@ impl Default for Timeouts {
     }
 }
 
-type HttpsClient = Client<hyper_rustls::HttpsConnector<HttpConnector<DialResolver>>, Empty<Bytes>>;
+pub(crate) type HttpsClient =
+    Client<hyper_rustls::HttpsConnector<HttpConnector<DialResolver>>, Empty<Bytes>>;
 
 /// Resolves every name to `dial` when set (TLS is still verified against
 /// the upstream's name), else through getaddrinfo.
@@ -159,7 +160,7 @@ pub struct UpstreamClient {
     redirects: redirect::RedirectPolicy,
 }
 
-fn roots_from_pem(pem: &[u8]) -> Result<rustls::RootCertStore, String> {
+pub(crate) fn roots_from_pem(pem: &[u8]) -> Result<rustls::RootCertStore, String> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &pem[..]) {
         let cert = cert.map_err(|e| e.to_string())?;
@@ -171,7 +172,7 @@ fn roots_from_pem(pem: &[u8]) -> Result<rustls::RootCertStore, String> {
     Ok(roots)
 }
 
-fn tls_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, String> {
+pub(crate) fn tls_config(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -215,7 +216,11 @@ fn redirect_tls(policy: &redirect::RedirectPolicy) -> Result<rustls::ClientConfi
     })
 }
 
-fn https_client(tls: rustls::ClientConfig, dial: Option<SocketAddr>, t: &Timeouts) -> HttpsClient {
+pub(crate) fn https_client(
+    tls: rustls::ClientConfig,
+    dial: Option<SocketAddr>,
+    t: &Timeouts,
+) -> HttpsClient {
     let mut http = HttpConnector::new_with_resolver(DialResolver {
         dial,
         gai: GaiResolver::new(),
@@ -291,6 +296,9 @@ impl UpstreamClient {
 pub struct ProxyState {
     pub upstream: RwLock<Arc<UpstreamClient>>,
     pub aliases: RwLock<Vec<String>>,
+    /// Mirrored upstreams (#20) and their repository prefixes: a request
+    /// with `?ns=docker.io` is for `mirror/docker.io/<name>` upstream.
+    pub mirrors: RwLock<Vec<(String, String)>>,
     pub cache: Option<Arc<Cache>>,
     pub metrics: Arc<Metrics>,
     /// Reloadable on SIGHUP (#12); read once per request or connection.
@@ -570,6 +578,13 @@ fn classify(state: &ProxyState, req: &Request<Incoming>) -> Result<Route, Refusa
             .find(|(k, _)| k == "ns")
             .map(|(_, v)| v.into_owned())
     });
+    if let Some(ns) = ns.as_deref() {
+        let mirrors = state.mirrors.read().expect("mirrors lock");
+        if let Some((_, prefix)) = mirrors.iter().find(|(host, _)| host == ns) {
+            return route::classify(req.method().as_str(), req.uri().path(), None, &[])
+                .map(|r| r.under(prefix));
+        }
+    }
     let aliases = state.aliases.read().expect("aliases lock");
     route::classify(
         req.method().as_str(),
@@ -738,6 +753,11 @@ fn relay(
     let head = method == Method::HEAD;
     let status = resp.status();
     let mut out = Response::builder().status(status);
+    // The gateway's mirror names the upstream and its answer in the reason
+    // (#20); containerd prints the status line, not the body.
+    if let Some(reason) = resp.extensions().get::<hyper::ext::ReasonPhrase>() {
+        out = out.extension(reason.clone());
+    }
     for name in RESPONSE_HEADERS {
         for v in resp.headers().get_all(name) {
             out = out.header(name, v);

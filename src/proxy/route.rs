@@ -40,6 +40,23 @@ impl Route {
         }
     }
 
+    /// The same request for the repository under `prefix` (#20: a mirrored
+    /// upstream's `library/alpine` is `mirror/docker.io/library/alpine` in
+    /// the in-cluster registry).
+    pub fn under(self, prefix: &str) -> Route {
+        match self {
+            Route::Base => Route::Base,
+            Route::Manifest { name, reference } => Route::Manifest {
+                name: format!("{prefix}/{name}"),
+                reference,
+            },
+            Route::Blob { name, digest } => Route::Blob {
+                name: format!("{prefix}/{name}"),
+                digest,
+            },
+        }
+    }
+
     /// The path sent upstream; rebuilt from validated parts, never copied.
     pub fn upstream_path(&self) -> String {
         match self {
