@@ -27,6 +27,8 @@ pub(crate) struct Gateway {
     pub admin: String,
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// The resolver of its own name resolution ([`Gateway::start_resolving`]).
+    _dns: Option<NxDns>,
 }
 
 /// An htpasswd file with one bcrypt entry for [`USER`]/[`PASSWORD`], in
@@ -59,13 +61,70 @@ impl Gateway {
         pw: &Path,
         env: &[(&str, &str)],
     ) -> Gateway {
+        Gateway::start_full(dir, upstream, pki, pw, env, None)
+    }
+
+    /// #20: with its own name resolution, as a pod has through CoreDNS:
+    /// `hosts` is its /etc/hosts (`IP NAME…` lines, e.g. a stand-in for
+    /// registry-1.docker.io), and every other name is NXDOMAIN, so no
+    /// lookup leaves the machine.
+    pub(crate) fn start_resolving(
+        dir: &Path,
+        upstream: &str,
+        pki: &Pki,
+        env: &[(&str, &str)],
+        hosts: &str,
+    ) -> Gateway {
+        let pw = htpasswd(dir);
+        let etc = dir.join(format!("gateway-etc-{}", unique()));
+        fs::create_dir_all(&etc).unwrap();
+        let dns = NxDns::start();
+        fs::write(etc.join("hosts"), format!("127.0.0.1 localhost\n{hosts}\n")).unwrap();
+        fs::write(etc.join("nsswitch.conf"), "hosts: files dns\n").unwrap();
+        fs::write(
+            etc.join("resolv.conf"),
+            format!("nameserver {}\noptions timeout:1 attempts:1\n", dns.ip),
+        )
+        .unwrap();
+        let mut g = Gateway::start_full(dir, upstream, pki, &pw, env, Some(&etc));
+        g._dns = Some(dns);
+        g
+    }
+
+    fn start_full(
+        dir: &Path,
+        upstream: &str,
+        pki: &Pki,
+        pw: &Path,
+        env: &[(&str, &str)],
+        etc: Option<&Path>,
+    ) -> Gateway {
         // Copies, so a test can replace them without touching the Pki.
         let tls = dir.join("gateway-tls");
         fs::create_dir_all(&tls).unwrap();
         let (cert, key) = (tls.join("tls.crt"), tls.join("tls.key"));
         fs::copy(pki.dir.join("tls.crt"), &cert).unwrap();
         fs::copy(pki.dir.join("tls.key"), &key).unwrap();
-        let mut cmd = Command::new(slipway_bin());
+        let mut cmd = match etc {
+            None => Command::new(slipway_bin()),
+            Some(etc) => {
+                let mut c = Command::new("unshare");
+                let binds: Vec<String> = ["hosts", "nsswitch.conf", "resolv.conf"]
+                    .iter()
+                    .map(|f| format!("mount --bind {}/{f} /etc/{f}", etc.display()))
+                    .collect();
+                c.args([
+                    "--mount",
+                    "--propagation",
+                    "private",
+                    "sh",
+                    "-c",
+                    &format!("{} && exec \"$0\" \"$@\"", binds.join(" && ")),
+                    &slipway_bin(),
+                ]);
+                c
+            }
+        };
         cmd.arg("gateway")
             .args(["--gateway-listen", "127.0.0.1:0"])
             .args(["--gateway-admin-listen", "127.0.0.1:0"])
@@ -102,6 +161,7 @@ impl Gateway {
             admin,
             cert,
             key,
+            _dns: None,
         }
     }
 

@@ -204,7 +204,7 @@ impl Drop for Proc {
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-fn unique() -> u32 {
+pub fn unique() -> u32 {
     COUNTER.fetch_add(1, Ordering::SeqCst)
 }
 
@@ -734,20 +734,64 @@ pub struct SlowFront {
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
+/// What a [`SlowFront`] does besides relaying.
+#[derive(Default, Clone)]
+pub struct FrontOpts {
+    /// Hold the head of every blob `GET` back this long.
+    pub blob_delay: Duration,
+    /// #20: answer 429 to manifest requests once this many manifest `GET`s
+    /// were relayed (a rate-limited upstream such as Docker Hub).
+    pub manifest_gets: Option<usize>,
+    /// Append `METHOD TARGET STATUS` per request (the upstream's access log).
+    pub access_log: Option<PathBuf>,
+}
+
 impl SlowFront {
     pub fn start(ns: &NetNs, listen: &str, backend: &str, pki: &Pki, delay: Duration) -> SlowFront {
+        Self::start_with(
+            Some(ns),
+            listen,
+            backend,
+            pki,
+            FrontOpts {
+                blob_delay: delay,
+                ..Default::default()
+            },
+        )
+    }
+
+    /// In `ns`, or in the test's own namespace with `None`.
+    pub fn start_with(
+        ns: Option<&NetNs>,
+        listen: &str,
+        backend: &str,
+        pki: &Pki,
+        opts: FrontOpts,
+    ) -> SlowFront {
         use std::io::{Read, Write};
         let cfg = Arc::new(tls_server_config(pki));
-        let path = format!("/var/run/netns/{}", ns.name);
+        let path = ns.map(|ns| format!("/var/run/netns/{}", ns.name));
         let (listen, backend) = (listen.to_string(), backend.to_string());
         let stop = Arc::new(AtomicBool::new(false));
         let st = stop.clone();
         let (tx, rx) = std::sync::mpsc::channel();
+        let gets = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let log = opts.access_log.clone().map(|p| {
+            Arc::new(std::sync::Mutex::new(
+                fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .unwrap(),
+            ))
+        });
         // Inside the namespace: the listener and every connection to the
         // backend are made by this thread or threads it starts.
         let thread = std::thread::spawn(move || {
-            let netns = fs::File::open(&path).unwrap();
-            nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            if let Some(path) = path {
+                let netns = fs::File::open(&path).unwrap();
+                nix::sched::setns(&netns, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            }
             let l = std::net::TcpListener::bind(&listen).unwrap();
             l.set_nonblocking(true).unwrap();
             tx.send(l.local_addr().unwrap().to_string()).unwrap();
@@ -758,6 +802,8 @@ impl SlowFront {
                     continue;
                 };
                 let (cfg, backend, st) = (cfg.clone(), backend.clone(), st.clone());
+                let (opts, gets, log) = (opts.clone(), gets.clone(), log.clone());
+                let delay = opts.blob_delay;
                 conns.push(std::thread::spawn(move || {
                     c.set_nonblocking(false).unwrap();
                     let _ = c.set_read_timeout(Some(Duration::from_secs(10)));
@@ -776,6 +822,35 @@ impl SlowFront {
                     let text = String::from_utf8_lossy(&head).to_string();
                     let mut lines = text.split("\r\n");
                     let request_line = lines.next().unwrap_or_default().to_string();
+                    let target = request_line
+                        .split(' ')
+                        .take(2)
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    let write_log = |status: &str| {
+                        if let Some(l) = &log {
+                            let _ = writeln!(l.lock().unwrap(), "{target} {status}");
+                        }
+                    };
+                    if let (Some(limit), true) =
+                        (opts.manifest_gets, request_line.contains("/manifests/"))
+                    {
+                        let is_get = request_line.starts_with("GET ");
+                        let n = if is_get {
+                            gets.fetch_add(1, Ordering::SeqCst) + 1
+                        } else {
+                            gets.load(Ordering::SeqCst)
+                        };
+                        if n > limit || (!is_get && n >= limit) {
+                            write_log("429");
+                            let body = r#"{"errors":[{"code":"TOOMANYREQUESTS","message":"You have reached your pull rate limit."}]}"#;
+                            let _ = write!(tls, "HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nRetry-After: 3600\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}", body.len(), if is_get { body } else { "" });
+                            tls.conn.send_close_notify();
+                            let _ = tls.flush();
+                            return;
+                        }
+                    }
+                    write_log("relayed");
                     if request_line.starts_with("GET ") && request_line.contains("/blobs/") {
                         // Bounded by `delay`; ends early at the stop.
                         let until = Instant::now() + delay;

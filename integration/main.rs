@@ -8,6 +8,7 @@ mod gateway;
 mod hardening;
 mod harness;
 mod layouts;
+mod mirror;
 mod proxy_hardening;
 mod scale;
 
