@@ -56,6 +56,8 @@ fn plan_with(f: impl FnOnce(&mut BuildArgs)) -> Plan {
         // The flows here are about the Job, the CA and the follower; the
         // push Secret's preflight (on by default, #10) has its own tests.
         no_push_secret: true,
+        // And the mirror's (#20) has its own tests below.
+        no_mirror: true,
         ..Default::default()
     };
     f(&mut a);
@@ -1500,4 +1502,130 @@ async fn real_kaniko_cache_upload_failures_are_warnings_with_retries() {
     assert_eq!(v["retries"].as_array().unwrap().len(), 6);
     assert_eq!(v["retries"][0]["after"], "1s");
     assert_eq!(v["retries"][0]["cache"], true);
+}
+
+// ---- the mirror (#20) ------------------------------------------------------
+
+const MIRROR_URI: &str = "/api/v1/namespaces/shared-services/configmaps/slipway-mirror";
+
+/// A detached build with the mirror on: the preflight, then ConfigMap
+/// slipway-mirror answered with `code` and `body`; the Kaniko args of the
+/// Job it creates, if it creates one.
+async fn mirror_flow(code: u16, body: Value, job_expected: bool) -> (Ran, Option<Vec<String>>) {
+    let plan = plan_with(|a| a.no_mirror = false);
+    let mut o = opts(OutputFormat::Text);
+    o.detach = true;
+    let args = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let seen = args.clone();
+    let r = drive(plan.clone(), o, |mut h| async move {
+        preflight_in_place(&mut h).await;
+        answer(&mut h, Method::GET, MIRROR_URI, code, body).await;
+        if !job_expected {
+            no_more(&mut h).await;
+            return;
+        }
+        let r = expect(
+            &mut h,
+            Method::POST,
+            &format!("/apis/batch/v1/namespaces/{NS}/jobs?"),
+        )
+        .await;
+        {
+            let job = r.json();
+            let a: Vec<String> = serde_json::from_value(
+                job["spec"]["template"]["spec"]["containers"][0]["args"].clone(),
+            )
+            .unwrap();
+            *seen.lock().unwrap() = Some(a);
+            let mut created = created_job(&plan);
+            created["metadata"]["namespace"] = json!(NS);
+            reply(r.send, 201, created);
+        }
+        no_more(&mut h).await;
+    })
+    .await;
+    let a = args.lock().unwrap().take();
+    (r, a)
+}
+
+fn mirror_configmap(toml: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": { "name": "slipway-mirror", "namespace": NS },
+        "data": { "mirror.toml": toml }
+    })
+}
+
+fn maps(args: &[String]) -> Vec<&str> {
+    args.iter()
+        .filter_map(|a| a.strip_prefix("--registry-map="))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_clusters_mirror_maps_every_upstream_for_kaniko() {
+    let (r, args) = mirror_flow(
+        200,
+        mirror_configmap("[mirror]\nregistries = [\"docker.io\", \"ghcr.io\"]\n"),
+        true,
+    )
+    .await;
+    assert_eq!(exit_code(&r), 0, "{:?}\n{}", r.result, r.stderr);
+    let args = args.expect("a Job was created");
+    assert_eq!(
+        maps(&args),
+        [
+            "index.docker.io=registry.shared-services:5000/mirror/docker.io",
+            "ghcr.io=registry.shared-services:5000/mirror/ghcr.io",
+        ],
+        "{args:?}"
+    );
+    assert!(r.stderr.contains("FROM through the mirror"), "{}", r.stderr);
+}
+
+#[tokio::test]
+async fn without_a_mirror_configmap_from_images_come_from_their_registries() {
+    let (r, args) = mirror_flow(404, not_found("configmaps", "slipway-mirror"), true).await;
+    assert_eq!(exit_code(&r), 0, "{:?}\n{}", r.result, r.stderr);
+    assert!(maps(&args.unwrap()).is_empty());
+}
+
+#[tokio::test]
+async fn a_forbidden_mirror_configmap_warns_and_builds_without_it() {
+    let (r, args) = mirror_flow(
+        403,
+        status(
+            403,
+            "Forbidden",
+            "configmaps \"slipway-mirror\" is forbidden",
+            json!({}),
+        ),
+        true,
+    )
+    .await;
+    assert_eq!(exit_code(&r), 0, "{:?}\n{}", r.result, r.stderr);
+    assert!(maps(&args.unwrap()).is_empty());
+    assert!(
+        r.stderr
+            .contains("cannot read ConfigMap shared-services/slipway-mirror (forbidden)"),
+        "{}",
+        r.stderr
+    );
+}
+
+#[tokio::test]
+async fn a_bad_mirror_configmap_is_a_configuration_error_naming_it() {
+    let (r, args) = mirror_flow(
+        200,
+        mirror_configmap("[mirror]\nregistries = [\"https://docker.io\"]\n"),
+        false,
+    )
+    .await;
+    assert!(args.is_none(), "no Job");
+    let msg = failed_with(&r, 64);
+    assert!(
+        msg.contains("ConfigMap shared-services/slipway-mirror key mirror.toml")
+            || msg.contains("mirror.registries[0]"),
+        "{msg}"
+    );
 }

@@ -133,6 +133,12 @@ fn cases() -> Vec<(&'static str, &'static str, Vec<String>)> {
             "b12ns00001",
             app(&["--rev", "main", "--namespace", "team-b"]),
         ),
+        // #20: FROM docker.io/… and ghcr.io/… through the mirror.
+        (
+            "mirror",
+            "b13mirror1",
+            app(&["--rev", "main", "--mirror-registries", "docker.io,ghcr.io"]),
+        ),
     ]
 }
 
@@ -358,6 +364,17 @@ fn the_options_reach_the_job() {
         .any(|(k, _)| k == "SLIPWAY_IMAGE_BY_COMMIT"));
 
     assert!(args("target").contains(&"--target=runtime".to_string()));
+    let m = args("mirror");
+    assert!(m.contains(
+        &"--registry-map=index.docker.io=registry.shared-services:5000/mirror/docker.io"
+            .to_string()
+    ));
+    assert!(m.contains(
+        &"--registry-map=ghcr.io=registry.shared-services:5000/mirror/ghcr.io".to_string()
+    ));
+    assert!(!args("branch")
+        .iter()
+        .any(|a| a.starts_with("--registry-map")));
     let ba = args("build-args");
     assert!(ba.contains(&"--build-arg=GO_VERSION=1.22".to_string()));
     assert!(ba.contains(&"--build-arg=LDFLAGS=-s -w".to_string()));

@@ -260,6 +260,45 @@ impl Mirrors {
     }
 }
 
+/// The name of the ConfigMap that holds the install's `mirror.toml`
+/// (daemonset/overlays/mirror): mounted by the agents and the gateway, and
+/// read by `slipway build` for its `--registry-map`. A fixed name, without
+/// kustomize's hash suffix, so that a build can find it.
+pub const CONFIGMAP: &str = "slipway-mirror";
+/// Its key.
+pub const CONFIGMAP_KEY: &str = "mirror.toml";
+
+impl Mirrors {
+    /// The `[mirror]` table of a TOML document (`origin` names it in
+    /// errors: a file, or a ConfigMap's key); its other tables belong to
+    /// whoever else reads the document, and are not checked here. No
+    /// `[mirror]` table: off.
+    pub fn from_toml(origin: &Path, text: &str) -> Result<Mirrors, ConfigError> {
+        let parse = |message: String| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message,
+        };
+        let table: toml::Table =
+            toml::from_str(text).map_err(|e| parse(e.to_string().trim_end().to_string()))?;
+        let raw = match table.get("mirror") {
+            Some(v) => {
+                FileMirror::deserialize(v.clone()).map_err(|e| parse(format!("[mirror]: {e}")))?
+            }
+            None => FileMirror::default(),
+        };
+        Mirrors::parse(&raw, origin.parent())
+    }
+
+    /// [`Mirrors::from_toml`] of a file.
+    pub fn load(file: &Path) -> Result<Mirrors, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            path: file.to_path_buf(),
+            source,
+        })?;
+        Mirrors::from_toml(file, &text)
+    }
+}
+
 // ---------------------------------------------------------------- tags
 
 /// What the mirror knows of a tag: the manifest it named when last asked.

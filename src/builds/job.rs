@@ -412,6 +412,10 @@ pub struct BuildSpec {
     pub git_secret: Option<String>,
     /// `None`: `--no-push-secret`.
     pub push_secret: Option<PushSecret>,
+    /// Kaniko `--registry-map` values (#20): each mirrored upstream to its
+    /// repositories in the in-cluster registry, so that `FROM docker.io/…`
+    /// is pulled through the mirror.
+    pub registry_map: Vec<String>,
 }
 
 impl BuildSpec {
@@ -584,6 +588,12 @@ pub fn kaniko_args(spec: &BuildSpec) -> Vec<String> {
     }
     if let Some(t) = &spec.tag {
         a.push(format!("--destination={}:{t}", spec.image()));
+    }
+    // Kaniko tries each mapped registry first and the original one after
+    // (no --skip-default-registry-fallback): a mirror that is down costs a
+    // failed attempt, not the build.
+    for m in &spec.registry_map {
+        a.push(format!("--registry-map={m}"));
     }
     if spec.cache {
         a.push("--cache=true".into());

@@ -22,6 +22,8 @@
 //! ca_namespace    = "shared-services"
 //! service_account = "slipway-build"
 //! cache           = true
+//! mirror          = true     # FROM through the cluster's mirror, if it has one (#20)
+//! # mirror_registries = ["docker.io"]   # instead of reading ConfigMap slipway-mirror
 //! timeout         = "1h"
 //! ttl             = "24h"
 //! cpu             = "1"
@@ -252,6 +254,12 @@ pub struct Overrides {
     /// Use the registry layer cache (--no-cache turns it off) [default: true]
     #[arg(long, env = "SLIPWAY_BUILD_CACHE", hide = true)]
     pub cache: Option<bool>,
+    /// Pull FROM images of mirrored upstreams through the cluster's mirror (--no-mirror turns it off) [default: true]
+    #[arg(long, env = "SLIPWAY_BUILD_MIRROR", hide = true)]
+    pub mirror: Option<bool>,
+    /// The mirrored upstreams (e.g. docker.io,ghcr.io), instead of reading them from ConfigMap slipway-mirror in the CA namespace
+    #[arg(long, env = "SLIPWAY_BUILD_MIRROR_REGISTRIES", value_delimiter = ',')]
+    pub mirror_registries: Option<Vec<String>>,
     /// Give up after this long (e.g. 30m, 1h30m) [default: 1h]
     #[arg(long, env = "SLIPWAY_BUILD_TIMEOUT")]
     pub timeout: Option<String>,
@@ -315,6 +323,10 @@ pub struct BuildArgs {
     /// Do not use the registry layer cache
     #[arg(long)]
     pub no_cache: bool,
+    /// Pull FROM images from their own registries, not through the
+    /// cluster's mirror (no --registry-map)
+    #[arg(long)]
+    pub no_mirror: bool,
     /// Print the build's name and exit once the Job is created
     #[arg(long)]
     pub detach: bool,
@@ -352,6 +364,8 @@ struct FileBuild {
     ca_file: Option<PathBuf>,
     service_account: Option<String>,
     cache: Option<bool>,
+    mirror: Option<bool>,
+    mirror_registries: Option<Vec<String>>,
     timeout: Option<String>,
     ttl: Option<String>,
     cpu: Option<String>,
@@ -369,11 +383,24 @@ pub enum CaSource {
     Pem(String),
 }
 
+/// Which upstreams the build maps to the mirror (#20).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MirrorSource {
+    /// `--no-mirror` / `mirror = false`.
+    Off,
+    /// ConfigMap [`crate::mirror::CONFIGMAP`] in this namespace (the CA
+    /// namespace), read at preflight; missing means no mirror.
+    Cluster { namespace: String },
+    /// `mirror_registries`: already in the spec's `registry_map`.
+    Given,
+}
+
 /// Everything a build needs, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub spec: BuildSpec,
     pub ca: CaSource,
+    pub mirror: MirrorSource,
     /// As typed (for messages).
     pub timeout: String,
 }
@@ -693,7 +720,7 @@ impl BuildArgs {
                 CaSource::Pem(pem)
             }
             None => CaSource::Cluster {
-                namespace: ca_namespace,
+                namespace: ca_namespace.clone(),
                 name: ca_configmap.clone(),
             },
         };
@@ -704,6 +731,27 @@ impl BuildArgs {
             .unwrap_or_else(|| DEFAULT_SERVICE_ACCOUNT.into());
         check_dns_subdomain("service account", &service_account)?;
         let cache = !self.no_cache && o.cache.or(f.cache).unwrap_or(true);
+        let mirror_on = !self.no_mirror && o.mirror.or(f.mirror).unwrap_or(true);
+        let (mirror, registry_map) = match o.mirror_registries.clone().or(f.mirror_registries) {
+            _ if !mirror_on => (MirrorSource::Off, vec![]),
+            Some(list) => {
+                let m = crate::mirror::Mirrors::parse(
+                    &crate::mirror::FileMirror {
+                        registries: Some(list),
+                        ..Default::default()
+                    },
+                    None,
+                )
+                .map_err(|e| bad(format!("mirror_registries: {e}")))?;
+                (MirrorSource::Given, m.registry_map(&registry))
+            }
+            None => (
+                MirrorSource::Cluster {
+                    namespace: ca_namespace.clone(),
+                },
+                vec![],
+            ),
+        };
         let timeout = o
             .timeout
             .clone()
@@ -854,8 +902,10 @@ impl BuildArgs {
                     name,
                     key: key.to_string(),
                 }),
+                registry_map,
             },
             ca,
+            mirror,
             timeout,
         })
     }

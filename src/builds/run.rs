@@ -47,7 +47,7 @@ use serde::Serialize;
 use super::job::{self, BuildSpec, CA_KEY, GIT_CONTAINER, KANIKO_CONTAINER, LABEL_BUILD_ID};
 use super::log::{CacheUploadFailure, Event as LogEvent, KanikoLog, Retry};
 use super::status::{self, BuildRow, CState, Context, PodView, Verdict};
-use super::{BuildArgs, BuildError, CaSource, OutputFormat, Plan};
+use super::{BuildArgs, BuildError, CaSource, MirrorSource, OutputFormat, Plan};
 use crate::k8s::{self, ApiClass};
 use crate::pki::ensure::{ensure_ca_configmap, Change, EnsureError};
 
@@ -264,7 +264,7 @@ where
     I: Future<Output = ()>,
     P: Progress,
 {
-    let spec = &plan.spec;
+    let mut spec = plan.spec.clone();
     let ns = spec.namespace.clone();
     let name = spec.job_name();
     let mut interrupt = std::pin::pin!(interrupt);
@@ -279,8 +279,13 @@ where
                 detail: "before the Job was created; nothing to clean up".into(),
             })
         }
-        Some(r) => r?,
+        Some(r) => {
+            if let Some(map) = r? {
+                spec.registry_map = map;
+            }
+        }
     }
+    let spec = &spec;
 
     let jobs: Api<Job> = Api::namespaced(client.clone(), &ns);
     let created = jobs
@@ -410,7 +415,69 @@ fn sa_hint(ns: &str, sa: &str) -> String {
 /// Checks what the Job needs, and copies the registry CA into the build
 /// namespace. A check the caller may not make (403) is skipped with a
 /// warning: the pod would then fail to start, which `follow` reports.
+/// Checks what the build pod needs, copies the CA, and returns the
+/// cluster's `--registry-map` when the plan reads it from there.
 async fn preflight<P: Progress>(
+    client: &Client,
+    plan: &Plan,
+    progress: &mut P,
+) -> Result<Option<Vec<String>>, BuildError> {
+    ca_and_access(client, plan, progress).await?;
+    match &plan.mirror {
+        MirrorSource::Cluster { namespace } => {
+            mirror_map(client, namespace, &plan.spec.registry, progress)
+                .await
+                .map(Some)
+        }
+        MirrorSource::Off | MirrorSource::Given => Ok(None),
+    }
+}
+
+/// #20: the upstreams of ConfigMap `slipway-mirror` (the mirror overlay's
+/// `mirror.toml`), as Kaniko `--registry-map` values. No ConfigMap: the
+/// cluster has no mirror, and FROM images come from their registries.
+async fn mirror_map<P: Progress>(
+    client: &Client,
+    namespace: &str,
+    registry: &str,
+    progress: &mut P,
+) -> Result<Vec<String>, BuildError> {
+    use crate::mirror::{Mirrors, CONFIGMAP, CONFIGMAP_KEY};
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let cm = match cms.get_opt(CONFIGMAP).await {
+        Ok(cm) => cm,
+        Err(e) if k8s::classify(&e) == ApiClass::Denied => {
+            progress.warn(&format!(
+                "cannot read ConfigMap {namespace}/{CONFIGMAP} (forbidden): FROM images are \
+                 pulled from their own registries, not through the mirror"
+            ));
+            return Ok(vec![]);
+        }
+        Err(e) => {
+            return Err(kube_err(format!(
+                "cannot read ConfigMap {namespace}/{CONFIGMAP}"
+            ))(e))
+        }
+    };
+    let Some(text) = cm
+        .as_ref()
+        .and_then(|c| c.data.as_ref())
+        .and_then(|d| d.get(CONFIGMAP_KEY))
+    else {
+        return Ok(vec![]);
+    };
+    let origin = format!("ConfigMap {namespace}/{CONFIGMAP} key {CONFIGMAP_KEY}");
+    let mirrors = Mirrors::from_toml(std::path::Path::new(&origin), text)
+        .map_err(|e| BuildError::Config(e.to_string()))?;
+    let map = mirrors.registry_map(registry);
+    if !map.is_empty() {
+        progress.info(&format!("FROM through the mirror: {}", map.join(", ")));
+    }
+    Ok(map)
+}
+
+/// The ServiceAccount, the Secrets and the CA ConfigMap.
+async fn ca_and_access<P: Progress>(
     client: &Client,
     plan: &Plan,
     progress: &mut P,

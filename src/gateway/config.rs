@@ -215,7 +215,7 @@ impl GatewayConfig {
             .or(g.mirror_config)
             .map(rel)
         {
-            Some(file) => load_mirror(&file)?,
+            Some(file) => crate::mirror::Mirrors::load(&file)?,
             None => crate::mirror::Mirrors::parse(
                 &f.mirror.unwrap_or_default(),
                 path.and_then(Path::parent),
@@ -262,28 +262,6 @@ impl GatewayConfig {
             )?,
         })
     }
-}
-
-/// The `[mirror]` table of another TOML file (agent.toml); its other
-/// tables are the agent's, and not checked here.
-fn load_mirror(file: &Path) -> Result<crate::mirror::Mirrors, ConfigError> {
-    use serde::Deserialize as _;
-    let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
-        path: file.to_path_buf(),
-        source,
-    })?;
-    let parse = |message: String| ConfigError::Parse {
-        path: file.to_path_buf(),
-        message,
-    };
-    let table: toml::Table =
-        toml::from_str(&text).map_err(|e| parse(e.to_string().trim_end().to_string()))?;
-    let raw = match table.get("mirror") {
-        Some(v) => crate::mirror::FileMirror::deserialize(v.clone())
-            .map_err(|e| parse(format!("[mirror]: {e}")))?,
-        None => crate::mirror::FileMirror::default(),
-    };
-    crate::mirror::Mirrors::parse(&raw, file.parent())
 }
 
 fn addr(key: &str, v: Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {

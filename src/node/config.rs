@@ -184,6 +184,9 @@ pub struct Overrides {
     /// containerd.socket: host path of containerd's CRI socket, for the canary pull (unset: no canary)
     #[arg(long, env = "SLIPWAY_CONTAINERD_SOCKET")]
     pub containerd_socket: Option<PathBuf>,
+    /// a TOML file whose [mirror] table is used instead of this file's (#20; the install's ConfigMap slipway-mirror)
+    #[arg(long, env = "SLIPWAY_MIRROR_CONFIG")]
+    pub mirror_config: Option<PathBuf>,
     /// proxy.listen: loopback address of the node-local pull proxy
     #[arg(long, env = "SLIPWAY_PROXY_LISTEN")]
     pub proxy_listen: Option<String>,
@@ -685,7 +688,12 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
         ov.node_name.clone(),
     )?;
 
-    let mirrors = crate::mirror::Mirrors::parse(&f.mirror, path.and_then(Path::parent))?;
+    // The install keeps [mirror] in its own ConfigMap (daemonset/overlays/
+    // mirror), which `slipway build` reads too; re-read on every SIGHUP.
+    let mirrors = match &ov.mirror_config {
+        Some(file) => crate::mirror::Mirrors::load(file)?,
+        None => crate::mirror::Mirrors::parse(&f.mirror, path.and_then(Path::parent))?,
+    };
     for u in &mirrors.registries {
         if aliases.iter().any(|a: &Alias| a == &u.host) {
             return Err(ConfigError::Invalid {
