@@ -158,6 +158,7 @@ fn every_kustomization_renders_into_the_namespace() {
         "daemonset/overlays/canary",
         "daemonset/overlays/fix-containerd-config",
         "daemonset/overlays/loadbalancer",
+        "daemonset/overlays/mirror",
         "daemonset/overlays/peers",
         "daemonset/overlays/prometheus",
         "daemonset/overlays/startup-taint",
@@ -562,12 +563,13 @@ fn namespace_registry_and_build_access() {
             assert_ne!(s["name"], "slipway-build", "{b}");
         }
     }
-    // The public CA is readable for copying into build namespaces, and that
-    // Role reaches nothing else.
+    // The public CA is readable for copying into build namespaces, and the
+    // mirror's list of upstreams for --registry-map (#20); that Role
+    // reaches nothing else.
     let reader = find(&objects, "Role", "registry-ca-reader");
     assert_eq!(
         reader["rules"],
-        json!([{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["registry-ca"], "verbs": ["get"]}])
+        json!([{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["registry-ca", "slipway-mirror"], "verbs": ["get"]}])
     );
 }
 
@@ -832,5 +834,78 @@ fn skip_or_fail(msg: &str) {
             );
         }
         _ => panic!("{msg}; to skip instead, set SLIPWAY_SKIP_INTEGRATION=<reason>"),
+    }
+}
+
+/// #20: the mirror overlay: one ConfigMap, slipway-mirror (no hash suffix,
+/// so that `slipway build` can find it), whose mirror.toml parses, mounted
+/// where the agent's and the gateway's variables say; builds may read it.
+#[test]
+fn mirror_overlay() {
+    let Some(k) = kubectl() else { return };
+    for dir in [
+        "daemonset/overlays/mirror",
+        "integration/cluster/overlay-mirror",
+    ] {
+        let objects = render(&k, dir);
+        let cm = find(&objects, "ConfigMap", slipway::mirror::CONFIGMAP);
+        let text = cm["data"][slipway::mirror::CONFIGMAP_KEY]
+            .as_str()
+            .unwrap_or_else(|| panic!("{dir}: no mirror.toml"));
+        let m = slipway::mirror::Mirrors::from_toml(Path::new(dir), text).unwrap();
+        let hosts: Vec<String> = m.registries.iter().map(|u| u.label()).collect();
+        assert!(hosts.iter().any(|h| h == "docker.io"), "{dir}: {hosts:?}");
+        for (kind, name, var) in [
+            ("DaemonSet", "slipway-agent", "SLIPWAY_MIRROR_CONFIG"),
+            ("Deployment", "registry", "SLIPWAY_GATEWAY_MIRROR_CONFIG"),
+        ] {
+            let pod = pod_spec(find(&objects, kind, name)).unwrap();
+            let c = pod["containers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| {
+                    c["env"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|e| e["name"] == var)
+                })
+                .unwrap_or_else(|| panic!("{dir}: {kind} {name}: no {var}"));
+            let path = c["env"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["name"] == var)
+                .unwrap()["value"]
+                .as_str()
+                .unwrap();
+            let vol = pod["volumes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|v| v["configMap"]["name"] == slipway::mirror::CONFIGMAP)
+                .unwrap_or_else(|| panic!("{dir}: {kind} {name}: no slipway-mirror volume"));
+            let mount = c["volumeMounts"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|m| m["name"] == vol["name"])
+                .unwrap_or_else(|| panic!("{dir}: {kind} {name}: slipway-mirror not mounted"));
+            assert_eq!(
+                format!(
+                    "{}/{}",
+                    mount["mountPath"].as_str().unwrap(),
+                    slipway::mirror::CONFIGMAP_KEY
+                ),
+                path,
+                "{dir}: {kind} {name}"
+            );
+        }
+        let role = find(&objects, "Role", "registry-ca-reader");
+        assert!(
+            strs(&role["rules"][0]["resourceNames"]).contains(&slipway::mirror::CONFIGMAP),
+            "{dir}: builds cannot read the mirror's ConfigMap"
+        );
     }
 }
