@@ -15,6 +15,14 @@
 #   bash integration/cluster.sh build-env    print the SLIPWAY_BUILD_*_IMAGE=
 #                                      lines for the build images the nodes
 #                                      hold (Kaniko built from source, git)
+#   bash integration/cluster.sh stand-in NAME   start a stand-in upstream
+#                                      registry for NAME (e.g. docker.io),
+#                                      resolvable under that name by the
+#                                      nodes and pods, TLS from a test CA the
+#                                      mirror overlay trusts; prints
+#                                      PUSH=<host:port> and LOG=<access log>
+#                                      (integration/cluster/stand-in.sh, #20)
+#   bash integration/cluster.sh stand-in-stop NAME   stop it, as an outage
 #   bash integration/cluster.sh node-restart NODE [KUBELET-FLAG...]
 #                                      stop NODE's kubelet and containers,
 #                                      delete its Node object and start it
@@ -41,6 +49,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/cluster/node.sh"
 # shellcheck source=integration/cluster/git.sh
 . "$here/cluster/git.sh"
+# shellcheck source=integration/cluster/stand-in.sh
+. "$here/cluster/stand-in.sh"
 
 IMAGES="$CACHE/images"
 
@@ -139,6 +149,7 @@ down() {
   for n in "${NODES[@]}"; do
     node_stop "$n"
   done
+  stand_in_stop_all
   for n in site-dns kube-scheduler kube-controller-manager kube-apiserver etcd; do
     stop "$n"
   done
@@ -218,5 +229,13 @@ case "${1:-}" in
     git_serve "$@"
     ;;
   build-env) build_env ;;
-  *) die "usage: bash integration/cluster.sh up|down|kubeconfig|git-serve DIR|build-env|node-restart NODE [FLAGS]" ;;
+  stand-in)
+    shift
+    stand_in "$@"
+    ;;
+  stand-in-stop)
+    shift
+    stand_in_stop "$@"
+    ;;
+  *) die "usage: bash integration/cluster.sh up|down|kubeconfig|git-serve DIR|build-env|node-restart NODE [FLAGS]|stand-in NAME|stand-in-stop NAME" ;;
 esac

@@ -8,7 +8,8 @@
 //! The steps run in the order a user meets them, in one test, because each
 //! builds on the one before: the seed's failure, install, push and pull on
 //! every node, renewal, builds from git with the real Kaniko executor
-//! (`integration/cluster_builds.rs`, #19), the startup taint, bad input,
+//! (`integration/cluster_builds.rs`, #19), public images through the mirror
+//! (`integration/cluster_mirror.rs`, #20), the startup taint, bad input,
 //! uninstall.
 //!
 //! Needs root and what `integration/install-deps.sh` installs. If the
@@ -29,6 +30,9 @@ use harness::*;
 
 #[path = "cluster_builds.rs"]
 mod builds;
+
+#[path = "cluster_mirror.rs"]
+mod mirror;
 
 /// Every file under a node's /etc/containerd/certs.d, with its bytes.
 fn certs_d(node: &str) -> BTreeMap<PathBuf, Vec<u8>> {
@@ -214,6 +218,13 @@ fn the_seeds_flow_on_a_real_cluster() {
     builds::builds(&cluster, tmp.path());
     eprintln!(
         "step 8 (builds with the real Kaniko executor): {:?}",
+        step.elapsed()
+    );
+
+    let step = Instant::now();
+    mirror::mirror(&cluster, tmp.path());
+    eprintln!(
+        "step 9 (docker.io through the mirror, from its stand-in): {:?}",
         step.elapsed()
     );
 

@@ -125,16 +125,28 @@ start_controllers() {
 
 # The nodes' upstream resolver: NXDOMAIN for everything, as a VPC resolver
 # answers for cluster-internal names.
+# The site resolver's Corefile: every name NXDOMAIN (nothing is looked up
+# outside), except the stand-in upstream registries (stand-in.sh, #20),
+# which answer from $STATE/site-dns/hosts under the real names (docker.io,
+# registry-1.docker.io). Their zones get a server block of their own:
+# CoreDNS runs template before hosts whatever the Corefile's order, so one
+# block could not hold both. `reload` picks up a rewritten Corefile.
+site_dns_corefile() {
+  local zones
+  zones=$(sed -e 's/#.*//' "$STATE/site-dns/hosts" | awk 'NF > 1 { for (i = 2; i <= NF; i++) printf "%s:53 ", $i }')
+  {
+    printf '.:53 {\n    bind %s\n    reload 2s 1s\n    template ANY ANY {\n        rcode NXDOMAIN\n    }\n}\n' "$HOST_IP"
+    if [ -n "$zones" ]; then
+      printf '%s{\n    bind %s\n    hosts %s {\n        ttl 5\n        reload 1s\n    }\n}\n' "$zones" "$HOST_IP" "$STATE/site-dns/hosts"
+    fi
+  } >"$STATE/site-dns/Corefile.tmp"
+  mv "$STATE/site-dns/Corefile.tmp" "$STATE/site-dns/Corefile"
+}
+
 start_site_dns() {
   mkdir -p "$STATE/site-dns"
-  cat >"$STATE/site-dns/Corefile" <<EOF
-.:53 {
-    bind $HOST_IP
-    template ANY ANY {
-        rcode NXDOMAIN
-    }
-}
-EOF
+  touch "$STATE/site-dns/hosts"
+  site_dns_corefile
   start site-dns "$BIN/coredns" -conf "$STATE/site-dns/Corefile"
   wait_until "the site resolver on $HOST_IP:53 (log: $STATE/logs/site-dns.log)" 30 \
     bash -c "exec 3<>/dev/tcp/$HOST_IP/53"
