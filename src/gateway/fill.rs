@@ -499,16 +499,24 @@ impl Mirror {
             )
             .await?;
         if r.status() != StatusCode::CREATED {
-            let status = r.status();
-            let text = read_limited(r.into_body(), 4096, self.body_idle)
-                .await
-                .unwrap_or_default();
-            return Err(format!(
-                "registry answered {status} to the upload of {repo}@{digest}: {}",
-                String::from_utf8_lossy(&text).trim()
-            ));
+            return Err(self
+                .refusal(r, &format!("the upload of {repo}@{digest}"))
+                .await);
         }
         Ok(())
+    }
+
+    /// The registry's answer to a write it did not accept, with the start
+    /// of its error body.
+    async fn refusal(&self, r: Response<Incoming>, what: &str) -> String {
+        let status = r.status();
+        let text = read_limited(r.into_body(), 4096, self.body_idle)
+            .await
+            .unwrap_or_default();
+        format!(
+            "registry answered {status} to {what}: {}",
+            String::from_utf8_lossy(&text).trim()
+        )
     }
 
     async fn read_record(&self, repo: &str, tag: &str) -> Result<Option<TagRecord>, String> {
@@ -553,14 +561,9 @@ impl Mirror {
             )
             .await?;
         if r.status() != StatusCode::CREATED {
-            let status = r.status();
-            let text = read_limited(r.into_body(), 4096, self.body_idle)
-                .await
-                .unwrap_or_default();
-            return Err(format!(
-                "registry answered {status} to the tag record {repo}:{tag}: {}",
-                String::from_utf8_lossy(&text).trim()
-            ));
+            return Err(self
+                .refusal(r, &format!("the tag record {repo}:{tag}"))
+                .await);
         }
         Ok(())
     }

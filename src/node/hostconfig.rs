@@ -607,12 +607,22 @@ pub fn plan_alias(
     }
     .to_json();
 
+    Ok(Plan {
+        kind,
+        ops: write_ops(obs, state, ca_content, hosts_content, mode),
+        warnings,
+    })
+}
+
+/// The writes that bring one directory to `state`, the CA and `hosts`
+/// (mode `mode`), skipping what is already so. Order matters for crash
+/// safety: the state (with any original) lands before the hosts.toml, and
+/// the CA before the hosts.toml that names it.
+fn write_ops(obs: &Observed, state: String, ca_content: &str, hosts: String, mode: u32) -> Vec<Op> {
     let mut ops = Vec::new();
     if !obs.dir_exists {
         ops.push(Op::CreateDir);
     }
-    // Order matters for crash safety: the state (with the original) lands
-    // before the merged file, and the CA before the hosts.toml that names it.
     if obs.state.as_deref() != Some(state.as_str()) {
         ops.push(Op::Write {
             file: STATE_FILE,
@@ -627,20 +637,14 @@ pub fn plan_alias(
             mode: 0o644,
         });
     }
-    if obs.hosts_toml.as_deref() != Some(hosts_content.as_str())
-        || obs.hosts_toml_mode != Some(mode)
-    {
+    if obs.hosts_toml.as_deref() != Some(hosts.as_str()) || obs.hosts_toml_mode != Some(mode) {
         ops.push(Op::Write {
             file: HOSTS_TOML,
-            content: hosts_content,
+            content: hosts,
             mode,
         });
     }
-    Ok(Plan {
-        kind,
-        ops,
-        warnings,
-    })
+    ops
 }
 
 /// Plan one mirrored upstream's directory (#20). Unlike a registry alias,
@@ -685,32 +689,8 @@ pub fn plan_mirror(
     }
     .to_json();
     let content = render_mirror(upstream, server, hosts);
-    let mut ops = Vec::new();
-    if !obs.dir_exists {
-        ops.push(Op::CreateDir);
-    }
-    if obs.state.as_deref() != Some(state.as_str()) {
-        ops.push(Op::Write {
-            file: STATE_FILE,
-            content: state,
-            mode: 0o600,
-        });
-    }
     // The in-cluster registry's entry names the CA beside hosts.toml.
-    if obs.ca.as_deref() != Some(ca_content.as_bytes()) {
-        ops.push(Op::Write {
-            file: CA_FILE,
-            content: ca_content.to_string(),
-            mode: 0o644,
-        });
-    }
-    if obs.hosts_toml.as_deref() != Some(content.as_str()) || obs.hosts_toml_mode != Some(0o644) {
-        ops.push(Op::Write {
-            file: HOSTS_TOML,
-            content,
-            mode: 0o644,
-        });
-    }
+    let ops = write_ops(obs, state, ca_content, content, 0o644);
     Ok(Plan {
         kind: Kind::Owned,
         ops,
