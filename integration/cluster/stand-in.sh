@@ -15,8 +15,8 @@
 #                        reach it under the real name. The CA goes to the
 #                        cluster as ConfigMap shared-services/
 #                        slipway-mirror-ca (key ca.crt), which
-#                        overlay-mirror gives the gateway, once that
-#                        namespace exists (install first). Prints
+#                        overlay-mirror gives the gateway (the namespace
+#                        is made if the install has not run yet). Prints
 #                        PUSH=IP:5000 and LOG=<access log>, the log's lines
 #                        being `METHOD URI STATUS BYTES`.
 #   stand_in_stop NAME   stops both processes, as an outage would: the name
@@ -155,14 +155,14 @@ EOF
   mv "$hosts.tmp" "$hosts"
   site_dns_corefile
 
-  # Only into an existing namespace: the install makes it (and the cluster
-  # test checks that it starts without one).
-  if kctl get namespace shared-services >/dev/null 2>&1; then
-    kctl -n shared-services create configmap slipway-mirror-ca --from-file=ca.crt="$STAND_IN/ca.crt" \
-      --dry-run=client -o yaml | kctl apply -f - >/dev/null
-  else
-    log "stand-in: no namespace shared-services yet, so no ConfigMap slipway-mirror-ca: run stand-in $name again after the install (overlay-mirror's registry pod waits for it)"
+  # The install's namespace, made here if the install has not run yet (the
+  # install then labels it); overlay-mirror's registry pod waits for this.
+  if ! kctl get namespace shared-services >/dev/null 2>&1; then
+    kctl create namespace shared-services >/dev/null
+    log "stand-in: created namespace shared-services for ConfigMap slipway-mirror-ca"
   fi
+  kctl -n shared-services create configmap slipway-mirror-ca --from-file=ca.crt="$STAND_IN/ca.crt" \
+    --dry-run=client -o yaml | kctl apply -f - >/dev/null
 
   wait_until "stand-in $name's registry on $ip:5000 (log: $STATE/logs/stand-in-$name-registry.log)" 30 \
     curl -fsS "http://$ip:5000/v2/"
