@@ -32,6 +32,22 @@ fn upstream_log(p: &Path) -> Vec<String> {
         .collect()
 }
 
+/// A loopback address of this test process's own for a stand-in at port
+/// 443 (Docker Hub's, so the mirror's default endpoint is what is dialled):
+/// `slot` 0 is the 127.64/10 address of `unique_loopback_addr`, whose
+/// other users take ports 20000-31999; slot 1 is in 127.128/10, so that
+/// the two tests here can run at once.
+fn upstream_ip(slot: u32) -> String {
+    let pid = std::process::id();
+    assert!(pid < 1 << 22, "pid {pid} does not fit the 127/8 scheme");
+    format!(
+        "127.{}.{}.{}",
+        64 + 64 * slot + (pid >> 16),
+        (pid >> 8) & 0xff,
+        pid & 0xff
+    )
+}
+
 fn count(log: &[String], method: &str, needle: &str) -> usize {
     log.iter()
         .filter(|l| l.starts_with(&format!("{method} ")) && l.contains(needle))
@@ -78,11 +94,7 @@ fn public_images_come_through_the_mirror_and_survive_an_outage_and_a_rate_limit(
     );
     // Its own loopback address, port 443: Docker Hub's, so the mirror's
     // default endpoint (https://registry-1.docker.io) is what is dialled.
-    let ip = unique_loopback_addr()
-        .rsplit_once(':')
-        .unwrap()
-        .0
-        .to_string();
+    let ip = upstream_ip(0);
     let up_addr = format!("{ip}:443");
     let log = dir.join("upstream-access.log");
     let mut up = Some(front(&up_addr, &backend.addr, &upstream_pki, &log, None));
@@ -309,4 +321,114 @@ fn public_images_come_through_the_mirror_and_survive_an_outage_and_a_rate_limit(
         || !certs.join("ghcr.io").exists(),
     );
     assert_eq!(snapshot(&certs), others);
+}
+
+/// Credentials (#20): an upstream that demands them (distribution's own
+/// htpasswd auth, a `Basic` challenge) is filled with those of
+/// `mirror.credentials`, files as a Secret volume holds them; without
+/// them, the answer names the upstream and its 401.
+#[test]
+fn credentials_reach_an_upstream_that_demands_them() {
+    if !prerequisites() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let pw = crate::gateway::htpasswd(dir);
+    let backend = Registry::start_with(
+        dir,
+        "127.0.0.1:0",
+        None,
+        None,
+        &format!(
+            "auth:\n  htpasswd:\n    realm: stand-in\n    path: {}\n",
+            pw.display()
+        ),
+    );
+    let digest_file = dir.join("digest");
+    run_ok(
+        std::process::Command::new("skopeo")
+            .args(["copy", "--quiet", "--dest-tls-verify=false", "--dest-creds"])
+            .arg(format!(
+                "{}:{}",
+                crate::gateway::USER,
+                crate::gateway::PASSWORD
+            ))
+            .arg("--digestfile")
+            .arg(&digest_file)
+            .arg(format!("oci:{}:app", oci_layout().display()))
+            .arg(format!("docker://{}/library/app:1", backend.addr)),
+    );
+    let digest = fs::read_to_string(&digest_file).unwrap();
+    let upstream_pki = Pki::new(
+        &dir.join("upstream-pki"),
+        &["registry-1.docker.io", "docker.io"],
+        &[],
+    );
+    let ip = upstream_ip(1);
+    let log = dir.join("upstream-access.log");
+    let _up = front(
+        &format!("{ip}:443"),
+        &backend.addr,
+        &upstream_pki,
+        &log,
+        None,
+    );
+    let creds = dir.join("mirror-credentials/docker.io");
+    fs::create_dir_all(&creds).unwrap();
+    fs::write(creds.join("username"), crate::gateway::USER).unwrap();
+    fs::write(creds.join("password"), crate::gateway::PASSWORD).unwrap();
+    let pki = Pki::new(&dir.join("pki"), &["registry.shared-services"], &[]);
+
+    for with_credentials in [true, false] {
+        let local = Registry::start(dir, "127.0.0.1:0", None, None);
+        let mirror_toml = dir.join(format!("mirror-{with_credentials}.toml"));
+        let mut cfg = format!(
+            "[mirror]\nregistries = [\"docker.io\"]\nca_file = {:?}\n",
+            upstream_pki.ca().display().to_string()
+        );
+        if with_credentials {
+            cfg.push_str(&format!(
+                "[mirror.credentials]\n\"docker.io\" = {:?}\n",
+                creds.display().to_string()
+            ));
+        }
+        fs::write(&mirror_toml, cfg).unwrap();
+        let gw = Gateway::start_resolving(
+            dir,
+            &local.addr,
+            &pki,
+            &[(
+                "SLIPWAY_GATEWAY_MIRROR_CONFIG",
+                mirror_toml.to_str().unwrap(),
+            )],
+            &format!("{ip} registry-1.docker.io docker.io"),
+        );
+        let out = run(std::process::Command::new("curl")
+            .args(["-sS", "-i", "--max-time", "60", "--cacert"])
+            .arg(pki.ca())
+            .arg("--resolve")
+            .arg(format!("registry.shared-services:{}:127.0.0.1", gw.port()))
+            .args(["-H", "Accept: application/vnd.oci.image.manifest.v1+json"])
+            .arg(format!(
+                "https://registry.shared-services:{}/v2/mirror/docker.io/library/app/manifests/1",
+                gw.port()
+            )));
+        let answer = String::from_utf8_lossy(&out.stdout).to_string();
+        if with_credentials {
+            assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+            assert!(
+                answer
+                    .to_ascii_lowercase()
+                    .contains(&format!("docker-content-digest: {}", digest.trim())),
+                "{answer}"
+            );
+        } else {
+            assert!(!answer.starts_with("HTTP/1.1 200"), "{answer}");
+            assert!(
+                answer.contains("upstream docker.io") && answer.contains("401"),
+                "{answer}"
+            );
+        }
+    }
 }

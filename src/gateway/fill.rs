@@ -20,10 +20,11 @@
 //!   unreachable, answers 429 or 5xx, the last digest known is served, with
 //!   `slipway_mirror_stale_tags_served_total` and a warning line.
 //!
-//! Upstream authentication: anonymous, or Basic credentials from
-//! `mirror.credentials` presented to the registry's token service (the
-//! `Bearer` challenge of the distribution token spec), tokens kept for
-//! their `expires_in`.
+//! Upstream authentication: anonymous, or the credentials of
+//! `mirror.credentials`, presented to the registry's token service after a
+//! `Bearer` challenge (the distribution token spec: Docker Hub, GHCR,
+//! Quay; tokens kept for their `expires_in`), or to the registry itself
+//! after a `Basic` one (distribution's htpasswd auth).
 //!
 //! Failures: the client gets a registry-style error that names the
 //! upstream and what it answered, also as the status line's reason, which
@@ -191,6 +192,12 @@ fn challenge_param(challenge: &str, key: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// `user:pass` in base64, for an `Authorization: Basic` header.
+fn basic_credentials(user: &str, pass: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
 }
 
 /// `username` and `password` files in a credentials directory.
@@ -582,6 +589,9 @@ impl Mirror {
     ) -> Result<Response<Incoming>, UpstreamFailure> {
         let mut url = format!("{}{path}", u.endpoint);
         let mut token = self.cached_token(u, scope);
+        // A registry with `Basic` auth (distribution's htpasswd, many
+        // private registries) takes the credentials on every request.
+        let mut basic: Option<String> = None;
         let mut challenged = false;
         let mut redirects = 0;
         loop {
@@ -593,8 +603,10 @@ impl Mirror {
             if let Some(a) = accept {
                 b = b.header(header::ACCEPT, a);
             }
-            if let (Some(t), true) = (&token, same_origin) {
-                b = b.header(header::AUTHORIZATION, format!("Bearer {t}"));
+            match (&basic, &token, same_origin) {
+                (Some(b64), _, true) => b = b.header(header::AUTHORIZATION, format!("Basic {b64}")),
+                (None, Some(t), true) => b = b.header(header::AUTHORIZATION, format!("Bearer {t}")),
+                _ => {}
             }
             let req = b
                 .body(Empty::new())
@@ -626,6 +638,24 @@ impl Mirror {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default()
                     .to_string();
+                if challenge
+                    .get(..6)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("basic "))
+                {
+                    let Some(dir) = &u.credentials else {
+                        return Err(UpstreamFailure::Status(401));
+                    };
+                    match read_credentials(dir) {
+                        Ok((user, pass)) => {
+                            basic = Some(basic_credentials(&user, &pass));
+                            continue;
+                        }
+                        Err(e) => {
+                            warn!(upstream = %u.label(), error = %e, "mirror: cannot read the upstream's credentials");
+                            return Err(UpstreamFailure::Status(401));
+                        }
+                    }
+                }
                 match self.fetch_token(u, &challenge, scope).await {
                     Ok(t) => {
                         token = Some(t);
@@ -703,9 +733,10 @@ impl Mirror {
         let mut b = Request::get(uri);
         if let Some(dir) = &u.credentials {
             let (user, pass) = read_credentials(dir)?;
-            use base64::Engine as _;
-            let basic = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
-            b = b.header(header::AUTHORIZATION, format!("Basic {basic}"));
+            b = b.header(
+                header::AUTHORIZATION,
+                format!("Basic {}", basic_credentials(&user, &pass)),
+            );
         }
         let req = b.body(Empty::new()).map_err(|e| e.to_string())?;
         let resp = tokio::time::timeout(self.response_head, self.upstream.request(req))
