@@ -48,6 +48,38 @@ fn upstream_ip(slot: u32) -> String {
     )
 }
 
+/// The gateway in front of `local`, with the mirror on for docker.io,
+/// trusting `upstream_pki`, resolving Docker Hub's names to `ip`; `extra`
+/// is appended to its `[mirror]` table.
+fn mirror_gateway(
+    dir: &Path,
+    local: &Registry,
+    pki: &Pki,
+    upstream_pki: &Pki,
+    ip: &str,
+    extra: &str,
+) -> Gateway {
+    let mirror_toml = dir.join(format!("mirror-{}.toml", unique()));
+    fs::write(
+        &mirror_toml,
+        format!(
+            "[mirror]\nregistries = [\"docker.io\"]\nca_file = {:?}\n{extra}",
+            upstream_pki.ca().display().to_string()
+        ),
+    )
+    .unwrap();
+    Gateway::start_resolving(
+        dir,
+        &local.addr,
+        pki,
+        &[(
+            "SLIPWAY_GATEWAY_MIRROR_CONFIG",
+            mirror_toml.to_str().unwrap(),
+        )],
+        &format!("{ip} registry-1.docker.io docker.io"),
+    )
+}
+
 fn count(log: &[String], method: &str, needle: &str) -> usize {
     log.iter()
         .filter(|l| l.starts_with(&format!("{method} ")) && l.contains(needle))
@@ -102,25 +134,7 @@ fn public_images_come_through_the_mirror_and_survive_an_outage_and_a_rate_limit(
     // The in-cluster registry and its gateway, with the mirror on.
     let pki = Pki::new(&dir.join("pki"), &["registry.shared-services"], &[]);
     let local = Registry::start(dir, "127.0.0.1:0", None, None);
-    let mirror_toml = dir.join("mirror.toml");
-    fs::write(
-        &mirror_toml,
-        format!(
-            "[mirror]\nregistries = [\"docker.io\"]\ntag_ttl_secs = 3\nca_file = {:?}\n",
-            upstream_pki.ca().display().to_string()
-        ),
-    )
-    .unwrap();
-    let gw = Gateway::start_resolving(
-        dir,
-        &local.addr,
-        &pki,
-        &[(
-            "SLIPWAY_GATEWAY_MIRROR_CONFIG",
-            mirror_toml.to_str().unwrap(),
-        )],
-        &format!("{ip} registry-1.docker.io docker.io"),
-    );
+    let gw = mirror_gateway(dir, &local, &pki, &upstream_pki, &ip, "tag_ttl_secs = 3\n");
 
     // Two nodes. Node 2 first holds an administrator's docker.io file.
     let ctd1 = Containerd::start(dir);
@@ -382,28 +396,14 @@ fn credentials_reach_an_upstream_that_demands_them() {
 
     for with_credentials in [true, false] {
         let local = Registry::start(dir, "127.0.0.1:0", None, None);
-        let mirror_toml = dir.join(format!("mirror-{with_credentials}.toml"));
-        let mut cfg = format!(
-            "[mirror]\nregistries = [\"docker.io\"]\nca_file = {:?}\n",
-            upstream_pki.ca().display().to_string()
-        );
-        if with_credentials {
-            cfg.push_str(&format!(
+        let extra = match with_credentials {
+            true => format!(
                 "[mirror.credentials]\n\"docker.io\" = {:?}\n",
                 creds.display().to_string()
-            ));
-        }
-        fs::write(&mirror_toml, cfg).unwrap();
-        let gw = Gateway::start_resolving(
-            dir,
-            &local.addr,
-            &pki,
-            &[(
-                "SLIPWAY_GATEWAY_MIRROR_CONFIG",
-                mirror_toml.to_str().unwrap(),
-            )],
-            &format!("{ip} registry-1.docker.io docker.io"),
-        );
+            ),
+            false => String::new(),
+        };
+        let gw = mirror_gateway(dir, &local, &pki, &upstream_pki, &ip, &extra);
         let out = run(std::process::Command::new("curl")
             .args(["-sS", "-i", "--max-time", "60", "--cacert"])
             .arg(pki.ca())

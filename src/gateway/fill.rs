@@ -48,7 +48,6 @@ use http_body_util::{combinators::BoxBody, BodyExt, Empty, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
@@ -155,6 +154,15 @@ fn error(status: StatusCode, code: &'static str, message: String) -> Response<Ga
     r
 }
 
+/// 503 with `Retry-After`: a bound was reached or a wait ran out; the
+/// client's retry finds the work done or the slot free.
+fn retry_later(message: String, secs: &'static str) -> Response<GatewayBody> {
+    let mut r = error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", message);
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static(secs));
+    r
+}
+
 fn full(b: Bytes) -> GatewayBody {
     Full::new(b).map_err(|never| match never {}).boxed()
 }
@@ -244,14 +252,7 @@ impl Mirror {
             ..Timeouts::default()
         };
         let upstream = crate::proxy::https_client(tls, None, &t);
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(Duration::from_secs(3)));
-        http.set_nodelay(true);
-        let local = Client::builder(TokioExecutor::new())
-            .http1_max_buf_size(64 * 1024)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_timer(TokioTimer::new())
-            .build(http);
+        let local = super::relay::local_client();
         for u in &cfg.registries {
             let label = u.label();
             for kind in MirrorKind::ALL {
@@ -369,14 +370,10 @@ impl Mirror {
         let turn = {
             let mut turns = self.manifest_turns.lock().expect("turns lock");
             if !turns.contains_key(key) && turns.len() >= MAX_FILLS {
-                let mut r = error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UNAVAILABLE",
+                return retry_later(
                     format!("{MAX_FILLS} mirror manifest lookups are running; retry shortly"),
+                    "2",
                 );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-                return r;
             }
             turns.entry(key.to_string()).or_default().clone()
         };
@@ -401,16 +398,10 @@ impl Mirror {
         let turn = leave.2.clone();
         let out = match tokio::time::timeout(FILL_WAIT, turn.lock()).await {
             Ok(_held) => work.await,
-            Err(_) => {
-                let mut r = error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UNAVAILABLE",
-                    format!("the mirror's lookup of {key} did not complete; retry"),
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-                r
-            }
+            Err(_) => retry_later(
+                format!("the mirror's lookup of {key} did not complete; retry"),
+                "2",
+            ),
         };
         drop(turn);
         drop(leave);
@@ -1097,14 +1088,10 @@ impl Mirror {
                     Some(rx) => Some(rx.clone()),
                     None if fills.len() >= MAX_FILLS => {
                         drop(fills);
-                        let mut r = error(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            "UNAVAILABLE",
+                        return retry_later(
                             format!("{MAX_FILLS} mirror fills are running; retry shortly"),
+                            "2",
                         );
-                        r.headers_mut()
-                            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-                        return r;
                     }
                     None => None,
                 }
@@ -1122,17 +1109,13 @@ impl Mirror {
                 }
             }
         }
-        let mut r = error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "UNAVAILABLE",
+        retry_later(
             format!(
                 "the mirror's fill of {digest} from {} did not complete; retry",
                 req.upstream.label()
             ),
-        );
-        r.headers_mut()
-            .insert(header::RETRY_AFTER, HeaderValue::from_static("2"));
-        r
+            "2",
+        )
     }
 
     async fn fill_blob(
@@ -1146,14 +1129,7 @@ impl Mirror {
         {
             let mut fills = self.fills.lock().expect("fills lock");
             if fills.contains_key(&key) {
-                let mut r = error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "UNAVAILABLE",
-                    format!("{digest} is being filled; retry"),
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return r;
+                return retry_later(format!("{digest} is being filled; retry"), "1");
             }
             fills.insert(key.clone(), done_rx);
         }

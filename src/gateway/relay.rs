@@ -82,15 +82,7 @@ impl Relay {
         body_idle: Duration,
         response_head: Duration,
     ) -> Relay {
-        let mut http = HttpConnector::new();
-        http.set_connect_timeout(Some(Duration::from_secs(3)));
-        http.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .http1_max_buf_size(64 * 1024)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(32)
-            .pool_timer(TokioTimer::new())
-            .build(http);
+        let client = local_client();
         Relay {
             upstream,
             client,
@@ -264,6 +256,24 @@ pub fn logged_path(path: &str) -> String {
 pub const DENIED_PAUSE: Duration = Duration::from_millis(500);
 
 /// Handle one client request from `client`.
+/// The HTTP client to distribution on the pod's loopback, for the relay
+/// and the mirror's fill path alike.
+pub(crate) fn local_client<B>() -> Client<HttpConnector, B>
+where
+    B: hyper::body::Body + Send,
+    B::Data: Send,
+{
+    let mut http = HttpConnector::new();
+    http.set_connect_timeout(Some(Duration::from_secs(3)));
+    http.set_nodelay(true);
+    Client::builder(TokioExecutor::new())
+        .http1_max_buf_size(64 * 1024)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(32)
+        .pool_timer(TokioTimer::new())
+        .build(http)
+}
+
 pub async fn handle(
     relay: Arc<Relay>,
     client: Option<IpAddr>,
