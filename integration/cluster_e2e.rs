@@ -332,17 +332,20 @@ fn push_and_pull(c: &Cluster, layout: &Path, digest: &str, certs: &Path, authfil
         .unwrap();
     let order = [first, 1 - first];
 
-    // Sharing needs each agent to have found the other (the headless
-    // Service slipway-peers lists an agent once it is ready).
+    // Sharing needs each agent to have found the other, and itself (the
+    // headless Service slipway-peers lists an agent once it is ready): an
+    // agent that ranks without itself asks its peer for the blobs it owns.
     for ip in NODE_IPS {
         wait_for(&format!("the agent on {ip} to find its peer"), 60, || {
             let m = metrics(ip);
-            if metric(&m, "slipway_peers", "") >= 1.0 {
+            if metric(&m, "slipway_peers", "") >= 1.0
+                && metric(&m, "slipway_peer_self_listed", "") >= 1.0
+            {
                 Ok(())
             } else {
                 Err(m
                     .lines()
-                    .filter(|l| l.starts_with("slipway_peers"))
+                    .filter(|l| l.starts_with("slipway_peer"))
                     .collect())
             }
         });

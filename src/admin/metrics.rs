@@ -267,6 +267,7 @@ pub struct Metrics {
     pub peer_requests: Family<PeerResultLabels, Counter>,
     pub coalesced: Counter,
     pub peers: Gauge,
+    pub peer_self_listed: Gauge,
 }
 
 impl Default for Metrics {
@@ -412,6 +413,12 @@ impl Metrics {
             "Peer nodes in the current peer set, this node not counted",
             peers.clone(),
         );
+        let peer_self_listed = Gauge::default();
+        r.register(
+            "peer_self_listed",
+            "1 when this node's own peer address is in the peer set (the peer Service lists it once the agent is ready)",
+            peer_self_listed.clone(),
+        );
         // Families print their HELP only once they have a series; create
         // the known ones so a fresh agent's /metrics lists every metric.
         for source in SourceLabel::ALL {
@@ -454,6 +461,7 @@ impl Metrics {
             peer_requests,
             coalesced,
             peers,
+            peer_self_listed,
         }
     }
 
@@ -546,6 +554,7 @@ mod tests {
             "slipway_peer_requests",
             "slipway_coalesced_requests",
             "slipway_peers",
+            "slipway_peer_self_listed",
         ] {
             assert!(
                 t.contains(&format!("# HELP {name} ")),

@@ -215,16 +215,26 @@ const EMPTY_RETRY: Duration = Duration::from_secs(1);
 const EMPTY_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// How long to wait before resolving the peers again. With other peers
-/// known, `refresh` (`peers.refresh_secs`). With none, 1 s, doubling up to
-/// 5 s (never above `refresh`): when every agent starts at once (an
-/// install, a new cluster), none is ready yet, so the headless Service
-/// slipway-peers has no records (publishNotReadyAddresses: false) until
-/// the agents pass their readiness probes, some 30 s later. Waiting the
-/// whole period then left the first rollout after an install without
-/// sharing (seen on the real cluster, #17). A node that stays alone costs
-/// one DNS query every 5 s.
-pub fn next_refresh(others: usize, previous: Option<Duration>, refresh: Duration) -> Duration {
-    if others > 0 {
+/// known and this node among them, `refresh` (`peers.refresh_secs`).
+/// Otherwise 1 s, doubling up to 5 s (never above `refresh`): when every
+/// agent starts at once (an install, a new cluster), none is ready yet, so
+/// the headless Service slipway-peers has no records
+/// (publishNotReadyAddresses: false) until the agents pass their readiness
+/// probes, some 30 s later. Waiting the whole period then left the first
+/// rollout after an install without sharing (seen on the real cluster,
+/// #17). The same holds while the set lists the others but not this node
+/// (it became ready after they did): this node would rank without itself
+/// and ask another node for the blobs it owns, while that node, whose set
+/// lists both, asks it for its own, so both fetch from the registry (seen
+/// in CI: a node that was the owner got its layer from its peer). A node
+/// that stays alone, or unlisted, costs one DNS query every 5 s.
+pub fn next_refresh(
+    others: usize,
+    self_listed: bool,
+    previous: Option<Duration>,
+    refresh: Duration,
+) -> Duration {
+    if others > 0 && self_listed {
         return refresh;
     }
     let max = EMPTY_RETRY_MAX.min(refresh);
@@ -331,7 +341,9 @@ impl Peers {
 
     /// Set the members (for tests and after a resolution); returns how
     /// many of them are other nodes.
-    pub fn set_members(&self, addrs: Vec<SocketAddr>) -> usize {
+    /// Replace the peer set; the number of other nodes in it, and whether
+    /// this node is in it.
+    pub fn set_members(&self, addrs: Vec<SocketAddr>) -> (usize, bool) {
         let listen = self.config.listen;
         let mut v: Vec<(SocketAddr, bool)> = addrs
             .into_iter()
@@ -340,13 +352,15 @@ impl Peers {
         v.sort();
         v.dedup();
         let others = v.iter().filter(|(_, me)| !me).count();
+        let listed = v.iter().any(|(_, me)| *me);
         self.metrics.peers.set(others as i64);
+        self.metrics.peer_self_listed.set(i64::from(listed));
         let old = self.members.read().expect("peers lock").clone();
         if *old != v {
             info!(peers = ?v.iter().map(|(a, _)| a.to_string()).collect::<Vec<_>>(), "peer set changed");
         }
         *self.members.write().expect("peers lock") = Arc::new(v);
-        others
+        (others, listed)
     }
 
     /// Resolve `peers.static` and `peers.dns` once. A name that does not
@@ -373,8 +387,8 @@ impl Peers {
         let mut wait = None;
         loop {
             let addrs = self.resolve().await;
-            let others = self.set_members(addrs);
-            let next = next_refresh(others, wait, self.config.refresh);
+            let (others, listed) = self.set_members(addrs);
+            let next = next_refresh(others, listed, wait, self.config.refresh);
             wait = Some(next);
             tokio::time::sleep(next).await;
         }
@@ -586,17 +600,23 @@ mod tests {
         let mut waits = Vec::new();
         let mut prev = None;
         for _ in 0..7 {
-            let w = next_refresh(0, prev, r);
+            let w = next_refresh(0, true, prev, r);
             waits.push(w.as_secs());
             prev = Some(w);
         }
         assert_eq!(waits, [1, 2, 4, 5, 5, 5, 5]);
         // Once another peer is known: the configured period.
-        assert_eq!(next_refresh(1, prev, r), r);
-        assert_eq!(next_refresh(1, None, r), r);
+        assert_eq!(next_refresh(1, true, prev, r), r);
+        assert_eq!(next_refresh(1, true, None, r), r);
+        // Others known but not this node: soon again, as when alone.
+        assert_eq!(next_refresh(1, false, None, r), Duration::from_secs(1));
+        assert_eq!(
+            next_refresh(1, false, Some(Duration::from_secs(4)), r),
+            Duration::from_secs(5)
+        );
         // A period shorter than the first retry is kept.
         assert_eq!(
-            next_refresh(0, None, Duration::from_millis(200)),
+            next_refresh(0, true, None, Duration::from_millis(200)),
             Duration::from_millis(200)
         );
     }
