@@ -80,6 +80,9 @@ pub enum Cmd {
     },
     /// Build an image from a git revision in the cluster with Kaniko; prints REG/NAME@sha256:…
     Build(Box<crate::builds::BuildArgs>),
+    /// Garbage-collect the registry: keep what the cluster uses, the last
+    /// builds, recent pulls and fresh cache; a dry run unless --apply (#21)
+    Gc(Box<crate::gc::GcArgs>),
     /// List builds with their status, commit, digest and age
     Builds {
         #[command(flatten)]
@@ -181,6 +184,8 @@ pub enum Error {
     Canary(#[from] crate::node::canary_image::PushError),
     #[error(transparent)]
     Gateway(#[from] crate::gateway::GatewayError),
+    #[error(transparent)]
+    Gc(#[from] crate::gc::GcError),
     #[error("{what}: {source}")]
     Runtime {
         what: &'static str,
@@ -197,6 +202,7 @@ impl ExitStatus for Error {
             Error::Build(e) => ExitStatus::exit_code(e),
             Error::Canary(e) => e.exit_code(),
             Error::Gateway(e) => e.exit_code(),
+            Error::Gc(e) => e.exit_code(),
             Error::Runtime { .. } => crate::EXIT_APPLY_FAILED,
         }
     }
@@ -335,6 +341,18 @@ pub fn run(cmd: Cmd) -> Result<u8, Error> {
                 crate::builds::run::cli_build(&args, signals.terminated()).await?;
                 Ok(0)
             })
+        }
+        Cmd::Gc(args) => {
+            let report = runtime(false)?.block_on(crate::gc::run(&args))?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report).expect("report serialises")
+                );
+            } else {
+                print!("{}", report.text());
+            }
+            Ok(0)
         }
         Cmd::Builds { settings, output } => {
             runtime(true)?.block_on(crate::builds::run::cli_builds(&settings, output))?;

@@ -10,6 +10,7 @@
 //! | [`gateway`] | `slipway gateway` | the write guard, htpasswd, config | the TLS server, relay, certificate reload |
 //! | [`pki`] | `slipway pki` | certificates, the ensure plan | `pki init` files, `pki ensure` API calls |
 //! | [`builds`] | `slipway build`, `builds`, `logs` | Job, log and status readers | the build runner's API calls |
+//! | [`gc`] | `slipway gc` | the keep set, closure and deletions; the `[gc]` settings | distribution's storage tree, the API lists, the call to the gateway |
 //! | [`mirror`] | shared by agent, gateway and build | the `[mirror]` table, mirror names, tag records (#20) | |
 //! | [`k8s`] | shared | name validators, labels, API error classes | |
 //! | [`canary_image`] | `slipway canary push` | the canary image's bytes | its registry API pushes |
@@ -25,6 +26,7 @@ pub(crate) mod atomic;
 pub mod builds;
 pub mod cli;
 pub mod gateway;
+pub mod gc;
 pub(crate) mod idle;
 pub(crate) mod k8s;
 pub mod mirror;

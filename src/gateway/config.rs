@@ -54,6 +54,7 @@ struct FileGateway {
     upstream_response_timeout_secs: Option<f64>,
     grace_period_secs: Option<f64>,
     mirror_config: Option<PathBuf>,
+    storage_root: Option<PathBuf>,
 }
 
 /// Flag and environment overrides; each maps to one `gateway.*` key.
@@ -100,6 +101,9 @@ pub struct GatewayOverrides {
     /// gateway.mirror_config: a TOML file whose [mirror] table configures the mirror (#20)
     #[arg(long, env = "SLIPWAY_GATEWAY_MIRROR_CONFIG")]
     pub gateway_mirror_config: Option<PathBuf>,
+    /// gateway.storage_root: distribution's filesystem rootdirectory, for `slipway gc` (#21)
+    #[arg(long, env = "SLIPWAY_GATEWAY_STORAGE_ROOT")]
+    pub gateway_storage_root: Option<PathBuf>,
 }
 
 /// The plain-http upstream; the request path and query are appended to it
@@ -125,6 +129,8 @@ pub struct GatewayConfig {
     pub grace_period: Duration,
     /// `[mirror]` (#20); empty when off.
     pub mirror: crate::mirror::Mirrors,
+    /// distribution's `rootdirectory`, where `slipway gc` sweeps (#21).
+    pub storage_root: Option<PathBuf>,
 }
 
 impl GatewayConfig {
@@ -221,7 +227,9 @@ impl GatewayConfig {
                 path.and_then(Path::parent),
             )?,
         };
+        let storage_root = ov.gateway_storage_root.clone().or(g.storage_root).map(rel);
         Ok(GatewayConfig {
+            storage_root,
             mirror,
             source: path.map(Path::to_path_buf),
             listen,

@@ -100,8 +100,103 @@ pub struct UpstreamStatusLabels {
     pub status: String,
 }
 
+/// A garbage collection's mode (#21).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum GcMode {
+    DryRun,
+    Apply,
+}
+
+impl EncodeLabelValue for GcMode {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(
+            encoder,
+            match self {
+                GcMode::DryRun => "dry-run",
+                GcMode::Apply => "apply",
+            },
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum GcResult {
+    Ok,
+    Error,
+}
+
+impl EncodeLabelValue for GcResult {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(
+            encoder,
+            match self {
+                GcResult::Ok => "ok",
+                GcResult::Error => "error",
+            },
+        )
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GcRunLabels {
+    pub mode: GcMode,
+    pub result: GcResult,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GcModeLabels {
+    pub mode: GcMode,
+}
+
+/// What a freed object was.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum GcObject {
+    Blob,
+    Manifest,
+    Tag,
+}
+
+impl EncodeLabelValue for GcObject {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(
+            encoder,
+            match self {
+                GcObject::Blob => "blob",
+                GcObject::Manifest => "manifest",
+                GcObject::Tag => "tag",
+            },
+        )
+    }
+}
+
+/// `repository` is `(unlinked)` for blobs no repository linked.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GcRepoLabels {
+    pub repository: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GcObjectLabels {
+    pub repository: String,
+    pub kind: GcObject,
+}
+
+/// Repositories given series of their own per run, the largest first.
+const GC_MAX_REPO_SERIES: usize = 500;
+
 pub struct GatewayMetrics {
     registry: Registry,
+    /// `slipway_gc_*` (#21).
+    gc: Registry,
+    pub gc_runs: Family<GcRunLabels, Counter>,
+    pub gc_freed_bytes: Family<GcRepoLabels, Counter>,
+    pub gc_freed_objects: Family<GcObjectLabels, Counter>,
+    pub gc_reclaimable_bytes: Family<GcRepoLabels, prometheus_client::metrics::gauge::Gauge>,
+    pub gc_last_bytes: Family<GcModeLabels, prometheus_client::metrics::gauge::Gauge>,
+    pub gc_last_run: Family<GcModeLabels, FGauge>,
+    pub gc_last_seconds: Family<GcModeLabels, FGauge>,
+    pub gc_writes_refused: Counter,
+    pub gc_stale: prometheus_client::metrics::gauge::Gauge,
     /// `slipway_mirror_*` (#20).
     mirror: Registry,
     pub mirror_hits: Family<MirrorLabels, Counter>,
@@ -196,8 +291,80 @@ impl GatewayMetrics {
             "Bytes of manifests and blobs the mirror received from upstream",
             mirror_bytes.clone(),
         );
+        let mut gc = Registry::with_prefix("slipway_gc");
+        let gc_runs = Family::<GcRunLabels, Counter>::default();
+        gc.register(
+            "runs",
+            "Garbage collections by mode (dry-run, apply) and result",
+            gc_runs.clone(),
+        );
+        let gc_freed_bytes = Family::<GcRepoLabels, Counter>::default();
+        gc.register(
+            "freed_bytes",
+            "Bytes of blob data (manifests included) deleted by gc --apply, by repository",
+            gc_freed_bytes.clone(),
+        );
+        let gc_freed_objects = Family::<GcObjectLabels, Counter>::default();
+        gc.register(
+            "freed_objects",
+            "Blobs, manifests and tags deleted by gc --apply, by repository",
+            gc_freed_objects.clone(),
+        );
+        let gc_reclaimable_bytes =
+            Family::<GcRepoLabels, prometheus_client::metrics::gauge::Gauge>::default();
+        gc.register(
+            "reclaimable_bytes",
+            "Bytes the last dry run would free, by repository (0 after an apply)",
+            gc_reclaimable_bytes.clone(),
+        );
+        let gc_last_bytes =
+            Family::<GcModeLabels, prometheus_client::metrics::gauge::Gauge>::default();
+        gc.register(
+            "last_run_bytes",
+            "Bytes the last run freed (apply) or would free (dry-run)",
+            gc_last_bytes.clone(),
+        );
+        let gc_last_run = Family::<GcModeLabels, FGauge>::default();
+        gc.register(
+            "last_run_timestamp_seconds",
+            "Unix time the last successful run ended",
+            gc_last_run.clone(),
+        );
+        let gc_last_seconds = Family::<GcModeLabels, FGauge>::default();
+        gc.register(
+            "last_run_duration_seconds",
+            "How long the last successful run took (for apply: how long writes were refused)",
+            gc_last_seconds.clone(),
+        );
+        let gc_writes_refused = Counter::default();
+        gc.register(
+            "writes_refused",
+            "Writes answered 503 because a garbage collection was sweeping",
+            gc_writes_refused.clone(),
+        );
+        let gc_stale = prometheus_client::metrics::gauge::Gauge::default();
+        gc.register(
+            "registry_stale",
+            "1 while distribution still answers for blobs gc deleted (restart the registry container)",
+            gc_stale.clone(),
+        );
+        for mode in [GcMode::DryRun, GcMode::Apply] {
+            for result in [GcResult::Ok, GcResult::Error] {
+                let _ = gc_runs.get_or_create(&GcRunLabels { mode, result });
+            }
+        }
         GatewayMetrics {
             registry: r,
+            gc,
+            gc_runs,
+            gc_freed_bytes,
+            gc_freed_objects,
+            gc_reclaimable_bytes,
+            gc_last_bytes,
+            gc_last_run,
+            gc_last_seconds,
+            gc_writes_refused,
+            gc_stale,
             mirror,
             mirror_hits,
             mirror_misses,
@@ -209,6 +376,67 @@ impl GatewayMetrics {
             upstream_timeouts,
             certificate_expiry,
             certificate_reloads,
+        }
+    }
+
+    pub fn gc_run(&self, mode: GcMode, ok: bool) {
+        let result = if ok { GcResult::Ok } else { GcResult::Error };
+        self.gc_runs
+            .get_or_create(&GcRunLabels { mode, result })
+            .inc();
+    }
+
+    /// The series of one successful run.
+    pub fn gc_report(&self, r: &crate::gc::GcReport) {
+        let mode = if r.applied {
+            GcMode::Apply
+        } else {
+            GcMode::DryRun
+        };
+        let l = GcModeLabels { mode };
+        self.gc_last_bytes
+            .get_or_create(&l)
+            .set(i64::try_from(r.total.bytes).unwrap_or(i64::MAX));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        self.gc_last_run.get_or_create(&l).set(now);
+        self.gc_last_seconds.get_or_create(&l).set(r.seconds);
+        let mut repos: Vec<(&String, &crate::gc::plan::Freed)> = r.repositories.iter().collect();
+        repos.sort_by_key(|r| std::cmp::Reverse(r.1.bytes));
+        self.gc_reclaimable_bytes.clear();
+        for (repo, f) in repos.into_iter().take(GC_MAX_REPO_SERIES) {
+            let repository = if repo.is_empty() {
+                "(unlinked)".to_string()
+            } else {
+                repo.clone()
+            };
+            if !r.applied {
+                self.gc_reclaimable_bytes
+                    .get_or_create(&GcRepoLabels {
+                        repository: repository.clone(),
+                    })
+                    .set(i64::try_from(f.bytes).unwrap_or(i64::MAX));
+                continue;
+            }
+            self.gc_freed_bytes
+                .get_or_create(&GcRepoLabels {
+                    repository: repository.clone(),
+                })
+                .inc_by(f.bytes);
+            for (kind, n) in [
+                (GcObject::Blob, f.blobs),
+                (GcObject::Manifest, f.manifests),
+                (GcObject::Tag, f.tags),
+            ] {
+                self.gc_freed_objects
+                    .get_or_create(&GcObjectLabels {
+                        repository: repository.clone(),
+                        kind,
+                    })
+                    .inc_by(n);
+            }
         }
     }
 
@@ -225,6 +453,8 @@ impl crate::admin::Exposition for GatewayMetrics {
         prometheus_client::encoding::text::encode_registry(&mut s, &self.registry)
             .expect("writing to a String");
         prometheus_client::encoding::text::encode_registry(&mut s, &self.mirror)
+            .expect("writing to a String");
+        prometheus_client::encoding::text::encode_registry(&mut s, &self.gc)
             .expect("writing to a String");
         prometheus_client::encoding::text::encode_eof(&mut s).expect("writing to a String");
         s

@@ -15,6 +15,7 @@
 //! | [`tls`] | the certificate pair, its reload, the rustls resolver |
 //! | [`metrics`] | the `slipway_gateway_*` series |
 //! | [`relay`] | the TLS server and the streaming relay (the async shell) |
+//! | [`gc`] | `POST /slipway/v1/gc`: the write fence, the sweep, the pull records (#21) |
 //! | [`fill`] | the mirror repositories: served from the registry, filled from upstream (#20) |
 //!
 //! Files read: the config file, the TLS pair and the htpasswd file, each
@@ -23,6 +24,7 @@
 
 pub mod config;
 pub mod fill;
+pub mod gc;
 pub mod guard;
 pub mod htpasswd;
 pub mod metrics;
@@ -177,6 +179,11 @@ async fn serve(cfg: GatewayConfig, entries: Htpasswd, pair: tls::Pair) -> Result
         )?))
     };
     let mirrored: Vec<String> = cfg.mirror.registries.iter().map(|u| u.label()).collect();
+    let collector = Arc::new(gc::Collector::new(
+        cfg.storage_root.clone(),
+        &cfg.upstream.authority,
+        metrics.clone(),
+    ));
     let relay = Arc::new(
         relay::Relay::new(
             cfg.upstream.clone(),
@@ -185,7 +192,8 @@ async fn serve(cfg: GatewayConfig, entries: Htpasswd, pair: tls::Pair) -> Result
             cfg.body_idle_timeout,
             cfg.upstream_response_timeout,
         )
-        .with_mirror(mirror),
+        .with_mirror(mirror)
+        .with_gc(collector.clone()),
     );
 
     // Tests read the bound ports from this line (they pass port 0).
@@ -213,6 +221,7 @@ async fn serve(cfg: GatewayConfig, entries: Htpasswd, pair: tls::Pair) -> Result
         },
     ));
     tasks.spawn(watch_htpasswd(verifier, cfg.push_htpasswd.clone()));
+    tasks.spawn(collector.clone().save_loop());
     let (r, rd) = (relay.clone(), ready.clone());
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(PROBE_EVERY);
@@ -244,6 +253,8 @@ async fn serve(cfg: GatewayConfig, entries: Htpasswd, pair: tls::Pair) -> Result
     )
     .await;
     tasks.abort_all();
+    let c = collector.clone();
+    let _ = tokio::task::spawn_blocking(move || c.save_pulls()).await;
     if drained {
         info!("slipway gateway stopped");
         Ok(0)

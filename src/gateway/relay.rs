@@ -72,6 +72,8 @@ pub struct Relay {
     pub upstream_seen: AtomicBool,
     /// The mirror's fill path (#20), when `mirror.registries` is set.
     pub mirror: Option<Arc<super::fill::Mirror>>,
+    /// Garbage collection (#21): the write fence and the pull records.
+    pub gc: Arc<super::gc::Collector>,
 }
 
 impl Relay {
@@ -83,7 +85,13 @@ impl Relay {
         response_head: Duration,
     ) -> Relay {
         let client = local_client();
+        let gc = Arc::new(super::gc::Collector::new(
+            None,
+            &upstream.authority,
+            metrics.clone(),
+        ));
         Relay {
+            gc,
             upstream,
             client,
             verifier,
@@ -98,6 +106,11 @@ impl Relay {
 
     pub fn with_mirror(mut self, mirror: Option<Arc<super::fill::Mirror>>) -> Relay {
         self.mirror = mirror;
+        self
+    }
+
+    pub fn with_gc(mut self, gc: Arc<super::gc::Collector>) -> Relay {
+        self.gc = gc;
         self
     }
 
@@ -361,18 +374,128 @@ pub async fn handle(
         },
     }
     relay.metrics.count(class, Outcome::Allowed);
-    if let Some(m) = &relay.mirror {
-        if let Some(resp) = mirror(m, &req).await {
-            return Ok(resp);
+    if req.uri().path() == crate::gc::GC_PATH {
+        return Ok(gc_endpoint(&relay, req).await);
+    }
+    let pull = (method == Method::GET && req.uri().path().contains("/manifests/")).then(|| {
+        let ns = req.uri().query().and_then(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .find(|(k, _)| k == "ns")
+                .map(|(_, v)| v.into_owned())
+        });
+        (req.uri().path().to_string(), ns)
+    });
+    let resp = 'resp: {
+        if let Some(m) = &relay.mirror {
+            if let Some(resp) = mirror(m, &relay.gc.fence, &relay.metrics, &req).await {
+                break 'resp resp;
+            }
+        }
+        // #21: no write reaches distribution while gc sweeps its storage,
+        // and no push asks whether a blob is there (its answer could be
+        // deleted before the push names the blob in its manifest).
+        let check = method == Method::HEAD && super::gc::blob_path(req.uri().path()).is_some();
+        let _write = if class == MethodClass::Write || check {
+            match relay.gc.fence.enter() {
+                Ok(g) => Some(g),
+                Err(r) => {
+                    relay.metrics.gc_writes_refused.inc();
+                    return Ok(fenced(r));
+                }
+            }
+        } else {
+            None
+        };
+        let path = check.then(|| req.uri().path().to_string());
+        let resp = forward(&relay, req).await;
+        if let Some(p) = path {
+            // Recorded while still counted in, so a sweep that waits for
+            // the requests in flight sees it.
+            if resp.status().is_success() {
+                relay.gc.record_check(&p);
+            }
+        }
+        resp
+    };
+    if let Some((path, ns)) = pull {
+        if resp.status().is_success() {
+            if let Some(d) = resp
+                .headers()
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+            {
+                relay.gc.record_pull(&path, ns.as_deref(), d);
+            }
         }
     }
-    Ok(forward(&relay, req).await)
+    Ok(resp)
+}
+
+/// A write refused while gc sweeps: `503`, `Retry-After`.
+fn fenced(r: super::gc::Refused) -> Response<GatewayBody> {
+    let mut resp = json_error(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", r.message);
+    resp.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(r.retry_after));
+    resp
+}
+
+/// `POST /slipway/v1/gc` (#21), with the push account already checked.
+async fn gc_endpoint(relay: &Arc<Relay>, req: Request<Incoming>) -> Response<GatewayBody> {
+    if req.method() != Method::POST {
+        return json_error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "UNSUPPORTED",
+            format!("{} takes POST", crate::gc::GC_PATH),
+        );
+    }
+    let body = http_body_util::Limited::new(req.into_body(), super::gc::MAX_REQUEST);
+    let bytes = match tokio::time::timeout(relay.body_idle, body.collect()).await {
+        Ok(Ok(b)) => b.to_bytes(),
+        Ok(Err(e)) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "UNSUPPORTED",
+                format!("gc request body: {e}"),
+            )
+        }
+        Err(_) => {
+            return json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                "UNSUPPORTED",
+                "gc request body did not arrive in time".into(),
+            )
+        }
+    };
+    let gc_req: crate::gc::GcRequest = match serde_json::from_slice(&bytes) {
+        Ok(r) => r,
+        Err(e) => {
+            return json_error(
+                StatusCode::BAD_REQUEST,
+                "UNSUPPORTED",
+                format!("gc request does not parse: {e}"),
+            )
+        }
+    };
+    let (status, body) = relay.gc.run(gc_req).await;
+    let mut r = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
 }
 
 /// A request for a mirror repository (#20), served by [`super::fill`];
 /// `None` for every other request, which the relay forwards.
 async fn mirror(
     m: &Arc<super::fill::Mirror>,
+    fence: &super::gc::Fence,
+    metrics: &GatewayMetrics,
     req: &Request<Incoming>,
 ) -> Option<Response<GatewayBody>> {
     let path = req.uri().path();
@@ -403,6 +526,15 @@ async fn mirror(
     }
     let route = crate::proxy::route::classify(method.as_str(), path, None, &[]).ok()?;
     let request = m.map(&route, ns.as_deref())?;
+    // A mirror request may fill, which writes: refused while gc sweeps
+    // (#21); containerd then tries the next host of its hosts.toml.
+    let _write = match fence.enter() {
+        Ok(g) => g,
+        Err(r) => {
+            metrics.gc_writes_refused.inc();
+            return Some(fenced(r));
+        }
+    };
     Some(m.serve(request, method, req.headers()).await)
 }
 

@@ -191,17 +191,20 @@ impl Image {
 
 /// A ustar archive with one regular file, every variable field fixed.
 pub fn layer_tar() -> Vec<u8> {
+    tar_of(FILE_NAME, FILE_BODY)
+}
+
+/// A ustar archive holding one regular file `name` (under 100 bytes) with
+/// `body`, mode 0644, owner 0, time 0: the same bytes for the same input.
+/// Also the test images of `slipway gc`'s tests (#21).
+pub fn tar_of(name: &str, body: &[u8]) -> Vec<u8> {
     let mut h = [0u8; 512];
     let put = |h: &mut [u8; 512], at: usize, v: &[u8]| h[at..at + v.len()].copy_from_slice(v);
-    put(&mut h, 0, FILE_NAME.as_bytes());
+    put(&mut h, 0, &name.as_bytes()[..name.len().min(99)]);
     put(&mut h, 100, b"0000644\0");
     put(&mut h, 108, b"0000000\0");
     put(&mut h, 116, b"0000000\0");
-    put(
-        &mut h,
-        124,
-        format!("{:011o}\0", FILE_BODY.len()).as_bytes(),
-    );
+    put(&mut h, 124, format!("{:011o}\0", body.len()).as_bytes());
     put(&mut h, 136, b"00000000000\0");
     h[156] = b'0';
     put(&mut h, 257, b"ustar\0");
@@ -211,8 +214,8 @@ pub fn layer_tar() -> Vec<u8> {
     let sum: u32 = h.iter().map(|&b| u32::from(b)).sum();
     put(&mut h, 148, format!("{sum:06o}\0 ").as_bytes());
     let mut tar = h.to_vec();
-    tar.extend_from_slice(FILE_BODY);
-    tar.resize(512 + FILE_BODY.len().div_ceil(512) * 512, 0);
+    tar.extend_from_slice(body);
+    tar.resize(512 + body.len().div_ceil(512) * 512, 0);
     // Two zero blocks end the archive.
     tar.resize(tar.len() + 1024, 0);
     tar
@@ -321,12 +324,13 @@ fn authority(upstream: &str) -> Result<String, PushError> {
     })
 }
 
-type HttpsClient = Client<
+pub(crate) type HttpsClient = Client<
     hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
     Full<Bytes>,
 >;
 
-fn client(ca_file: &Path) -> Result<HttpsClient, PushError> {
+/// An HTTPS client that trusts `ca_file` only (also `slipway gc`'s).
+pub(crate) fn client(ca_file: &Path) -> Result<HttpsClient, PushError> {
     let pem = std::fs::read(ca_file).map_err(|source| PushError::CaRead {
         path: ca_file.into(),
         source,
