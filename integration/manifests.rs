@@ -157,6 +157,7 @@ fn every_kustomization_renders_into_the_namespace() {
         "daemonset/config",
         "daemonset/overlays/canary",
         "daemonset/overlays/fix-containerd-config",
+        "daemonset/overlays/gc-without-cluster-read",
         "daemonset/overlays/loadbalancer",
         "daemonset/overlays/mirror",
         "daemonset/overlays/peers",
@@ -819,6 +820,98 @@ fn prometheus_dashboard() {
         pm["spec"]["podMetricsEndpoints"][0]["relabelings"][0]["targetLabel"],
         "node"
     );
+}
+
+/// #21: the gc CronJob runs a dry run with the push account against the
+/// gateway; its ClusterRole only lists, and only what the keep set needs;
+/// the gateway sees distribution's storage; distribution runs without the
+/// blob descriptor cache; the overlay removes the cluster-wide read.
+#[test]
+fn gc_cronjob_rbac_and_overlay() {
+    let Some(k) = kubectl() else { return };
+    let objects = render(&k, "daemonset");
+    let cj = find(&objects, "CronJob", "slipway-gc");
+    assert_eq!(cj["spec"]["concurrencyPolicy"], "Forbid");
+    let pod = &cj["spec"]["jobTemplate"]["spec"]["template"]["spec"];
+    let c = &pod["containers"][0];
+    assert_eq!(strs(&c["args"]), ["gc"]);
+    let env: Vec<String> = c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        !env.contains(&"SLIPWAY_GC_APPLY".to_string()),
+        "a dry run by default"
+    );
+    for v in [
+        "SLIPWAY_GC_REGISTRY",
+        "SLIPWAY_GC_CA_FILE",
+        "SLIPWAY_GC_PASSWORD_FILE",
+    ] {
+        assert!(env.contains(&v.to_string()), "{v} missing: {env:?}");
+    }
+    assert_eq!(pod["serviceAccountName"], "slipway-gc");
+    let role = find(&objects, "ClusterRole", "slipway-gc");
+    let mut listed = BTreeSet::new();
+    for r in role["rules"].as_array().unwrap() {
+        assert_eq!(r["verbs"], json!(["list"]), "{r}");
+        for res in strs(&r["resources"]) {
+            listed.insert(res.to_string());
+        }
+    }
+    assert_eq!(
+        listed.into_iter().collect::<Vec<_>>(),
+        [
+            "cronjobs",
+            "daemonsets",
+            "deployments",
+            "jobs",
+            "pods",
+            "replicasets",
+            "statefulsets"
+        ]
+    );
+    let binding = find(&objects, "ClusterRoleBinding", "slipway-gc");
+    assert_eq!(binding["subjects"][0]["namespace"], NS);
+    let reg = find(&objects, "Deployment", "registry");
+    let containers = pod_spec(reg).unwrap()["containers"].as_array().unwrap();
+    let env_of = |c: &Value, name: &str| {
+        c["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == name)
+            .map(|e| e["value"].clone())
+    };
+    let registry = containers.iter().find(|c| c["name"] == "registry").unwrap();
+    assert_eq!(
+        env_of(registry, "REGISTRY_STORAGE_CACHE_BLOBDESCRIPTOR"),
+        Some(json!("disabled"))
+    );
+    let gateway = containers.iter().find(|c| c["name"] == "gateway").unwrap();
+    assert_eq!(
+        env_of(gateway, "SLIPWAY_GATEWAY_STORAGE_ROOT"),
+        Some(json!("/var/lib/registry"))
+    );
+    assert!(gateway["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "data" && m["mountPath"] == "/var/lib/registry"));
+
+    let objects = render(&k, "daemonset/overlays/gc-without-cluster-read");
+    assert!(!objects
+        .iter()
+        .any(|o| o["kind"] == "ClusterRole" || o["kind"] == "ClusterRoleBinding"));
+    let cj = find(&objects, "CronJob", "slipway-gc");
+    let c = &cj["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0];
+    assert!(c["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "SLIPWAY_GC_NO_CLUSTER" && e["value"] == "true"));
 }
 
 /// A test that cannot run fails naming what is missing; only
