@@ -647,6 +647,20 @@ pub struct Registry {
     pub proc: Proc,
     pub addr: String,
     pub data: PathBuf,
+    /// How it was started, for [`Registry::restart`].
+    cfg: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+/// Options of [`Registry::start_opts`].
+#[derive(Default)]
+pub struct RegistryOpts<'a> {
+    /// Appended to the config (e.g. `auth:`).
+    pub extra: &'a str,
+    /// Appended inside `storage:` (e.g. `  cache:\n    blobdescriptor: inmemory\n`).
+    pub storage_extra: &'a str,
+    /// Environment of the process (`REGISTRY_*` overrides).
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 impl Registry {
@@ -662,6 +676,29 @@ impl Registry {
         netns: Option<&NetNs>,
         extra: &str,
     ) -> Registry {
+        Self::start_opts(
+            dir,
+            addr,
+            tls,
+            netns,
+            RegistryOpts {
+                extra,
+                ..RegistryOpts::default()
+            },
+        )
+    }
+
+    pub fn start_opts(
+        dir: &Path,
+        addr: &str,
+        tls: Option<&Pki>,
+        netns: Option<&NetNs>,
+        opts: RegistryOpts,
+    ) -> Registry {
+        assert!(
+            netns.is_none() || opts.env.is_empty(),
+            "env is for the host's namespace"
+        );
         let id = unique();
         let data = dir.join(format!("registry-{id}"));
         fs::create_dir_all(&data).unwrap();
@@ -677,21 +714,53 @@ impl Registry {
         fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{tls_yaml}{extra}",
-                data.join("storage").display()
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n{}http:\n  addr: {addr}\n{tls_yaml}{}",
+                data.join("storage").display(),
+                opts.storage_extra,
+                opts.extra,
             ),
         )
         .unwrap();
+        let env: Vec<(String, String)> = opts
+            .env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut cmd = match netns {
             Some(ns) => ns.command("docker-registry"),
             None => Command::new("docker-registry"),
         };
-        cmd.arg("serve").arg(&cfg);
-        let proc = Proc::spawn("registry", cmd, data.join("registry.log"));
+        cmd.arg("serve").arg(&cfg).envs(env.iter().cloned());
+        let (proc, bound) = Self::spawned(cmd, data.join("registry.log"), addr);
+        Registry {
+            proc,
+            addr: bound,
+            data,
+            cfg,
+            env,
+        }
+    }
+
+    /// Stop it and start it again on the same address, config and
+    /// storage (in the host's namespace): a container restart.
+    pub fn restart(&mut self) {
+        self.proc.stop();
+        let mut cmd = Command::new("docker-registry");
+        cmd.arg("serve")
+            .arg(&self.cfg)
+            .envs(self.env.iter().cloned());
+        // The config names the first address (maybe port 0): pin it.
+        cmd.env("REGISTRY_HTTP_ADDR", &self.addr);
+        let log = self.data.join(format!("registry-{}.log", unique()));
+        let (proc, _) = Self::spawned(cmd, log, &self.addr.clone());
+        self.proc = proc;
+    }
+
+    fn spawned(cmd: Command, log: PathBuf, addr: &str) -> (Proc, String) {
+        let mut proc = Proc::spawn("registry", cmd, log);
         // With port 0 the registry binds a port of the kernel's choosing and
         // logs it (`listening on 127.0.0.1:NNNNN`), so nothing can take it
         // between choosing and binding.
-        let mut proc = proc;
         let started = Instant::now();
         let bound = loop {
             let bound = addr_from_log(&proc.log_text(), "msg=\"listening on ", "listening on ");
@@ -714,11 +783,7 @@ impl Registry {
         if !addr.ends_with(":0") {
             assert_eq!(bound, addr, "the registry bound another address");
         }
-        Registry {
-            proc,
-            addr: bound,
-            data,
-        }
+        (proc, bound)
     }
 }
 

@@ -5,6 +5,7 @@
 mod canary;
 mod daemon;
 mod gateway;
+mod gc;
 mod hardening;
 mod harness;
 mod layouts;
