@@ -249,6 +249,19 @@ fn sweep(gib: usize) {
     );
 }
 
+/// The process's peak resident memory (VmHWM), in MiB.
+fn peak_rss_mib() -> f64 {
+    fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
+
 fn run(c: &mut std::process::Command) {
     let s = c.status().unwrap();
     assert!(s.success(), "{c:?}");
@@ -259,5 +272,7 @@ fn main() {
         env_or("SLIPWAY_BENCH_PODS", 10_000),
         env_or("SLIPWAY_BENCH_TAGS", 2_000),
     );
+    println!("peak RSS after the keep set: {:.0} MiB", peak_rss_mib());
     sweep(env_or("SLIPWAY_BENCH_GIB", 10));
+    println!("peak RSS after the sweep: {:.0} MiB", peak_rss_mib());
 }

@@ -9,8 +9,9 @@
 //! builds on the one before: the seed's failure, install, push and pull on
 //! every node, renewal, builds from git with the real Kaniko executor
 //! (`integration/cluster_builds.rs`, #19), public images through the mirror
-//! (`integration/cluster_mirror.rs`, #20), the startup taint, bad input,
-//! uninstall.
+//! (`integration/cluster_mirror.rs`, #20), garbage collection from the
+//! install's CronJob (`integration/cluster_gc.rs`, #21), the startup taint,
+//! bad input, uninstall.
 //!
 //! Needs root and what `integration/install-deps.sh` installs. If the
 //! cluster is not up, the test brings it up and takes it down at the end;
@@ -33,6 +34,9 @@ mod builds;
 
 #[path = "cluster_mirror.rs"]
 mod mirror;
+
+#[path = "cluster_gc.rs"]
+mod gc;
 
 /// Every file under a node's /etc/containerd/certs.d, with its bytes.
 fn certs_d(node: &str) -> BTreeMap<PathBuf, Vec<u8>> {
@@ -225,6 +229,13 @@ fn the_seeds_flow_on_a_real_cluster() {
     mirror::mirror(&cluster, tmp.path());
     eprintln!(
         "step 9 (docker.io through the mirror, from its stand-in): {:?}",
+        step.elapsed()
+    );
+
+    let step = Instant::now();
+    gc::gc(&cluster, tmp.path(), &certs, &authfile);
+    eprintln!(
+        "step 10 (garbage collection from the CronJob): {:?}",
         step.elapsed()
     );
 

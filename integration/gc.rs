@@ -266,6 +266,24 @@ impl Setup {
     }
 }
 
+impl Setup {
+    /// An image pushed to `repo:v1` and pulled whole once (so a registry
+    /// with the descriptor cache has its blobs' descriptors), then aged
+    /// 40 days like everything in the tree.
+    fn old_pulled_image(&self, repo: &str) -> Image {
+        let img = Image::new(
+            &format!("{repo}-{}", unique()),
+            "amd64",
+            &rfc3339(40 * DAY),
+            50_000,
+        );
+        self.push(repo, &img, Some("v1"));
+        pulls_whole(self, &format!("{repo}:v1")).unwrap();
+        age_tree(&self.root().join("docker"), ago(40 * DAY));
+        img
+    }
+}
+
 /// Set the modification time of every file under `dir`.
 fn age_tree(dir: &Path, t: SystemTime) {
     for e in fs::read_dir(dir).unwrap() {
@@ -739,17 +757,7 @@ fn a_registry_that_caches_blob_descriptors_gets_no_writes_until_it_restarts() {
         return;
     }
     let mut s = Setup::new(INMEMORY_CACHE, &[]);
-    let root = s.root();
-    let img = Image::new(
-        &format!("cached-{}", unique()),
-        "amd64",
-        &rfc3339(40 * DAY),
-        50_000,
-    );
-    s.push("cached/app", &img, Some("v1"));
-    // Pulled once, so distribution has cached its blobs' descriptors.
-    pulls_whole(&s, "cached/app:v1").unwrap();
-    age_tree(&root.join("docker"), ago(40 * DAY));
+    let img = s.old_pulled_image("cached/app");
     // Pulled just now, which would keep it: --keep-pulled-days 0.
     let (out, _) = s.gc(&["--apply", "--keep-builds", "0", "--keep-pulled-days", "0"]);
     assert!(
@@ -819,16 +827,7 @@ fn with_the_cache_off_as_installed_a_re_push_right_after_the_sweep_works() {
         INMEMORY_CACHE,
         &[("REGISTRY_STORAGE_CACHE_BLOBDESCRIPTOR", "disabled")],
     );
-    let root = s.root();
-    let img = Image::new(
-        &format!("uncached-{}", unique()),
-        "amd64",
-        &rfc3339(40 * DAY),
-        50_000,
-    );
-    s.push("plain/app", &img, Some("v1"));
-    pulls_whole(&s, "plain/app:v1").unwrap();
-    age_tree(&root.join("docker"), ago(40 * DAY));
+    let img = s.old_pulled_image("plain/app");
     let r = s.gc_ok(&["--apply", "--keep-builds", "0", "--keep-pulled-days", "0"]);
     assert_eq!(r["total"]["bytes"], img.bytes());
     let layout = layout_of(&s.dir, &img);

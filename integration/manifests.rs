@@ -853,6 +853,11 @@ fn gc_cronjob_rbac_and_overlay() {
         assert!(env.contains(&v.to_string()), "{v} missing: {env:?}");
     }
     assert_eq!(pod["serviceAccountName"], "slipway-gc");
+    // The password file (mode 0440) is readable through the group only.
+    assert_eq!(
+        pod["securityContext"]["fsGroup"],
+        pod["securityContext"]["runAsGroup"]
+    );
     let role = find(&objects, "ClusterRole", "slipway-gc");
     let mut listed = BTreeSet::new();
     for r in role["rules"].as_array().unwrap() {

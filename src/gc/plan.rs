@@ -593,6 +593,16 @@ mod tests {
         }
     }
 
+    /// The kept manifests of `repo` with their reasons, sorted.
+    fn kept_of(p: &Plan, repo: &str) -> Vec<(Digest, Reason)> {
+        let mut v: Vec<_> = p.kept[repo]
+            .iter()
+            .map(|k| (k.digest.clone(), k.reason))
+            .collect();
+        v.sort();
+        v
+    }
+
     fn policy() -> Policy {
         Policy {
             keep_builds: 2,
@@ -672,12 +682,8 @@ mod tests {
         }
         i.tag("app", "latest", &d(103)).tag("app", "old", &d(100));
         let p = plan(&i.0, &Roots::default(), &policy(), NOW);
-        let kept: Vec<_> = p.kept["app"]
-            .iter()
-            .map(|k| (k.digest.clone(), k.reason))
-            .collect();
         assert_eq!(
-            kept,
+            kept_of(&p, "app"),
             [(d(102), Reason::RecentBuild), (d(103), Reason::RecentBuild)]
         );
         assert_eq!(
@@ -730,13 +736,8 @@ mod tests {
             ..Roots::default()
         };
         let p = plan(&i.0, &roots, &pol, NOW);
-        let mut kept: Vec<_> = p.kept["team/app"]
-            .iter()
-            .map(|k| (k.digest.clone(), k.reason))
-            .collect();
-        kept.sort();
         assert_eq!(
-            kept,
+            kept_of(&p, "team/app"),
             [
                 (d(100), Reason::Template),
                 (d(101), Reason::Pod),
@@ -760,13 +761,8 @@ mod tests {
         let mut pol = policy();
         pol.keep_builds = 1;
         let p = plan(&i.0, &Roots::default(), &pol, NOW);
-        let mut kept: Vec<_> = p.kept["multi"]
-            .iter()
-            .map(|k| (k.digest.clone(), k.reason))
-            .collect();
-        kept.sort();
         assert_eq!(
-            kept,
+            kept_of(&p, "multi"),
             [
                 (d(1), Reason::Child),
                 (d(2), Reason::Child),
