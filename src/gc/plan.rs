@@ -543,19 +543,10 @@ mod tests {
                 .insert(dg.clone(), t);
             self
         }
-        fn image(&mut self, repo: &str, m: &Digest, blobs: &[(&Digest, u64)], t: u64) -> &mut Self {
-            for (b, s) in blobs {
-                self.layer(repo, b, *s, t);
-            }
+        /// A manifest blob `m` pushed to `repo` at `t`, referencing `p`.
+        fn revision(&mut self, repo: &str, m: &Digest, p: Parsed, t: u64) -> &mut Self {
             self.blob(m, 100, t);
-            self.0.manifests.insert(
-                m.clone(),
-                Parsed {
-                    blobs: blobs.iter().map(|(b, _)| (*b).clone()).collect(),
-                    manifests: vec![],
-                    config: blobs.first().map(|(b, _)| (*b).clone()),
-                },
-            );
+            self.0.manifests.insert(m.clone(), p);
             self.0
                 .repos
                 .entry(repo.into())
@@ -564,23 +555,24 @@ mod tests {
                 .insert(m.clone(), t);
             self
         }
+        fn image(&mut self, repo: &str, m: &Digest, blobs: &[(&Digest, u64)], t: u64) -> &mut Self {
+            for (b, s) in blobs {
+                self.layer(repo, b, *s, t);
+            }
+            let p = Parsed {
+                blobs: blobs.iter().map(|(b, _)| (*b).clone()).collect(),
+                manifests: vec![],
+                config: blobs.first().map(|(b, _)| (*b).clone()),
+            };
+            self.revision(repo, m, p, t)
+        }
         fn index(&mut self, repo: &str, m: &Digest, children: &[&Digest], t: u64) -> &mut Self {
-            self.blob(m, 100, t);
-            self.0.manifests.insert(
-                m.clone(),
-                Parsed {
-                    blobs: vec![],
-                    manifests: children.iter().map(|c| (*c).clone()).collect(),
-                    config: None,
-                },
-            );
-            self.0
-                .repos
-                .entry(repo.into())
-                .or_default()
-                .revisions
-                .insert(m.clone(), t);
-            self
+            let p = Parsed {
+                blobs: vec![],
+                manifests: children.iter().map(|c| (*c).clone()).collect(),
+                config: None,
+            };
+            self.revision(repo, m, p, t)
         }
         fn tag(&mut self, repo: &str, tag: &str, m: &Digest) -> &mut Self {
             self.0
