@@ -767,6 +767,14 @@ fn a_registry_that_caches_blob_descriptors_gets_no_writes_until_it_restarts() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("restart the registry"), "{err}");
     assert_eq!(s.gw.metric("slipway_gc_registry_stale"), 1.0);
+    // Nor does another run start, which would lift the fence.
+    let (again, _) = s.gc(&["--keep-builds", "0"]);
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("restart the registry container first"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
 
     // Straight to distribution, the re-push of the same image exits 0
     // and leaves a tag whose layer is gone: the data loss.

@@ -59,6 +59,8 @@ pub const MAX_PULLS: usize = 200_000;
 /// `gc.keep_pulled_days`).
 const PULLS_MAX_AGE: u64 = 90 * 86_400;
 pub const PULLS_SAVE_EVERY: Duration = Duration::from_secs(60);
+/// The whole round of questions to distribution after a sweep.
+const PROBE_DEADLINE: Duration = Duration::from_secs(60);
 /// Deleted objects asked about after a sweep, at most.
 const MAX_PROBES: usize = 4096;
 /// The request body: 10,000 pods' references are well under 4 MiB.
@@ -311,24 +313,29 @@ impl Collector {
 
     /// Whether distribution answers `200` for any of `paths`.
     async fn serves_any(&self, paths: &[String]) -> bool {
-        for p in paths {
-            let Ok(uri) = format!("http://{}{p}", self.upstream).parse::<Uri>() else {
-                continue;
-            };
-            let req = Request::builder()
-                .method(Method::HEAD)
-                .uri(uri)
-                .body(Idle::empty(Duration::from_secs(10)))
-                .expect("valid request");
-            if let Ok(Ok(r)) =
-                tokio::time::timeout(Duration::from_secs(5), self.client.request(req)).await
-            {
-                if r.status().is_success() {
-                    return true;
+        let ask = async {
+            for p in paths {
+                let Ok(uri) = format!("http://{}{p}", self.upstream).parse::<Uri>() else {
+                    continue;
+                };
+                let req = Request::builder()
+                    .method(Method::HEAD)
+                    .uri(uri)
+                    .body(Idle::empty(Duration::from_secs(10)))
+                    .expect("valid request");
+                match tokio::time::timeout(Duration::from_secs(5), self.client.request(req)).await {
+                    Ok(Ok(r)) if r.status() == StatusCode::NOT_FOUND => {}
+                    // 200, another answer, or none: not known to be gone.
+                    _ => return true,
                 }
             }
-        }
-        false
+            false
+        };
+        // A distribution that does not answer is not known to have let go
+        // of the deleted blobs either: writes stay refused.
+        tokio::time::timeout(PROBE_DEADLINE, ask)
+            .await
+            .unwrap_or(true)
     }
 
     /// Run one collection. The status and the JSON body of the answer.
@@ -358,6 +365,15 @@ impl Collector {
                 "a garbage collection is already running".into(),
             );
         };
+        // A run now would end by lowering the fence that the last one
+        // left raised for distribution's stale cache.
+        if self.fence.stale.load(Ordering::SeqCst) {
+            return err(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "distribution still answers for blobs the last gc deleted: restart the registry container first"
+                    .into(),
+            );
+        }
         let mode = if req.apply {
             GcMode::Apply
         } else {
