@@ -355,3 +355,40 @@ fn out_of_range_values_exit_64_naming_the_key_and_bounds() {
     );
     assert!(!d.path().join("certs.d").exists(), "something was written");
 }
+
+/// `slipway gc` (#21) on bad input: a `[gc]` file with an unknown key, a
+/// registry that is not https, an unreadable password file. Each exits 64
+/// naming the file or key, before any request is made.
+#[test]
+fn gc_bad_input_exits_64_naming_the_file_or_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let cfg = dir.join("gc.toml");
+    fs::write(&cfg, "[gc]\nkeep_bilds = 3\n").unwrap();
+    let gc = |extra: &[&str]| {
+        let mut args = vec!["gc", "--no-cluster", "--ca-file", "/nonexistent/ca.crt"];
+        if !extra.contains(&"--registry") {
+            args.extend(["--registry", "https://registry.shared-services:5000"]);
+        }
+        args.extend_from_slice(extra);
+        let o = Command::new(SLIPWAY)
+            .args(&args)
+            .env("SLIPWAY_LOG_FORMAT", "text")
+            .env_remove("SLIPWAY_GC_PASSWORD")
+            .env_remove("SLIPWAY_GC_CONFIG")
+            .env_remove("SLIPWAY_GC_APPLY")
+            .output()
+            .unwrap();
+        (o.status.code(), err(&o))
+    };
+    let (code, e) = gc(&["--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, Some(64), "{e}");
+    assert!(e.contains("gc.toml") && e.contains("keep_bilds"), "{e}");
+    let (code, e) = gc(&["--registry", "http://registry:5000"]);
+    assert_eq!(code, Some(64), "{e}");
+    assert!(e.contains("gc.registry"), "{e}");
+    let missing = dir.join("password");
+    let (code, e) = gc(&["--password-file", missing.to_str().unwrap()]);
+    assert_eq!(code, Some(64), "{e}");
+    assert!(e.contains(missing.to_str().unwrap()), "{e}");
+}
