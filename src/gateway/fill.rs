@@ -66,6 +66,9 @@ use crate::proxy::{HttpsClient, Timeouts};
 pub const MAX_FILLS: usize = 64;
 /// How long a client waits for another client's fill of the same blob.
 pub const FILL_WAIT: Duration = Duration::from_secs(600);
+/// The pause before a blob GET that the registry answered with a 5xx is
+/// asked again, once.
+const LOCAL_RETRY: Duration = Duration::from_millis(250);
 /// Chunks buffered between the upstream and each of its two readers.
 const CHANNEL_CHUNKS: usize = 8;
 /// Redirects followed for one blob (Docker Hub sends blobs to a CDN).
@@ -433,6 +436,24 @@ impl Mirror {
                 self.local_authority, self.response_head
             )),
         }
+    }
+
+    /// The registry's answer for a blob, asked again once after
+    /// [`LOCAL_RETRY`] if it was a 5xx: another writer (a client's push, the
+    /// fill of another replica) may be rewriting the blob's link in place,
+    /// which distribution 2.8's filesystem driver does non-atomically.
+    async fn local_blob(
+        &self,
+        method: Method,
+        path: &str,
+        pass: &[(HeaderName, String)],
+    ) -> Result<Response<Incoming>, String> {
+        let r = self.local(method.clone(), path, pass, empty()).await?;
+        if !r.status().is_server_error() {
+            return Ok(r);
+        }
+        tokio::time::sleep(LOCAL_RETRY).await;
+        self.local(method, path, pass, empty()).await
     }
 
     /// A blob of `repo` read whole (manifests and records are small).
@@ -1036,9 +1057,19 @@ impl Mirror {
             pass.push((header::RANGE, r.to_string()));
         }
         let method = if head { Method::HEAD } else { Method::GET };
+        let key = format!("{repo}@{digest}");
+        // A fill of this blob in flight here is waited for before the
+        // registry is asked: distribution 2.8's filesystem driver writes a
+        // blob's link in place (PutContent truncates, then writes), so a GET
+        // while the fill commits can read an empty link and answer 500. Seen
+        // in CI as a 503 to the second of two nodes pulling at once.
+        let in_flight = self.fills.lock().expect("fills lock").get(&key).cloned();
+        if let Some(mut rx) = in_flight {
+            let _ = tokio::time::timeout(FILL_WAIT, rx.changed()).await;
+        }
         // Twice at most: once before a fill, once after waiting for another's.
         for attempt in 0..2 {
-            match self.local(method.clone(), &path, &pass, empty()).await {
+            match self.local_blob(method.clone(), &path, &pass).await {
                 Ok(r) if r.status().is_success() => {
                     self.count(true, req.upstream, MirrorKind::Blob);
                     return relay_local(r, self.body_idle);
@@ -1081,7 +1112,7 @@ impl Mirror {
                     Err(f) => self.failure_response(req, &format!("blob {digest}"), &f, ""),
                 };
             }
-            let key = format!("{repo}@{digest}");
+            let key = key.clone();
             let waiting = {
                 let fills = self.fills.lock().expect("fills lock");
                 match fills.get(&key) {
