@@ -197,7 +197,7 @@ fn registry_writes(r: &Registry) -> Vec<String> {
         .collect()
 }
 
-fn skopeo_push(
+pub(crate) fn skopeo_push(
     layout: &Path,
     gw: &Gateway,
     pki: &Pki,
@@ -217,7 +217,7 @@ fn skopeo_push(
 
 /// curl over TLS to the gateway, verifying it with the CA; status, headers
 /// and body.
-fn curl(pki: &Pki, args: &[&str]) -> HttpResponse {
+pub(crate) fn curl(pki: &Pki, args: &[&str]) -> HttpResponse {
     let out = run(Command::new("curl")
         .args(["-sS", "-i", "--max-time", "60", "--cacert"])
         .arg(pki.ca())
@@ -240,7 +240,7 @@ fn url(gw: &Gateway, path: &str) -> String {
     format!("https://{}{path}", gw.addr)
 }
 
-fn sha(b: &[u8]) -> String {
+pub(crate) fn sha(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(b)))
 }
 

