@@ -421,6 +421,7 @@ fn pki_job_and_its_role() {
         [
             "configmaps/registry-ca",
             "secrets/registry-ca",
+            "secrets/registry-http-secret",
             "secrets/registry-push",
             "secrets/registry-tls"
         ]

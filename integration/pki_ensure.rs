@@ -320,19 +320,21 @@ fn lines(seen: &[Seen]) -> Vec<String> {
 }
 
 /// The reads of one round: the CA Secret, the TLS Secret, the CA
-/// ConfigMap, the push Secret (#10).
-const READS: usize = 4;
+/// ConfigMap, the push Secret (#10), the http Secret (#22).
+const READS: usize = 5;
 const GETS_404: [&str; READS] = [
     "GET /api/v1/namespaces/shared-services/secrets/registry-ca 404",
     "GET /api/v1/namespaces/shared-services/secrets/registry-tls 404",
     "GET /api/v1/namespaces/shared-services/configmaps/registry-ca 404",
     "GET /api/v1/namespaces/shared-services/secrets/registry-push 404",
+    "GET /api/v1/namespaces/shared-services/secrets/registry-http-secret 404",
 ];
 const GETS_200: [&str; READS] = [
     "GET /api/v1/namespaces/shared-services/secrets/registry-ca 200",
     "GET /api/v1/namespaces/shared-services/secrets/registry-tls 200",
     "GET /api/v1/namespaces/shared-services/configmaps/registry-ca 200",
     "GET /api/v1/namespaces/shared-services/secrets/registry-push 200",
+    "GET /api/v1/namespaces/shared-services/secrets/registry-http-secret 200",
 ];
 const POST_SECRET: &str =
     "POST /api/v1/namespaces/shared-services/secrets?fieldManager=slipway 201";
@@ -467,6 +469,7 @@ async fn first_ensure_creates_everything() {
                 "POST /api/v1/namespaces/shared-services/secrets?fieldManager=slipway 201",
                 "POST /api/v1/namespaces/shared-services/configmaps?fieldManager=slipway 201",
                 POST_SECRET,
+                POST_SECRET,
             ],
         ])
     );
@@ -511,8 +514,15 @@ async fn first_ensure_creates_everything() {
             ("secret registry-tls".into(), Change::Created(Why::Absent)),
             ("configmap registry-ca".into(), Change::Created(Why::Absent)),
             ("secret registry-push".into(), Change::Created(Why::Absent)),
+            (
+                "secret registry-http-secret".into(),
+                Change::Created(Why::Absent)
+            ),
         ]
     );
+    let http = seen[READS + 4].body.as_ref().unwrap();
+    assert_eq!(http["metadata"]["name"], "registry-http-secret");
+    assert_eq!(secret_value(http, "secret").len(), 43);
     let push = seen[READS + 3].body.as_ref().unwrap();
     assert_eq!(push["metadata"]["name"], "registry-push");
     assert_eq!(
@@ -677,8 +687,10 @@ async fn create_conflict_rereads_and_uses_the_other_ca() {
                 "GET /api/v1/namespaces/shared-services/secrets/registry-tls 404",
                 "GET /api/v1/namespaces/shared-services/configmaps/registry-ca 404",
                 "GET /api/v1/namespaces/shared-services/secrets/registry-push 404",
+                "GET /api/v1/namespaces/shared-services/secrets/registry-http-secret 404",
                 "POST /api/v1/namespaces/shared-services/secrets?fieldManager=slipway 201",
                 "POST /api/v1/namespaces/shared-services/configmaps?fieldManager=slipway 201",
+                POST_SECRET,
                 POST_SECRET,
             ],
         ])
@@ -750,6 +762,7 @@ async fn two_racing_ensures_end_with_one_ca() {
             "POST /api/v1/namespaces/shared-services/secrets?fieldManager=slipway 201",
             "POST /api/v1/namespaces/shared-services/configmaps?fieldManager=slipway 201",
             POST_SECRET,
+            POST_SECRET,
         ],
         "A writes"
     );
@@ -819,7 +832,9 @@ async fn conflict_after_a_successful_write_keeps_its_outcome() {
                 "GET /api/v1/namespaces/shared-services/secrets/registry-tls 200",
                 "GET /api/v1/namespaces/shared-services/configmaps/registry-ca 404",
                 "GET /api/v1/namespaces/shared-services/secrets/registry-push 404",
+                "GET /api/v1/namespaces/shared-services/secrets/registry-http-secret 404",
                 "POST /api/v1/namespaces/shared-services/configmaps?fieldManager=slipway 201",
+                POST_SECRET,
                 POST_SECRET,
             ],
         ])
@@ -833,6 +848,10 @@ async fn conflict_after_a_successful_write_keeps_its_outcome() {
             ("secret registry-tls".into(), Change::Unchanged),
             ("configmap registry-ca".into(), Change::Created(Why::Absent)),
             ("secret registry-push".into(), Change::Created(Why::Absent)),
+            (
+                "secret registry-http-secret".into(),
+                Change::Created(Why::Absent)
+            ),
         ]
     );
     assert_eq!(r.attempts, 2);
@@ -1275,10 +1294,13 @@ current-context: loopback
         ]
     );
     assert_eq!(
-        out[3],
-        "secret shared-services/registry-push: created (absent)"
+        out[3..5],
+        [
+            "secret shared-services/registry-push: created (absent)",
+            "secret shared-services/registry-http-secret: created (absent)",
+        ]
     );
-    let out = &out[1..];
+    let out = &out[2..];
     let ca_pem = assert_consistent(&api.lock().unwrap(), &wanted().sans);
     assert!(
         out[3].starts_with(&format!("ca {} ", fingerprint(&ca_pem))),

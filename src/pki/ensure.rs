@@ -8,10 +8,11 @@
 //! | `GET /api/v1/namespaces/NS/secrets/NAME` | Secret `registry-ca`, then Secret `registry-tls` |
 //! | `GET /api/v1/namespaces/NS/configmaps/NAME` | ConfigMap `registry-ca` |
 //! | `GET /api/v1/namespaces/NS/secrets/NAME` | Secret `registry-push` (#10) |
+//! | `GET /api/v1/namespaces/NS/secrets/NAME` | Secret `registry-http-secret` (#22) |
 //! | `POST /api/v1/namespaces/NS/{secrets,configmaps}?fieldManager=slipway` | an absent object |
 //! | `PUT /api/v1/namespaces/NS/{secrets,configmaps}/NAME?fieldManager=slipway` | a replacement, with the `metadata.resourceVersion` that was read |
 //!
-//! Idempotent: when everything is right it makes the four GETs and no write.
+//! Idempotent: when everything is right it makes the five GETs and no write.
 //!
 //! Races: two ensures (a Job retried while its first pod still runs, two
 //! installs) must end with one CA. Every write is conditional: a create
@@ -22,7 +23,7 @@
 //! the CA Secret uses the winner's CA. At most [`MAX_ATTEMPTS`] rounds.
 //!
 //! Logs and reports name objects and certificate fingerprints (sha256 of the
-//! DER), never key material or the push password: Secrets are only ever held in types whose
+//! DER), never key material, the push password or the http.secret: Secrets are only ever held in types whose
 //! `Debug` leaves their data out.
 
 use std::collections::BTreeMap;
@@ -118,7 +119,8 @@ pub struct Report {
     pub namespace: String,
     /// Rounds of read → plan → apply it took (more than 1 after a race).
     pub attempts: usize,
-    /// CA Secret, TLS Secret, ConfigMap, push Secret, in that order.
+    /// CA Secret, TLS Secret, ConfigMap, push Secret, http Secret, in that
+    /// order.
     pub outcomes: Vec<Outcome>,
     pub ca: CertInfo,
     pub tls: CertInfo,
@@ -184,6 +186,7 @@ pub async fn ensure(
         (names.tls_secret.as_str(), "secret", Change::Unchanged),
         (names.configmap.as_str(), "configmap", Change::Unchanged),
         (names.push_secret.as_str(), "secret", Change::Unchanged),
+        (names.http_secret.as_str(), "secret", Change::Unchanged),
     ];
     for attempt in 1..=MAX_ATTEMPTS {
         let observed = read(&secrets, &configmaps, names).await?;
@@ -198,7 +201,10 @@ pub async fn ensure(
                     let is_secret = action.kind() == "secret";
                     let cert = if is_secret && action.name() == names.tls_secret {
                         plan.tls.fingerprint()
-                    } else if is_secret && action.name() == names.push_secret {
+                    } else if is_secret
+                        && (action.name() == names.push_secret
+                            || action.name() == names.http_secret)
+                    {
                         String::new()
                     } else {
                         plan.ca.fingerprint()
@@ -408,6 +414,10 @@ async fn read(
             .get_opt(&names.push_secret)
             .await
             .map_err(get_err("secret", &names.push_secret))?,
+        http_secret: secrets
+            .get_opt(&names.http_secret)
+            .await
+            .map_err(get_err("secret", &names.http_secret))?,
     })
 }
 

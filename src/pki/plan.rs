@@ -17,8 +17,16 @@
 //!   (#10). Created when absent; its password is kept, the rest rewritten
 //!   when stale.
 //!
+//! - Secret `registry-http-secret`, type `Opaque`, key `secret`: 32 random
+//!   bytes (base64url) for distribution's `http.secret`, which signs the
+//!   state of an upload between its requests. Every replica of a scaled-out
+//!   registry needs the same one, or an upload begun on one replica fails
+//!   on the next with `BLOB_UPLOAD_INVALID` (#22). Created when absent, the
+//!   key filled when empty; never replaced otherwise (a new secret voids the
+//!   uploads in flight).
+//!
 //! [`plan`] returns [`Action`]s in the order they must be applied: CA Secret,
-//! TLS Secret, ConfigMap, push Secret, so that nothing is signed by, or
+//! TLS Secret, ConfigMap, push Secret, http Secret, so that nothing is signed by, or
 //! published for, a CA that is not stored yet. Replacements carry the observed
 //! `metadata.resourceVersion`: the API server refuses them (409 Conflict) if
 //! another writer changed the object since it was read.
@@ -45,6 +53,8 @@ pub const DEFAULT_CA_SECRET: &str = "registry-ca";
 pub const DEFAULT_TLS_SECRET: &str = "registry-tls";
 pub const DEFAULT_CONFIGMAP: &str = "registry-ca";
 pub use super::push::{DEFAULT_PUSH_SECRET, DEFAULT_REGISTRY_PORT};
+pub const DEFAULT_HTTP_SECRET: &str = "registry-http-secret";
+pub const KEY_HTTP_SECRET: &str = "secret";
 
 pub const KEY_CA_CRT: &str = "ca.crt";
 pub const KEY_CA_KEY: &str = "ca.key";
@@ -67,6 +77,18 @@ pub enum PlanError {
         namespace: String,
         name: String,
         source: PushError,
+    },
+    #[error("secret {namespace}/{name}: cannot draw a random http.secret: the system random source failed")]
+    Random { namespace: String, name: String },
+    /// The http Secret is slipway's only if it is `Opaque`.
+    #[error(
+        "secret {namespace}/{name} has type {found:?}, not {TYPE_OPAQUE:?}; slipway does not \
+         take over a Secret it did not make: rename it"
+    )]
+    HttpSecretType {
+        namespace: String,
+        name: String,
+        found: String,
     },
     /// The push Secret is slipway's only if it is `Opaque`: a
     /// `kubernetes.io/dockerconfigjson` one was made by someone else.
@@ -121,6 +143,8 @@ pub struct Names {
     pub tls_secret: String,
     pub configmap: String,
     pub push_secret: String,
+    /// distribution's `http.secret` (#22).
+    pub http_secret: String,
 }
 
 impl Names {
@@ -151,13 +175,14 @@ impl Names {
             tls_secret: tls_secret.into(),
             configmap: configmap.into(),
             push_secret: DEFAULT_PUSH_SECRET.into(),
+            http_secret: DEFAULT_HTTP_SECRET.into(),
         })
     }
 
     /// The same names with the push Secret called `name`.
     pub fn with_push_secret(mut self, name: &str) -> Result<Self, PlanError> {
         crate::k8s::check_subdomain("Secret name", name)?;
-        if name == self.ca_secret || name == self.tls_secret {
+        if name == self.ca_secret || name == self.tls_secret || name == self.http_secret {
             return Err(PlanError::Name(crate::k8s::NameError {
                 what: "Secret name".into(),
                 value: name.into(),
@@ -215,13 +240,14 @@ impl Wanted {
     }
 }
 
-/// The four objects as the API server returned them (`None`: 404).
+/// The five objects as the API server returned them (`None`: 404).
 #[derive(Clone, Default)]
 pub struct Observed {
     pub ca_secret: Option<Secret>,
     pub tls_secret: Option<Secret>,
     pub configmap: Option<ConfigMap>,
     pub push_secret: Option<Secret>,
+    pub http_secret: Option<Secret>,
 }
 
 impl fmt::Debug for Observed {
@@ -244,6 +270,10 @@ impl fmt::Debug for Observed {
                 "push_secret",
                 &rv(self.push_secret.as_ref().map(|s| &s.metadata)),
             )
+            .field(
+                "http_secret",
+                &rv(self.http_secret.as_ref().map(|s| &s.metadata)),
+            )
             .finish()
     }
 }
@@ -262,6 +292,8 @@ pub enum Why {
     StaleCa,
     /// The push Secret's contents (#10).
     Push(PushWhy),
+    /// The http Secret has no `secret`, or an empty one (#22).
+    NoHttpSecret,
 }
 
 impl fmt::Display for Why {
@@ -281,6 +313,7 @@ impl fmt::Display for Why {
             Why::KeyMismatch => write!(f, "{KEY_TLS_KEY} missing or not the key of {KEY_TLS_CRT}"),
             Why::StaleCa => write!(f, "{KEY_CA_CRT} is not the CA's certificate"),
             Why::Push(w) => w.fmt(f),
+            Why::NoHttpSecret => write!(f, "no {KEY_HTTP_SECRET}: a new http.secret"),
         }
     }
 }
@@ -456,6 +489,7 @@ pub fn plan(observed: &Observed, wanted: &Wanted, now: OffsetDateTime) -> Result
         &BTreeMap::new(),
     ));
     actions.extend(plan_push(names, observed.push_secret.as_ref(), wanted)?);
+    actions.extend(plan_http_secret(names, observed.http_secret.as_ref())?);
 
     Ok(Plan {
         actions,
@@ -492,6 +526,43 @@ fn plan_push(
     Ok(push::assess(s, &wanted.registries)
         .map_err(push_err)?
         .map(|(data, why)| Action::ReplaceSecret(replaced_secret(s, data), Why::Push(why))))
+}
+
+/// The write, if any, that makes the http Secret hold a non-empty `secret`.
+/// One that has it is left alone whatever it holds: distribution takes any
+/// string, and a new one would void every upload in flight.
+fn plan_http_secret(names: &Names, observed: Option<&Secret>) -> Result<Option<Action>, PlanError> {
+    let fresh = || -> Result<BTreeMap<String, ByteString>, PlanError> {
+        let v = push::new_password().map_err(|_| PlanError::Random {
+            namespace: names.namespace.clone(),
+            name: names.http_secret.clone(),
+        })?;
+        Ok(BTreeMap::from([(
+            KEY_HTTP_SECRET.to_string(),
+            ByteString(v.into_bytes()),
+        )]))
+    };
+    let Some(s) = observed else {
+        let secret = new_secret(names, &names.http_secret, TYPE_OPAQUE, fresh()?);
+        return Ok(Some(Action::CreateSecret(secret, Why::Absent)));
+    };
+    let found = s.type_.as_deref().unwrap_or(TYPE_OPAQUE);
+    if found != TYPE_OPAQUE {
+        return Err(PlanError::HttpSecretType {
+            namespace: names.namespace.clone(),
+            name: names.http_secret.clone(),
+            found: found.into(),
+        });
+    }
+    let mut data = s.data.clone().unwrap_or_default();
+    if data.get(KEY_HTTP_SECRET).is_some_and(|v| !v.0.is_empty()) {
+        return Ok(None);
+    }
+    data.extend(fresh()?);
+    Ok(Some(Action::ReplaceSecret(
+        replaced_secret(s, data),
+        Why::NoHttpSecret,
+    )))
 }
 
 /// A new ConfigMap `namespace/name` holding `ca_pem` as `ca.crt`, with
@@ -701,6 +772,7 @@ mod tests {
                     match s.metadata.name.as_deref() {
                         Some(DEFAULT_CA_SECRET) => out.ca_secret = Some(s),
                         Some(DEFAULT_PUSH_SECRET) => out.push_secret = Some(s),
+                        Some(DEFAULT_HTTP_SECRET) => out.http_secret = Some(s),
                         _ => out.tls_secret = Some(s),
                     }
                 }
@@ -721,6 +793,56 @@ mod tests {
             .collect()
     }
 
+    /// #22: one http.secret for every replica, made once and then kept;
+    /// an empty key is filled, other keys kept; a foreign type refused.
+    #[test]
+    fn the_http_secret_is_made_once_filled_when_empty_and_otherwise_kept() {
+        let w = wanted();
+        let first = plan(&Observed::default(), &w, now()).unwrap();
+        let done = applied(&Observed::default(), &first);
+        let made = done.http_secret.clone().unwrap();
+        let value = made.data.as_ref().unwrap()[KEY_HTTP_SECRET].0.clone();
+        assert_eq!(value.len(), 43, "32 random bytes, base64url");
+        assert_eq!(made.type_.as_deref(), Some(TYPE_OPAQUE));
+        assert!(plan(&done, &w, now()).unwrap().actions.is_empty());
+        // Someone else's keys stay, an existing value stays.
+        let mut kept = done.clone();
+        let s = kept.http_secret.as_mut().unwrap();
+        s.data
+            .as_mut()
+            .unwrap()
+            .insert("note".into(), ByteString(b"mine".to_vec()));
+        assert!(plan(&kept, &w, now()).unwrap().actions.is_empty());
+        // Emptied: filled, the other key kept, conditional on the version.
+        let s = kept.http_secret.as_mut().unwrap();
+        s.data
+            .as_mut()
+            .unwrap()
+            .insert(KEY_HTTP_SECRET.into(), ByteString(vec![]));
+        let p = plan(&kept, &w, now()).unwrap();
+        assert_eq!(verbs(&p), ["replace secret registry-http-secret"]);
+        let Action::ReplaceSecret(r, Why::NoHttpSecret) = &p.actions[0] else {
+            panic!("{:?}", p.actions)
+        };
+        let data = r.data.as_ref().unwrap();
+        assert_eq!(data["note"].0, b"mine");
+        assert_eq!(data[KEY_HTTP_SECRET].0.len(), 43);
+        assert_ne!(data[KEY_HTTP_SECRET].0, value);
+        assert_eq!(
+            r.metadata.resource_version,
+            kept.http_secret.as_ref().unwrap().metadata.resource_version
+        );
+        // A Secret of another type is not slipway's.
+        let mut foreign = done;
+        foreign.http_secret.as_mut().unwrap().type_ = Some(TYPE_TLS.into());
+        let e = plan(&foreign, &w, now()).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("secret shared-services/registry-http-secret has type"),
+            "{e}"
+        );
+    }
+
     #[test]
     fn empty_cluster_gets_everything_in_order_then_nothing() {
         let w = wanted();
@@ -731,7 +853,8 @@ mod tests {
                 "create secret registry-ca",
                 "create secret registry-tls",
                 "create configmap registry-ca",
-                "create secret registry-push"
+                "create secret registry-push",
+                "create secret registry-http-secret"
             ]
         );
         let Action::CreateSecret(push, _) = &p.actions[3] else {
