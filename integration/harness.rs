@@ -919,8 +919,14 @@ impl Seaweed {
 
     /// distribution's `storage:` driver section for the bucket.
     pub fn storage_yaml(&self) -> String {
+        self.storage_yaml_at("/")
+    }
+
+    /// The same, with the registry's tree under `root` in the bucket (one
+    /// store, several independent registries).
+    pub fn storage_yaml_at(&self, root: &str) -> String {
         format!(
-            "  s3:\n    accesskey: {S3_ACCESS_KEY}\n    secretkey: {S3_SECRET_KEY}\n    region: us-east-1\n    regionendpoint: {}\n    bucket: {S3_BUCKET}\n    secure: false\n    v4auth: true\n    rootdirectory: /\n",
+            "  s3:\n    accesskey: {S3_ACCESS_KEY}\n    secretkey: {S3_SECRET_KEY}\n    region: us-east-1\n    regionendpoint: {}\n    bucket: {S3_BUCKET}\n    secure: false\n    v4auth: true\n    rootdirectory: {root}\n",
             self.endpoint
         )
     }

@@ -14,6 +14,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::gateway::{curl, gateway_pki, htpasswd, sha, skopeo_push, Gateway, PASSWORD, USER};
@@ -28,16 +29,27 @@ const HTTP_SECRET: &str = "test-http-secret-shared-by-every-replica";
 const HEALTH_INTERVAL_SECS: u64 = 5;
 
 /// One registry pod: distribution on the bucket, and its gateway.
-struct Replica {
-    registry: Registry,
-    gw: Gateway,
+pub(crate) struct Replica {
+    pub(crate) registry: Registry,
+    pub(crate) gw: Gateway,
 }
 
 impl Replica {
     fn start(dir: &Path, store: &Seaweed, pki: &Pki, i: usize) -> Replica {
+        Replica::start_at(dir, store, pki, i, "/")
+    }
+
+    /// With the registry's tree at `root` in the bucket.
+    pub(crate) fn start_at(
+        dir: &Path,
+        store: &Seaweed,
+        pki: &Pki,
+        i: usize,
+        root: &str,
+    ) -> Replica {
         let dir = dir.join(format!("replica-{i}"));
         fs::create_dir_all(&dir).unwrap();
-        let driver = store.storage_yaml();
+        let driver = store.storage_yaml_at(root);
         let interval = format!("{HEALTH_INTERVAL_SECS}s");
         let registry = Registry::start_opts(
             &dir,
@@ -74,6 +86,66 @@ impl Replica {
         http(&self.gw.admin, "GET", "/readyz", &[])
             .ok()
             .map(|r| r.status)
+    }
+}
+
+/// The Service in front of the replicas, as kube-proxy makes it: each new
+/// TCP connection goes to the next backend, and the bytes are copied both
+/// ways. Listens on 127.0.0.1:0; stopped on drop.
+pub(crate) struct Balancer {
+    pub(crate) addr: String,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Balancer {
+    pub(crate) fn start(backends: Vec<String>) -> Balancer {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut next = 0usize;
+            for conn in listener.incoming() {
+                if flag.load(Ordering::Relaxed) {
+                    break;
+                }
+                let Ok(client) = conn else { continue };
+                let backend = backends[next % backends.len()].clone();
+                next += 1;
+                std::thread::spawn(move || {
+                    let Ok(server) = std::net::TcpStream::connect(&backend) else {
+                        return;
+                    };
+                    let (mut c2, mut s2) =
+                        (client.try_clone().unwrap(), server.try_clone().unwrap());
+                    let up = std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut c2, &mut s2);
+                        let _ = s2.shutdown(std::net::Shutdown::Write);
+                    });
+                    let (mut c, mut s) = (client, server);
+                    let _ = std::io::copy(&mut s, &mut c);
+                    let _ = c.shutdown(std::net::Shutdown::Write);
+                    let _ = up.join();
+                });
+            }
+        });
+        Balancer {
+            addr,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        // Wake the accept.
+        let _ = std::net::TcpStream::connect(&self.addr);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
@@ -348,6 +420,14 @@ fn a_layer_pushed_in_chunks_across_three_replicas_verifies_and_pulls_from_each()
         skopeo_pull(&pki, &r.gw, dir, &format!("{repo}:v1"))
             .unwrap_or_else(|e| panic!("replica {i}: {e}"));
     }
+    // And through a Service over the three: each connection to the next.
+    let lb = Balancer::start(rs.iter().map(|r| r.gw.addr.clone()).collect());
+    let o = run(Command::new("skopeo")
+        .args(["copy", "--quiet", "--retry-times", "0", "--src-cert-dir"])
+        .arg(pki.trust_dir())
+        .arg(format!("docker://{}/{repo}:v1", lb.addr))
+        .arg(format!("dir:{}", dir.join("via-service").display())));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 /// Done when 2: SIGKILL of the replica that holds a chunked upload. The
