@@ -23,6 +23,14 @@
 #                                      PUSH=<host:port> and LOG=<access log>
 #                                      (integration/cluster/stand-in.sh, #20)
 #   bash integration/cluster.sh stand-in-stop NAME   stop it, as an outage
+#   bash integration/cluster.sh object-store   start the object store
+#                                      (SeaweedFS's S3 gateway) on the
+#                                      cluster bridge and write Secret
+#                                      shared-services/registry-storage for
+#                                      daemonset/overlays/object-storage;
+#                                      prints ENDPOINT=<url> and BUCKET=<name>
+#                                      (integration/cluster/object-store.sh, #22)
+#   bash integration/cluster.sh object-store-stop   stop it, as an outage
 #   bash integration/cluster.sh node-restart NODE [KUBELET-FLAG...]
 #                                      stop NODE's kubelet and containers,
 #                                      delete its Node object and start it
@@ -51,6 +59,8 @@ here="$(cd "$(dirname "$0")" && pwd)"
 . "$here/cluster/git.sh"
 # shellcheck source=integration/cluster/stand-in.sh
 . "$here/cluster/stand-in.sh"
+# shellcheck source=integration/cluster/object-store.sh
+. "$here/cluster/object-store.sh"
 
 IMAGES="$CACHE/images"
 
@@ -150,6 +160,7 @@ down() {
     node_stop "$n"
   done
   stand_in_stop_all
+  stop object-store
   for n in site-dns kube-scheduler kube-controller-manager kube-apiserver etcd; do
     stop "$n"
   done
@@ -237,5 +248,13 @@ case "${1:-}" in
     shift
     stand_in_stop "$@"
     ;;
-  *) die "usage: bash integration/cluster.sh up|down|kubeconfig|git-serve DIR|build-env|node-restart NODE [FLAGS]|stand-in NAME|stand-in-stop NAME" ;;
+  object-store)
+    shift
+    object_store "$@"
+    ;;
+  object-store-stop)
+    shift
+    object_store_stop "$@"
+    ;;
+  *) die "usage: bash integration/cluster.sh up|down|kubeconfig|git-serve DIR|build-env|node-restart NODE [FLAGS]|stand-in NAME|stand-in-stop NAME|object-store|object-store-stop" ;;
 esac

@@ -10,8 +10,9 @@
 //! every node, renewal, builds from git with the real Kaniko executor
 //! (`integration/cluster_builds.rs`, #19), public images through the mirror
 //! (`integration/cluster_mirror.rs`, #20), garbage collection from the
-//! install's CronJob (`integration/cluster_gc.rs`, #21), the startup taint,
-//! bad input, uninstall.
+//! install's CronJob (`integration/cluster_gc.rs`, #21), the registry scaled
+//! out on an object store (`integration/cluster_object_storage.rs`, #22),
+//! the startup taint, bad input, uninstall.
 //!
 //! Needs root and what `integration/install-deps.sh` installs. If the
 //! cluster is not up, the test brings it up and takes it down at the end;
@@ -37,6 +38,9 @@ mod mirror;
 
 #[path = "cluster_gc.rs"]
 mod gc;
+
+#[path = "cluster_object_storage.rs"]
+mod object_storage;
 
 /// Every file under a node's /etc/containerd/certs.d, with its bytes.
 fn certs_d(node: &str) -> BTreeMap<PathBuf, Vec<u8>> {
@@ -236,6 +240,13 @@ fn the_seeds_flow_on_a_real_cluster() {
     gc::gc(&cluster, tmp.path(), &certs, &authfile);
     eprintln!(
         "step 10 (garbage collection from the CronJob): {:?}",
+        step.elapsed()
+    );
+
+    let step = Instant::now();
+    object_storage::object_storage(&cluster, tmp.path(), &certs, &authfile);
+    eprintln!(
+        "step 11 (three replicas on an object store, a drain, a build): {:?}",
         step.elapsed()
     );
 

@@ -911,6 +911,19 @@ impl Seaweed {
         }
     }
 
+    /// SIGSTOP (`true`) or SIGCONT: a store that accepts connections (the
+    /// kernel does) and answers nothing, then answers again.
+    pub fn freeze(&self, frozen: bool) {
+        let p = self.proc.as_ref().expect("weed is running");
+        let pid = nix::unistd::Pid::from_raw(p.child.id() as i32);
+        let sig = if frozen {
+            nix::sys::signal::Signal::SIGSTOP
+        } else {
+            nix::sys::signal::Signal::SIGCONT
+        };
+        nix::sys::signal::kill(pid, sig).unwrap();
+    }
+
     /// Start again on the same data after [`Seaweed::kill`].
     pub fn restart(&mut self) {
         assert!(self.proc.is_none(), "weed is running");
@@ -934,6 +947,9 @@ impl Seaweed {
 
 impl Drop for Seaweed {
     fn drop(&mut self) {
+        if self.proc.is_some() {
+            self.freeze(false);
+        }
         self.kill();
     }
 }

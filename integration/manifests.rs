@@ -354,7 +354,12 @@ fn ca_private_key_is_mounted_nowhere() {
                     (Some("Deployment"), Some("registry")),
                     "{what}"
                 );
-                assert_eq!(secrets, ["registry-tls", "registry-push"], "{what}");
+                // #22: on a bucket, also the store's credentials file.
+                let mut expected = vec!["registry-storage", "registry-tls", "registry-push"];
+                if d != "daemonset/overlays/object-storage" {
+                    expected.remove(0);
+                }
+                assert_eq!(secrets, expected, "{what}");
                 // The gateway gets the push account's htpasswd line, never
                 // the password or the config.json beside it (#10).
                 let push = pod["volumes"]
@@ -374,7 +379,7 @@ fn ca_private_key_is_mounted_nowhere() {
 }
 
 /// The pki Job and the renewal CronJob run `slipway pki ensure` for this
-/// namespace, with a Role that reaches exactly its four objects.
+/// namespace, with a Role that reaches exactly its five objects.
 #[test]
 fn pki_job_and_its_role() {
     let Some(k) = kubectl() else { return };
@@ -572,6 +577,113 @@ fn namespace_registry_and_build_access() {
     assert_eq!(
         reader["rules"],
         json!([{"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["registry-ca", "slipway-mirror"], "verbs": ["get"]}])
+    );
+}
+
+/// #22: the registry pod as three replicas on a bucket: no PVC, a PDB,
+/// spread over nodes (cordoned ones not counted) and zones, the storage
+/// from Secret registry-storage (its keys as a mounted file, never env),
+/// the shared http.secret from `slipway pki ensure`'s Secret, readiness
+/// that follows the store and liveness that does not.
+#[test]
+fn object_storage_overlay() {
+    let Some(k) = kubectl() else { return };
+    let objects = render(&k, "daemonset/overlays/object-storage");
+    assert!(
+        !objects.iter().any(|o| o["kind"] == "PersistentVolumeClaim"),
+        "a PVC in the object-storage overlay"
+    );
+    let d = find(&objects, "Deployment", "registry");
+    assert_eq!(d["spec"]["replicas"], 3);
+    assert_eq!(d["spec"]["strategy"]["type"], "RollingUpdate");
+    let pod = &d["spec"]["template"]["spec"];
+    let spread = pod["topologySpreadConstraints"].as_array().unwrap();
+    let keys: Vec<(&str, &str, &str)> = spread
+        .iter()
+        .map(|c| {
+            (
+                c["topologyKey"].as_str().unwrap(),
+                c["whenUnsatisfiable"].as_str().unwrap(),
+                c["nodeTaintsPolicy"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("kubernetes.io/hostname", "DoNotSchedule", "Honor"),
+            ("topology.kubernetes.io/zone", "ScheduleAnyway", "Honor")
+        ]
+    );
+    assert!(pod["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|v| v.get("persistentVolumeClaim").is_none()));
+    let container = |name: &str| {
+        pod["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let registry = container("registry");
+    let env = registry["env"].as_array().unwrap();
+    let var = |n: &str| env.iter().find(|e| e["name"] == n).cloned();
+    assert_eq!(var("REGISTRY_STORAGE").unwrap()["value"], "s3");
+    assert!(var("REGISTRY_STORAGE_FILESYSTEM_ROOTDIRECTORY").is_none());
+    assert_eq!(
+        var("REGISTRY_HTTP_SECRET").unwrap()["valueFrom"]["secretKeyRef"],
+        json!({"name": "registry-http-secret", "key": "secret"})
+    );
+    for v in ["REGISTRY_STORAGE_S3_BUCKET", "REGISTRY_STORAGE_S3_REGION"] {
+        assert_eq!(
+            var(v).unwrap()["valueFrom"]["secretKeyRef"]["name"],
+            "registry-storage",
+            "{v}"
+        );
+    }
+    // The keys never in the environment; AWS_CA_BUNDLE never (Debian's
+    // 2.8.2 panics at start with it).
+    for e in env {
+        let n = e["name"].as_str().unwrap();
+        assert!(
+            !n.contains("ACCESSKEY") && !n.contains("SECRETKEY") && n != "AWS_CA_BUNDLE",
+            "{n}"
+        );
+    }
+    assert_eq!(
+        var("AWS_SHARED_CREDENTIALS_FILE").unwrap()["value"],
+        "/etc/slipway/storage/credentials"
+    );
+    assert_eq!(
+        var("REGISTRY_HEALTH_STORAGEDRIVER_ENABLED").unwrap()["value"],
+        "true"
+    );
+    let probe = |p: &str| registry[p]["exec"]["command"].to_string();
+    assert!(
+        probe("readinessProbe").contains("127.0.0.1:5001"),
+        "{}",
+        probe("readinessProbe")
+    );
+    assert!(
+        probe("livenessProbe").contains("127.0.0.1:5002/debug/vars"),
+        "{}",
+        probe("livenessProbe")
+    );
+    let gateway = container("gateway");
+    assert!(!gateway["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["name"] == "SLIPWAY_GATEWAY_STORAGE_ROOT"));
+    let pdb = find(&objects, "PodDisruptionBudget", "registry");
+    assert_eq!(pdb["spec"]["maxUnavailable"], 1);
+    assert_eq!(
+        pdb["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"],
+        "registry"
     );
 }
 

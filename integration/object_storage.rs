@@ -610,8 +610,9 @@ fn a_replica_killed_mid_push_costs_the_push_a_retry_and_no_pull_fails() {
 /// Done when 3: with the store stopped, each replica's /readyz turns 503
 /// within the health check's interval plus the gateway's probe period; a
 /// node agent keeps serving the blobs it has cached; once the store is
-/// back, every replica is ready again by itself and a push and a CRI pull
-/// work.
+/// back, every replica is ready again by itself. A store that hangs makes
+/// them not ready too, and ready once it answers. Then a push and a CRI
+/// pull work.
 #[test]
 fn with_the_store_down_replicas_are_not_ready_node_caches_serve_and_all_recovers() {
     if !prerequisites_with(&["weed", "curl"]) {
@@ -686,7 +687,7 @@ fn with_the_store_down_replicas_are_not_ready_node_caches_serve_and_all_recovers
     );
     let why = http(&rs[0].gw.admin, "GET", "/readyz", &[]).unwrap();
     let why = String::from_utf8_lossy(&why.body).to_string();
-    assert!(why.contains("503"), "{why}");
+    assert!(why.contains("/v2/_catalog?n=1"), "{why}");
     // The node's cache serves every layer it holds, store or not.
     for l in &layers {
         let r = http(&agent.proxy, "GET", &format!("/v2/team/app/blobs/{l}"), &[]).unwrap();
@@ -721,6 +722,31 @@ fn with_the_store_down_replicas_are_not_ready_node_caches_serve_and_all_recovers
         "object storage: both replicas ready {:?} after the store restarted",
         back.elapsed()
     );
+    // A store that hangs (SIGSTOP: connections accepted, nothing
+    // answered): distribution's own health check has no deadline, so /v2/
+    // stays 200; the gateway's probe lists the storage with one.
+    store.freeze(true);
+    let hung = Instant::now();
+    let limit = Duration::from_secs(5 + 5 + 3);
+    for (i, r) in rs.iter().enumerate() {
+        wait_for(
+            &format!("replica {i} not ready with the store hanging"),
+            limit,
+            || r.ready() == Some(503),
+        );
+    }
+    eprintln!(
+        "object storage: both replicas not ready {:?} after the store hung",
+        hung.elapsed()
+    );
+    store.freeze(false);
+    for (i, r) in rs.iter().enumerate() {
+        wait_for(
+            &format!("replica {i} ready after the hang"),
+            Duration::from_secs(60),
+            || r.ready() == Some(200),
+        );
+    }
     let layout = umoci_layout(&dir.join("image-v2"), &[1 << 20]);
     let ok = skopeo_push(&layout, &rs[1].gw, &pki, "team/app:v2", Some(&creds()));
     assert!(

@@ -98,8 +98,9 @@ pub(crate) fn read_input(path: &Path) -> std::io::Result<Vec<u8>> {
 pub enum GatewayCheck {
     /// `gateway.listen` is bound and serving TLS.
     Listening,
-    /// The upstream registry answered `GET /v2/` on the last probe, with
-    /// anything but a 5xx (#22: distribution's storage health check).
+    /// The upstream registry answered [`relay::PROBE_PATH`] on the last
+    /// probe, within its deadline and with anything but a 5xx (#22: a
+    /// registry whose storage is unreachable or hangs is not ready).
     UpstreamAnswered,
 }
 

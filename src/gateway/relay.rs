@@ -118,10 +118,11 @@ impl Relay {
         &self.upstream.authority
     }
 
-    /// `GET /v2/` once: `Ok` if the upstream answered with anything but a
-    /// 5xx, else what it answered or why nothing came.
+    /// [`PROBE_PATH`] once: `Ok` if the upstream answered with anything but
+    /// a 5xx within 5 s, else what it answered or why nothing came.
     pub async fn probe(&self) -> Result<(), String> {
-        let Ok(uri) = format!("http://{}/v2/", self.upstream.authority).parse::<Uri>() else {
+        let Ok(uri) = format!("http://{}{PROBE_PATH}", self.upstream.authority).parse::<Uri>()
+        else {
             return Err(format!(
                 "{}: not a valid authority",
                 self.upstream.authority
@@ -133,20 +134,25 @@ impl Relay {
         let verdict = match tokio::time::timeout(Duration::from_secs(5), self.client.request(req))
             .await
         {
-            // #22: with `health.storagedriver` on, distribution answers every
-            // request 503 while its store is unreachable, so a 5xx is "not
-            // ready": the Service then sends pushes and cold pulls to the
-            // replicas that can serve them. The pod is not restarted: that
-            // is the liveness probe's business, which this does not touch.
+            // #22: a store that refuses connections makes distribution's
+            // storage health check fail, and distribution then answers every
+            // request 503; a store that accepts and never answers does not
+            // (the check has no deadline), but the listing below hangs. So
+            // a 5xx or no answer is "not ready": the Service then sends
+            // pushes and cold pulls to the replicas that can serve them. The
+            // pod is not restarted: that is the liveness probe's business.
             Ok(Ok(r)) if r.status().is_server_error() => Err(format!(
-                "GET http://{}/v2/ answered {} (distribution's storage health check fails while its store is unreachable)",
+                "GET http://{}{PROBE_PATH} answered {} (distribution cannot reach its storage)",
                 self.upstream.authority,
                 r.status()
             )),
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(format!("GET http://{}/v2/: {e}", self.upstream.authority)),
+            Ok(Err(e)) => Err(format!(
+                "GET http://{}{PROBE_PATH}: {e}",
+                self.upstream.authority
+            )),
             Err(_) => Err(format!(
-                "GET http://{}/v2/ got no answer within 5s",
+                "GET http://{}{PROBE_PATH} got no answer within 5s (distribution or its storage hangs)",
                 self.upstream.authority
             )),
         };
@@ -156,6 +162,11 @@ impl Relay {
         verdict
     }
 }
+
+/// What readiness asks distribution: the first repository name, which
+/// distribution can only answer by listing its storage (`/v2/` alone it
+/// answers from memory, even with the store hanging; #22).
+pub const PROBE_PATH: &str = "/v2/_catalog?n=1";
 
 fn json_error(status: StatusCode, code: &'static str, message: String) -> Response<GatewayBody> {
     let body = Refusal {
