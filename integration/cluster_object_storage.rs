@@ -131,6 +131,7 @@ pub(crate) fn object_storage(c: &Cluster, tmp: &Path, certs: &Path, authfile: &P
     );
 
     // 1. Push through the Service, pull on both nodes through CRI.
+    std::fs::create_dir_all(dir.join("first")).unwrap();
     let (layout, digest) = crate::workload_layout(&dir.join("first"), Some(4 << 20));
     let o = push(
         &crate::oci(&layout),
@@ -165,8 +166,9 @@ pub(crate) fn object_storage(c: &Cluster, tmp: &Path, certs: &Path, authfile: &P
         let pusher = s.spawn(|| {
             let mut n = 0usize;
             while !stop.load(Ordering::Relaxed) && n < 200 {
-                let (l, _) =
-                    crate::workload_layout(&dir.join(format!("drain-{n}")), Some(256 << 10));
+                let d = dir.join(format!("drain-{n}"));
+                std::fs::create_dir_all(&d).unwrap();
+                let (l, _) = crate::workload_layout(&d, Some(256 << 10));
                 let o = push(
                     &crate::oci(&l),
                     &format!("{ALIAS}/scaled/app:drain-{n}"),

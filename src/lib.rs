@@ -12,6 +12,7 @@
 //! | [`builds`] | `slipway build`, `builds`, `logs` | Job, log and status readers | the build runner's API calls |
 //! | [`gc`] | `slipway gc` | the keep set, closure and deletions; the `[gc]` settings | distribution's storage tree, the API lists, the call to the gateway |
 //! | [`mirror`] | shared by agent, gateway and build | the `[mirror]` table, mirror names, tag records (#20) | |
+//! | [`s3`] | for `slipway gc` on a bucket (#22) | SigV4 signing, list answers, dates | |
 //! | [`k8s`] | shared | name validators, labels, API error classes | |
 //! | [`canary_image`] | `slipway canary push` | the canary image's bytes | its registry API pushes |
 //! | [`cli`] | the command line | clap types | dispatch to the programs |
@@ -33,6 +34,7 @@ pub mod mirror;
 pub mod node;
 pub mod pki;
 pub mod proxy;
+pub mod s3;
 pub(crate) mod signal;
 
 /// Exit code for bad configuration (sysexits.h `EX_CONFIG` is 78, but the
