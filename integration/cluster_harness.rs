@@ -378,6 +378,24 @@ pub(crate) fn uninstall_overlay(c: &Cluster, overlay: &Path) {
     c.kubectl_ok(&["delete", "namespace", NS, "--wait=true", "--timeout=240s"]);
 }
 
+/// `kubectl apply -k` of `overlay` (a path in the repository) over the
+/// install, then waits for the registry's rollout (its replicas Ready and
+/// the Deployment Available) and the agents'.
+pub(crate) fn apply_overlay(c: &Cluster, overlay: &str) {
+    let dir = repo().join(overlay);
+    c.kubectl_ok(&["apply", "-k", dir.to_str().unwrap()]);
+    c.kubectl_ok(&[
+        "-n",
+        NS,
+        "rollout",
+        "status",
+        "deployment/registry",
+        "--timeout=240s",
+    ]);
+    registry_available(c);
+    c.rolled_out("slipway-agent");
+}
+
 /// Waits (at most 180 s) for the registry Deployment to be Available.
 pub(crate) fn registry_available(c: &Cluster) {
     c.kubectl_ok(&[

@@ -64,21 +64,6 @@ impl Drop for StandIn {
     }
 }
 
-fn apply(c: &Cluster, overlay: &str) {
-    let dir = repo().join(overlay);
-    c.kubectl_ok(&["apply", "-k", dir.to_str().unwrap()]);
-    c.kubectl_ok(&[
-        "-n",
-        NS,
-        "rollout",
-        "status",
-        "deployment/registry",
-        "--timeout=240s",
-    ]);
-    registry_available(c);
-    c.rolled_out("slipway-agent");
-}
-
 /// GETs of `path_part` in the access log, by status.
 fn gets<'a>(lines: &'a [String], path_part: &str) -> Vec<&'a String> {
     lines
@@ -105,7 +90,7 @@ pub(crate) fn mirror(c: &Cluster, tmp: &Path) {
         &crate::oci(&layout),
         &format!("docker://{}/library/app:stand-in", stand_in.push),
     ]));
-    apply(c, "integration/cluster/overlay-mirror");
+    apply_overlay(c, "integration/cluster/overlay-mirror");
     for node in NODES {
         let hosts = crate::node_path(node, "etc-containerd/certs.d/docker.io/hosts.toml");
         wait_for(&format!("{node}: {}", hosts.display()), 60, || {
@@ -207,7 +192,7 @@ pub(crate) fn mirror(c: &Cluster, tmp: &Path) {
             "--wait=false",
         ]);
     }
-    apply(c, "integration/cluster/overlay");
+    apply_overlay(c, "integration/cluster/overlay");
     // What the overlay made that the plain install does not name: builds
     // would still read the ConfigMap.
     c.kubectl_ok(&[

@@ -51,20 +51,6 @@ impl Drop for ObjectStore {
     }
 }
 
-fn apply(c: &Cluster, overlay: &str) {
-    let dir = repo().join(overlay);
-    c.kubectl_ok(&["apply", "-k", dir.to_str().unwrap()]);
-    c.kubectl_ok(&[
-        "-n",
-        NS,
-        "rollout",
-        "status",
-        "deployment/registry",
-        "--timeout=240s",
-    ]);
-    registry_available(c);
-}
-
 /// The nodes the registry's pods run on, one entry per pod.
 fn registry_nodes(c: &Cluster) -> Vec<String> {
     let out = c.kubectl_ok(&[
@@ -115,7 +101,7 @@ pub(crate) fn object_storage(c: &Cluster, tmp: &Path, certs: &Path, authfile: &P
     let dir = tmp.join("object-storage");
     std::fs::create_dir_all(&dir).unwrap();
     let store = ObjectStore::start();
-    apply(c, "integration/cluster/overlay-object-storage");
+    apply_overlay(c, "integration/cluster/overlay-object-storage");
     let ready = c
         .get(NS, "deployment/registry", "{.status.readyReplicas}")
         .unwrap();
@@ -298,7 +284,7 @@ pub(crate) fn object_storage(c: &Cluster, tmp: &Path, certs: &Path, authfile: &P
             "--wait=false",
         ]);
     }
-    apply(c, "integration/cluster/overlay");
+    apply_overlay(c, "integration/cluster/overlay");
     c.kubectl_ok(&["-n", NS, "delete", "poddisruptionbudget", "registry"]);
     drop(store);
 }

@@ -973,13 +973,7 @@ fn cri_pulls_by_digest_through_the_agent_without_credentials() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    let index: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(oci_layout().join("index.json")).unwrap())
-            .unwrap();
-    let digest = index["manifests"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let digest = layout_digest(oci_layout());
     let ctd = Containerd::start(dir);
     // As in a cluster: the agent names the Service and dials the gateway.
     let _agent = Agent::start(

@@ -814,7 +814,17 @@ pub struct Seaweed {
     pub endpoint: String,
     dir: PathBuf,
     proc: Option<Proc>,
+    /// One at a time per test process: two weed servers started at once
+    /// (tests run in parallel) were seen to find each other, one filer
+    /// bootstrapping from the other's and dying, though each has its own
+    /// namespace and address.
+    _one: std::sync::MutexGuard<'static, ()>,
 }
+
+static SEAWEED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// How long `weed shell` may take to create the bucket.
+const WEED_SHELL_DEADLINE: Duration = Duration::from_secs(60);
 
 pub const S3_BUCKET: &str = "registry";
 pub const S3_ACCESS_KEY: &str = "AKIASLIPWAYTEST";
@@ -822,6 +832,8 @@ pub const S3_SECRET_KEY: &str = "slipway-test-secret";
 
 impl Seaweed {
     pub fn start(dir: &Path) -> Seaweed {
+        // A test that panicked while holding it left nothing running.
+        let one = SEAWEED.lock().unwrap_or_else(|e| e.into_inner());
         let dir = dir.join(format!("seaweed-{}", unique()));
         fs::create_dir_all(dir.join("data")).unwrap();
         fs::write(
@@ -838,24 +850,34 @@ impl Seaweed {
             endpoint,
             dir,
             proc: None,
+            _one: one,
         };
         s.launch();
-        let mut shell = s.ns.command("weed");
-        shell
-            .args(["shell", "-master", &format!("{}:9333", s.ns.ns_ip)])
-            .args(["-filer", &format!("{}:8888", s.ns.ns_ip)])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = shell.spawn().expect("weed shell");
-        {
-            use std::io::Write;
-            let mut stdin = child.stdin.take().unwrap();
-            writeln!(stdin, "s3.bucket.create -name {S3_BUCKET}").unwrap();
+        let out = s.dir.join("weed-shell.log");
+        // Its commands on stdin; `exec`, so that the deadline's kill
+        // reaches weed itself.
+        let script = s.dir.join("weed-shell.in");
+        fs::write(&script, format!("s3.bucket.create -name {S3_BUCKET}\n")).unwrap();
+        let mut shell = s.ns.command("sh");
+        shell.arg("-c").arg(format!(
+            "exec weed shell -master {ip}:9333 -filer {ip}:8888 < {}",
+            script.display(),
+            ip = s.ns.ns_ip
+        ));
+        let mut p = Proc::spawn("weed shell", shell, out);
+        let started = Instant::now();
+        while p.child.try_wait().ok().flatten().is_none() {
+            if started.elapsed() > WEED_SHELL_DEADLINE {
+                p.stop();
+                panic!(
+                    "weed shell did not create the bucket within {WEED_SHELL_DEADLINE:?}: {}\nweed: {}",
+                    p.log_text(),
+                    s.proc.as_ref().map(Proc::log_text).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
         }
-        let out = child.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout).to_string()
-            + &String::from_utf8_lossy(&out.stderr);
+        let text = p.log_text();
         assert!(
             text.contains(&format!("created bucket {S3_BUCKET}")),
             "weed shell could not create the bucket: {text}"
@@ -1186,6 +1208,17 @@ pub fn umoci_layout(dir: &Path, layer_bytes: &[usize]) -> PathBuf {
         fs::remove_dir_all(&bundle).unwrap();
     }
     layout
+}
+
+/// The digest of the first manifest an OCI layout's index.json names: the
+/// image [`umoci_layout`] and [`oci_layout`] build.
+pub fn layout_digest(layout: &Path) -> String {
+    let index: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(layout.join("index.json")).unwrap()).unwrap();
+    index["manifests"][0]["digest"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{}: no manifest in index.json", layout.display()))
+        .to_string()
 }
 
 /// A small three-layer image, built once per test process.

@@ -207,14 +207,120 @@ fn send(
     curl(pki, &args)
 }
 
-/// Chunk `i` of `file` (`chunk` bytes each) into its own file.
-fn chunk_file(file: &Path, chunk: usize, i: usize) -> (PathBuf, usize, usize) {
-    let all = fs::read(file).unwrap();
-    let start = i * chunk;
-    let end = (start + chunk).min(all.len());
-    let p = file.with_extension(format!("chunk{i}"));
-    fs::write(&p, &all[start..end]).unwrap();
-    (p, start, end)
+/// One blob upload through the registry API, whose requests may go to any
+/// replica: `POST` begins it, each `PATCH` sends the next bytes of `data`
+/// with their `Content-Range`, `PUT` commits it under its digest. Every
+/// answer's `Location` is where the next request goes.
+struct Upload<'a> {
+    pki: &'a Pki,
+    repo: String,
+    data: &'a [u8],
+    dir: &'a Path,
+    /// Path and query of the upload.
+    at: String,
+    /// Bytes the registry has acknowledged.
+    offset: usize,
+}
+
+impl<'a> Upload<'a> {
+    fn begin(pki: &'a Pki, gw: &Gateway, repo: &str, data: &'a [u8], dir: &'a Path) -> Upload<'a> {
+        let r = send(
+            pki,
+            gw,
+            "POST",
+            &format!("/v2/{repo}/blobs/uploads/"),
+            None,
+            &[],
+        );
+        assert_eq!(r.status, 202, "POST: {}", String::from_utf8_lossy(&r.body));
+        Upload {
+            pki,
+            repo: repo.into(),
+            data,
+            dir,
+            at: location(&r),
+            offset: 0,
+        }
+    }
+
+    /// The next `len` bytes (fewer at the end) as their own file, and the
+    /// `Content-Range` header for them.
+    fn next_part(&self, len: usize) -> (PathBuf, String) {
+        let end = (self.offset + len).min(self.data.len());
+        let part = self.dir.join(format!("part-{}", unique()));
+        fs::write(&part, &self.data[self.offset..end]).unwrap();
+        (part, format!("Content-Range: {}-{}", self.offset, end - 1))
+    }
+
+    /// `PATCH` of the next `len` bytes through `gw`; the registry must
+    /// acknowledge everything sent so far (`Range: 0-<end>`).
+    fn patch(&mut self, gw: &Gateway, len: usize) -> Result<(), String> {
+        let (part, range) = self.next_part(len);
+        let r = send(
+            self.pki,
+            gw,
+            "PATCH",
+            &self.at,
+            Some(&part),
+            &["-H", &range],
+        );
+        let _ = fs::remove_file(&part);
+        let end = (self.offset + len).min(self.data.len());
+        if r.status != 202 || r.header("range") != Some(format!("0-{}", end - 1).as_str()) {
+            return Err(format!(
+                "PATCH of {} on {}: {} {:?} {}",
+                &range[15..],
+                gw.addr,
+                r.status,
+                r.header("range"),
+                String::from_utf8_lossy(&r.body)
+            ));
+        }
+        self.at = location(&r);
+        self.offset = end;
+        Ok(())
+    }
+
+    /// Ask `gw` where the upload stands (`GET`): on 204, go on from the
+    /// offset it reports; false if the upload is unknown there.
+    fn resume(&mut self, gw: &Gateway) -> bool {
+        let r = send(self.pki, gw, "GET", &self.at, None, &[]);
+        if r.status != 204 {
+            return false;
+        }
+        let end: usize = r
+            .header("range")
+            .and_then(|v| v.split('-').nth(1))
+            .and_then(|e| e.parse().ok())
+            .unwrap_or_else(|| panic!("upload status without a Range: {:?}", r.headers));
+        self.at = location(&r);
+        self.offset = end + 1;
+        true
+    }
+
+    /// `PUT` under `digest` through `gw`.
+    fn commit(&self, gw: &Gateway, digest: &str) -> Result<(), String> {
+        let sep = if self.at.contains('?') { '&' } else { '?' };
+        let r = send(
+            self.pki,
+            gw,
+            "PUT",
+            &format!("{}{sep}digest={digest}", self.at),
+            None,
+            &[],
+        );
+        if r.status == 201 {
+            Ok(())
+        } else {
+            Err(format!(
+                "PUT of {}@{digest} on {}: {} {}",
+                self.repo,
+                gw.addr,
+                r.status,
+                String::from_utf8_lossy(&r.body)
+            ))
+        }
+    }
 }
 
 /// GET the blob through `gw` into a file; its digest.
@@ -252,34 +358,10 @@ fn push_manifest(
 ) -> String {
     let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"config":{}}"#;
     let cfg_digest = sha(config);
-    let cfg_file = dir.join("config.json");
-    fs::write(&cfg_file, config).unwrap();
-    // distribution 2.8 has no single-POST upload: POST, then PUT the body.
-    let r = send(
-        pki,
-        gw,
-        "POST",
-        &format!("/v2/{repo}/blobs/uploads/"),
-        None,
-        &[],
-    );
-    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-    let at = location(&r);
-    let sep = if at.contains('?') { '&' } else { '?' };
-    let r = send(
-        pki,
-        gw,
-        "PUT",
-        &format!("{at}{sep}digest={cfg_digest}"),
-        Some(&cfg_file),
-        &[],
-    );
-    assert_eq!(
-        r.status,
-        201,
-        "config upload: {}",
-        String::from_utf8_lossy(&r.body)
-    );
+    // distribution 2.8 has no single-POST upload: POST, then PUT.
+    let mut up = Upload::begin(pki, gw, repo, config, dir);
+    up.patch(gw, config.len()).unwrap();
+    up.commit(gw, &cfg_digest).unwrap();
     let manifest = format!(
         r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cfg_digest}","size":{}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{layer}","size":{size}}}]}}"#,
         config.len()
@@ -343,61 +425,15 @@ fn a_layer_pushed_in_chunks_across_three_replicas_verifies_and_pulls_from_each()
     let (layer_file, layer) = random_file(dir, "layer", 100 << 20);
     let size = 100 << 20;
     let repo = "team/big";
-    let r = send(
-        &pki,
-        &rs[0].gw,
-        "POST",
-        &format!("/v2/{repo}/blobs/uploads/"),
-        None,
-        &[],
-    );
-    assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-    let mut at = location(&r);
-    let mut turn = 1;
+    let data = fs::read(&layer_file).unwrap();
     let started = Instant::now();
-    for i in 0..size / chunk {
-        let (part, start, end) = chunk_file(&layer_file, chunk, i);
-        let range = format!("Content-Range: {start}-{}", end - 1);
-        let r = send(
-            &pki,
-            &rs[turn % 3].gw,
-            "PATCH",
-            &at,
-            Some(&part),
-            &["-H", &range],
-        );
-        assert_eq!(
-            r.status,
-            202,
-            "chunk {i} on replica {}: {}",
-            turn % 3,
-            String::from_utf8_lossy(&r.body)
-        );
-        assert_eq!(
-            r.header("range"),
-            Some(format!("0-{}", end - 1).as_str()),
-            "chunk {i}"
-        );
-        at = location(&r);
+    let mut up = Upload::begin(&pki, &rs[0].gw, repo, &data, dir);
+    let mut turn = 1;
+    while up.offset < size {
+        up.patch(&rs[turn % 3].gw, chunk).unwrap();
         turn += 1;
-        fs::remove_file(part).unwrap();
     }
-    let sep = if at.contains('?') { '&' } else { '?' };
-    let r = send(
-        &pki,
-        &rs[turn % 3].gw,
-        "PUT",
-        &format!("{at}{sep}digest={layer}"),
-        None,
-        &[],
-    );
-    assert_eq!(
-        r.status,
-        201,
-        "commit on replica {}: {}",
-        turn % 3,
-        String::from_utf8_lossy(&r.body)
-    );
+    up.commit(&rs[turn % 3].gw, &layer).unwrap();
     eprintln!(
         "object storage: 100 MiB in 10 chunks over 3 replicas in {:?}",
         started.elapsed()
@@ -457,24 +493,12 @@ fn a_replica_killed_mid_push_costs_the_push_a_retry_and_no_pull_fails() {
     let size = 60 << 20;
     let (layer_file, layer) = random_file(dir, "layer", size);
     let repo = "team/big";
-    let r = send(
-        &pki,
-        &rs[0].gw,
-        "POST",
-        &format!("/v2/{repo}/blobs/uploads/"),
-        None,
-        &[],
-    );
-    assert_eq!(r.status, 202);
-    let mut at = location(&r);
+    let data = fs::read(&layer_file).unwrap();
     // Two chunks through replica 0, then the third, slowed to 2 MiB/s, is
     // cut by the kill.
-    for i in 0..2 {
-        let (part, start, end) = chunk_file(&layer_file, chunk, i);
-        let range = format!("Content-Range: {start}-{}", end - 1);
-        let r = send(&pki, &rs[0].gw, "PATCH", &at, Some(&part), &["-H", &range]);
-        assert_eq!(r.status, 202, "{}", String::from_utf8_lossy(&r.body));
-        at = location(&r);
+    let mut up = Upload::begin(&pki, &rs[0].gw, repo, &data, dir);
+    for _ in 0..2 {
+        up.patch(&rs[0].gw, chunk).unwrap();
     }
     let stop = AtomicBool::new(false);
     let (pulls, failures) = (
@@ -498,9 +522,8 @@ fn a_replica_killed_mid_push_costs_the_push_a_retry_and_no_pull_fails() {
                 i += 1;
             }
         });
-        let (part, start, end) = chunk_file(&layer_file, chunk, 2);
-        let range = format!("Content-Range: {start}-{}", end - 1);
-        let url = format!("https://{}{at}", killed.gw.addr);
+        let (part, range) = up.next_part(chunk);
+        let url = format!("https://{}{}", killed.gw.addr, up.at);
         let mut cut = Command::new("curl");
         cut.args(["-sS", "--max-time", "60", "--limit-rate", "2M", "--cacert"])
             .arg(pki.ca())
@@ -515,75 +538,26 @@ fn a_replica_killed_mid_push_costs_the_push_a_retry_and_no_pull_fails() {
         std::thread::sleep(Duration::from_secs(2));
         killed.kill();
         let _ = child.wait();
-        // Resume: ask a survivor where the upload stands.
+        // Go on through a survivor: from where the upload stands if it
+        // knows it, else from the start.
         let started = Instant::now();
-        let st = send(&pki, &survivors[0].gw, "GET", &at, None, &[]);
-        let (mut at, mut offset, how) = if st.status == 204 {
-            let end: usize = st
-                .header("range")
-                .and_then(|r| r.split('-').nth(1))
-                .and_then(|e| e.parse().ok())
-                .unwrap();
-            (location(&st), end + 1, "resumed")
+        let how = if up.resume(&survivors[0].gw) {
+            "resumed"
         } else {
-            let r = send(
-                &pki,
-                &survivors[0].gw,
-                "POST",
-                &format!("/v2/{repo}/blobs/uploads/"),
-                None,
-                &[],
-            );
-            assert_eq!(r.status, 202);
-            (location(&r), 0, "restarted")
+            up = Upload::begin(&pki, &survivors[0].gw, repo, &data, dir);
+            "restarted"
         };
-        let resumed_at = offset;
+        let resumed_at = up.offset;
         let mut turn = 1;
         let mut result = Ok(());
-        while offset < size {
-            let end = (offset + chunk).min(size);
-            let all = fs::read(&layer_file).unwrap();
-            let part = dir.join("part");
-            fs::write(&part, &all[offset..end]).unwrap();
-            let range = format!("Content-Range: {offset}-{}", end - 1);
-            let r = send(
-                &pki,
-                &survivors[turn % 2].gw,
-                "PATCH",
-                &at,
-                Some(&part),
-                &["-H", &range],
-            );
-            if r.status != 202 {
-                result = Err(format!(
-                    "PATCH at {offset} ({how}): {} {}",
-                    r.status,
-                    String::from_utf8_lossy(&r.body)
-                ));
-                break;
-            }
-            at = location(&r);
-            offset = end;
+        while up.offset < size && result.is_ok() {
+            result = up.patch(&survivors[turn % 2].gw, chunk);
             turn += 1;
         }
         if result.is_ok() {
-            let sep = if at.contains('?') { '&' } else { '?' };
-            let r = send(
-                &pki,
-                &survivors[turn % 2].gw,
-                "PUT",
-                &format!("{at}{sep}digest={layer}"),
-                None,
-                &[],
-            );
-            if r.status != 201 {
-                result = Err(format!(
-                    "commit ({how}): {} {}",
-                    r.status,
-                    String::from_utf8_lossy(&r.body)
-                ));
-            }
+            result = up.commit(&survivors[turn % 2].gw, &layer);
         }
+        let result = result.map_err(|e| format!("after the kill ({how}): {e}"));
         eprintln!(
             "object storage: after the kill the push {how} at byte {resumed_at} of {size} and finished in {:?}",
             started.elapsed()
@@ -636,13 +610,7 @@ fn with_the_store_down_replicas_are_not_ready_node_caches_serve_and_all_recovers
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    let index: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(oci_layout().join("index.json")).unwrap())
-            .unwrap();
-    let digest = index["manifests"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let digest = layout_digest(oci_layout());
     let ctd = Containerd::start(dir);
     let agent = Agent::start(
         dir,
@@ -754,11 +722,6 @@ fn with_the_store_down_replicas_are_not_ready_node_caches_serve_and_all_recovers
         "push after recovery: {}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    let index: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(layout.join("index.json")).unwrap()).unwrap();
-    let d2 = index["manifests"][0]["digest"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let d2 = layout_digest(&layout);
     ctd.pull(&format!("{ALIAS}/team/app@{d2}")).unwrap();
 }

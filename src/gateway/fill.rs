@@ -1060,9 +1060,10 @@ impl Mirror {
         let key = format!("{repo}@{digest}");
         // A fill of this blob in flight here is waited for before the
         // registry is asked: distribution 2.8's filesystem driver writes a
-        // blob's link in place (PutContent truncates, then writes), so a GET
-        // while the fill commits can read an empty link and answer 500. Seen
-        // in CI as a 503 to the second of two nodes pulling at once.
+        // blob's link in place (PutContent truncates, then writes; 3.x
+        // writes a temporary file and renames it), so a GET while the fill
+        // commits can read an empty link and answer 500. Seen in CI as a 503
+        // to the second of two nodes pulling at once.
         let in_flight = self.fills.lock().expect("fills lock").get(&key).cloned();
         if let Some(mut rx) = in_flight {
             let _ = tokio::time::timeout(FILL_WAIT, rx.changed()).await;
