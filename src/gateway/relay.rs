@@ -114,10 +114,6 @@ impl Relay {
         self
     }
 
-    pub fn upstream_authority(&self) -> &str {
-        &self.upstream.authority
-    }
-
     /// [`PROBE_PATH`] once: `Ok` if the upstream answered with anything but
     /// a 5xx within 5 s, else what it answered or why nothing came.
     pub async fn probe(&self) -> Result<(), String> {
