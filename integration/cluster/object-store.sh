@@ -57,8 +57,9 @@ EOF
   # The bucket: made once, kept across restarts (weed shell says so when
   # it is there already).
   local out
+  # Under a deadline: weed shell waits forever for a filer that died.
   out=$(echo "s3.bucket.create -name $OBJECT_STORE_BUCKET" |
-    weed shell -master="$ip:9333" -filer="$ip:8888" 2>&1) || true
+    timeout 60 weed shell -master="$ip:9333" -filer="$ip:8888" 2>&1) || true
   case "$out" in
     *"created bucket $OBJECT_STORE_BUCKET"* | *"already exist"*) ;;
     *) die "object-store: cannot create bucket $OBJECT_STORE_BUCKET: $out" ;;
