@@ -33,9 +33,9 @@ use crate::gateway::{gateway_pki, Gateway, PASSWORD, USER};
 use crate::harness::*;
 use crate::ALIAS;
 
-const DAY: u64 = 86_400;
+pub(crate) const DAY: u64 = 86_400;
 
-fn sha(b: &[u8]) -> String {
+pub(crate) fn sha(b: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(b)))
 }
 
@@ -53,18 +53,18 @@ fn noise(seed: &str, n: usize) -> Vec<u8> {
 
 /// One test image, as pushed: manifest, config and one layer.
 #[derive(Clone)]
-struct Image {
-    digest: String,
-    manifest: Vec<u8>,
-    config: Vec<u8>,
-    layer: Vec<u8>,
+pub(crate) struct Image {
+    pub(crate) digest: String,
+    pub(crate) manifest: Vec<u8>,
+    pub(crate) config: Vec<u8>,
+    pub(crate) layer: Vec<u8>,
 }
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 
 impl Image {
-    fn new(seed: &str, arch: &str, created: &str, size: usize) -> Image {
+    pub(crate) fn new(seed: &str, arch: &str, created: &str, size: usize) -> Image {
         let layer = slipway::node::canary_image::tar_of("data.bin", &noise(seed, size));
         let config = serde_json::to_vec(&json!({
             "architecture": arch,
@@ -98,11 +98,11 @@ impl Image {
     }
 
     /// Bytes of its three blobs.
-    fn bytes(&self) -> u64 {
+    pub(crate) fn bytes(&self) -> u64 {
         (self.manifest.len() + self.config.len() + self.layer.len()) as u64
     }
 
-    fn blob_digests(&self) -> [String; 2] {
+    pub(crate) fn blob_digests(&self) -> [String; 2] {
         [sha(&self.config), sha(&self.layer)]
     }
 }
@@ -322,7 +322,7 @@ fn tree(root: &Path) -> BTreeMap<PathBuf, (Vec<u8>, u32)> {
     snapshot(&root.join("docker"))
 }
 
-fn rfc3339(secs_ago: u64) -> String {
+pub(crate) fn rfc3339(secs_ago: u64) -> String {
     let t = time::OffsetDateTime::now_utc() - time::Duration::seconds(secs_ago as i64);
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap()
@@ -629,7 +629,7 @@ fn pulls_whole(s: &Setup, repo_tag: &str) -> Result<(), String> {
 }
 
 /// Write `img` as an OCI layout `app` for skopeo.
-fn layout_of(dir: &Path, img: &Image) -> PathBuf {
+pub(crate) fn layout_of(dir: &Path, img: &Image) -> PathBuf {
     let l = dir.join(format!("layout-{}", unique()));
     let blobs = l.join("blobs/sha256");
     fs::create_dir_all(&blobs).unwrap();

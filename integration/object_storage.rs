@@ -70,8 +70,42 @@ impl Replica {
             },
         );
         let pw = htpasswd(&dir);
-        let gw = Gateway::start_with(&dir, &registry.addr, pki, &pw);
-        Replica { registry, gw }
+        // As the overlay sets it: the bucket, for `slipway gc` and the
+        // write fence the replicas share through it.
+        let credentials = dir.join("storage-credentials");
+        fs::write(
+            &credentials,
+            format!("[default]\naws_access_key_id = {S3_ACCESS_KEY}\naws_secret_access_key = {S3_SECRET_KEY}\n"),
+        )
+        .unwrap();
+        let gw = Gateway::start_env(
+            &dir,
+            &registry.addr,
+            pki,
+            &pw,
+            &[
+                ("SLIPWAY_GATEWAY_S3_BUCKET", S3_BUCKET),
+                ("SLIPWAY_GATEWAY_S3_ENDPOINT", &store.endpoint),
+                ("SLIPWAY_GATEWAY_S3_REGION", "us-east-1"),
+                ("SLIPWAY_GATEWAY_S3_ROOT_DIRECTORY", root),
+                (
+                    "SLIPWAY_GATEWAY_S3_CREDENTIALS_FILE",
+                    credentials.to_str().unwrap(),
+                ),
+            ],
+        );
+        let r = Replica { registry, gw };
+        // Writes are taken once the gateway has read the shared fence.
+        let started = Instant::now();
+        while r.ready() != Some(200) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "replica {i} not ready after 30 s:\n{}",
+                r.gw.proc.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        r
     }
 
     /// SIGKILL of both containers: a node lost, an OOM kill.
@@ -724,4 +758,272 @@ fn with_the_store_down_replicas_are_not_ready_node_caches_serve_and_all_recovers
     );
     let d2 = layout_digest(&layout);
     ctd.pull(&format!("{ALIAS}/team/app@{d2}")).unwrap();
+}
+
+/// `curl --aws-sigv4` straight to the bucket (not slipway's S3 client):
+/// the status of a `HEAD` of `key`.
+fn bucket_status(store: &Seaweed, key: &str) -> u16 {
+    let o = run_ok(
+        Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", "-I"])
+            .args(["--max-time", "30", "--aws-sigv4", "aws:amz:us-east-1:s3"])
+            .args(["--user", &format!("{S3_ACCESS_KEY}:{S3_SECRET_KEY}")])
+            .arg(format!("{}/{S3_BUCKET}/{key}", store.endpoint)),
+    );
+    o.trim().parse().unwrap()
+}
+
+fn blob_key(digest: &str) -> String {
+    let h = &digest[7..];
+    format!("docker/registry/v2/blobs/sha256/{}/{h}/data", &h[..2])
+}
+
+/// skopeo pushes the OCI layout `layout` as it is (`--preserve-digests`:
+/// the manifest's digest is the one the test computed), no retries.
+fn skopeo_exact(layout: &Path, gw: &Gateway, pki: &Pki, repo_tag: &str) -> std::process::Output {
+    run(Command::new("skopeo")
+        .args([
+            "copy",
+            "--quiet",
+            "--retry-times",
+            "0",
+            "--preserve-digests",
+        ])
+        .arg("--dest-cert-dir")
+        .arg(pki.trust_dir())
+        .args(["--dest-creds", &creds()])
+        .arg(format!("oci:{}:app", layout.display()))
+        .arg(format!("docker://{}/{repo_tag}", gw.addr)))
+}
+
+/// `slipway gc` through `gw` (the push account, no cluster), with `args`;
+/// the exit status, the JSON report and stderr.
+fn slipway_gc(
+    pki: &Pki,
+    gw: &Gateway,
+    dir: &Path,
+    args: &[&str],
+) -> (bool, serde_json::Value, String) {
+    let o = run(Command::new(slipway_bin())
+        .arg("gc")
+        .args(["--registry", &format!("https://{}", gw.addr)])
+        .arg("--ca-file")
+        .arg(pki.ca())
+        .args(["--username", USER, "--no-cluster", "--json"])
+        .arg("--termination-log")
+        .arg(dir.join(format!("termination-log-{}", unique())))
+        .args(args)
+        .env("SLIPWAY_GC_PASSWORD", PASSWORD)
+        .env_remove("SLIPWAY_GC_APPLY"));
+    (
+        o.status.success(),
+        serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    )
+}
+
+/// #22 point 4: `slipway gc` on the bucket, through one replica, while
+/// the others take pushes and pulls. The collector must stop every
+/// replica's writes (the fence they share through the bucket), and keep
+/// what every replica saw: a pull through another replica keeps its
+/// image, and a blob another replica just told a push it has (a `HEAD`
+/// answered 200, so the push skips the upload) is not deleted under it.
+#[test]
+fn gc_on_the_bucket_fences_every_replica_and_keeps_what_each_saw() {
+    use crate::gc::{layout_of, rfc3339, Image, DAY};
+    if !prerequisites_with(&["weed", "curl", "skopeo"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let store = Seaweed::start(dir);
+    let pki = gateway_pki(dir);
+    let rs = replicas(dir, &store, &pki, 2);
+    let (r0, r1) = (&rs[0].gw, &rs[1].gw);
+    let push = |gw: &Gateway, img: &Image, repo_tag: &str| -> std::process::Output {
+        let layout = layout_of(dir, img);
+        let o = skopeo_exact(&layout, gw, &pki, repo_tag);
+        let _ = fs::remove_dir_all(&layout);
+        o
+    };
+    const MIN_AGE: u64 = 10;
+    let policy = [
+        "--keep-builds",
+        "1",
+        "--keep-pulled-days",
+        "1",
+        "--min-age-secs",
+        "10",
+    ];
+
+    // A, then B, then C, a second apart (revision times are whole
+    // seconds in a bucket): each takes the tag the one before had, so A
+    // and B end untagged. B is pulled by digest through replica 1 only;
+    // C is the newest build. Everything through replica 0.
+    let img = |s: &str| Image::new(&format!("{s}-{}", unique()), "amd64", &rfc3339(DAY), 40_000);
+    let (a, b, c) = (img("a"), img("b"), img("c"));
+    for (i, tag) in [(&a, "v1"), (&b, "v1"), (&c, "v1")] {
+        let o = push(r0, i, &format!("team/app:{tag}"));
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::thread::sleep(Duration::from_millis(1100));
+    }
+    skopeo_pull(&pki, r1, dir, &format!("team/app@{}", b.digest)).unwrap();
+    std::thread::sleep(Duration::from_secs(MIN_AGE + 2));
+
+    let mut args = policy.to_vec();
+    let (ok, dry, err) = slipway_gc(&pki, r0, dir, &args);
+    assert!(ok, "dry run: {err}");
+    args.push("--apply");
+    let started = Instant::now();
+    let (ok, applied, err) = slipway_gc(&pki, r0, dir, &args);
+    let took = started.elapsed();
+    assert!(ok, "apply: {err}\nreplica 0:\n{}", r0.proc.log_text());
+    let freed = &applied["repositories"]["team/app"];
+    assert_eq!(freed["manifests"], 1, "{applied}");
+    assert_eq!(freed["blobs"], 3, "{applied}");
+    assert_eq!(freed["bytes"], a.bytes(), "{applied}");
+    assert_eq!(dry["total"], applied["total"], "the dry run saw the same");
+    let reason = |d: &str| -> String {
+        applied["kept"]["team/app"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["digest"] == d)
+            .map(|k| k["reason"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("{d} not kept: {applied}"))
+    };
+    assert_eq!(reason(&b.digest), "pulled", "replica 1's pull");
+    assert_eq!(reason(&c.digest), "recent-build");
+    // Gone from the bucket (asked directly), and 404 through both.
+    for d in [a.digest.clone(), sha(&a.layer), sha(&a.config)] {
+        assert_eq!(bucket_status(&store, &blob_key(&d)), 404, "{d}");
+    }
+    for gw in [r0, r1] {
+        let r = send(
+            &pki,
+            gw,
+            "GET",
+            &format!("/v2/team/app/manifests/{}", a.digest),
+            None,
+            &[],
+        );
+        assert_eq!(r.status, 404);
+        let r = send(
+            &pki,
+            gw,
+            "GET",
+            &format!("/v2/team/app/blobs/{}", sha(&a.layer)),
+            None,
+            &[],
+        );
+        assert_eq!(r.status, 404);
+        for d in [&b.digest, &c.digest] {
+            skopeo_pull(&pki, gw, dir, &format!("team/app@{d}")).unwrap();
+        }
+    }
+    for i in [&b, &c] {
+        assert_eq!(bucket_status(&store, &blob_key(&sha(&i.layer))), 200);
+    }
+    eprintln!(
+        "gc on the bucket: {} bytes freed; the apply took {took:?}",
+        a.bytes()
+    );
+
+    // Races: per round, 6 old untagged images, which pushes through
+    // replica 1 send again (skopeo finds their blobs present, skips the
+    // upload and names them in the manifest) back to back for as long as
+    // the collection through replica 0 runs.
+    const ROUNDS: usize = 4;
+    const PER_ROUND: usize = 6;
+    let (mut completed, mut refused, mut raced) = (0, 0, 0);
+    for round in 0..ROUNDS {
+        let imgs: Vec<Image> = (0..PER_ROUND)
+            .map(|k| img(&format!("race-{round}-{k}")))
+            .collect();
+        for i in &imgs {
+            let o = push(r0, i, "race/app:tmp");
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        }
+        // And one more on top, so that all of them are untagged.
+        let o = push(r0, &img("filler"), "race/app:tmp");
+        assert!(o.status.success());
+        std::thread::sleep(Duration::from_secs(MIN_AGE + 2));
+        let layouts: Vec<PathBuf> = imgs.iter().map(|i| layout_of(dir, i)).collect();
+        let done = Arc::new(AtomicBool::new(false));
+        let gc = {
+            let (ca, dir, done) = (pki.ca(), dir.to_path_buf(), done.clone());
+            let gw_addr = r0.addr.clone();
+            let mut a = policy.to_vec();
+            a.push("--apply");
+            let a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
+            std::thread::spawn(move || {
+                let o = run(Command::new(slipway_bin())
+                    .arg("gc")
+                    .args(["--registry", &format!("https://{gw_addr}")])
+                    .arg("--ca-file")
+                    .arg(&ca)
+                    .args(["--username", USER, "--no-cluster"])
+                    .arg("--termination-log")
+                    .arg(dir.join("termination-log-race"))
+                    .args(&a)
+                    .env("SLIPWAY_GC_PASSWORD", PASSWORD));
+                done.store(true, Ordering::SeqCst);
+                o
+            })
+        };
+        let refused_before = refused;
+        let mut pushed = [false; PER_ROUND];
+        let mut attempts = 0;
+        // Until the collection ended and every image went up once.
+        while !(done.load(Ordering::SeqCst) && pushed.iter().all(|p| *p)) {
+            let k = attempts % PER_ROUND;
+            attempts += 1;
+            assert!(attempts < 2000, "round {round}: pushes never completed");
+            let tag = format!("race/app:r{round}-{k}");
+            let o = skopeo_exact(&layouts[k], r1, &pki, &tag);
+            if o.status.success() {
+                completed += 1;
+                pushed[k] = true;
+                skopeo_pull(&pki, r1, dir, &tag).unwrap_or_else(|e| {
+                    panic!("round {round}: {tag} pushed but does not pull: {e}")
+                });
+            } else {
+                let e = String::from_utf8_lossy(&o.stderr).to_string();
+                assert!(
+                    e.contains("503"),
+                    "round {round}: push of {tag} failed otherwise than with 503: {e}"
+                );
+                refused += 1;
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let g = gc.join().unwrap();
+        assert!(
+            g.status.success(),
+            "round {round}: gc: {}",
+            String::from_utf8_lossy(&g.stderr)
+        );
+        if refused > refused_before {
+            raced += 1;
+        }
+        for k in 0..PER_ROUND {
+            let tag = format!("race/app:r{round}-{k}");
+            skopeo_pull(&pki, r0, dir, &tag)
+                .unwrap_or_else(|e| panic!("round {round}: {tag} broken after the sweep: {e}"));
+        }
+    }
+    let fenced = r1.metric("slipway_gc_writes_refused_total");
+    eprintln!(
+        "gc on the bucket, races: {ROUNDS} sweeps through replica 0, {raced} met by a push through replica 1 that was refused; {completed} pushes completed, {refused} refused with 503 and retried; replica 1 refused {fenced} requests"
+    );
+    assert!(
+        r1.proc
+            .log_text()
+            .contains("garbage collection on another gateway; writes refused"),
+        "replica 1 never saw the shared fence"
+    );
+    assert!(
+        raced >= 1 && fenced >= 1.0,
+        "no push met the fence on replica 1"
+    );
 }

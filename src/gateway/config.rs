@@ -17,6 +17,15 @@
 //! # The [mirror] table of this file, or of the file named here (the
 //! # install names agent.toml, so the agents and the gateway read one list).
 //! mirror_config  = "/etc/slipway/agent/agent.toml"
+//! # Where distribution keeps its tree, for `slipway gc` (#21, #22): a
+//! # filesystem rootdirectory mounted here, or an S3 bucket (not both).
+//! storage_root   = "/var/lib/registry"
+//! # s3_bucket           = "registry"
+//! # s3_endpoint         = "http://store.example:8333"   # empty: AWS
+//! # s3_region           = "us-east-1"
+//! # s3_root_directory   = ""                            # distribution's rootdirectory
+//! # s3_credentials_file = "/etc/slipway/storage/credentials"  # default $AWS_SHARED_CREDENTIALS_FILE
+//! # s3_profile          = "default"
 //! ```
 
 use std::net::SocketAddr;
@@ -55,6 +64,12 @@ struct FileGateway {
     grace_period_secs: Option<f64>,
     mirror_config: Option<PathBuf>,
     storage_root: Option<PathBuf>,
+    s3_bucket: Option<String>,
+    s3_endpoint: Option<String>,
+    s3_region: Option<String>,
+    s3_root_directory: Option<String>,
+    s3_credentials_file: Option<PathBuf>,
+    s3_profile: Option<String>,
 }
 
 /// Flag and environment overrides; each maps to one `gateway.*` key.
@@ -104,6 +119,24 @@ pub struct GatewayOverrides {
     /// gateway.storage_root: distribution's filesystem rootdirectory, for `slipway gc` (#21)
     #[arg(long, env = "SLIPWAY_GATEWAY_STORAGE_ROOT")]
     pub gateway_storage_root: Option<PathBuf>,
+    /// gateway.s3_bucket: distribution's S3 bucket, for `slipway gc` on a bucket (#22)
+    #[arg(long, env = "SLIPWAY_GATEWAY_S3_BUCKET")]
+    pub gateway_s3_bucket: Option<String>,
+    /// gateway.s3_endpoint: the store's http(s) URL, as distribution's regionendpoint (empty: AWS)
+    #[arg(long, env = "SLIPWAY_GATEWAY_S3_ENDPOINT")]
+    pub gateway_s3_endpoint: Option<String>,
+    /// gateway.s3_region: the region requests are signed for
+    #[arg(long, env = "SLIPWAY_GATEWAY_S3_REGION")]
+    pub gateway_s3_region: Option<String>,
+    /// gateway.s3_root_directory: distribution's rootdirectory in the bucket
+    #[arg(long, env = "SLIPWAY_GATEWAY_S3_ROOT_DIRECTORY")]
+    pub gateway_s3_root_directory: Option<String>,
+    /// gateway.s3_credentials_file: AWS shared credentials file (default $AWS_SHARED_CREDENTIALS_FILE)
+    #[arg(long, env = "SLIPWAY_GATEWAY_S3_CREDENTIALS_FILE")]
+    pub gateway_s3_credentials_file: Option<PathBuf>,
+    /// gateway.s3_profile: the profile of the credentials file
+    #[arg(long, env = "SLIPWAY_GATEWAY_S3_PROFILE")]
+    pub gateway_s3_profile: Option<String>,
 }
 
 /// The plain-http upstream; the request path and query are appended to it
@@ -131,6 +164,8 @@ pub struct GatewayConfig {
     pub mirror: crate::mirror::Mirrors,
     /// distribution's `rootdirectory`, where `slipway gc` sweeps (#21).
     pub storage_root: Option<PathBuf>,
+    /// distribution's bucket, where `slipway gc` sweeps (#22).
+    pub s3: Option<crate::s3::bucket::BucketConfig>,
 }
 
 impl GatewayConfig {
@@ -228,7 +263,72 @@ impl GatewayConfig {
             )?,
         };
         let storage_root = ov.gateway_storage_root.clone().or(g.storage_root).map(rel);
+        let s3 = match ov
+            .gateway_s3_bucket
+            .clone()
+            .or(g.s3_bucket)
+            .filter(|b| !b.is_empty())
+        {
+            None => None,
+            Some(bucket) => {
+                if storage_root.is_some() {
+                    return Err(ConfigError::Invalid {
+                        key: "gateway.s3_bucket".into(),
+                        message: "set together with gateway.storage_root: distribution keeps its \
+                                  tree in one of them"
+                            .into(),
+                    });
+                }
+                let endpoint = ov
+                    .gateway_s3_endpoint
+                    .clone()
+                    .or(g.s3_endpoint)
+                    .unwrap_or_default();
+                if !(endpoint.is_empty()
+                    || endpoint.starts_with("http://")
+                    || endpoint.starts_with("https://"))
+                {
+                    return Err(ConfigError::Invalid {
+                        key: "gateway.s3_endpoint".into(),
+                        message: format!("{endpoint:?} is not an http:// or https:// URL"),
+                    });
+                }
+                let credentials_file = ov
+                    .gateway_s3_credentials_file
+                    .clone()
+                    .or(g.s3_credentials_file)
+                    .map(rel)
+                    .or_else(|| std::env::var_os("AWS_SHARED_CREDENTIALS_FILE").map(PathBuf::from))
+                    .ok_or(ConfigError::Missing {
+                        key: "gateway.s3_credentials_file",
+                        flag: "gateway-s3-credentials-file",
+                        env: "SLIPWAY_GATEWAY_S3_CREDENTIALS_FILE",
+                    })?;
+                Some(crate::s3::bucket::BucketConfig {
+                    endpoint,
+                    bucket,
+                    region: ov
+                        .gateway_s3_region
+                        .clone()
+                        .or(g.s3_region)
+                        .filter(|r| !r.is_empty())
+                        .unwrap_or_else(|| "us-east-1".into()),
+                    root: ov
+                        .gateway_s3_root_directory
+                        .clone()
+                        .or(g.s3_root_directory)
+                        .unwrap_or_default(),
+                    credentials_file,
+                    profile: ov
+                        .gateway_s3_profile
+                        .clone()
+                        .or(g.s3_profile)
+                        .unwrap_or_else(|| "default".into()),
+                })
+            }
+        };
         Ok(GatewayConfig {
+            s3,
             storage_root,
             mirror,
             source: path.map(Path::to_path_buf),

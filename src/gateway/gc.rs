@@ -3,9 +3,11 @@
 //!
 //! Endpoint: `POST /slipway/v1/gc` on the registry port (a write, so the
 //! push account is required), body a [`GcRequest`], answer a [`GcReport`].
-//! One collection runs at a time (`409` otherwise). Without
-//! `gateway.storage_root` (distribution's `rootdirectory`, mounted into
-//! the gateway) it answers `501`.
+//! One collection runs at a time (`409` otherwise). The storage is
+//! distribution's filesystem `rootdirectory` mounted into the gateway
+//! (`gateway.storage_root`) or its S3 bucket (`gateway.s3_bucket`, #22);
+//! without either it answers `501`. On a bucket, several replicas write,
+//! so the fence is also shared through the bucket ([`super::shared`]).
 //!
 //! With `apply`: every write (any method but `GET`/`HEAD`, every mirror
 //! request, since a fill writes, and every blob `HEAD`, which is how a
@@ -30,9 +32,10 @@
 //! (repository, digest, time): the nodes' agents relay every manifest
 //! request to the registry (they cache blobs only), so this is the record
 //! of what the agents pulled. It is kept in memory (at most
-//! [`MAX_PULLS`] entries) and in `<storage_root>/slipway/pulls.json`,
-//! written at most every [`PULLS_SAVE_EVERY`]; a node that is down
-//! removes nothing from it.
+//! [`MAX_PULLS`] entries) and in `<storage_root>/slipway/pulls.json`
+//! (on a bucket: `slipway/pulls/<gateway>.json`, one per gateway, all
+//! read by the collection), written at most every [`PULLS_SAVE_EVERY`];
+//! a node that is down removes nothing from it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -44,6 +47,7 @@ use http::{Method, Request, StatusCode, Uri};
 use tracing::{error, info, warn};
 
 use super::metrics::{GatewayMetrics, GcMode};
+use super::shared::Shared;
 use crate::gc::GcRequest;
 use crate::idle::Idle;
 
@@ -59,6 +63,7 @@ pub const MAX_PULLS: usize = 200_000;
 /// `gc.keep_pulled_days`).
 const PULLS_MAX_AGE: u64 = 90 * 86_400;
 pub const PULLS_SAVE_EVERY: Duration = Duration::from_secs(60);
+pub const PULLS_SAVE_EVERY_BUCKET: Duration = Duration::from_secs(5);
 /// The whole round of questions to distribution after a sweep.
 const PROBE_DEADLINE: Duration = Duration::from_secs(60);
 /// Deleted objects asked about after a sweep, at most.
@@ -82,8 +87,12 @@ pub struct Fence {
     raised: AtomicBool,
     /// Raised because distribution answers for deleted blobs.
     stale: AtomicBool,
-    writes: AtomicUsize,
-    retry_after: AtomicU64,
+    /// Raised by another gateway's collection on the same bucket.
+    pub(super) remote: AtomicBool,
+    /// On a bucket: the shared fence has not been read lately (or not yet).
+    pub(super) unsure: AtomicBool,
+    pub(super) writes: AtomicUsize,
+    pub(super) retry_after: AtomicU64,
 }
 
 /// A write in flight; counted out when dropped.
@@ -105,7 +114,15 @@ impl Fence {
     pub fn enter(&self) -> Result<WriteGuard<'_>, Refused> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         let g = WriteGuard(self);
-        if self.raised.load(Ordering::SeqCst) {
+        if self.unsure.load(Ordering::SeqCst) {
+            return Err(Refused {
+                message: "the gateway cannot read the registry storage's shared garbage \
+                          collection fence; retry after 5 s"
+                    .into(),
+                retry_after: 5,
+            });
+        }
+        if self.raised.load(Ordering::SeqCst) || self.remote.load(Ordering::SeqCst) {
             let retry_after = self.retry_after.load(Ordering::Relaxed).max(1);
             let message = if self.stale.load(Ordering::SeqCst) {
                 "registry garbage collection deleted blobs that distribution still answers for \
@@ -133,7 +150,7 @@ impl Fence {
         self.raised.store(false, Ordering::SeqCst);
     }
 
-    async fn drained(&self, deadline: Duration) -> bool {
+    pub(super) async fn drained(&self, deadline: Duration) -> bool {
         let until = Instant::now() + deadline;
         while self.writes.load(Ordering::SeqCst) > 0 {
             if Instant::now() >= until {
@@ -173,8 +190,18 @@ impl Records {
     }
 }
 
+/// Where distribution's tree is.
+pub enum Storage {
+    /// No storage visible: `slipway gc` answers 501.
+    None,
+    /// `gateway.storage_root`: the filesystem `rootdirectory`.
+    Filesystem(PathBuf),
+    /// `gateway.s3_bucket`: the bucket, shared with the other replicas.
+    Bucket(Arc<Shared>),
+}
+
 pub struct Collector {
-    root: Option<PathBuf>,
+    storage: Storage,
     upstream: String,
     pub fence: Fence,
     pulls: Mutex<Records>,
@@ -190,9 +217,9 @@ pub struct Collector {
 }
 
 impl Collector {
-    pub fn new(root: Option<PathBuf>, upstream: &str, metrics: Arc<GatewayMetrics>) -> Collector {
+    pub fn new(storage: Storage, upstream: &str, metrics: Arc<GatewayMetrics>) -> Collector {
         let c = Collector {
-            root,
+            storage,
             upstream: upstream.to_string(),
             fence: Fence::default(),
             pulls: Mutex::new(Records::default()),
@@ -202,12 +229,60 @@ impl Collector {
             client: super::relay::local_client(),
         };
         c.fence.retry_after.store(30, Ordering::Relaxed);
+        if let Storage::Bucket(_) = c.storage {
+            // Until the shared fence has been read once (#22).
+            c.fence.unsure.store(true, Ordering::SeqCst);
+        }
         c.load_pulls();
         c
     }
 
+    /// The bucket's shared state, when the storage is a bucket.
+    pub fn shared(&self) -> Option<Arc<Shared>> {
+        match &self.storage {
+            Storage::Bucket(s) => Some(s.clone()),
+            _ => None,
+        }
+    }
+
     fn pulls_file(&self) -> Option<PathBuf> {
-        Some(self.root.as_ref()?.join("slipway/pulls.json"))
+        match &self.storage {
+            Storage::Filesystem(root) => Some(root.join("slipway/pulls.json")),
+            _ => None,
+        }
+    }
+
+    /// The records to save, if they changed (marked saved).
+    fn pulls_to_save(&self) -> Option<Vec<(String, String, u64)>> {
+        let mut p = self.pulls.lock().expect("pulls lock");
+        if !p.dirty {
+            return None;
+        }
+        p.dirty = false;
+        let since = now().saturating_sub(PULLS_MAX_AGE);
+        p.map.retain(|_, t| *t >= since);
+        Some(
+            p.map
+                .iter()
+                .map(|((r, d), t)| (r.clone(), d.clone(), *t))
+                .collect(),
+        )
+    }
+
+    /// Save the pull records if they changed: to the file, or the bucket.
+    pub async fn save_pulls_now(self: &Arc<Self>) {
+        if let Storage::Bucket(s) = &self.storage {
+            let Some(v) = self.pulls_to_save() else {
+                return;
+            };
+            if let Err(e) = s.save_pulls(&v).await {
+                warn!(error = %e, "gc: cannot store the pull records");
+                self.pulls.lock().expect("pulls lock").dirty = true;
+            }
+            return;
+        }
+        let c = self.clone();
+        let _ = tokio::task::spawn_blocking(move || c.save_pulls()).await;
     }
 
     fn load_pulls(&self) {
@@ -230,18 +305,8 @@ impl Collector {
     /// Write the pull records if they changed (the atomic write).
     pub fn save_pulls(&self) {
         let Some(f) = self.pulls_file() else { return };
-        let v = {
-            let mut p = self.pulls.lock().expect("pulls lock");
-            if !p.dirty {
-                return;
-            }
-            p.dirty = false;
-            let since = now().saturating_sub(PULLS_MAX_AGE);
-            p.map.retain(|_, t| *t >= since);
-            p.map
-                .iter()
-                .map(|((r, d), t)| (r.clone(), d.clone(), *t))
-                .collect::<Vec<_>>()
+        let Some(v) = self.pulls_to_save() else {
+            return;
         };
         let bytes = serde_json::to_vec(&v).expect("records serialise");
         let r = f
@@ -256,11 +321,17 @@ impl Collector {
     }
 
     pub async fn save_loop(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(PULLS_SAVE_EVERY);
+        // On a bucket the records are the other replicas' only view of
+        // this one's pulls between collections (a dry run reads them):
+        // one small PUT every few seconds while pulls happen.
+        let every = match self.storage {
+            Storage::Bucket(_) => PULLS_SAVE_EVERY_BUCKET,
+            _ => PULLS_SAVE_EVERY,
+        };
+        let mut tick = tokio::time::interval(every);
         loop {
             tick.tick().await;
-            let c = self.clone();
-            let _ = tokio::task::spawn_blocking(move || c.save_pulls()).await;
+            self.save_pulls_now().await;
         }
     }
 
@@ -296,7 +367,7 @@ impl Collector {
             .record(name, digest, now());
     }
 
-    fn seen_now(&self) -> crate::gc::Seen {
+    pub(super) fn seen_now(&self) -> crate::gc::Seen {
         let list = |m: &Mutex<Records>| -> Vec<(String, String, u64)> {
             m.lock()
                 .expect("records lock")
@@ -352,13 +423,14 @@ impl Collector {
                 .into_bytes(),
             )
         };
-        let Some(root) = self.root.clone() else {
+        if let Storage::None = self.storage {
             return err(
                 StatusCode::NOT_IMPLEMENTED,
-                "gateway.storage_root is not set: this gateway cannot see the registry's storage"
+                "neither gateway.storage_root nor gateway.s3_bucket is set: this gateway cannot \
+                 see the registry's storage"
                     .into(),
             );
-        };
+        }
         let Ok(_one) = self.running.try_lock() else {
             return err(
                 StatusCode::CONFLICT,
@@ -394,32 +466,99 @@ impl Collector {
                     ),
                 );
             }
-            info!(
-                "gc: writes refused and drained; sweeping {}",
-                root.display()
-            );
+            info!("gc: writes refused and drained");
         }
-        let seen = self.seen_now();
-        let r2 = root.clone();
+        let mut seen = self.seen_now();
+        // On a bucket, the other replicas' writes too, and their records
+        // (#22).
+        let mut hold = None;
+        if let Storage::Bucket(shared) = &self.storage {
+            if req.apply {
+                let retry_after = self.fence.retry_after.load(Ordering::Relaxed);
+                match shared
+                    .hold(retry_after, DRAIN_DEADLINE + 2 * super::shared::POLL)
+                    .await
+                {
+                    Ok((h, others)) => {
+                        seen.pulls.extend(others.pulls);
+                        seen.checked.extend(others.checked);
+                        hold = Some(h);
+                    }
+                    Err(e) => {
+                        self.fence.lower();
+                        self.metrics.gc_run(mode, false);
+                        error!(error = %crate::report(&e), "gc: the other gateways did not stop their writes; writes resume");
+                        return err(StatusCode::SERVICE_UNAVAILABLE, crate::report(&e));
+                    }
+                }
+            }
+            match shared.load_pulls(PULLS_MAX_AGE, now()).await {
+                Ok(p) => seen.pulls.extend(p),
+                Err(e) => {
+                    if let Some(h) = hold.take() {
+                        h.release().await;
+                    }
+                    self.fence.lower();
+                    self.metrics.gc_run(mode, false);
+                    return err(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!(
+                            "cannot read the stored pull records: {}; nothing deleted",
+                            crate::report(&e)
+                        ),
+                    );
+                }
+            }
+        }
         let req2 = req.clone();
-        let result = tokio::task::spawn_blocking(move || {
-            crate::gc::collect(&crate::gc::store::RealRegistryFs, &r2, &req2, seen, now())
-        })
-        .await;
+        let result = match &self.storage {
+            Storage::Filesystem(root) => {
+                let r2 = root.clone();
+                tokio::task::spawn_blocking(move || {
+                    crate::gc::collect(&crate::gc::store::RealRegistryFs, &r2, &req2, seen, now())
+                })
+                .await
+            }
+            Storage::Bucket(shared) => {
+                let fs = crate::gc::bucket::BucketRegistryFs::new(
+                    shared.bucket.clone(),
+                    tokio::runtime::Handle::current(),
+                    hold.as_ref().map(|h| h.guard()),
+                );
+                tokio::task::spawn_blocking(move || {
+                    crate::gc::collect(&fs, std::path::Path::new("/"), &req2, seen, now())
+                })
+                .await
+            }
+            Storage::None => unreachable!("answered 501 above"),
+        };
         let (plan, mut report) = match result {
             Ok(Ok(x)) => x,
             Ok(Err(e)) => {
+                if let Some(h) = hold.take() {
+                    h.release().await;
+                }
                 self.fence.lower();
                 self.metrics.gc_run(mode, false);
                 error!(error = %crate::report(&e), "gc failed; writes resume");
                 return err(StatusCode::INTERNAL_SERVER_ERROR, crate::report(&e));
             }
             Err(e) => {
+                if let Some(h) = hold.take() {
+                    h.release().await;
+                }
                 self.fence.lower();
                 self.metrics.gc_run(mode, false);
                 return err(StatusCode::INTERNAL_SERVER_ERROR, format!("gc task: {e}"));
             }
         };
+        // The other replicas take writes again. This replica's own fence
+        // stays up until its distribution is known to have let go of what
+        // was deleted (below); the install runs every replica without
+        // distribution's descriptor cache, which is what that guards.
+        if let Some(h) = hold.take() {
+            h.release().await;
+        }
         if req.apply {
             // The blobs a push would skip: those of deleted layer links.
             // (Not manifests: a push sends its manifest whatever the
@@ -517,7 +656,7 @@ mod tests {
     #[test]
     fn pull_records_are_bounded_and_name_the_mirror_repository() {
         let m = Arc::new(GatewayMetrics::new());
-        let c = Collector::new(None, "127.0.0.1:1", m);
+        let c = Collector::new(Storage::None, "127.0.0.1:1", m);
         c.record_pull("/v2/team/app/manifests/v1", None, "sha256:aa");
         c.record_pull(
             "/v2/library/alpine/manifests/3.19",

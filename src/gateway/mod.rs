@@ -16,6 +16,7 @@
 //! | [`metrics`] | the `slipway_gateway_*` series |
 //! | [`relay`] | the TLS server and the streaming relay (the async shell) |
 //! | [`gc`] | `POST /slipway/v1/gc`: the write fence, the sweep, the pull records (#21) |
+//! | [`shared`] | on a bucket, the write fence shared by every replica (#22) |
 //! | [`fill`] | the mirror repositories: served from the registry, filled from upstream (#20) |
 //!
 //! Files read: the config file, the TLS pair and the htpasswd file, each
@@ -29,6 +30,7 @@ pub mod guard;
 pub mod htpasswd;
 pub mod metrics;
 pub mod relay;
+pub mod shared;
 pub mod tls;
 
 use std::net::SocketAddr;
@@ -56,6 +58,9 @@ pub enum GatewayError {
     Tls(#[from] TlsError),
     #[error(transparent)]
     Mirror(#[from] fill::FillError),
+    /// The bucket of `gateway.s3_bucket` (its credentials file, endpoint).
+    #[error(transparent)]
+    Bucket(#[from] crate::s3::bucket::BucketError),
     #[error("{key} {addr}: {source}")]
     Bind {
         key: &'static str,
@@ -76,7 +81,8 @@ impl crate::ExitStatus for GatewayError {
             GatewayError::Config(_)
             | GatewayError::Htpasswd(_)
             | GatewayError::Tls(_)
-            | GatewayError::Mirror(_) => crate::EXIT_BAD_CONFIG,
+            | GatewayError::Mirror(_)
+            | GatewayError::Bucket(_) => crate::EXIT_BAD_CONFIG,
             GatewayError::Bind { .. } | GatewayError::Runtime { .. } => crate::EXIT_APPLY_FAILED,
         }
     }
@@ -102,14 +108,24 @@ pub enum GatewayCheck {
     /// probe, within its deadline and with anything but a 5xx (#22: a
     /// registry whose storage is unreachable or hangs is not ready).
     UpstreamAnswered,
+    /// On a bucket, the shared garbage collection fence was read lately
+    /// ([`shared::UNSURE_AFTER`]): a gateway that cannot read it refuses
+    /// writes, so it takes no traffic either (#22). Always passes on a
+    /// filesystem.
+    SharedFence,
 }
 
 impl ReadyCheck for GatewayCheck {
-    const ALL: &'static [GatewayCheck] = &[GatewayCheck::Listening, GatewayCheck::UpstreamAnswered];
+    const ALL: &'static [GatewayCheck] = &[
+        GatewayCheck::Listening,
+        GatewayCheck::UpstreamAnswered,
+        GatewayCheck::SharedFence,
+    ];
     fn name(self) -> &'static str {
         match self {
             GatewayCheck::Listening => "listening",
             GatewayCheck::UpstreamAnswered => "upstream_answered",
+            GatewayCheck::SharedFence => "shared_fence",
         }
     }
 }
@@ -181,8 +197,15 @@ async fn serve(cfg: GatewayConfig, entries: Htpasswd, pair: tls::Pair) -> Result
         )?))
     };
     let mirrored: Vec<String> = cfg.mirror.registries.iter().map(|u| u.label()).collect();
+    let storage = match (&cfg.storage_root, &cfg.s3) {
+        (Some(root), _) => gc::Storage::Filesystem(root.clone()),
+        (None, Some(b)) => gc::Storage::Bucket(Arc::new(shared::Shared::new(Arc::new(
+            crate::s3::bucket::Bucket::new(b)?,
+        )))),
+        (None, None) => gc::Storage::None,
+    };
     let collector = Arc::new(gc::Collector::new(
-        cfg.storage_root.clone(),
+        storage,
         &cfg.upstream.authority,
         metrics.clone(),
     ));
@@ -224,6 +247,20 @@ async fn serve(cfg: GatewayConfig, entries: Htpasswd, pair: tls::Pair) -> Result
     ));
     tasks.spawn(watch_htpasswd(verifier, cfg.push_htpasswd.clone()));
     tasks.spawn(collector.clone().save_loop());
+    match collector.shared() {
+        Some(s) => {
+            info!(bucket = s.bucket.name(), id = %s.id, "gateway: writes wait for the shared fence in the bucket");
+            ready.set(
+                GatewayCheck::SharedFence,
+                Err("the shared fence in the bucket is not read yet".into()),
+            );
+            let rd = ready.clone();
+            tasks.spawn(shared::member_loop(s, collector.clone(), move |r| {
+                rd.set(GatewayCheck::SharedFence, r)
+            }));
+        }
+        None => ready.set(GatewayCheck::SharedFence, Ok(())),
+    }
     let (r, rd) = (relay.clone(), ready.clone());
     tasks.spawn(async move {
         let mut tick = tokio::time::interval(PROBE_EVERY);
@@ -244,8 +281,7 @@ async fn serve(cfg: GatewayConfig, entries: Htpasswd, pair: tls::Pair) -> Result
     )
     .await;
     tasks.abort_all();
-    let c = collector.clone();
-    let _ = tokio::task::spawn_blocking(move || c.save_pulls()).await;
+    collector.save_pulls_now().await;
     if drained {
         info!("slipway gateway stopped");
         Ok(0)

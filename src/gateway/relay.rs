@@ -86,7 +86,7 @@ impl Relay {
     ) -> Relay {
         let client = local_client();
         let gc = Arc::new(super::gc::Collector::new(
-            None,
+            super::gc::Storage::None,
             &upstream.authority,
             metrics.clone(),
         ));

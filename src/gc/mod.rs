@@ -5,6 +5,7 @@
 //! |--------|------|
 //! | [`plan`] | the keep set, the closure and the deletions (pure) |
 //! | [`store`] | distribution's filesystem tree: read it, prune it |
+//! | [`bucket`] | the same tree in an S3 bucket (#22) |
 //! | [`cluster`] | the images pods run and workloads would start (API lists) |
 //!
 //! The command (a CronJob in the install) lists what the cluster uses and
@@ -24,6 +25,7 @@
 //! `[gc]` file or flag exits 64 naming it; an API list that fails, an
 //! unreachable gateway or a sweep error exits 1 and deletes nothing more.
 
+pub mod bucket;
 pub mod cluster;
 pub mod plan;
 pub mod store;
@@ -215,7 +217,7 @@ pub fn roots(
 
 /// What the gateway saw: manifest pulls and blob checks, as
 /// `(repository, digest, unix seconds)`.
-#[derive(Debug, Default, Clone)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Seen {
     pub pulls: Vec<(String, String, u64)>,
     pub checked: Vec<(String, String, u64)>,

@@ -6,8 +6,13 @@
 //! - [`parse_list`]: a `ListObjectsV2` answer (`ListBucketResult` XML) into
 //!   keys with size and time, common prefixes, and the continuation token.
 //! - [`parse_http_date`]: `Last-Modified` of a `HEAD`.
+//! - [`parse_credentials`]: an AWS shared credentials file (the one
+//!   distribution's s3 driver reads through `AWS_SHARED_CREDENTIALS_FILE`).
+//! - [`bucket`]: the async shell that sends these requests.
 //!
 //! Nothing here does I/O. Errors name what was malformed.
+
+pub mod bucket;
 
 use ring::hmac;
 use sha2::{Digest as _, Sha256};
@@ -21,6 +26,8 @@ pub enum S3Error {
     Malformed { what: &'static str, value: String },
     #[error("the store's date {0:?} is not an HTTP date")]
     Date(String),
+    #[error("credentials file: {0}")]
+    Credentials(String),
 }
 
 /// The hex SHA-256 of an empty payload, which every body-less request
@@ -289,6 +296,43 @@ pub fn parse_http_date(s: &str) -> Result<u64, S3Error> {
         .ok_or_else(|| S3Error::Date(s.into()))
 }
 
+/// The access and secret key of `profile` in an AWS shared credentials
+/// file (INI: `[profile]`, then `aws_access_key_id = …` and
+/// `aws_secret_access_key = …`). Errors never quote a value.
+pub fn parse_credentials(text: &str, profile: &str) -> Result<(String, String), S3Error> {
+    let (mut section, mut access, mut secret) = (None::<String>, None, None);
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = Some(name.trim().to_string());
+            continue;
+        }
+        let Some((k, v)) = line.split_once('=') else {
+            return Err(S3Error::Credentials(format!(
+                "line {} is neither [profile] nor key = value",
+                n + 1
+            )));
+        };
+        if section.as_deref() != Some(profile) {
+            continue;
+        }
+        match k.trim() {
+            "aws_access_key_id" => access = Some(v.trim().to_string()),
+            "aws_secret_access_key" => secret = Some(v.trim().to_string()),
+            _ => {}
+        }
+    }
+    match (access, secret) {
+        (Some(a), Some(s)) if !a.is_empty() && !s.is_empty() => Ok((a, s)),
+        _ => Err(S3Error::Credentials(format!(
+            "profile [{profile}] has no aws_access_key_id and aws_secret_access_key"
+        ))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -420,5 +464,21 @@ mod tests {
             1_255_369_830
         );
         assert!(parse_http_date("yesterday").is_err());
+    }
+
+    #[test]
+    fn the_shared_credentials_file_is_read_by_profile() {
+        let text = "# keys\n[other]\naws_access_key_id = X\n\n[default]\n aws_access_key_id=AK \naws_secret_access_key = S/K=\n";
+        assert_eq!(
+            parse_credentials(text, "default").unwrap(),
+            ("AK".to_string(), "S/K=".to_string())
+        );
+        let e = parse_credentials(text, "other").unwrap_err().to_string();
+        assert!(e.contains("profile [other]"), "{e}");
+        assert!(!e.contains('X'), "never quotes a value: {e}");
+        let e = parse_credentials("[default]\nsecret\n", "default")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2"), "{e}");
     }
 }
