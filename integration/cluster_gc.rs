@@ -82,8 +82,18 @@ fn manifest_status(certs: &Path, repo: &str, reference: &str) -> String {
 }
 
 pub(crate) fn gc(c: &Cluster, dir: &Path, certs: &Path, authfile: &Path) {
+    scenario(c, dir, certs, authfile, "");
+}
+
+/// The scenario of this module's header; `v` names its repository (`demo/gc<v>`), Jobs and
+/// pods apart, so that it runs again on the object-storage overlay (#22,
+/// `v` = `-s3`).
+pub(crate) fn scenario(c: &Cluster, dir: &Path, certs: &Path, authfile: &Path, v: &str) {
+    let repo = format!("demo/gc{v}");
+    let (dry_job, apply_job) = (format!("slipway-gc-dry{v}"), format!("slipway-gc-apply{v}"));
+    let pod = |i: usize| format!("gc{v}-b{i}");
     // Three builds of demo/gc, a second apart (push times are the
-    // revision links' mtimes, in seconds).
+    // revision links' mtimes, or the objects' Last-Modified, in seconds).
     let mut builds = Vec::new();
     for i in 1..=3 {
         let d = dir.join(format!("gc-build-{i}"));
@@ -91,22 +101,22 @@ pub(crate) fn gc(c: &Cluster, dir: &Path, certs: &Path, authfile: &Path) {
         let (layout, digest) = workload_layout(&d, Some(64 << 10));
         let o = push(
             &oci(&layout),
-            &format!("{ALIAS}/demo/gc:b{i}"),
+            &format!("{ALIAS}/{repo}:b{i}"),
             certs,
             Some(authfile),
         );
-        assert!(o.status.success(), "push demo/gc:b{i}: {}", text(&o));
+        assert!(o.status.success(), "push {repo}:b{i}: {}", text(&o));
         builds.push((layout, digest));
         std::thread::sleep(std::time::Duration::from_millis(1100));
     }
-    let image = |i: usize| format!("{ALIAS}/demo/gc@{}", builds[i].1);
-    c.run_pod("default", "gc-b1", &image(0), NODES[0]);
-    c.wait_running("default", "gc-b1");
+    let image = |i: usize| format!("{ALIAS}/{repo}@{}", builds[i].1);
+    c.run_pod("default", &pod(1), &image(0), NODES[0]);
+    c.wait_running("default", &pod(1));
 
     // The dry run, as the CronJob runs it: the second build would go.
     let dry = gc_job(
         c,
-        "slipway-gc-dry",
+        &dry_job,
         &[
             "SLIPWAY_GC_KEEP_BUILDS=1",
             "SLIPWAY_GC_MIN_AGE_SECS=0",
@@ -114,7 +124,7 @@ pub(crate) fn gc(c: &Cluster, dir: &Path, certs: &Path, authfile: &Path) {
         ],
     );
     assert!(dry.starts_with("gc dry run: would free "), "{dry}");
-    assert_eq!(manifest_status(certs, "demo/gc", &builds[1].1), "200");
+    assert_eq!(manifest_status(certs, &repo, &builds[1].1), "200");
 
     // What goes: the second build's manifest, config and own layer (the
     // busybox layer is every build's).
@@ -140,7 +150,7 @@ pub(crate) fn gc(c: &Cluster, dir: &Path, certs: &Path, authfile: &Path) {
 
     let applied = gc_job(
         c,
-        "slipway-gc-apply",
+        &apply_job,
         &[
             "SLIPWAY_GC_APPLY=true",
             "SLIPWAY_GC_KEEP_BUILDS=1",
@@ -152,25 +162,25 @@ pub(crate) fn gc(c: &Cluster, dir: &Path, certs: &Path, authfile: &Path) {
     assert!(applied.starts_with("gc applied: freed "), "{applied}");
     assert!(
         applied.contains(&format!(
-            "\ndemo/gc: freed {want} bytes: 3 blobs, 1 manifests, 1 tags\n"
+            "\n{repo}: freed {want} bytes: 3 blobs, 1 manifests, 1 tags\n"
         )),
-        "expected demo/gc to free {want} bytes: {applied}"
+        "expected {repo} to free {want} bytes: {applied}"
     );
-    assert_eq!(manifest_status(certs, "demo/gc", &builds[1].1), "404");
-    assert_eq!(manifest_status(certs, "demo/gc", "b2"), "404");
-    assert_eq!(manifest_status(certs, "demo/gc", &builds[0].1), "200");
-    assert_eq!(manifest_status(certs, "demo/gc", "b3"), "200");
+    assert_eq!(manifest_status(certs, &repo, &builds[1].1), "404");
+    assert_eq!(manifest_status(certs, &repo, "b2"), "404");
+    assert_eq!(manifest_status(certs, &repo, &builds[0].1), "200");
+    assert_eq!(manifest_status(certs, &repo, "b3"), "200");
 
     // On the other node, which has none of them: the third build pulls
     // through the kubelet, the second does not.
-    c.run_pod("default", "gc-b3", &image(2), NODES[1]);
-    c.wait_running("default", "gc-b3");
-    c.run_pod("default", "gc-b2", &image(1), NODES[1]);
+    c.run_pod("default", &pod(3), &image(2), NODES[1]);
+    c.wait_running("default", &pod(3));
+    c.run_pod("default", &pod(2), &image(1), NODES[1]);
     let events = wait_for(
         "the kubelet's pull failure of the deleted build",
         120,
         || {
-            let e = c.events("default", "gc-b2");
+            let e = c.events("default", &pod(2));
             if e.contains("Failed: ") {
                 Ok(e)
             } else {
@@ -182,7 +192,7 @@ pub(crate) fn gc(c: &Cluster, dir: &Path, certs: &Path, authfile: &Path) {
         events.contains("not found") || events.contains("404"),
         "{events}"
     );
-    for p in ["gc-b1", "gc-b2", "gc-b3"] {
-        c.kubectl_ok(&["-n", "default", "delete", "pod", p, "--wait=false"]);
+    for i in 1..=3 {
+        c.kubectl_ok(&["-n", "default", "delete", "pod", &pod(i), "--wait=false"]);
     }
 }

@@ -12,7 +12,11 @@
 //!   resolution down, which is not what is under test here) while pushes and
 //!   pulls run in a loop: none fails, and the PodDisruptionBudget keeps at
 //!   least two replicas available throughout;
-//! - `slipway build` pushes through the scaled registry.
+//! - `slipway build` pushes through the scaled registry;
+//! - `slipway gc` on the bucket: the gc step's scenario (dry run, apply,
+//!   the deleted build no longer pulls, the kept ones do) through the
+//!   Service, and the other two replicas' gateways stopped their writes
+//!   for it through the bucket.
 //!
 //! The step puts the plain install back at its end, and stops the store.
 
@@ -273,7 +277,39 @@ pub(crate) fn object_storage(c: &Cluster, tmp: &Path, certs: &Path, authfile: &P
     pull(certs, &reference, &dir).unwrap_or_else(|e| panic!("{reference}: {e}"));
     eprintln!("object storage: build in {:.1}s: {reference}", built.secs);
 
-    // 4. The plain install again.
+    // 4. `slipway gc` on the bucket (#22 point 4): the gc step's scenario
+    //    (three builds, one in a pod; the CronJob's dry run, then the
+    //    README's apply; the deleted build no longer pulls on a kubelet),
+    //    through whichever replica the Service picks. The other two must
+    //    have stopped their writes for it, through the bucket.
+    let t4 = Instant::now();
+    crate::gc::scenario(c, &dir.join("gc"), certs, authfile, "-s3");
+    let logs = c.kubectl_ok(&[
+        "-n",
+        NS,
+        "logs",
+        "-l",
+        "app.kubernetes.io/name=registry",
+        "-c",
+        "gateway",
+        "--prefix",
+        "--tail=-1",
+    ]);
+    let fenced: std::collections::BTreeSet<&str> = logs
+        .lines()
+        .filter(|l| l.contains("writes refused: garbage collection on another gateway"))
+        .filter_map(|l| l.split(']').next())
+        .collect();
+    assert!(
+        fenced.len() >= 2,
+        "fewer than 2 replicas stopped their writes for the sweep: {fenced:?}"
+    );
+    eprintln!(
+        "object storage: gc on the bucket in {:?}; fenced through the bucket: {fenced:?}",
+        t4.elapsed()
+    );
+
+    // 5. The plain install again.
     for node in NODES {
         c.kubectl(&[
             "-n",

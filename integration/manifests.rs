@@ -673,12 +673,43 @@ fn object_storage_overlay() {
         "{}",
         probe("livenessProbe")
     );
+    // The gateway sweeps the bucket for `slipway gc` (#22 point 4): the
+    // same Secret as distribution, the keys as the mounted file only.
     let gateway = container("gateway");
-    assert!(!gateway["env"]
+    let genv = gateway["env"].as_array().unwrap();
+    let gvar = |n: &str| genv.iter().find(|e| e["name"] == n).cloned();
+    assert!(gvar("SLIPWAY_GATEWAY_STORAGE_ROOT").is_none());
+    for (v, key) in [
+        ("SLIPWAY_GATEWAY_S3_BUCKET", "bucket"),
+        ("SLIPWAY_GATEWAY_S3_REGION", "region"),
+        ("SLIPWAY_GATEWAY_S3_ENDPOINT", "endpoint"),
+    ] {
+        assert_eq!(
+            gvar(v).unwrap()["valueFrom"]["secretKeyRef"],
+            if key == "endpoint" {
+                json!({"name": "registry-storage", "key": key, "optional": true})
+            } else {
+                json!({"name": "registry-storage", "key": key})
+            },
+            "{v}"
+        );
+    }
+    assert_eq!(
+        gvar("SLIPWAY_GATEWAY_S3_CREDENTIALS_FILE").unwrap()["value"],
+        "/etc/slipway/storage/credentials"
+    );
+    assert!(gateway["volumeMounts"]
         .as_array()
         .unwrap()
         .iter()
-        .any(|e| e["name"] == "SLIPWAY_GATEWAY_STORAGE_ROOT"));
+        .any(|m| m["name"] == "storage-credentials" && m["mountPath"] == "/etc/slipway/storage"));
+    for e in genv {
+        let n = e["name"].as_str().unwrap();
+        assert!(!n.contains("ACCESS") && !n.contains("SECRET_KEY"), "{n}");
+    }
+    // The CronJob runs, as in the base.
+    let cj = find(&objects, "CronJob", "slipway-gc");
+    assert!(cj["spec"].get("suspend").is_none_or(|s| s == false), "{cj}");
     let pdb = find(&objects, "PodDisruptionBudget", "registry");
     assert_eq!(pdb["spec"]["maxUnavailable"], 1);
     assert_eq!(

@@ -492,7 +492,7 @@ impl Collector {
                     }
                 }
             }
-            match shared.load_pulls(PULLS_MAX_AGE, now()).await {
+            match shared.load_pulls(PULLS_MAX_AGE, now(), req.apply).await {
                 Ok(p) => seen.pulls.extend(p),
                 Err(e) => {
                     if let Some(h) = hold.take() {

@@ -282,6 +282,11 @@ async fn serve(cfg: GatewayConfig, entries: Htpasswd, pair: tls::Pair) -> Result
     .await;
     tasks.abort_all();
     collector.save_pulls_now().await;
+    // The relay has stopped: nothing of this gateway's writes is in
+    // flight, so no collection needs to wait for it any more (#22).
+    if let Some(s) = collector.shared() {
+        s.leave().await;
+    }
     if drained {
         info!("slipway gateway stopped");
         Ok(0)

@@ -394,14 +394,29 @@ impl Bucket {
 
     /// The content of `key` if it exists and is at most `max` bytes.
     pub async fn get(&self, key: &str, max: usize) -> Result<Option<Bytes>, BucketError> {
-        let (status, _, body) = self.send(Method::GET, key, &[], Bytes::new(), max).await?;
+        Ok(self.get_tagged(key, max).await?.and_then(|(b, _)| b))
+    }
+
+    /// [`Bucket::get`] with the object's ETag: `None` if it does not
+    /// exist, a `None` body if it is larger than `max`.
+    pub async fn get_tagged(
+        &self,
+        key: &str,
+        max: usize,
+    ) -> Result<Option<(Option<Bytes>, String)>, BucketError> {
+        let (status, headers, body) = self.send(Method::GET, key, &[], Bytes::new(), max).await?;
         if status == StatusCode::NOT_FOUND {
             return Ok(None);
         }
         if !status.is_success() {
             return Err(self.status_error(Method::GET, key, status, body));
         }
-        Ok(body)
+        let etag = headers
+            .get("etag")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        Ok(Some((body, etag)))
     }
 
     pub async fn put(&self, key: &str, body: Bytes) -> Result<(), BucketError> {
