@@ -799,16 +799,16 @@ fn skopeo_exact(layout: &Path, gw: &Gateway, pki: &Pki, repo_tag: &str) -> std::
 /// `slipway gc` through `gw` (the push account, no cluster), with `args`;
 /// the exit status, the JSON report and stderr.
 fn slipway_gc(
-    pki: &Pki,
-    gw: &Gateway,
+    ca: &Path,
+    addr: &str,
     dir: &Path,
     args: &[&str],
 ) -> (bool, serde_json::Value, String) {
     let o = run(Command::new(slipway_bin())
         .arg("gc")
-        .args(["--registry", &format!("https://{}", gw.addr)])
+        .args(["--registry", &format!("https://{addr}")])
         .arg("--ca-file")
-        .arg(pki.ca())
+        .arg(ca)
         .args(["--username", USER, "--no-cluster", "--json"])
         .arg("--termination-log")
         .arg(dir.join(format!("termination-log-{}", unique())))
@@ -871,11 +871,11 @@ fn gc_on_the_bucket_fences_every_replica_and_keeps_what_each_saw() {
     std::thread::sleep(Duration::from_secs(MIN_AGE + 2));
 
     let mut args = policy.to_vec();
-    let (ok, dry, err) = slipway_gc(&pki, r0, dir, &args);
+    let (ok, dry, err) = slipway_gc(&pki.ca(), &r0.addr, dir, &args);
     assert!(ok, "dry run: {err}");
     args.push("--apply");
     let started = Instant::now();
-    let (ok, applied, err) = slipway_gc(&pki, r0, dir, &args);
+    let (ok, applied, err) = slipway_gc(&pki.ca(), &r0.addr, dir, &args);
     let took = started.elapsed();
     assert!(ok, "apply: {err}\nreplica 0:\n{}", r0.proc.log_text());
     let freed = &applied["repositories"]["team/app"];
@@ -955,20 +955,10 @@ fn gc_on_the_bucket_fences_every_replica_and_keeps_what_each_saw() {
             let gw_addr = r0.addr.clone();
             let mut a = policy.to_vec();
             a.push("--apply");
-            let a: Vec<String> = a.iter().map(|s| s.to_string()).collect();
             std::thread::spawn(move || {
-                let o = run(Command::new(slipway_bin())
-                    .arg("gc")
-                    .args(["--registry", &format!("https://{gw_addr}")])
-                    .arg("--ca-file")
-                    .arg(&ca)
-                    .args(["--username", USER, "--no-cluster"])
-                    .arg("--termination-log")
-                    .arg(dir.join("termination-log-race"))
-                    .args(&a)
-                    .env("SLIPWAY_GC_PASSWORD", PASSWORD));
+                let r = slipway_gc(&ca, &gw_addr, &dir, &a);
                 done.store(true, Ordering::SeqCst);
-                o
+                r
             })
         };
         let refused_before = refused;
@@ -997,12 +987,8 @@ fn gc_on_the_bucket_fences_every_replica_and_keeps_what_each_saw() {
                 std::thread::sleep(Duration::from_millis(100));
             }
         }
-        let g = gc.join().unwrap();
-        assert!(
-            g.status.success(),
-            "round {round}: gc: {}",
-            String::from_utf8_lossy(&g.stderr)
-        );
+        let (ok, _, err) = gc.join().unwrap();
+        assert!(ok, "round {round}: gc: {err}");
         if refused > refused_before {
             raced += 1;
         }
@@ -1048,12 +1034,12 @@ fn gc_on_the_bucket_fences_every_replica_and_keeps_what_each_saw() {
     let mut args = policy.to_vec();
     args.push("--apply");
     let t = Instant::now();
-    let (ok, _, err) = slipway_gc(&pki, r0, dir, &args);
+    let (ok, _, err) = slipway_gc(&pki.ca(), &r0.addr, dir, &args);
     let after_stop = t.elapsed();
     assert!(ok, "gc after a replica stopped: {err}");
     killed.kill();
     let t = Instant::now();
-    let (ok, _, err) = slipway_gc(&pki, r0, dir, &args);
+    let (ok, _, err) = slipway_gc(&pki.ca(), &r0.addr, dir, &args);
     let after_kill = t.elapsed();
     assert!(ok, "gc after a replica was killed: {err}");
     eprintln!(

@@ -20,13 +20,15 @@
 //! whenever neither has for [`UNSURE_AFTER`]: a gateway that cannot see
 //! the fence must not write behind it.
 //!
-//! **The collector** ([`Shared::hold`]) writes the fence, then lists the
-//! heartbeats younger than [`MEMBER_TTL`] by the fence's own
-//! `Last-Modified` (the store's clock, so pods' clocks do not matter), and
-//! waits for an ack from each. A gateway that starts after that listing
-//! wrote its heartbeat after the fence, so its first read sees the fence:
-//! either the collector waits for it or it never writes. A gateway that
-//! does not ack in time fails the run before anything is deleted.
+//! **The collector** ([`Shared::hold`]) writes the fence, then waits for
+//! an ack from every gateway whose heartbeat is younger than
+//! [`MEMBER_TTL`] ([`members`]: by `Last-Modified`, the store's clock, so
+//! pods' clocks do not matter), listing the heartbeats again each time: a
+//! gateway that starts meanwhile wrote its heartbeat after the fence, so
+//! its first read sees the fence and it acks too; one that dies meanwhile
+//! ages out. A gateway that stops removes its heartbeat once its relay
+//! has stopped ([`Shared::leave`]). A gateway that does not ack in time
+//! fails the run before anything is deleted.
 //!
 //! **The lease.** A fence whose content (ETag) has not changed for
 //! [`FENCE_LEASE`] is abandoned (its collector died) and ignored. The
