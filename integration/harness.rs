@@ -885,6 +885,21 @@ impl Seaweed {
         s
     }
 
+    /// The last `n` lines of the running weed's log, and whether it exited:
+    /// for a test's failure message.
+    pub fn log_tail(&mut self, n: usize) -> String {
+        let Some(p) = self.proc.as_mut() else {
+            return "weed is not running".into();
+        };
+        let exited = p.child.try_wait().ok().flatten();
+        let l = p.log_text();
+        let lines: Vec<&str> = l.lines().collect();
+        format!(
+            "weed (exit: {exited:?}):\n{}",
+            lines[lines.len().saturating_sub(n)..].join("\n")
+        )
+    }
+
     /// Start `weed server` on the data already there; wait until S3
     /// answers.
     fn launch(&mut self) {

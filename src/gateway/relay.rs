@@ -503,7 +503,20 @@ async fn gc_endpoint(relay: &Arc<Relay>, req: Request<Incoming>) -> Response<Gat
             )
         }
     };
-    let (status, body) = relay.gc.run(gc_req).await;
+    // On a task of its own: a client that goes away (the command's
+    // deadline, a killed Job pod) drops this handler, and a collection
+    // cut off there would leave the fence up and, on a bucket, renewed.
+    let gc = relay.gc.clone();
+    let (status, body) = match tokio::spawn(async move { gc.run(gc_req).await }).await {
+        Ok(r) => r,
+        Err(e) => {
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "UNAVAILABLE",
+                format!("gc task: {e}"),
+            )
+        }
+    };
     let mut r = Response::new(
         Full::new(Bytes::from(body))
             .map_err(|never| match never {})

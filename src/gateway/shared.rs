@@ -397,6 +397,14 @@ pub struct Hold {
     renew: tokio::task::JoinHandle<()>,
 }
 
+impl Drop for Hold {
+    // Never a fence renewed with no collection behind it: without
+    // `release`, it then ends with its lease.
+    fn drop(&mut self) {
+        self.renew.abort();
+    }
+}
+
 impl Hold {
     /// For the sweep: an error once the lease is no longer surely held.
     pub fn guard(&self) -> Guard {
