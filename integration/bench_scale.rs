@@ -23,13 +23,6 @@ use harness::*;
 
 pub(crate) const ALIAS: &str = "registry.shared-services:5000";
 
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 fn main() {
     if !prerequisites_with(&["tc"]) {
         return;

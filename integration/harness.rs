@@ -475,20 +475,7 @@ impl NetNs {
     /// Limit what the namespace sends to `mbit` Mbit/s (a token bucket on
     /// its veth), so that a server in it is the bottleneck of a test.
     pub fn rate_limit(&self, mbit: u32) {
-        run_ok(self.command("tc").args([
-            "qdisc",
-            "add",
-            "dev",
-            &self.ns_if,
-            "root",
-            "tbf",
-            "rate",
-            &format!("{mbit}mbit"),
-            "burst",
-            "256kb",
-            "latency",
-            "500ms",
-        ]));
+        run_ok(self.command("tc").args(tbf(&self.ns_if, mbit)));
     }
 
     /// Run `f` on a thread inside the namespace: sockets it opens stay
@@ -512,6 +499,22 @@ impl NetNs {
     }
 }
 
+/// `tc` arguments that limit what `dev` sends to `mbit` Mbit/s (a token
+/// bucket with a 256 KiB burst, packets queued at most 500 ms).
+fn tbf(dev: &str, mbit: u32) -> Vec<String> {
+    ["qdisc", "add", "dev", dev, "root", "tbf", "rate"]
+        .iter()
+        .map(|a| a.to_string())
+        .chain([
+            format!("{mbit}mbit"),
+            "burst".into(),
+            "256kb".into(),
+            "latency".into(),
+            "500ms".into(),
+        ])
+        .collect()
+}
+
 /// A switched network of namespaces, none of them joined to the host: a
 /// hub namespace holds a bridge, and every [`Lan::host`] is a namespace
 /// with a veth on it and an address from a /28 of [`TEST_NET`] (four /30s
@@ -521,13 +524,24 @@ pub struct Lan {
     pub hub: String,
     base: u32,
     next: AtomicU32,
+    /// Host addresses it has: 14 (a /28) or 30 (a /27).
+    hosts: u32,
+    prefix: u32,
     _locks: Vec<nix::fcntl::Flock<fs::File>>,
 }
 
 impl Lan {
     pub fn new() -> Lan {
+        Lan::sized(14)
+    }
+
+    /// A Lan with room for `hosts` namespaces (at most 30: a /27 of
+    /// [`TEST_NET`], eight /30s).
+    pub fn sized(hosts: u32) -> Lan {
+        assert!(hosts <= 30, "a Lan has at most 30 hosts");
+        let (blocks, prefix) = if hosts <= 14 { (4, 28) } else { (8, 27) };
         remove_stale_netns();
-        let (base, locks) = lock_block(4);
+        let (base, locks) = lock_block(blocks);
         let pid = std::process::id();
         let hub = format!("slipway-it-{pid}-{}", unique());
         run_ok(Command::new("ip").args(["netns", "add", &hub]));
@@ -535,6 +549,8 @@ impl Lan {
             hub: hub.clone(),
             base,
             next: AtomicU32::new(1),
+            hosts: blocks * 4 - 2,
+            prefix,
             _locks: locks,
         };
         let exec = |args: &[&str]| {
@@ -553,7 +569,7 @@ impl Lan {
         let pid = std::process::id();
         let n = unique();
         let k = self.next.fetch_add(1, Ordering::SeqCst);
-        assert!(k < 15, "a Lan has 14 host addresses");
+        assert!(k <= self.hosts, "a Lan has {} host addresses", self.hosts);
         let name = format!("slipway-it-{pid}-{n}");
         let hub_if = format!("sw{pid}h{n}");
         let ns_if = format!("sw{pid}n{n}");
@@ -582,11 +598,32 @@ impl Lan {
         in_ns(&self.hub, &["ip", "link", "set", &hub_if, "up"]);
         in_ns(
             &name,
-            &["ip", "addr", "add", &format!("{ns_ip}/28"), "dev", &ns_if],
+            &[
+                "ip",
+                "addr",
+                "add",
+                &format!("{ns_ip}/{}", self.prefix),
+                "dev",
+                &ns_if,
+            ],
         );
         in_ns(&name, &["ip", "link", "set", &ns_if, "up"]);
         in_ns(&name, &["ip", "link", "set", "lo", "up"]);
         ns
+    }
+}
+
+impl Lan {
+    /// Shape `host`'s link to `mbit` both ways, as a node whose NIC has
+    /// that rate: its own end sends at most that (its uplink), and the
+    /// bridge's end sends it at most that (its downlink).
+    pub fn shape(&self, host: &NetNs, mbit: u32) {
+        host.rate_limit(mbit);
+        run_ok(
+            Command::new("ip")
+                .args(["netns", "exec", &self.hub, "tc"])
+                .args(tbf(&host.host_if, mbit)),
+        );
     }
 }
 
@@ -2030,6 +2067,63 @@ impl Agent {
         )
     }
 
+    /// [`Agent::start_in`] with no containerd: the agent writes its host
+    /// configuration into a directory of its own and serves its proxy and
+    /// peer port, for tests that ask its proxy over HTTP themselves.
+    pub fn start_bare_in(
+        ns: &NetNs,
+        dir: &Path,
+        aliases: &[&str],
+        upstream: &str,
+        dial: Option<&str>,
+        ca: &Path,
+        extra: &str,
+    ) -> Agent {
+        let certs = dir.join("certs.d");
+        fs::create_dir_all(&certs).unwrap();
+        let config = dir.join("containerd-config.toml");
+        fs::write(
+            &config,
+            format!(
+                "version = 2\n[plugins.\"io.containerd.grpc.v1.cri\".registry]\n  config_path = {:?}\n",
+                certs.display().to_string()
+            ),
+        )
+        .unwrap();
+        Self::start_full(
+            dir,
+            &certs,
+            &config,
+            aliases,
+            upstream,
+            dial,
+            ca,
+            extra,
+            &[],
+            Some(ns),
+        )
+    }
+
+    /// `GET target` on the proxy from inside the agent's namespace, the
+    /// body streamed and hashed, never held: status, length and sha256.
+    pub fn get_digest(&self, target: &str) -> std::io::Result<(u16, u64, String)> {
+        let (proxy, target) = (self.proxy.clone(), target.to_string());
+        match &self.netns {
+            None => http_digest(&proxy, &target),
+            Some(ns) => {
+                let path = format!("/var/run/netns/{ns}");
+                std::thread::spawn(move || {
+                    let f = fs::File::open(&path)?;
+                    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                        .map_err(std::io::Error::from)?;
+                    http_digest(&proxy, &target)
+                })
+                .join()
+                .expect("thread in the namespace")
+            }
+        }
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn start_full(
         dir: &Path,
@@ -2197,6 +2291,64 @@ pub fn http(
     http_raw(addr, raw.as_bytes())
 }
 
+/// `GET target` over a fresh connection, the body read to its end and
+/// hashed as it arrives (for blobs too large to hold): status, body length
+/// and sha256 hex. Every read has a 15 min deadline: with
+/// `peers.hold_until_verified` a blob from a peer sends its first byte
+/// only once all of it has arrived, which for 256 MiB through one owner
+/// serving 15 nodes at 100 Mbit/s takes about 6 minutes.
+pub fn http_digest(addr: &str, target: &str) -> std::io::Result<(u16, u64, String)> {
+    use sha2::Digest as _;
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(900)))?;
+    write!(
+        s,
+        "GET {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    // Bounded: a response head is at most 64 KiB.
+    while !head.ends_with(b"\r\n\r\n") {
+        if head.len() > 64 << 10 || s.read(&mut byte)? == 0 {
+            return Err(std::io::Error::other("no complete response head"));
+        }
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_string();
+    let status: u16 = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("bad status line: {text}")))?;
+    let len: Option<u64> = text.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("content-length")
+            .then(|| v.trim().parse().ok())
+            .flatten()
+    });
+    let mut h = sha2::Sha256::new();
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 256 << 10];
+    // Bounded: the body is finite, and each read has a deadline.
+    loop {
+        let k = s.read(&mut buf)?;
+        if k == 0 {
+            break;
+        }
+        h.update(&buf[..k]);
+        n += k as u64;
+    }
+    if let Some(l) = len {
+        if l != n {
+            return Err(std::io::Error::other(format!(
+                "body broke off at {n} of {l} bytes"
+            )));
+        }
+    }
+    Ok((status, n, hex::encode(h.finalize())))
+}
+
 pub fn http_raw(addr: &str, request: &[u8]) -> std::io::Result<HttpResponse> {
     use std::io::{Read, Write};
     let mut s = TcpStream::connect(addr)?;
@@ -2272,6 +2424,15 @@ pub fn registry_blob_gets(r: &Registry, digest: &str) -> (usize, u64) {
 }
 
 /// Body bytes of every `GET` in the registry's access log.
+/// The number in variable `name`, or `default` when it is unset or not a
+/// number (the benchmarks' sizes).
+pub fn env_or(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 pub fn registry_get_bytes(r: &Registry) -> u64 {
     let mut bytes = 0;
     for l in r.proc.log_text().lines() {

@@ -829,7 +829,8 @@ fn dir_bytes(dir: &Path) -> u64 {
 /// at will (50 anonymous GETs of distinct digests made 50 upstream GETs).
 /// With `peers.client_misses_per_sec = 2`, 50 such GETs cause at most the
 /// configured rate of upstream requests (the rest are answered 429), and a
-/// digest upstream just answered 404 for is answered from memory.
+/// digest upstream just answered 404 for is answered from memory. A relay
+/// ask (#23) never goes upstream.
 #[test]
 fn the_peer_port_limits_what_a_client_makes_the_node_fetch() {
     if !prerequisites() {
@@ -898,6 +899,47 @@ fn the_peer_port_limits_what_a_client_makes_the_node_fetch() {
     std::thread::sleep(Duration::from_secs(1));
     let r = http(&peer, "GET", &format!("/v2/app/blobs/{layer}"), &[]).unwrap();
     assert_eq!((r.status, r.body.len() as u64), (200, size));
+    // #23: asked as a relay, the node serves only what it holds and
+    // fetches nothing, whatever the asker claims to be; asked directly, it
+    // spends the same allowance as a first ask.
+    let others: Vec<String> = (0..20u32)
+        .map(|i| {
+            format!(
+                "sha256:{}",
+                hex::encode(Sha256::digest(format!("relay-{i}")))
+            )
+        })
+        .collect();
+    for d in &others {
+        let r = http(
+            &peer,
+            "GET",
+            &format!("/v2/app/blobs/{d}"),
+            &[("slipway-hop", "relay"), ("slipway-peer", "127.0.0.1:1")],
+        )
+        .unwrap();
+        assert_eq!(r.status, 404, "a relay ask for a blob not held here");
+    }
+    assert_eq!(upstream(&others), 0, "a relay ask went upstream");
+    std::thread::sleep(Duration::from_secs(1));
+    let direct: Vec<u16> = others
+        .iter()
+        .map(|d| {
+            http(
+                &peer,
+                "GET",
+                &format!("/v2/app/blobs/{d}"),
+                &[("slipway-hop", "direct")],
+            )
+            .unwrap()
+            .status
+        })
+        .collect();
+    let direct_limited = direct.iter().filter(|s| **s == 429).count();
+    assert!(
+        upstream(&others) <= 4 && direct_limited >= 16,
+        "direct asks are limited like first asks: {direct:?}"
+    );
 }
 
 /// #18 point 4: 20 connections each ask for a different uncached 16 MiB

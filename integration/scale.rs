@@ -569,6 +569,23 @@ enum Behaviour {
     Status(u16),
 }
 
+/// Read an HTTP request head (at most 16 KiB, 5 s a read) from a stand-in
+/// server's connection, made blocking again.
+fn read_request_head(c: &mut std::net::TcpStream) -> String {
+    c.set_nonblocking(false).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    // Bounded: 16 KiB.
+    while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
+        match c.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).to_string()
+}
+
 /// A stand-in peer on loopback; counts requests. Stopped on drop.
 struct BadPeer {
     addr: String,
@@ -608,20 +625,10 @@ impl BadPeer {
                     continue;
                 };
                 r.fetch_add(1, Ordering::SeqCst);
-                c.set_nonblocking(false).unwrap();
-                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-                let mut head = Vec::new();
-                let mut b = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") && head.len() < 16384 {
-                    match c.read(&mut b) {
-                        Ok(1) => head.push(b[0]),
-                        _ => break,
-                    }
-                }
-                let text = String::from_utf8_lossy(&head).to_string();
+                let head = read_request_head(&mut c);
                 ls.lock()
                     .unwrap()
-                    .push(text.lines().next().unwrap_or_default().to_string());
+                    .push(head.lines().next().unwrap_or_default().to_string());
                 let status = |c: &mut std::net::TcpStream, code: u16| {
                     let _ = write!(
                         c,
@@ -632,7 +639,7 @@ impl BadPeer {
                     Behaviour::Hang => held.push(c),
                     Behaviour::Status(code) => status(&mut c, *code),
                     Behaviour::Corrupt { digest, blob, .. } => {
-                        if !String::from_utf8_lossy(&head).contains(&format!("/blobs/{digest} ")) {
+                        if !head.contains(&format!("/blobs/{digest} ")) {
                             status(&mut c, 404);
                             continue;
                         }
@@ -1076,4 +1083,491 @@ fn early_corruption_from_a_peer_is_never_sent_with_hold_until_verified() {
         format!("sha256:{}", sha256_hex(&fs::read(&cached).unwrap())),
         layer
     );
+}
+
+// ------------------------------------------------------------ fan-out tree
+
+/// Nodes with agents only (no containerd), every link shaped to the same
+/// rate both ways, as in a cluster whose nodes have equal NICs (#23): the
+/// registry is one more host on the [`Lan`]. Clients ask each agent's
+/// proxy over HTTP ([`Agent::get_digest`]).
+// Fields drop in order: agents and the registry first, the scratch
+// directory last.
+pub struct AgentNet {
+    pub agents: Vec<Agent>,
+    pub _hosts: Vec<NetNs>,
+    pub registry: Registry,
+    pub _reg_ns: NetNs,
+    pub _lan: Lan,
+    pub _pki: Pki,
+    pub _tmp: tempfile::TempDir,
+}
+
+/// One node's fetch of a blob: its length and sha256 hex, or the error;
+/// and how long it took.
+pub type Fetched = (Result<(u64, String), String>, Duration);
+
+/// How the nodes of an [`AgentNet`] share blobs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sharing {
+    /// No peers: every node goes to the registry (the benchmark's
+    /// baselines).
+    #[allow(dead_code)]
+    Off,
+    /// Peers with this `peers.fanout` (0: one owner serves every node).
+    Fanout(usize),
+}
+
+impl AgentNet {
+    /// `n` nodes and the registry holding `layout` as `big:v1`, every link
+    /// at `mbit` both ways; `extra` TOML for every agent.
+    pub fn start(n: usize, layout: &Path, sharing: Sharing, mbit: u32, extra: &str) -> AgentNet {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let lan = Lan::sized(n as u32 + 1);
+        let reg_ns = lan.host();
+        let pki = Pki::new(
+            &dir.join("pki"),
+            &["registry.shared-services"],
+            &[&reg_ns.ns_ip],
+        );
+        let registry = Registry::start(
+            &dir,
+            &format!("{}:5443", reg_ns.ns_ip),
+            Some(&pki),
+            Some(&reg_ns),
+        );
+        push_layout_in(&reg_ns, layout, &registry.addr, "big:v1", &pki);
+        lan.shape(&reg_ns, mbit);
+        let hosts: Vec<NetNs> = (0..n).map(|_| lan.host()).collect();
+        for h in &hosts {
+            lan.shape(h, mbit);
+        }
+        let list: Vec<String> = hosts
+            .iter()
+            .map(|h| format!("\"{}:{PEER_PORT}\"", h.ns_ip))
+            .collect();
+        let agents = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let ndir = dir.join(format!("node{i}"));
+                fs::create_dir_all(&ndir).unwrap();
+                let mut toml = format!("{extra}{}", cache_toml(&ndir));
+                if let Sharing::Fanout(f) = sharing {
+                    toml.push_str(&format!(
+                        "[peers]\nlisten = \"{}:{PEER_PORT}\"\nstatic = [{}]\nfanout = {f}\n",
+                        ns.ns_ip,
+                        list.join(", ")
+                    ));
+                }
+                Agent::start_bare_in(
+                    ns,
+                    &ndir,
+                    &[ALIAS],
+                    UPSTREAM,
+                    Some(&registry.addr),
+                    &pki.ca(),
+                    &toml,
+                )
+            })
+            .collect();
+        AgentNet {
+            agents,
+            _hosts: hosts,
+            registry,
+            _reg_ns: reg_ns,
+            _lan: lan,
+            _pki: pki,
+            _tmp: tmp,
+        }
+    }
+
+    /// Every node in `which` asks its agent for `blob` at once; each
+    /// result (length and sha256 hex) and wall time.
+    pub fn get_all(&self, blob: &str, which: &[usize]) -> Vec<Fetched> {
+        let target = format!("/v2/big/blobs/{blob}");
+        let barrier = Arc::new(std::sync::Barrier::new(which.len()));
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = which
+                .iter()
+                .map(|&i| {
+                    let (agent, target, barrier) =
+                        (&self.agents[i], target.clone(), barrier.clone());
+                    sc.spawn(move || {
+                        barrier.wait();
+                        let t0 = Instant::now();
+                        let r = match agent.get_digest(&target) {
+                            Ok((200, n, h)) => Ok((n, h)),
+                            Ok((status, _, _)) => Err(format!("status {status}")),
+                            Err(e) => Err(e.to_string()),
+                        };
+                        (r, t0.elapsed())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    }
+}
+
+/// The sum of one metric series over `agents`.
+fn sum_metric<'a>(agents: impl IntoIterator<Item = &'a Agent>, series: &str) -> f64 {
+    agents.into_iter().map(|a| a.metric(series)).sum()
+}
+
+/// Blobs this agent got from a peer more than one hop from the node that
+/// fetched them upstream: from a relay, not from the owner (#23).
+fn blobs_from_relays(a: &Agent) -> f64 {
+    a.metric("slipway_peer_depth_count") - a.metric("slipway_peer_depth_bucket{le=\"1.0\"}")
+}
+
+/// #23: six nodes cold-pull one 32 MiB image through CRI at once. With
+/// `peers.fanout` at its default, the layer's owner serves one node and
+/// names relays for the others: at least one node gets the layer from a
+/// node that is not its owner, every image verifies, and the registry
+/// sends the image's bytes once (1.00x).
+#[test]
+fn six_nodes_pulling_at_once_form_a_tree_and_the_registry_sends_the_image_once() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    let layout = big_layout(32);
+    let (layers, config, _) = layout_image(&layout);
+    // Slow enough that every node asks while the layer is in flight.
+    let c = Cluster::start(6, &layout, true, RATE_MBIT / 4);
+    let all: Vec<usize> = (0..6).collect();
+    let results = c.pull_all(&image_ref(&layout), &all);
+    for (i, (r, t)) in results.iter().enumerate() {
+        eprintln!("node {i}: {r:?} in {t:?}");
+        assert_eq!(r.as_deref(), Ok(config.0.as_str()), "node {i}");
+    }
+    let agents: Vec<&Agent> = c.nodes.iter().map(|n| &n.agent).collect();
+    for (i, a) in agents.iter().enumerate() {
+        eprintln!(
+            "node {i}: served as owner {} as relay {}; relays named {}; blobs from peers {}, from relays {}",
+            a.metric("slipway_peer_served_bytes_total{role=\"owner\"}"),
+            a.metric("slipway_peer_served_bytes_total{role=\"relay\"}"),
+            a.metric("slipway_peer_relays_named_total"),
+            a.metric("slipway_peer_depth_count"),
+            blobs_from_relays(a),
+        );
+    }
+    let layer = layers[0].1 as f64;
+    let relayed = sum_metric(
+        agents.iter().copied(),
+        "slipway_peer_served_bytes_total{role=\"relay\"}",
+    );
+    assert!(
+        relayed >= layer,
+        "relays sent {relayed} bytes, less than one {layer}-byte layer"
+    );
+    let deep: f64 = agents.iter().map(|a| blobs_from_relays(a)).sum();
+    assert!(deep >= 1.0, "no node got a blob from a relay");
+    let sent = registry_get_bytes(&c.registry);
+    let image = image_bytes(&layout);
+    let ratio = sent as f64 / image as f64;
+    eprintln!("registry sent {sent} bytes for a {image}-byte image: {ratio:.3}x");
+    assert_eq!(
+        format!("{ratio:.2}"),
+        "1.00",
+        "registry sent {ratio:.3}x the image"
+    );
+}
+
+/// The node of `net` that relays the most bytes once one relays
+/// `at_least`, within 60 s.
+fn wait_for_a_relay(net: &AgentNet, at_least: f64) -> usize {
+    let started = Instant::now();
+    // Bounded: 60 s.
+    loop {
+        let relayed: Vec<f64> = net
+            .agents
+            .iter()
+            .map(|a| a.metric("slipway_peer_served_bytes_total{role=\"relay\"}"))
+            .collect();
+        if let Some((i, b)) = relayed
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .filter(|(_, b)| **b >= at_least)
+        {
+            eprintln!("node {i} relayed {b} bytes");
+            return i;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no node relayed {at_least} bytes: {relayed:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// #23: a relay SIGKILLed in the middle of a blob costs its child a
+/// reconnect to the owner from the offset it has, not a restart from 0:
+/// the child's blob verifies, its log names the offset, the owner serves
+/// it the rest as a range (206), and the registry sends the blob once.
+#[test]
+fn a_relay_killed_mid_blob_costs_its_child_a_reconnect_not_a_restart() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    let layout = big_layout(32);
+    let (layers, _, _) = layout_image(&layout);
+    let (layer, size) = layers[0].clone();
+    // 32 MiB take 5.4 s a hop at 50 Mbit/s: the relay is surely mid-blob.
+    let net = AgentNet::start(3, &layout, Sharing::Fanout(1), 50, "");
+    let results = std::thread::scope(|sc| {
+        let gets = sc.spawn(|| net.get_all(&layer, &[0, 1, 2]));
+        let relay = wait_for_a_relay(&net, (4 << 20) as f64);
+        net.agents[relay].signal(nix::sys::signal::Signal::SIGKILL);
+        (relay, gets.join().unwrap())
+    });
+    let (relay, results) = results;
+    let want = layer.trim_start_matches("sha256:");
+    let mut resumed = Vec::new();
+    for (i, (r, t)) in results.iter().enumerate() {
+        eprintln!("node {i}: {r:?} in {t:?}");
+        if i == relay {
+            continue;
+        }
+        assert_eq!(
+            r.as_ref().map(|(n, h)| (*n, h.as_str())),
+            Ok((size, want)),
+            "node {i}"
+        );
+        let log = net.agents[i].proc.log_text();
+        if let Some(line) = log
+            .lines()
+            .find(|l| l.contains("relay skipped for this blob; continuing from its owner"))
+        {
+            let offset: u64 = line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("offset="))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no offset in {line:?}"));
+            eprintln!("node {i} resumed at {offset}: {line}");
+            resumed.push((i, offset));
+        }
+    }
+    assert_eq!(
+        resumed.len(),
+        1,
+        "exactly the relay's child resumed from the owner"
+    );
+    assert!(resumed[0].1 > 0, "the child restarted from 0");
+    // The owner (the node that named the relay) served the rest as a
+    // range: 206, not the whole blob again.
+    let owner = (0..3)
+        .filter(|i| *i != relay)
+        .find(|i| net.agents[*i].metric("slipway_peer_relays_named_total") >= 1.0)
+        .expect("a node named the relay");
+    let ranged = net.agents[owner]
+        .proc
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("served a peer") && l.contains("status=206"))
+        .count();
+    assert_eq!(ranged, 1, "the owner served one range to the relay's child");
+    let (gets, bytes) = registry_blob_gets(&net.registry, &layer);
+    eprintln!("registry: {gets} GETs of the blob, {bytes} bytes");
+    assert_eq!(bytes, size, "the registry sent the blob more than once");
+}
+
+/// A stand-in relay (#23) in a namespace of its own on the nodes' Lan: it
+/// asks the owner for a blob as a node would (with its own peer address)
+/// and keeps that answer unread, so the owner counts it as a child being
+/// served and names it to the next asker; asked as a relay, it sends the
+/// blob with one byte flipped. Stopped on drop.
+struct LyingRelay {
+    asked_as_relay: Arc<AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl LyingRelay {
+    fn start(
+        ns: &NetNs,
+        port: u16,
+        owner: SocketAddr,
+        digest: &str,
+        mut blob: Vec<u8>,
+    ) -> LyingRelay {
+        let flip = blob.len() / 2;
+        blob[flip] ^= 0xff;
+        let addr: SocketAddr = format!("{}:{port}", ns.ns_ip).parse().unwrap();
+        let asked = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (a, st, digest) = (asked.clone(), stop.clone(), digest.to_string());
+        let path = format!("/var/run/netns/{}", ns.name);
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let f = fs::File::open(&path).unwrap();
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let l = TcpListener::bind(addr).unwrap();
+            l.set_nonblocking(true).unwrap();
+            // The first ask, as a node: the owner serves it and counts it.
+            let mut first = std::net::TcpStream::connect(owner).unwrap();
+            write!(
+                first,
+                "GET /v2/big/blobs/{digest} HTTP/1.1\r\nHost: {owner}\r\nslipway-peer: {addr}\r\n\r\n"
+            )
+            .unwrap();
+            let mut head = [0u8; 12];
+            first.read_exact(&mut head).unwrap();
+            ready_tx
+                .send(String::from_utf8_lossy(&head).to_string())
+                .unwrap();
+            let mut open = vec![first];
+            // Bounded: until the stop.
+            while !st.load(Ordering::SeqCst) {
+                let Ok((mut c, _)) = l.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let head = read_request_head(&mut c);
+                let text = head.to_lowercase();
+                if !text.contains("slipway-hop: relay")
+                    || !text.contains(&format!("/blobs/{digest} "))
+                {
+                    let _ = write!(
+                        c,
+                        "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    );
+                    continue;
+                }
+                a.fetch_add(1, Ordering::SeqCst);
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n",
+                    blob.len()
+                );
+                let _ = c.write_all(&blob);
+                open.push(c);
+            }
+        });
+        let status = ready_rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the owner answered the stand-in relay's first ask");
+        assert!(status.contains(" 200"), "the owner answered {status:?}");
+        LyingRelay {
+            asked_as_relay: asked,
+            stop,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for LyingRelay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// #23: a relay the owner names sends corrupt bytes. The node it serves
+/// detects them (the whole blob does not verify), skips the relay, gets
+/// the blob from the owner, and its client gets the right blob; with
+/// `peers.hold_until_verified` none of the wrong bytes reached the client.
+#[test]
+fn a_relay_that_serves_corrupt_bytes_is_skipped_and_the_pull_completes() {
+    if !prerequisites_with(&["tc"]) {
+        return;
+    }
+    let layout = big_layout(32);
+    let (layers, _, _) = layout_image(&layout);
+    let (layer, size) = layers[0].clone();
+    let digest = slipway::proxy::route::Digest::parse(&layer).unwrap();
+    // Two real nodes and the stand-in, whose port is chosen so that a real
+    // node owns the layer (rendezvous hashing over all three addresses).
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let lan = Lan::new();
+    let reg_ns = lan.host();
+    let pki = Pki::new(
+        &dir.join("pki"),
+        &["registry.shared-services"],
+        &[&reg_ns.ns_ip],
+    );
+    let registry = Registry::start(
+        &dir,
+        &format!("{}:5443", reg_ns.ns_ip),
+        Some(&pki),
+        Some(&reg_ns),
+    );
+    push_layout_in(&reg_ns, &layout, &registry.addr, "big:v1", &pki);
+    lan.shape(&reg_ns, 50);
+    let hosts: Vec<NetNs> = (0..3).map(|_| lan.host()).collect();
+    let real: Vec<SocketAddr> = hosts[..2]
+        .iter()
+        .map(|h| format!("{}:{PEER_PORT}", h.ns_ip).parse().unwrap())
+        .collect();
+    let port = (PEER_PORT + 1..PEER_PORT + 64)
+        .find(|p| {
+            let mut all = real.clone();
+            all.push(format!("{}:{p}", hosts[2].ns_ip).parse().unwrap());
+            slipway::proxy::peers::rank(&all, &digest)[0] == real[0]
+        })
+        .expect("a port for the stand-in that leaves real node 0 the owner");
+    let liar: SocketAddr = format!("{}:{port}", hosts[2].ns_ip).parse().unwrap();
+    let list: Vec<String> = real
+        .iter()
+        .chain([&liar])
+        .map(|a| format!("\"{a}\""))
+        .collect();
+    let agents: Vec<Agent> = hosts[..2]
+        .iter()
+        .zip(&real)
+        .enumerate()
+        .map(|(i, (ns, peer))| {
+            let ndir = dir.join(format!("node{i}"));
+            fs::create_dir_all(&ndir).unwrap();
+            let toml = format!(
+                "{}[peers]\nlisten = \"{peer}\"\nstatic = [{}]\nfanout = 1\n",
+                cache_toml(&ndir),
+                list.join(", ")
+            );
+            lan.shape(ns, 50);
+            Agent::start_bare_in(
+                ns,
+                &ndir,
+                &[ALIAS],
+                UPSTREAM,
+                Some(&registry.addr),
+                &pki.ca(),
+                &toml,
+            )
+        })
+        .collect();
+    let stand_in = LyingRelay::start(
+        &hosts[2],
+        port,
+        real[0],
+        &layer,
+        layout_blob(&layout, &layer),
+    );
+    let got = agents[1]
+        .get_digest(&format!("/v2/big/blobs/{layer}"))
+        .unwrap();
+    eprintln!("node 1 got {got:?}");
+    assert_eq!(
+        (got.0, got.1, got.2.as_str()),
+        (200, size, layer.trim_start_matches("sha256:"))
+    );
+    let named = agents[0].metric("slipway_peer_relays_named_total");
+    let corrupt = agents[1].metric("slipway_peer_requests_total{result=\"corrupt\"}");
+    let asked = stand_in.asked_as_relay.load(Ordering::SeqCst);
+    eprintln!("owner named {named} relays; the stand-in was asked {asked} times as a relay; node 1 saw {corrupt} corrupt bodies");
+    assert!(named >= 1.0, "the owner named no relay");
+    assert_eq!(asked, 1, "node 1 asked the stand-in as a relay once");
+    assert_eq!(
+        corrupt, 1.0,
+        "node 1 counted the stand-in's body as corrupt"
+    );
+    let (_, bytes) = registry_blob_gets(&registry, &layer);
+    assert_eq!(bytes, size, "the registry sent the blob more than once");
+    drop(stand_in);
+    drop(agents);
 }

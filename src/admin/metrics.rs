@@ -11,7 +11,7 @@ use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEn
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::histogram::{exponential_buckets, linear_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
 /// One series per method, route class and status. Every value comes from
@@ -189,6 +189,35 @@ impl EncodeLabelValue for PeerResult {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerRoleLabels {
+    pub role: PeerRole,
+}
+
+/// What this node was to a peer it served a blob to (#23): the blob's
+/// owner (asked first, or directly), or a relay the owner named.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum PeerRole {
+    Owner,
+    Relay,
+}
+
+impl PeerRole {
+    pub const ALL: [PeerRole; 2] = [PeerRole::Owner, PeerRole::Relay];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PeerRole::Owner => "owner",
+            PeerRole::Relay => "relay",
+        }
+    }
+}
+
+impl EncodeLabelValue for PeerRole {
+    fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        encoder.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AliasLabels {
     /// The alias itself (`host[:port]`), never display text (#12).
     pub alias: String,
@@ -268,6 +297,10 @@ pub struct Metrics {
     pub coalesced: Counter,
     pub peers: Gauge,
     pub peer_self_listed: Gauge,
+    pub peer_served_bytes: Family<PeerRoleLabels, Counter>,
+    pub peer_children: Gauge,
+    pub peer_depth: Histogram,
+    pub peer_relays_named: Counter,
 }
 
 impl Default for Metrics {
@@ -419,6 +452,30 @@ impl Metrics {
             "1 when this node's own peer address is in the peer set (the peer Service lists it once the agent is ready)",
             peer_self_listed.clone(),
         );
+        let peer_served_bytes = Family::<PeerRoleLabels, Counter>::default();
+        r.register(
+            "peer_served_bytes",
+            "Blob bytes this node sent to other nodes on its peer port, by role (owner: asked first or directly; relay: named by the owner, #23)",
+            peer_served_bytes.clone(),
+        );
+        let peer_children = Gauge::default();
+        r.register(
+            "peer_children",
+            "Blob transfers this node is sending to other nodes on its peer port now",
+            peer_children.clone(),
+        );
+        let peer_depth = Histogram::new(linear_buckets(1.0, 1.0, 8));
+        r.register(
+            "peer_depth",
+            "Hops from the node that fetched it upstream at which this node got each blob from a peer (1: from that node itself)",
+            peer_depth.clone(),
+        );
+        let peer_relays_named = Counter::default();
+        r.register(
+            "peer_relays_named",
+            "Askers this node, as a blob's owner, sent to another node that downloads or holds the blob (#23)",
+            peer_relays_named.clone(),
+        );
         // Families print their HELP only once they have a series; create
         // the known ones so a fresh agent's /metrics lists every metric.
         for source in SourceLabel::ALL {
@@ -426,6 +483,9 @@ impl Metrics {
         }
         for result in PeerResult::ALL {
             let _ = peer_requests.get_or_create(&PeerResultLabels { result });
+        }
+        for role in PeerRole::ALL {
+            let _ = peer_served_bytes.get_or_create(&PeerRoleLabels { role });
         }
         let _ = requests.get_or_create(&RequestLabels {
             method: MethodLabel::Get,
@@ -462,7 +522,18 @@ impl Metrics {
             coalesced,
             peers,
             peer_self_listed,
+            peer_served_bytes,
+            peer_children,
+            peer_depth,
+            peer_relays_named,
         }
+    }
+
+    /// The counter of bytes sent to peers in one role.
+    pub fn peer_served(&self, role: PeerRole) -> Counter {
+        self.peer_served_bytes
+            .get_or_create(&PeerRoleLabels { role })
+            .clone()
     }
 
     /// The bytes counter of one source.
@@ -555,6 +626,10 @@ mod tests {
             "slipway_coalesced_requests",
             "slipway_peers",
             "slipway_peer_self_listed",
+            "slipway_peer_served_bytes",
+            "slipway_peer_children",
+            "slipway_peer_depth",
+            "slipway_peer_relays_named",
         ] {
             assert!(
                 t.contains(&format!("# HELP {name} ")),

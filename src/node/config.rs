@@ -30,6 +30,7 @@
 //! refresh_secs = 30
 //! hold_until_verified = true            # false: a peer's blob streams to containerd unverified
 //! client_misses_per_sec = 10            # peer-port requests per client per second that go upstream
+//! fanout = 1                            # nodes a blob's owner (and each relay) serves at once; 0: the owner serves all (#23)
 //! ```
 //!
 //! Besides the file it reads one variable that is not a `SLIPWAY_*` key:
@@ -101,6 +102,7 @@ struct FilePeers {
     refresh_secs: Option<f64>,
     hold_until_verified: Option<bool>,
     client_misses_per_sec: Option<f64>,
+    fanout: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -263,6 +265,9 @@ pub struct Overrides {
     /// peers.client_misses_per_sec: requests a second one client of the peer port may make that cost an upstream request (default 10)
     #[arg(long, env = "SLIPWAY_PEERS_CLIENT_MISSES_PER_SEC")]
     pub peers_client_misses_per_sec: Option<f64>,
+    /// peers.fanout: nodes a blob's owner, and each node it names, serves the blob to at once; 0: the owner serves every node (default 1)
+    #[arg(long, env = "SLIPWAY_PEERS_FANOUT")]
+    pub peers_fanout: Option<u64>,
     /// This Node's name, from the downward API (`spec.nodeName`); only agent.startup_taint needs it
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
@@ -660,6 +665,19 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
             })
         }
     };
+    let fanout = match ov.peers_fanout.or(f.peers.fanout) {
+        None => crate::proxy::tree::DEFAULT_FANOUT,
+        Some(v) if v <= crate::proxy::tree::MAX_FANOUT as u64 => v as usize,
+        Some(v) => {
+            return Err(ConfigError::Invalid {
+                key: "peers.fanout".into(),
+                message: format!(
+                    "{v} is out of range: a number of nodes from 0 to {}",
+                    crate::proxy::tree::MAX_FANOUT
+                ),
+            })
+        }
+    };
     let peers = peer_config(
         ov.peers_listen.clone().or(f.peers.listen),
         ov.peers_static.clone().or(f.peers.static_peers),
@@ -681,6 +699,7 @@ fn build(path: Option<&Path>, f: FileConfig, ov: &Overrides) -> Result<AgentConf
             // outweighs the first byte arriving early (#11).
             .unwrap_or(true),
         client_misses_per_sec,
+        fanout,
         ..p
     });
     let startup_taint = StartupTaint::parse(
@@ -777,6 +796,7 @@ fn peer_config(
         refresh,
         hold_until_verified: false,
         client_misses_per_sec: crate::proxy::peers::DEFAULT_CLIENT_MISSES_PER_SEC,
+        fanout: crate::proxy::tree::DEFAULT_FANOUT,
     }))
 }
 
@@ -1159,6 +1179,12 @@ ca_file = "ca.crt"
         );
         assert_eq!(peers.refresh, Duration::from_secs(5));
         assert!(peers.hold_until_verified, "on by default");
+        assert_eq!(peers.fanout, crate::proxy::tree::DEFAULT_FANOUT);
+        let wide = with(&format!("{file}fanout = 3\n"), &Overrides::default())
+            .unwrap()
+            .peers
+            .unwrap();
+        assert_eq!(wide.fanout, 3);
         let streamed = with(
             &format!("{file}hold_until_verified = false\n"),
             &Overrides::default(),
@@ -1172,10 +1198,12 @@ ca_file = "ca.crt"
             peers_static: Some(vec!["n1:6000".into()]),
             peers_refresh_secs: Some(60.0),
             peers_hold_until_verified: Some(false),
+            peers_fanout: Some(0),
             ..Default::default()
         };
         let peers = with(file, &ov).unwrap().peers.unwrap();
         assert!(!peers.hold_until_verified);
+        assert_eq!(peers.fanout, 0, "0: one owner serves every node");
         assert_eq!(peers.listen, "10.0.0.10:6000".parse().unwrap());
         assert_eq!(peers.static_peers, vec!["n1:6000".to_string()]);
         assert_eq!(peers.refresh, Duration::from_secs(60));
@@ -1198,6 +1226,10 @@ ca_file = "ca.crt"
             (
                 "[cache]\ndir = \"/c\"\n[peers]\nlisten = \"0.0.0.0:5052\"\nrefresh_secs = 0\n",
                 "peers.refresh_secs",
+            ),
+            (
+                "[cache]\ndir = \"/c\"\n[peers]\nlisten = \"0.0.0.0:5052\"\nfanout = 65\n",
+                "peers.fanout",
             ),
         ] {
             let e = with(extra, &Overrides::default()).unwrap_err().to_string();

@@ -45,6 +45,24 @@
 //! With the key off, a peer's bytes stream as they arrive, as the
 //! paragraph above describes.
 //!
+//! The fan-out tree (#23). A download is also served to other nodes on
+//! the peer port as it arrives, before it has verified: each node verifies
+//! the whole blob itself, so what a relay passes on unverified reaches no
+//! containerd unchecked. Peer clients read what has been written except
+//! the last chunk (`relayable`), which a corrupt source's undo may still
+//! replace; containerd's clients read what is released, as above. A peer
+//! source that breaks off (a relay or owner killed, drained or stalled) is
+//! resumed from the bytes written, all of which are hashed: from the
+//! owner when the source was a relay it named ([`super::peers::Peers::resume`],
+//! a `Range` from the offset), else from upstream; so a departing relay
+//! costs its children a reconnect, never a restart from 0. With
+//! `peers.hold_until_verified` the bytes kept stay held, and if the whole
+//! then does not verify (the broken source's bytes were wrong too), nothing
+//! has been sent and the blob is fetched from upstream from its start. A
+//! peer whose bytes did not verify is skipped for that blob, then its
+//! owner is asked, then upstream, as above. A download switches source at
+//! most [`MAX_SWITCHES`] times.
+//!
 //! Range requests for a blob being downloaded are served from the file when
 //! the whole range has been written and released; otherwise they go
 //! upstream as before (uncached), rather than wait: containerd asks for a
@@ -61,7 +79,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -85,6 +103,9 @@ pub const AHEAD: u64 = 8 << 20;
 pub const BYPASS_AFTER_WRITE_FAILURE: Duration = Duration::from_secs(60);
 /// The largest chunk a client is sent at once.
 const CHUNK: u64 = 256 << 10;
+/// Source switches a download makes at most (a relay, its owner, upstream,
+/// and upstream again from the start): then it fails.
+pub const MAX_SWITCHES: u8 = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoalesceError {
@@ -148,6 +169,9 @@ pub struct Progress {
     pub phase: Phase,
     /// Bytes that clients may be sent.
     pub released: u64,
+    /// Bytes that other nodes may be sent (#23): written, except the last
+    /// chunk; they verify the whole themselves.
+    pub relayable: u64,
     head: Option<Arc<Head>>,
 }
 
@@ -165,6 +189,9 @@ pub struct Download {
     wake: Notify,
     /// Where each source's bytes start: `(offset, source)`, ascending.
     segments: Mutex<Vec<(u64, SourceLabel)>>,
+    /// Peer hops between the registry and these bytes (#23): 0 from
+    /// upstream, else the serving peer's depth plus one.
+    depth: AtomicU32,
 }
 
 impl Download {
@@ -175,12 +202,14 @@ impl Download {
             progress: watch::Sender::new(Progress {
                 phase: Phase::Pending,
                 released: 0,
+                relayable: 0,
                 head: None,
             }),
             read_max: AtomicU64::new(0),
             readers: AtomicUsize::new(0),
             wake: Notify::new(),
             segments: Mutex::new(Vec::new()),
+            depth: AtomicU32::new(0),
         }
     }
 
@@ -384,15 +413,36 @@ pub async fn serve(
         state.metrics.coalesced.inc();
         debug!(%digest, "joined a download in progress");
     }
-    follow(state, reader, 0, None, own_answer).await
+    follow(state, reader, own_answer, via_peer).await
+}
+
+/// For a relay (#23): serve a blob being downloaded here, whole or a
+/// single range, as it arrives; `None` when no download of it is in
+/// progress (nothing is fetched for the asker).
+pub async fn serve_held(
+    state: &Arc<ProxyState>,
+    digest: &Digest,
+    range: Option<&HeaderValue>,
+) -> Option<Response<ProxyBody>> {
+    match range {
+        Some(r) => serve_range(state, digest, r, true),
+        None => {
+            let reader = state.downloads.join_existing(digest)?;
+            state.metrics.coalesced.inc();
+            follow(state, reader, None, true).await
+        }
+    }
 }
 
 /// Serve a single range of a blob being downloaded, if all of it has been
 /// released.
+/// `relay`: for another node (#23), which may follow the download as it
+/// arrives, so any range within the blob's length is served.
 pub fn serve_range(
     state: &Arc<ProxyState>,
     digest: &Digest,
     range: &HeaderValue,
+    relay: bool,
 ) -> Option<Response<ProxyBody>> {
     // Joined like any client, so the download does not give up under it;
     // dropped again (unjoined) when the range is not there.
@@ -400,7 +450,7 @@ pub fn serve_range(
     let p = reader.0.progress.borrow().clone();
     let head = p.head.clone()?;
     let (a, b) = super::single_range(range, head.len?)?;
-    if b >= p.released || !matches!(p.phase, Phase::Streaming | Phase::Done) {
+    if (!relay && b >= p.released) || !matches!(p.phase, Phase::Streaming | Phase::Done) {
         return None;
     }
     let mut out = Response::builder().status(StatusCode::PARTIAL_CONTENT);
@@ -413,7 +463,13 @@ pub fn serve_range(
         header::CONTENT_RANGE,
         format!("bytes {a}-{b}/{}", head.len?),
     );
-    let body = reading(state, reader, head, a, Some(b + 1));
+    if relay {
+        out = out.header(
+            super::peers::DEPTH_HEADER,
+            reader.0.depth.load(Ordering::SeqCst),
+        );
+    }
+    let body = reading(state, reader, head, a, Some(b + 1), relay);
     out.body(body).ok()
 }
 
@@ -507,10 +563,16 @@ async fn start(
         if let Some(peers) = &state.peers {
             let deadline = super::peers::phase_deadline(state.timeouts().response);
             if let Some(pb) = peers.fetch(route, headers, deadline).await {
+                let (len, depth, owner) = (pb.len, pb.depth, pb.owner);
+                // Before the head is out: a child that joins at once
+                // reads this node's depth with it.
+                dl.depth.store(depth, Ordering::SeqCst);
                 if let Ok(mut task) =
                     Task::new(state, cache, dl, route, headers, pb.response, Some(pb.peer))
                 {
-                    task.want_len = Some(pb.len);
+                    task.want_len = Some(len);
+                    task.owner = owner;
+                    task.set_depth(depth);
                     tokio::spawn(task.run());
                     return Ok(());
                 }
@@ -550,12 +612,13 @@ async fn start(
 
 /// Serve one client from the download. `own_answer`: the first client's,
 /// for the source's answer when it declines.
+/// `relay`: the client is another node (#23), sent bytes as they are
+/// written (see the module header) and this node's depth.
 async fn follow(
     state: &Arc<ProxyState>,
     reader: Reader,
-    start: u64,
-    end: Option<u64>,
     mut own_answer: Option<oneshot::Receiver<Response<ProxyBody>>>,
+    relay: bool,
 ) -> Option<Response<ProxyBody>> {
     let mut rx = reader.0.progress.subscribe();
     // Bounded: the phase leaves Pending once, when the source answers
@@ -581,7 +644,13 @@ async fn follow(
     for (k, v) in &head.headers {
         out = out.header(k, v);
     }
-    let body = reading(state, reader, head, start, end);
+    if relay {
+        out = out.header(
+            super::peers::DEPTH_HEADER,
+            reader.0.depth.load(Ordering::SeqCst),
+        );
+    }
+    let body = reading(state, reader, head, 0, None, relay);
     out.body(body).ok()
 }
 
@@ -593,8 +662,10 @@ fn reading(
     head: Arc<Head>,
     start: u64,
     end: Option<u64>,
+    relay: bool,
 ) -> ProxyBody {
     struct R {
+        relay: bool,
         reader: Reader,
         rx: watch::Receiver<Progress>,
         head: Arc<Head>,
@@ -605,6 +676,7 @@ fn reading(
         _in_flight: InFlight,
     }
     let r = R {
+        relay,
         rx: reader.0.progress.subscribe(),
         reader,
         head,
@@ -622,7 +694,12 @@ fn reading(
         // download to move (it always ends Done or Failed).
         loop {
             let p = r.rx.borrow_and_update().clone();
-            let limit = r.end.map_or(p.released, |e| e.min(p.released));
+            let ready = if r.relay {
+                p.released.max(p.relayable)
+            } else {
+                p.released
+            };
+            let limit = r.end.map_or(ready, |e| e.min(ready));
             if r.pos < limit {
                 let n = (limit - r.pos).min(CHUNK) as usize;
                 let mut buf = vec![0u8; n];
@@ -681,6 +758,13 @@ struct Task {
     peer: Option<SocketAddr>,
     /// The peer that was replaced by upstream, if one was.
     replaced: Option<SocketAddr>,
+    /// When `peer` is a relay: the owner that named it, asked next if the
+    /// relay fails (#23).
+    owner: Option<SocketAddr>,
+    /// This node's depth with these bytes (#23).
+    depth: u32,
+    /// Source switches so far ([`MAX_SWITCHES`]).
+    switches: u8,
     /// Release nothing before the whole body verified
     /// (`peers.hold_until_verified`, for a download that began at a peer).
     hold: bool,
@@ -776,6 +860,9 @@ impl Task {
             body: Idle::new(resp.into_body(), state.timeouts().body_idle),
             peer,
             replaced: None,
+            owner: None,
+            depth: 0,
+            switches: 0,
             hold: peer.is_some()
                 && state
                     .peers
@@ -789,6 +876,11 @@ impl Task {
                 armed: true,
             },
         })
+    }
+
+    fn set_depth(&mut self, depth: u32) {
+        self.depth = depth;
+        self.dl.depth.store(depth, Ordering::SeqCst);
     }
 
     fn source_kind(&self) -> &'static str {
@@ -807,10 +899,12 @@ impl Task {
                 self.dl.set(|p| {
                     p.phase = Phase::Done;
                     p.released = len;
+                    p.relayable = len;
                 });
                 if let Some(peer) = self.peer {
                     self.state.metrics.peer_request(PeerResult::Served);
-                    debug!(%peer, digest = %self.digest, len, "blob from a peer verified");
+                    self.state.metrics.peer_depth.observe(f64::from(self.depth));
+                    debug!(%peer, digest = %self.digest, len, depth = self.depth, "blob from a peer verified");
                 }
                 let Task {
                     state,
@@ -883,10 +977,15 @@ impl Task {
                         });
                     }
                     // The last chunk is held back until the end verifies
-                    // (with `hold`, everything is).
-                    if !self.hold {
-                        self.dl.set(|p| p.released = before);
-                    }
+                    // (with `hold`, everything is); other nodes may have
+                    // the rest at once (#23).
+                    let hold = self.hold;
+                    self.dl.set(|p| {
+                        p.relayable = before;
+                        if !hold {
+                            p.released = before;
+                        }
+                    });
                 }
                 if !http_body::Body::is_end_stream(&self.body) {
                     continue;
@@ -905,6 +1004,18 @@ impl Task {
             };
             if self.peer.is_none() {
                 if let Some(peer) = self.replaced {
+                    if self.hold && self.switches < MAX_SWITCHES {
+                        // Held, so nothing was sent: the bytes kept from a
+                        // peer that broke off were wrong. Start over from
+                        // upstream (#23).
+                        warn!(%peer, digest = %self.digest, "the bytes kept from a peer did not verify; fetching the whole blob from upstream");
+                        if let Some(peers) = &self.state.peers {
+                            peers.mark_bad(peer, &self.digest);
+                        }
+                        self.switches += 1;
+                        self.upstream_from(0).await?;
+                        continue;
+                    }
                     // Upstream's part did not fix it: the peer's bytes
                     // before its last chunk were wrong too (and were sent;
                     // the clients' retry goes upstream without that peer).
@@ -946,10 +1057,12 @@ impl Task {
         }
     }
 
-    /// The peer source failed with `e`: continue from upstream with a Range
-    /// from what is kept (see the module header); an upstream source fails
-    /// the download. `corrupt`: the peer's body did not verify, so its last
-    /// chunk (never sent to a client) is dropped first.
+    /// The peer source failed with `e`: continue from the bytes kept (see
+    /// the module header), from the owner that named it when it was a
+    /// relay (#23), else from upstream with a Range; an upstream source
+    /// fails the download. `corrupt`: the peer's body did not verify, so
+    /// its last chunk (never sent to a client) is dropped first, and with
+    /// `hold` all of it.
     async fn replace_peer(
         &mut self,
         e: CoalesceError,
@@ -960,27 +1073,79 @@ impl Task {
             return Err(e);
         };
         self.replaced = Some(peer);
+        self.switches += 1;
         self.state.metrics.peer_request(result);
-        warn!(%peer, error = %e, "peer skipped for this blob; continuing from upstream");
         if let Some(peers) = &self.state.peers {
             peers.mark_bad(peer, &self.digest);
+        }
+        if self.switches > MAX_SWITCHES {
+            return Err(e);
         }
         let file_err = |e: std::io::Error| CoalesceError::File {
             digest: self.digest.clone(),
             message: e.to_string(),
         };
-        // Held: no client has any of the peer's bytes, and none of them is
-        // trusted (a wrong byte anywhere fails only the final check), so
-        // upstream sends the whole blob, which then streams as it arrives.
-        let offset = if self.hold {
+        // Held and corrupt: no client has any of the peer's bytes, and
+        // none of them is trusted (a wrong byte anywhere fails only the
+        // final check), so the next source sends the whole blob. A break
+        // keeps every byte: the final check covers them, and with `hold`
+        // nothing is released before it.
+        let offset = if corrupt && self.hold {
             self.writer.reset().map_err(file_err)?;
-            self.hold = false;
+            self.dl.set(|p| p.relayable = 0);
             0
         } else if corrupt {
             self.writer.undo_last().map_err(file_err)?
         } else {
             self.writer.len()
         };
+        if let (Some(owner), Some(peers)) = (self.owner.take(), self.state.peers.clone()) {
+            let deadline = super::peers::phase_deadline(self.state.timeouts().response);
+            match peers
+                .resume(
+                    owner,
+                    Some(peer),
+                    &self.route,
+                    &self.headers,
+                    offset,
+                    deadline,
+                )
+                .await
+            {
+                Some(pb) if self.want_len.is_none_or(|w| w == pb.len) => {
+                    warn!(relay = %peer, %owner, digest = %self.digest, offset, error = %e, "relay skipped for this blob; continuing from its owner");
+                    self.peer = Some(owner);
+                    self.want_len = Some(pb.len);
+                    self.writer.expect_len(Some(pb.len));
+                    self.set_depth(pb.depth);
+                    self.segments_push(offset, SourceLabel::Peer);
+                    self.body = Idle::new(pb.response.into_body(), self.state.timeouts().body_idle);
+                    return Ok(());
+                }
+                Some(pb) => {
+                    warn!(%owner, digest = %self.digest, len = pb.len, want = ?self.want_len, "the owner's length differs from the relay's; going upstream");
+                }
+                None => {}
+            }
+        }
+        warn!(%peer, error = %e, offset, "peer skipped for this blob; continuing from upstream");
+        self.upstream_from(offset).await
+    }
+
+    /// Continue the download from upstream at `offset` (0: the whole blob
+    /// again, the file emptied first; it then streams as it arrives).
+    async fn upstream_from(&mut self, offset: u64) -> Result<(), CoalesceError> {
+        if offset == 0 {
+            if !self.writer.is_empty() {
+                self.writer.reset().map_err(|e| CoalesceError::File {
+                    digest: self.digest.clone(),
+                    message: e.to_string(),
+                })?;
+                self.dl.set(|p| p.relayable = 0);
+            }
+            self.hold = false;
+        }
+        self.set_depth(0);
         let mut headers = self.headers.clone();
         if offset > 0 {
             headers.insert(
@@ -1023,6 +1188,7 @@ impl Task {
             total
         };
         info!(digest = %self.digest, offset, "resumed from upstream");
+        self.peer = None;
         self.want_len = total;
         self.writer.expect_len(total);
         self.segments_push(offset, SourceLabel::Upstream);

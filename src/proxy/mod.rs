@@ -26,6 +26,7 @@ pub mod coalesce;
 pub mod peers;
 pub mod redirect;
 pub mod route;
+pub mod tree;
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -47,9 +48,11 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::admin::metrics::{MethodLabel, Metrics, RequestLabels, RouteLabel, SourceLabel};
+use crate::admin::metrics::{
+    MethodLabel, Metrics, PeerRole, RequestLabels, RouteLabel, SourceLabel,
+};
 use cache::Cache;
-use route::{Refusal, Route};
+use route::{Digest, Refusal, Route};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ProxyBody = BoxBody<Bytes, BoxError>;
@@ -466,14 +469,18 @@ pub async fn handle_peer(
             // anonymously.
             let mut headers = req.headers().clone();
             headers.remove(header::AUTHORIZATION);
-            let resp = match peer_admission(&state, client, &route, &headers).await {
+            let hop = peers::Hop::of(&headers);
+            let resp = match peer_admission(&state, client, &route, &headers, hop).await {
                 Err(refused) => refused,
                 Ok(()) => {
                     let digest = route.digest().cloned();
-                    let resp = forward(&state, &method, route, &headers, true, client).await;
-                    if let (Some(peers), Some(d), StatusCode::NOT_FOUND) =
-                        (&state.peers, digest, resp.status())
-                    {
+                    let resp = serve_peer(&state, &method, route, &headers, hop, client).await;
+                    if let (Some(peers), Some(d), StatusCode::NOT_FOUND, false) = (
+                        &state.peers,
+                        digest,
+                        resp.status(),
+                        hop == peers::Hop::Relay,
+                    ) {
                         peers.guard.remember_missing(&d, Instant::now());
                     }
                     resp
@@ -486,12 +493,147 @@ pub async fn handle_peer(
     Ok(resp)
 }
 
+/// Serve a blob on the peer port as its owner or as a relay (#23). As the
+/// owner of a blob already served to `peers.fanout` nodes, answer a first
+/// ask with `307` naming a relay ([`tree::Tracker`]); as a relay, serve
+/// only what is held or being downloaded here. Bytes sent are counted by
+/// role, and a direct child is the owner's until its body is dropped.
+async fn serve_peer(
+    state: &Arc<ProxyState>,
+    method: &Method,
+    route: Route,
+    headers: &HeaderMap,
+    hop: peers::Hop,
+    client: Option<IpAddr>,
+) -> Response<ProxyBody> {
+    let (Some(peers), Some(digest)) = (state.peers.clone(), route.digest().cloned()) else {
+        return forward(state, method, route, headers, true, client).await;
+    };
+    let mut tracked = None;
+    if let (Some(asker), true, false) = (
+        peers.asker(headers, client),
+        *method == Method::GET,
+        hop == peers::Hop::Relay,
+    ) {
+        let failed = headers
+            .get(peers::FAILED_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok());
+        let answer = peers.tracker.lock().expect("tracker lock").ask(
+            &digest,
+            asker,
+            hop == peers::Hop::Direct,
+            failed,
+            Instant::now(),
+        );
+        match answer {
+            tree::Answer::Relay(relay) => {
+                state.metrics.peer_relays_named.inc();
+                debug!(%digest, %asker, %relay, "owner names a relay");
+                let mut r = Response::new(full(String::new()));
+                *r.status_mut() = StatusCode::TEMPORARY_REDIRECT;
+                let h = r.headers_mut();
+                if let Ok(v) = HeaderValue::from_str(&relay.to_string()) {
+                    h.insert(peers::RELAY_HEADER, v);
+                }
+                if let Ok(v) =
+                    HeaderValue::from_str(&format!("http://{relay}{}", route.upstream_path()))
+                {
+                    h.insert(header::LOCATION, v);
+                }
+                return r;
+            }
+            tree::Answer::Serve => tracked = Some(asker),
+        }
+    }
+    let (role, resp) = if hop == peers::Hop::Relay {
+        (PeerRole::Relay, held(state, method, &route, headers).await)
+    } else {
+        (
+            PeerRole::Owner,
+            forward(state, method, route, headers, true, client).await,
+        )
+    };
+    if !resp.status().is_success() {
+        if let Some(asker) = tracked {
+            peers
+                .tracker
+                .lock()
+                .expect("tracker lock")
+                .not_served(&digest, asker);
+        }
+        return resp;
+    }
+    /// Counts a peer transfer while its body lives.
+    struct Sending {
+        state: Arc<ProxyState>,
+        peers: Arc<peers::Peers>,
+        tracked: Option<Digest>,
+    }
+    impl Drop for Sending {
+        fn drop(&mut self) {
+            self.state.metrics.peer_children.dec();
+            if let Some(d) = &self.tracked {
+                self.peers.tracker.lock().expect("tracker lock").done(d);
+            }
+        }
+    }
+    state.metrics.peer_children.inc();
+    let sending = Sending {
+        state: state.clone(),
+        peers,
+        tracked: tracked.map(|_| digest),
+    };
+    let counter = state.metrics.peer_served(role);
+    resp.map(move |b| {
+        b.map_frame(move |f| {
+            let _ = &sending;
+            if let Some(d) = f.data_ref() {
+                counter.inc_by(d.len() as u64);
+            }
+            f
+        })
+        .boxed()
+    })
+}
+
+/// A relay's answer (#23): the blob from the cache or from the download
+/// in progress here, never fetched for the asker; 404 when neither.
+async fn held(
+    state: &Arc<ProxyState>,
+    method: &Method,
+    route: &Route,
+    headers: &HeaderMap,
+) -> Response<ProxyBody> {
+    let head = method == Method::HEAD;
+    let range = headers.get(header::RANGE);
+    if let (Some(cache), Some(digest)) = (&state.cache, route.digest()) {
+        if let Some(entry) = cache.get(digest) {
+            if let Some(resp) = serve_cached(state, &entry, digest, head, range).await {
+                state.metrics.cache_hits.inc();
+                return resp;
+            }
+        } else if !head {
+            if let Some(resp) = coalesce::serve_held(state, digest, range).await {
+                return resp;
+            }
+        }
+    }
+    refusal_response(&Refusal {
+        status: 404,
+        code: "BLOB_UNKNOWN",
+        message: "this node neither holds nor downloads that blob".into(),
+    })
+}
+
 /// What a request on the peer port may cost this node (#18 points 5 and
 /// 6), decided before anything is fetched:
 /// - a digest upstream had no blob for within [`peers::MISSING_FOR`] is
 ///   answered 404 at once;
 /// - a blob that is cached, or being downloaded, and was fetched without
 ///   credentials costs upstream nothing and is served;
+/// - a relay ask (#23) for a blob neither cached nor being downloaded is
+///   answered 404 by [`held`] and costs nothing;
 /// - anything else costs an upstream request, and takes one from the
 ///   client's allowance (`peers.client_misses_per_sec`; past it, 429);
 /// - a blob fetched with a client's credentials is served only once an
@@ -502,6 +644,7 @@ async fn peer_admission(
     client: Option<IpAddr>,
     route: &Route,
     anonymous: &HeaderMap,
+    hop: peers::Hop,
 ) -> Result<(), Response<ProxyBody>> {
     let (Some(peers), Some(digest)) = (&state.peers, route.digest()) else {
         return Ok(());
@@ -523,6 +666,11 @@ async fn peer_admission(
         .and_then(|c| c.credentialed(digest))
         .or_else(|| state.downloads.credentialed(digest));
     if known == Some(false) {
+        return Ok(());
+    }
+    // A relay ask (#23) for a blob neither cached nor downloading here is
+    // answered 404 without fetching anything: it costs no allowance.
+    if known.is_none() && hop == peers::Hop::Relay {
         return Ok(());
     }
     let ip = client.unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
@@ -625,7 +773,7 @@ async fn forward(
                         }
                     }
                     Some(r) => {
-                        if let Some(resp) = coalesce::serve_range(state, digest, r) {
+                        if let Some(resp) = coalesce::serve_range(state, digest, r, via_peer) {
                             return resp;
                         }
                     }

@@ -36,11 +36,26 @@
 //! against a registry that wants them for pulls the owner is refused, and
 //! the asking node goes upstream with containerd's, as without sharing.
 //!
+//! The fan-out tree (#23). A node asks with its own peer address
+//! ([`PEER_HEADER`]). An owner that serves a blob to `peers.fanout` nodes
+//! already answers the next asker `307` naming a relay ([`RELAY_HEADER`]):
+//! a node that downloads or holds the blob, chosen by [`super::tree`]. The
+//! asker then asks the relay ([`Hop::Relay`]), which serves what it holds
+//! or is downloading, as it arrives, and fetches nothing for it; if the
+//! relay fails it, the asker asks the owner again ([`Hop::Direct`], which
+//! the owner always serves) and names the relay ([`FAILED_HEADER`]), which
+//! the owner names no more for that blob. A download whose relay or owner
+//! breaks off resumes from the bytes it has: with a `Range` to the owner
+//! ([`Peers::resume`]), then upstream (see [`super::coalesce`]). Every
+//! answer carries the serving node's depth ([`DEPTH_HEADER`]), so a node
+//! knows how many hops from the registry it got a blob.
+//!
 //! Endpoint, on `peers.listen` (plain HTTP; any address, because it serves
-//! nothing but verified blobs by digest, as the registry would): `GET` and
-//! `HEAD` `/v2/<name>/blobs/<digest>`. Everything else gets 404. A request
-//! that arrives on the peer port is served from the cache or from upstream,
-//! never relayed to another peer, so a request crosses at most one hop.
+//! nothing but blobs by digest, as the registry would, and every node
+//! verifies what it gets): `GET` and `HEAD` `/v2/<name>/blobs/<digest>`.
+//! Everything else gets 404. A request that arrives on the peer port is
+//! served from the cache, a download in progress, or upstream, never
+//! fetched from another peer for it; a relay serves only what it has.
 //!
 //! Writes no files.
 
@@ -61,6 +76,54 @@ use tracing::{debug, info, warn};
 
 use crate::admin::metrics::{Metrics, PeerResult};
 use crate::proxy::route::{Digest, Route};
+use crate::proxy::tree::Tracker;
+
+/// Request header: the asking node's own peer address, which the owner
+/// may name to later askers (#23). Believed only for a member of the
+/// owner's peer set whose IP is the connection's.
+pub const PEER_HEADER: &str = "slipway-peer";
+/// Request header: how the node asks ([`Hop`]); absent on a first ask.
+pub const HOP_HEADER: &str = "slipway-hop";
+/// Request header of a [`Hop::Direct`] ask: the relay that failed it.
+pub const FAILED_HEADER: &str = "slipway-failed-relay";
+/// Response header of the owner's `307`: the node to ask instead.
+pub const RELAY_HEADER: &str = "slipway-relay";
+/// Response header: the depth of the serving node's copy (0: it fetched
+/// the blob upstream, or holds it whole).
+pub const DEPTH_HEADER: &str = "slipway-depth";
+
+/// How a node asks a peer for a blob (#23).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hop {
+    /// The blob's owner, asked first: it serves, or names a relay.
+    First,
+    /// A node the owner named: it serves what it holds or downloads, and
+    /// fetches nothing for the asker.
+    Relay,
+    /// The owner, asked to serve itself: a relay failed the asker, or the
+    /// asker resumes from an offset.
+    Direct,
+}
+
+impl Hop {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Hop::First => "first",
+            Hop::Relay => "relay",
+            Hop::Direct => "direct",
+        }
+    }
+
+    /// The hop of a request on the peer port; anything unknown is a first
+    /// ask.
+    pub fn of(headers: &HeaderMap) -> Hop {
+        match headers.get(HOP_HEADER).and_then(|v| v.to_str().ok()) {
+            Some("relay") => Hop::Relay,
+            Some("direct") => Hop::Direct,
+            _ => Hop::First,
+        }
+    }
+}
 
 /// A peer that has not connected by then is skipped: a node that is gone
 /// must cost a pull far less than containerd's own timeouts.
@@ -116,6 +179,9 @@ pub struct PeerConfig {
     /// Requests one client of the peer port may make per second that cost
     /// an upstream request (`peers.client_misses_per_sec`, #18 point 6).
     pub client_misses_per_sec: f64,
+    /// Nodes a blob's owner, and each relay it names, serves at once
+    /// (`peers.fanout`, #23; 0: the owner serves every node).
+    pub fanout: usize,
 }
 
 /// The default of `peers.client_misses_per_sec`. A node asking its owners
@@ -306,15 +372,39 @@ pub struct Peers {
     bad: Mutex<HashSet<(SocketAddr, Digest)>>,
     /// The peer port's limits on what its clients make this node fetch.
     pub guard: Guard,
+    /// As a blob's owner: whom it serves and whom it names (#23).
+    pub tracker: Mutex<Tracker>,
     client: PeerClient,
     metrics: Arc<Metrics>,
 }
 
-/// A peer's answer that can be streamed: 200 with a Content-Length.
+/// A peer's answer that can be streamed: 200 with a Content-Length, or
+/// 206 from the offset asked for.
 pub struct PeerBody {
     pub peer: SocketAddr,
+    /// The whole blob's length.
     pub len: u64,
     pub response: Response<Incoming>,
+    /// This node's depth with these bytes: the serving node's plus one.
+    pub depth: u32,
+    /// When `peer` is a relay: the owner that named it.
+    pub owner: Option<SocketAddr>,
+}
+
+/// What a peer answered to an ask.
+enum Asked {
+    Body(PeerBody),
+    /// The owner named a relay.
+    Relay(SocketAddr),
+}
+
+/// How to ask: the hop, the relay that failed (with [`Hop::Direct`]), and
+/// the offset to start from.
+#[derive(Clone, Copy)]
+struct Ask {
+    hop: Hop,
+    failed: Option<SocketAddr>,
+    offset: u64,
 }
 
 impl Peers {
@@ -329,14 +419,35 @@ impl Peers {
             .pool_timer(TokioTimer::new())
             .build(http);
         Peers {
-            config,
             members: RwLock::new(Arc::new(Vec::new())),
             down: Mutex::new(HashMap::new()),
             bad: Mutex::new(HashSet::new()),
             guard: Guard::default(),
+            tracker: Mutex::new(Tracker::new(config.fanout)),
+            config,
             client,
             metrics,
         }
+    }
+
+    /// This node's own address in the peer set, if it is listed.
+    pub fn own(&self) -> Option<SocketAddr> {
+        let members = self.members.read().expect("peers lock").clone();
+        members.iter().find(|(_, me)| *me).map(|(a, _)| *a)
+    }
+
+    /// Whether `addr` is another node of the peer set.
+    fn is_other(&self, addr: &SocketAddr) -> bool {
+        let members = self.members.read().expect("peers lock").clone();
+        members.iter().any(|(a, me)| a == addr && !me)
+    }
+
+    /// The asking node's peer address ([`PEER_HEADER`]), if it is another
+    /// member of the set and the connection comes from its IP: a node
+    /// cannot make the owner name an address of its choosing.
+    pub fn asker(&self, headers: &HeaderMap, client: Option<IpAddr>) -> Option<SocketAddr> {
+        let addr: SocketAddr = headers.get(PEER_HEADER)?.to_str().ok()?.parse().ok()?;
+        (Some(addr.ip()) == client && self.is_other(&addr)).then_some(addr)
     }
 
     /// Set the members (for tests and after a resolution); returns how
@@ -433,7 +544,9 @@ impl Peers {
 
     /// Ask at most [`PEERS_PER_BLOB`] peers, in order, for a blob, all
     /// within `deadline`; the first usable answer. Every answer that is not
-    /// usable is counted, and the peer skipped.
+    /// usable is counted, and the peer skipped. An owner that names a relay
+    /// (#23) is followed once; if the relay fails, the owner is asked to
+    /// serve itself.
     pub async fn fetch(
         &self,
         route: &Route,
@@ -442,21 +555,125 @@ impl Peers {
     ) -> Option<PeerBody> {
         let digest = route.digest()?;
         let until = tokio::time::Instant::now() + deadline;
+        let first = Ask {
+            hop: Hop::First,
+            failed: None,
+            offset: 0,
+        };
         for peer in self.candidates(digest).into_iter().take(PEERS_PER_BLOB) {
             if tokio::time::Instant::now() >= until {
                 break;
             }
-            match self.ask(peer, route, headers, until).await {
-                Ok(b) => return Some(b),
-                Err((result, down)) => {
-                    self.metrics.peer_request(result);
-                    if down {
-                        self.mark_down(peer);
+            match self.ask(peer, route, headers, until, first).await {
+                Ok(Asked::Body(b)) => return Some(b),
+                Ok(Asked::Relay(relay)) => {
+                    if let Some(b) = self.via_relay(peer, relay, route, headers, until).await {
+                        return Some(b);
                     }
                 }
+                Err((result, down)) => self.failed(peer, result, down),
             }
         }
         None
+    }
+
+    fn failed(&self, peer: SocketAddr, result: PeerResult, down: bool) {
+        self.metrics.peer_request(result);
+        if down {
+            self.mark_down(peer);
+        }
+    }
+
+    /// The owner named `relay`: ask it, and if it fails, the owner itself.
+    async fn via_relay(
+        &self,
+        owner: SocketAddr,
+        relay: SocketAddr,
+        route: &Route,
+        headers: &HeaderMap,
+        until: tokio::time::Instant,
+    ) -> Option<PeerBody> {
+        let digest = route.digest()?;
+        let usable = self.is_other(&relay) && !self.skipped(&relay, digest);
+        if usable {
+            let ask = Ask {
+                hop: Hop::Relay,
+                failed: None,
+                offset: 0,
+            };
+            match self.ask(relay, route, headers, until, ask).await {
+                Ok(Asked::Body(mut b)) => {
+                    b.owner = Some(owner);
+                    return Some(b);
+                }
+                Ok(Asked::Relay(_)) => self.failed(relay, PeerResult::Refused, false),
+                Err((result, down)) => self.failed(relay, result, down),
+            }
+        } else {
+            debug!(%owner, %relay, "the owner named a relay that is not a usable peer; asking the owner itself");
+        }
+        self.direct(owner, Some(relay), route, headers, 0, until)
+            .await
+    }
+
+    /// Ask `owner` to serve the blob itself from `offset` ([`Hop::Direct`]),
+    /// naming the relay that `failed`, if one did.
+    async fn direct(
+        &self,
+        owner: SocketAddr,
+        failed: Option<SocketAddr>,
+        route: &Route,
+        headers: &HeaderMap,
+        offset: u64,
+        until: tokio::time::Instant,
+    ) -> Option<PeerBody> {
+        let ask = Ask {
+            hop: Hop::Direct,
+            failed,
+            offset,
+        };
+        match self.ask(owner, route, headers, until, ask).await {
+            Ok(Asked::Body(b)) => Some(b),
+            Ok(Asked::Relay(_)) => {
+                self.failed(owner, PeerResult::Refused, false);
+                None
+            }
+            Err((result, down)) => {
+                self.failed(owner, result, down);
+                None
+            }
+        }
+    }
+
+    /// Whether `peer` is left out for `digest` now (down, or sent bad
+    /// bytes of it).
+    fn skipped(&self, peer: &SocketAddr, digest: &Digest) -> bool {
+        let down = self.down.lock().expect("down lock");
+        let bad = self.bad.lock().expect("bad lock");
+        down.get(peer).is_some_and(|until| *until > Instant::now())
+            || bad.contains(&(*peer, digest.clone()))
+    }
+
+    /// Resume a blob at `offset` from `owner` (#23: the relay or owner it
+    /// came from broke off): asked to serve itself, with a `Range` from
+    /// the offset. `None` when it is skipped or does not answer with
+    /// exactly that range within `deadline`.
+    pub async fn resume(
+        &self,
+        owner: SocketAddr,
+        failed: Option<SocketAddr>,
+        route: &Route,
+        headers: &HeaderMap,
+        offset: u64,
+        deadline: Duration,
+    ) -> Option<PeerBody> {
+        let digest = route.digest()?;
+        if self.skipped(&owner, digest) {
+            return None;
+        }
+        let until = tokio::time::Instant::now() + deadline;
+        self.direct(owner, failed, route, headers, offset, until)
+            .await
     }
 
     /// Whether `peer`'s server answers anything within
@@ -480,7 +697,8 @@ impl Peers {
         route: &Route,
         headers: &HeaderMap,
         until: tokio::time::Instant,
-    ) -> Result<PeerBody, (PeerResult, bool)> {
+        ask: Ask,
+    ) -> Result<Asked, (PeerResult, bool)> {
         // `true`: the peer is not there (no connection, no answer), so it
         // is left out for a while; an HTTP answer is about this blob only.
         let uri: Uri = format!("http://{peer}{}", route.upstream_path())
@@ -489,6 +707,18 @@ impl Peers {
         let mut b = Request::get(uri);
         if let Some(ua) = headers.get(header::USER_AGENT) {
             b = b.header(header::USER_AGENT, ua);
+        }
+        if let Some(own) = self.own() {
+            b = b.header(PEER_HEADER, own.to_string());
+        }
+        if ask.hop != Hop::First {
+            b = b.header(HOP_HEADER, ask.hop.as_str());
+        }
+        if let Some(f) = ask.failed {
+            b = b.header(FAILED_HEADER, f.to_string());
+        }
+        if ask.offset > 0 {
+            b = b.header(header::RANGE, format!("bytes={}-", ask.offset));
         }
         let req = b
             .body(Empty::new())
@@ -525,22 +755,47 @@ impl Peers {
             }
             Ok(r) => r,
         };
-        let len = resp
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        match (resp.status(), len) {
-            (StatusCode::OK, Some(len)) => {
-                debug!(%peer, len, "peer serves the blob");
-                Ok(PeerBody {
-                    peer,
-                    len,
-                    response: resp,
-                })
+        let h = resp.headers();
+        let text = |name| {
+            h.get(name)
+                .and_then(|v: &http::HeaderValue| v.to_str().ok())
+        };
+        let len = text(header::CONTENT_LENGTH.as_str()).and_then(|v| v.parse::<u64>().ok());
+        // A copy deeper than any tree of a cluster is a lie; treated as 0.
+        let depth = text(DEPTH_HEADER)
+            .and_then(|v| v.parse::<u32>().ok())
+            .filter(|d| *d < 1024)
+            .unwrap_or(0)
+            + 1;
+        let total = text(header::CONTENT_RANGE.as_str())
+            .and_then(|v| super::coalesce::parse_content_range(v, ask.offset));
+        let relay = text(RELAY_HEADER).and_then(|v| v.parse::<SocketAddr>().ok());
+        let status = resp.status();
+        let body = |len| {
+            Ok(Asked::Body(PeerBody {
+                peer,
+                len,
+                response: resp,
+                depth,
+                owner: None,
+            }))
+        };
+        match status {
+            StatusCode::OK if ask.offset == 0 && len.is_some() => {
+                debug!(%peer, ?len, hop = ask.hop.as_str(), "peer serves the blob");
+                body(len.unwrap_or_default())
             }
-            (status, _) => {
-                debug!(%peer, %status, "peer refused the blob; skipped");
+            StatusCode::PARTIAL_CONTENT if ask.offset > 0 && total.is_some() => {
+                debug!(%peer, offset = ask.offset, "peer serves the rest of the blob");
+                body(total.unwrap_or_default())
+            }
+            StatusCode::TEMPORARY_REDIRECT if ask.hop == Hop::First && relay.is_some() => {
+                let relay = relay.unwrap_or(peer);
+                debug!(%peer, %relay, "the owner named a relay");
+                Ok(Asked::Relay(relay))
+            }
+            status => {
+                debug!(%peer, %status, hop = ask.hop.as_str(), "peer refused the blob; skipped");
                 Err((PeerResult::Refused, false))
             }
         }
@@ -757,6 +1012,7 @@ mod tests {
                 refresh: Duration::from_secs(30),
                 hold_until_verified: false,
                 client_misses_per_sec: DEFAULT_CLIENT_MISSES_PER_SEC,
+                fanout: crate::proxy::tree::DEFAULT_FANOUT,
             },
             m.clone(),
         );
