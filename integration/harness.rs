@@ -2108,15 +2108,24 @@ impl Agent {
     /// body streamed and hashed, never held: status, length and sha256.
     pub fn get_digest(&self, target: &str) -> std::io::Result<(u16, u64, String)> {
         let (proxy, target) = (self.proxy.clone(), target.to_string());
+        self.in_netns(move || http_digest(&proxy, &target))
+    }
+
+    /// Run `f` in the agent's network namespace, if it has one (on a
+    /// thread of its own, which the namespace switch stays on).
+    fn in_netns<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+    ) -> std::io::Result<T> {
         match &self.netns {
-            None => http_digest(&proxy, &target),
+            None => f(),
             Some(ns) => {
                 let path = format!("/var/run/netns/{ns}");
                 std::thread::spawn(move || {
-                    let f = fs::File::open(&path)?;
-                    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                    let ns = fs::File::open(&path)?;
+                    nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
                         .map_err(std::io::Error::from)?;
-                    http_digest(&proxy, &target)
+                    f()
                 })
                 .join()
                 .expect("thread in the namespace")
@@ -2209,20 +2218,7 @@ impl Agent {
     /// `GET` on the admin server, from the agent's namespace.
     pub fn admin_get(&self, target: &str) -> std::io::Result<HttpResponse> {
         let (admin, target) = (self.admin.clone(), target.to_string());
-        match &self.netns {
-            None => http(&admin, "GET", &target, &[]),
-            Some(ns) => {
-                let path = format!("/var/run/netns/{ns}");
-                std::thread::spawn(move || {
-                    let f = fs::File::open(&path)?;
-                    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
-                        .map_err(std::io::Error::from)?;
-                    http(&admin, "GET", &target, &[])
-                })
-                .join()
-                .expect("thread in the namespace")
-            }
-        }
+        self.in_netns(move || http(&admin, "GET", &target, &[]))
     }
 
     pub fn metrics(&self) -> String {
