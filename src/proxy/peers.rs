@@ -514,15 +514,10 @@ impl Peers {
             .filter(|(_, me)| *me)
             .map(|(a, _)| *a)
             .collect();
-        let now = Instant::now();
-        let down = self.down.lock().expect("down lock");
-        let bad = self.bad.lock().expect("bad lock");
         candidates(
             &rank(&addrs, digest),
             |p| own.contains(p),
-            |p| {
-                down.get(p).is_some_and(|until| *until > now) || bad.contains(&(*p, digest.clone()))
-            },
+            |p| self.skipped(p, digest),
         )
     }
 
